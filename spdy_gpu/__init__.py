@@ -1,0 +1,1 @@
+"""spdy-gpu: prune a network to a guaranteed speedup on its real inference backend."""

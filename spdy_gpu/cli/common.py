@@ -1,0 +1,52 @@
+"""Arguments shared by several subcommands, parsed into the library's own types."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..models import ModelEntry, ModelSetting, load_model
+from ..options import SparsityOption, option_grid, parse_options
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="minilm",
+                       help="built-in name (minilm) or package.module:function returning "
+                            "(model, example_input) (default: minilm)")
+    group.add_argument("--batch-size", type=int, default=1, help="inputs per forward (default 1)")
+    group.add_argument("--seq-len", type=int, default=128, help="tokens per input (default 128)")
+    group.add_argument("--image-size", type=int, default=224, help="CNN input side (default 224)")
+    group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                       help="layer name pattern to keep dense (shell-style, repeatable), "
+                            "e.g. 'conv1' or '*classifier*'")
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[ModelEntry, ModelSetting]:
+    setting = ModelSetting(batch_size=args.batch_size, seq_len=args.seq_len,
+                           image_size=args.image_size)
+    return load_model(args.model), setting
+
+
+def exclude_patterns(args: argparse.Namespace, entry: ModelEntry) -> list[str]:
+    """The model's own exclusions plus the user's."""
+    return list(entry.exclude) + list(args.exclude)
+
+
+def add_option_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sparsity options")
+    group.add_argument("--pattern", choices=["unstructured", "block", "nm"], default=None,
+                       help="option family (default: the backend's natural one)")
+    group.add_argument("--levels", type=int, default=41, help="number of sparsity levels (41)")
+    group.add_argument("--min-sparsity", type=float, default=0.40, help="lowest level (0.40)")
+    group.add_argument("--max-sparsity", type=float, default=0.99, help="highest level (0.99)")
+    group.add_argument("--block", type=int, default=32, help="square block size (32)")
+    group.add_argument("--options", nargs="+", metavar="OPTION", default=None,
+                       help="explicit option list instead of a grid, e.g. dense "
+                            "unstructured@0.5 block64x64@0.75 nm2:4")
+
+
+def options_from_args(args: argparse.Namespace, default_pattern: str) -> list[SparsityOption]:
+    if args.options:
+        return parse_options(args.options)
+    return option_grid(args.pattern or default_pattern, args.levels, args.min_sparsity,
+                       args.max_sparsity, args.block)

@@ -1,0 +1,104 @@
+"""Discovery of prunable layers: every Linear and Conv2d, with its GEMM view and GEMM rows."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .errors import SpdyError
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A prunable layer seen as the GEMM Y[M, N] = X[M, K] @ W[N, K]^T.
+
+    n: output features; k: input features * kernel area / groups; m: GEMM rows per forward
+    of the example input (tokens, or batch * output pixels), None if not captured.
+    """
+
+    name: str
+    kind: str                      # "linear" | "conv2d"
+    weight_shape: tuple[int, ...]
+    groups: int = 1
+    m: int | None = None
+
+    @property
+    def n(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def k(self) -> int:
+        k = 1
+        for size in self.weight_shape[1:]:
+            k *= size
+        return k
+
+    @property
+    def depthwise_or_grouped(self) -> bool:
+        return self.groups > 1
+
+    @property
+    def flops(self) -> int | None:
+        """Multiply-adds * 2 for one forward of the example input (all groups)."""
+        return None if self.m is None else 2 * self.m * self.n * self.k
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Run `model` on an example input given as a tensor, a tuple of tensors or a dict."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def prunable_modules(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
+    """Name -> module for every Linear and Conv2d whose name matches no `exclude` pattern
+    (shell-style patterns such as 'conv1' or '*.classifier')."""
+    patterns = list(exclude)
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d))
+            and not any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+
+
+def discover_layers(model: nn.Module, example_inputs: Any = None,
+                    exclude: Iterable[str] = ()) -> list[LayerInfo]:
+    """Every prunable layer of `model` in execution order where `example_inputs` is given
+    (module order otherwise), with the GEMM rows each sees for that input."""
+    modules = prunable_modules(model, exclude)
+    if not modules:
+        raise SpdyError("the model has no Linear or Conv2d layer left to prune; "
+                        "check the model and the --exclude patterns")
+    rows = {} if example_inputs is None else _capture_gemm_rows(model, modules, example_inputs)
+    order = list(rows) + [name for name in modules if name not in rows]
+    return [_layer_info(name, modules[name], rows.get(name)) for name in order]
+
+
+def _layer_info(name: str, module: nn.Module, m: int | None) -> LayerInfo:
+    kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+    groups = module.groups if kind == "conv2d" else 1
+    return LayerInfo(name, kind, tuple(module.weight.shape), groups, m)
+
+
+def _capture_gemm_rows(model: nn.Module, modules: dict[str, nn.Module],
+                       example_inputs: Any) -> dict[str, int]:
+    rows: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            out_features = module.weight.shape[0]
+            rows[name] = rows.get(name, 0) + output.numel() // out_features
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            call_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return rows

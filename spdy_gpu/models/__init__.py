@@ -1,0 +1,92 @@
+"""Models by name: built-in entries and users' own `package.module:function`."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from torch import nn
+
+from ..errors import SpdyError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSetting:
+    """Input geometry a model is built, measured and calibrated with."""
+
+    batch_size: int = 1
+    seq_len: int = 128          # transformers
+    image_size: int = 224       # CNNs
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "image_size"):
+            if getattr(self, name) < 1:
+                raise SpdyError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """How to build a model and feed it.
+
+    build(setting) -> (model in eval mode, example input: tensor, tuple or dict).
+    calibration(setting, samples) -> iterator of input batches (same form as the example);
+    None means no real data ships with the model.
+    """
+
+    name: str
+    description: str
+    build: Callable[[ModelSetting], tuple[nn.Module, Any]]
+    calibration: Callable[[ModelSetting, int], Iterator[Any]] | None = None
+    exclude: tuple[str, ...] = ()
+    input_shape: Callable[[ModelSetting], str] = lambda s: f"batch={s.batch_size}"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+BUILTIN: dict[str, Callable[[], ModelEntry]] = {}
+
+
+def register_model(name: str) -> Callable:
+    """Decorator: register a function returning the ModelEntry of a built-in model."""
+    def decorate(factory: Callable[[], ModelEntry]) -> Callable[[], ModelEntry]:
+        BUILTIN[name] = factory
+        return factory
+    return decorate
+
+
+def load_model(spec: str) -> ModelEntry:
+    """A built-in name (see BUILTIN) or 'package.module:function' returning (model, example)."""
+    _import_builtins()
+    if spec in BUILTIN:
+        return BUILTIN[spec]()
+    if ":" not in spec:
+        raise SpdyError(f"unknown model {spec!r}; use one of {sorted(BUILTIN)} "
+                        "or 'package.module:function' returning (model, example_input)")
+    return _user_entry(spec)
+
+
+def _user_entry(spec: str) -> ModelEntry:
+    module_name, _, function_name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as e:
+        raise SpdyError(f"cannot load model function {spec!r} ({e}); check that the module is "
+                        "importable (on PYTHONPATH) and defines the function") from None
+    takes_batch = "batch_size" in inspect.signature(function).parameters
+
+    def build(setting: ModelSetting) -> tuple[nn.Module, Any]:
+        result = function(batch_size=setting.batch_size) if takes_batch else function()
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
+            raise SpdyError(f"{spec} must return (torch.nn.Module, example_input), "
+                            f"got {type(result).__name__}")
+        return result[0].eval(), result[1]
+
+    return ModelEntry(name=spec, description=f"user model {spec}", build=build)
+
+
+def _import_builtins() -> None:
+    from . import minilm  # noqa: F401  (registers itself)

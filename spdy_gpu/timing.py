@@ -1,0 +1,160 @@
+"""Timing tables: measured time of every prunable layer under every option, and where it
+was measured. The JSON form ('spdy-gpu/timing-table', version 1) is documented in the README."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import SpdyError
+from .jsonio import load_json, require, save_json
+from .options import SparsityOption, parse_options
+
+TABLE_FORMAT, TABLE_VERSION = "spdy-gpu/timing-table", 1
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Where and how a table was measured. Tables only combine with matching fingerprints."""
+
+    backend: str                  # "deepsparse", "triton", ...
+    backend_version: str
+    device: str                   # CPU model or GPU name
+    isa: str                      # e.g. "avx512_vnni", "sm_90"
+    threads: int
+    batch_size: int
+    input_shape: str              # e.g. "seq=128" or "3x224x224"
+    dtype: str
+    software: dict[str, str] = field(default_factory=dict)   # torch, triton, ... versions
+
+    def mismatches(self, other: Fingerprint) -> list[str]:
+        """Human-readable differences, empty when the two describe the same setting."""
+        mine, theirs = dataclasses.asdict(self), dataclasses.asdict(other)
+        return [f"{key}: {mine[key]!r} != {theirs[key]!r}" for key in mine
+                if mine[key] != theirs[key]]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: str | os.PathLike = "<fingerprint>") -> Fingerprint:
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(data) - set(names)
+        if unknown:
+            raise SpdyError(f"{path}: unknown fingerprint fields {sorted(unknown)}; "
+                            "the file is malformed, regenerate it")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise SpdyError(f"{path}: incomplete fingerprint ({e}); regenerate the file") from None
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """One layer's row: per option, the median time in ms and its spread (max - min over
+    repeats); None marks an option the backend cannot run for this layer."""
+
+    name: str
+    kind: str
+    gemm: tuple[int, int, int]            # N, K, M
+    median_ms: tuple[float | None, ...]
+    spread_ms: tuple[float | None, ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class TimingTable:
+    fingerprint: Fingerprint
+    options: tuple[SparsityOption, ...]
+    layers: tuple[LayerTiming, ...]
+    dense_total_ms: float          # whole model, dense, end to end
+    fixed_ms: float                # time not attributed to any prunable layer
+    model: str = ""
+    estimated: bool = False        # True when times come from a model, not a measurement
+    provenance: dict[str, Any] = field(default_factory=dict)   # command, date, duration
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def times(self) -> np.ndarray:
+        """[layers, options] median times in ms, inf where unsupported."""
+        return np.array([[math.inf if t is None else t for t in layer.median_ms]
+                         for layer in self.layers], dtype=np.float64).reshape(
+                             len(self.layers), len(self.options))
+
+    def dense_times(self) -> np.ndarray:
+        return self.times()[:, 0]
+
+    def validate(self) -> None:
+        if not self.options or self.options[0].pattern != "dense":
+            raise SpdyError(f"the first option must be dense; regenerate the table")
+        names = self.layer_names
+        if len(set(names)) != len(names):
+            raise SpdyError(f"duplicate layer names; regenerate the table")
+        for value, what in ((self.dense_total_ms, "dense_total_ms"), (self.fixed_ms, "fixed_ms")):
+            if not (math.isfinite(value) and value >= 0):
+                raise SpdyError(f"{what} = {value} must be finite and >= 0")
+        for layer in self.layers:
+            if len(layer.median_ms) != len(self.options) or len(layer.spread_ms) != len(self.options):
+                raise SpdyError(f"layer {layer.name!r} has {len(layer.median_ms)} times "
+                                f"for {len(self.options)} options; the file is malformed")
+            if layer.median_ms[0] is None:
+                raise SpdyError(f"layer {layer.name!r} has no dense time; "
+                                "every layer must run dense")
+            for t in layer.median_ms + layer.spread_ms:
+                if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+                    raise SpdyError(f"layer {layer.name!r} has time {t!r}; times must be "
+                                    "finite and >= 0 (null marks an unsupported option)")
+
+    def check_compatible(self, fingerprint: Fingerprint, force: bool = False) -> None:
+        """Refuse to combine this table with a different setting unless forced."""
+        differences = self.fingerprint.mismatches(fingerprint)
+        if differences and not force:
+            raise SpdyError("timing table was measured elsewhere (" + "; ".join(differences)
+                            + "); re-measure here or pass --force")
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_json(path, TABLE_FORMAT, TABLE_VERSION, {
+            "model": self.model,
+            "estimated": self.estimated,
+            "fingerprint": dataclasses.asdict(self.fingerprint),
+            "provenance": self.provenance,
+            "options": [o.name for o in self.options],
+            "dense_total_ms": self.dense_total_ms,
+            "fixed_ms": self.fixed_ms,
+            "layers": [{"name": l.name, "kind": l.kind, "gemm": list(l.gemm),
+                        "median_ms": list(l.median_ms), "spread_ms": list(l.spread_ms),
+                        "note": l.note} for l in self.layers],
+        })
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TimingTable:
+        doc = load_json(path, TABLE_FORMAT, TABLE_VERSION)
+        try:
+            layers = tuple(
+                LayerTiming(name=str(l["name"]), kind=str(l.get("kind", "linear")),
+                            gemm=tuple(int(x) for x in l["gemm"]),
+                            median_ms=tuple(l["median_ms"]), spread_ms=tuple(l["spread_ms"]),
+                            note=str(l.get("note", "")))
+                for l in require(doc, "layers", list, path))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SpdyError(f"{path}: malformed layer entry ({e}); regenerate the table") from None
+        try:
+            return cls(
+                fingerprint=Fingerprint.from_dict(require(doc, "fingerprint", dict, path), path),
+                options=tuple(parse_options(require(doc, "options", list, path))),
+                layers=layers,
+                dense_total_ms=float(require(doc, "dense_total_ms", (int, float), path)),
+                fixed_ms=float(require(doc, "fixed_ms", (int, float), path)),
+                model=str(doc.get("model", "")),
+                estimated=bool(doc.get("estimated", False)),
+                provenance=dict(doc.get("provenance", {})))
+        except SpdyError as e:
+            message = str(e)
+            raise SpdyError(message if message.startswith(str(path)) else f"{path}: {message}") from None
