@@ -34,7 +34,7 @@ def save_json(path: str | os.PathLike, kind: str, version: int, body: dict[str, 
 
 
 def load_json(path: str | os.PathLike, kind: str, version: int) -> dict[str, Any]:
-    """Load a file saved by `save_json`, refusing anything that is not a `kind` file of `version`."""
+    """Load a file saved by `save_json`; refuse anything but a `kind` file of `version`."""
     path = Path(path)
     try:
         document = json.loads(path.read_text())
@@ -52,7 +52,8 @@ def load_json(path: str | os.PathLike, kind: str, version: int) -> dict[str, Any
     return document
 
 
-def require(document: dict[str, Any], key: str, types: type | tuple, path: str | os.PathLike) -> Any:
+def require(document: dict[str, Any], key: str, types: type | tuple,
+            path: str | os.PathLike) -> Any:
     """Fetch a required field of a loaded document, with a clear error if absent or mistyped."""
     if key not in document:
         raise SpdyError(f"{path}: missing field {key!r}; the file is malformed, regenerate it")
@@ -65,3 +66,9 @@ def require(document: dict[str, Any], key: str, types: type | tuple, path: str |
 
 def _as_tuple(types: type | tuple) -> tuple:
     return types if isinstance(types, tuple) else (types,)
+
+
+def located(path: str | os.PathLike, error: Exception) -> SpdyError:
+    """`error` as a SpdyError whose message starts with the file it is about."""
+    message = str(error)
+    return SpdyError(message if message.startswith(str(path)) else f"{path}: {message}")

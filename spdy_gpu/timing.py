@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SpdyError
-from .jsonio import load_json, require, save_json
+from .jsonio import load_json, located, require, save_json
 from .options import SparsityOption, parse_options
 
 TABLE_FORMAT, TABLE_VERSION = "spdy-gpu/timing-table", 1
@@ -39,7 +39,8 @@ class Fingerprint:
                 if mine[key] != theirs[key]]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], path: str | os.PathLike = "<fingerprint>") -> Fingerprint:
+    def from_dict(cls, data: dict[str, Any],
+                  path: str | os.PathLike = "<fingerprint>") -> Fingerprint:
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = set(data) - set(names)
         if unknown:
@@ -93,22 +94,23 @@ class TimingTable:
 
     def validate(self) -> None:
         if not self.options or self.options[0].pattern != "dense":
-            raise SpdyError(f"the first option must be dense; regenerate the table")
+            raise SpdyError("the first option must be dense; regenerate the table")
         names = self.layer_names
         if len(set(names)) != len(names):
-            raise SpdyError(f"duplicate layer names; regenerate the table")
+            raise SpdyError("duplicate layer names; regenerate the table")
         for value, what in ((self.dense_total_ms, "dense_total_ms"), (self.fixed_ms, "fixed_ms")):
             if not (math.isfinite(value) and value >= 0):
                 raise SpdyError(f"{what} = {value} must be finite and >= 0")
         for layer in self.layers:
-            if len(layer.median_ms) != len(self.options) or len(layer.spread_ms) != len(self.options):
+            if {len(layer.median_ms), len(layer.spread_ms)} != {len(self.options)}:
                 raise SpdyError(f"layer {layer.name!r} has {len(layer.median_ms)} times "
                                 f"for {len(self.options)} options; the file is malformed")
             if layer.median_ms[0] is None:
                 raise SpdyError(f"layer {layer.name!r} has no dense time; "
                                 "every layer must run dense")
             for t in layer.median_ms + layer.spread_ms:
-                if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+                number = isinstance(t, (int, float)) and not isinstance(t, bool)
+                if t is not None and not (number and math.isfinite(t) and t >= 0):
                     raise SpdyError(f"layer {layer.name!r} has time {t!r}; times must be "
                                     "finite and >= 0 (null marks an unsupported option)")
 
@@ -156,5 +158,4 @@ class TimingTable:
                 estimated=bool(doc.get("estimated", False)),
                 provenance=dict(doc.get("provenance", {})))
         except SpdyError as e:
-            message = str(e)
-            raise SpdyError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+            raise located(path, e) from None

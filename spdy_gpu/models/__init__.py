@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from torch import nn
 
@@ -80,7 +81,8 @@ def _user_entry(spec: str) -> ModelEntry:
 
     def build(setting: ModelSetting) -> tuple[nn.Module, Any]:
         result = function(batch_size=setting.batch_size) if takes_batch else function()
-        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
+        pair = isinstance(result, tuple) and len(result) == 2
+        if not (pair and isinstance(result[0], nn.Module)):
             raise SpdyError(f"{spec} must return (torch.nn.Module, example_input), "
                             f"got {type(result).__name__}")
         return result[0].eval(), result[1]

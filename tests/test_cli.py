@@ -1,0 +1,62 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from spdy_gpu import Profile
+from spdy_gpu.cli import build_parser, main
+
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert "solve" in commands
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0
+        assert f"usage: spdy-gpu {name}" in capsys.readouterr().out
+
+
+def test_solve_writes_a_profile(tmp_path, toy_table, capsys):
+    toy_table.save(tmp_path / "t.json")
+    code = main(["solve", "--timings", str(tmp_path / "t.json"), "--speedup", "1.5",
+                 "--out", str(tmp_path / "p.json")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "layer2" in out and "target 1.5x -> predicted" in out
+    profile = Profile.load(tmp_path / "p.json")
+    assert profile.predicted_ms <= 10.0 / 1.5
+    assert profile.provenance["command"].startswith("spdy-gpu")
+
+
+def _error_line(capsys, argv):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1, captured.err
+    return captured.err
+
+
+def test_bad_input_gives_one_line(tmp_path, toy_table, capsys):
+    toy_table.save(tmp_path / "t.json")
+    solve = ["solve", "--timings", str(tmp_path / "t.json"), "--out", str(tmp_path / "p.json")]
+    assert "largest achievable speedup" in _error_line(capsys, solve + ["--speedup", "9"])
+    assert "must be a finite number > 0" in _error_line(capsys, solve + ["--speedup", "-2"])
+    (tmp_path / "bad.json").write_text('{"format": "spdy-gpu/timing-table", "vers')
+    bad = ["solve", "--timings", str(tmp_path / "bad.json"), "--speedup", "1.2",
+           "--out", str(tmp_path / "p.json")]
+    assert "corrupted or truncated" in _error_line(capsys, bad)
+    errors = tmp_path / "e.json"
+    errors.write_text(json.dumps({"format": "spdy-gpu/errors", "version": 1,
+                                  "options": ["dense"], "layers": {}}))
+    assert "options differ" in _error_line(capsys, solve + ["--speedup", "1.2",
+                                                            "--errors", str(errors)])
+    assert not (tmp_path / "p.json").exists(), "nothing written on failure"
+
+
+def test_import_loads_no_backend_runtime():
+    code = ("import sys, spdy_gpu, spdy_gpu.cli; "
+            "print(sorted(m for m in ('triton', 'deepsparse', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

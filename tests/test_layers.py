@@ -1,0 +1,52 @@
+import pytest
+import torch
+from torch import nn
+
+from spdy_gpu import SpdyError, discover_layers
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+        self.grouped = nn.Conv2d(8, 16, 1, groups=2)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+
+    def forward(self, x):
+        return self.head(self.grouped(self.depthwise(self.conv1(x))))
+
+
+def test_discovers_every_linear_and_conv_with_gemm_view():
+    layers = {l.name: l for l in discover_layers(Net(), torch.randn(2, 3, 8, 8))}
+    assert list(layers) == ["conv1", "depthwise", "grouped", "head.1"]
+    conv1, depthwise, grouped, linear = layers.values()
+    assert (conv1.n, conv1.k, conv1.m) == (8, 27, 2 * 8 * 8)
+    assert (depthwise.n, depthwise.k, depthwise.m, depthwise.groups) == (8, 9, 2 * 4 * 4, 8)
+    assert depthwise.depthwise_or_grouped and not conv1.depthwise_or_grouped
+    assert (grouped.n, grouped.k, grouped.groups) == (16, 4, 2)
+    assert (linear.kind, linear.n, linear.k, linear.m) == ("linear", 10, 256, 2)
+    assert linear.flops == 2 * 2 * 10 * 256
+
+
+def test_gemm_rows_count_tokens_and_repeated_calls():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(self.proj(x))
+
+    (layer,) = discover_layers(Shared(), torch.randn(3, 5, 4))
+    assert layer.m == 2 * 15
+
+
+def test_exclusions_are_patterns():
+    names = [l.name for l in discover_layers(Net(), exclude=["conv1", "head.*"])]
+    assert names == ["depthwise", "grouped"]
+
+
+def test_no_layers_left_is_an_error():
+    with pytest.raises(SpdyError, match="no Linear or Conv2d"):
+        discover_layers(Net(), exclude=["*"])

@@ -1,0 +1,72 @@
+import math
+
+import numpy as np
+import pytest
+
+from spdy_gpu import InfeasibleTargetError, SpdyError, solve_profile
+from spdy_gpu.solve import load_errors, max_speedup, prior_errors, save_errors
+
+from .conftest import make_table
+
+
+def test_prior_is_squared_rank(toy_table):
+    assert prior_errors(toy_table.options).tolist() == [0.0, 1 / 9, 4 / 9, 1.0]
+
+
+def test_budget_charges_fixed_time(toy_table):
+    profile = solve_profile(toy_table, 2.0)      # budget 5 ms, of which 1 ms is fixed
+    assert profile.budget_ms == 5.0 and profile.fixed_ms == 1.0
+    assert profile.predicted_ms <= 5.0
+    times = toy_table.times()
+    chosen = [toy_table.options.index(o) for o in profile.choices.values()]
+    assert profile.predicted_ms == pytest.approx(1.0 + times[range(3), chosen].sum())
+
+
+def test_excluded_layers_are_fixed_dense_time(toy_table):
+    profile = solve_profile(toy_table, 1.2, exclude=["layer0"])
+    assert profile.fixed_ms == 1.0 + 4.0
+    assert profile.choices["layer0"].pattern == "dense"
+    assert profile.excluded == ("layer0",)
+    assert profile.predicted_ms <= 10.0 / 1.2
+
+
+def test_infeasible_target_reports_the_largest_speedup(toy_table):
+    best = 10.0 / (1.0 + 1.0 + 0.5 + 2.0)
+    assert max_speedup(toy_table) == pytest.approx(best)
+    with pytest.raises(InfeasibleTargetError, match=f"largest achievable speedup .* {best:.3f}x"):
+        solve_profile(toy_table, 2.3)
+    profile = solve_profile(toy_table, best)       # exactly the maximum is reachable
+    assert profile.predicted_speedup == pytest.approx(best)
+    with pytest.raises(InfeasibleTargetError, match="fixed time alone"):
+        solve_profile(make_table([[1.0, 0.5]], dense_total=10.0, fixed=9.0), 1.2)
+
+
+@pytest.mark.parametrize("speedup", [0.0, -1.0, math.nan, math.inf])
+def test_bad_speedup(toy_table, speedup):
+    with pytest.raises(SpdyError, match="target speedup"):
+        solve_profile(toy_table, speedup)
+
+
+def test_error_files_round_trip_and_drive_the_choice(tmp_path, toy_table):
+    errors = np.zeros((3, 4))
+    errors[0, 1:] = 100.0                       # layer0 must stay dense
+    save_errors(tmp_path / "e.json", toy_table.options,
+                {name: row for name, row in zip(toy_table.layer_names, errors)})
+    loaded = load_errors(tmp_path / "e.json", toy_table, toy_table.layer_names)
+    assert np.array_equal(loaded, errors)
+    profile = solve_profile(toy_table, 1.2, loaded)
+    assert profile.choices["layer0"].pattern == "dense"
+    with pytest.raises(SpdyError, match="no errors for layer 'extra'"):
+        load_errors(tmp_path / "e.json", toy_table, ["layer0", "extra"])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_tables_meet_the_target(seed):
+    rng = np.random.default_rng(seed)
+    times = rng.uniform(0.1, 2.0, size=(12, 8))
+    dense_total = times[:, 0].sum() + 1.0
+    table = make_table(times.tolist(), dense_total=dense_total, fixed=1.0)
+    target = float(rng.uniform(1.0, max_speedup(table)))
+    profile = solve_profile(table, target, buckets=500)
+    assert profile.predicted_ms <= dense_total / target
+    assert profile.predicted_speedup >= target

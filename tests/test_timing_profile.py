@@ -1,0 +1,85 @@
+import json
+import math
+
+import pytest
+
+from spdy_gpu import Profile, SpdyError, TimingTable, solve_profile
+
+from .conftest import fingerprint
+
+
+def test_table_round_trips(tmp_path, toy_table):
+    path = tmp_path / "t.json"
+    toy_table.save(path)
+    loaded = TimingTable.load(path)
+    assert loaded == toy_table
+    assert math.isinf(loaded.times()[2, 3])
+    assert json.loads(path.read_text())["layers"][2]["median_ms"][3] is None
+
+
+def test_profile_round_trips(tmp_path, toy_table):
+    profile = solve_profile(toy_table, 1.5)
+    profile.save(tmp_path / "p.json")
+    loaded = Profile.load(tmp_path / "p.json")
+    assert loaded == profile
+    assert loaded.predicted_speedup == pytest.approx(10.0 / loaded.predicted_ms)
+
+
+def _corrupt(path, edit):
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(format="spdy-gpu/profile"), "expected a 'spdy-gpu/timing-table'"),
+    (lambda d: d.update(version=99), "version 99 is not supported"),
+    (lambda d: d.pop("fixed_ms"), "missing field 'fixed_ms'"),
+    (lambda d: d.update(fixed_ms="1"), "field 'fixed_ms' has type str"),
+    (lambda d: d.update(dense_total_ms=-1), "must be finite and >= 0"),
+    (lambda d: d["layers"][0]["median_ms"].pop(), "has 3 times for 4 options"),
+    (lambda d: d["layers"][0]["median_ms"].__setitem__(1, -2.0), "finite and >= 0"),
+    (lambda d: d["layers"][0]["median_ms"].__setitem__(0, None), "no dense time"),
+    (lambda d: d["layers"][0].pop("gemm"), "malformed layer entry"),
+    (lambda d: d["options"].__setitem__(0, "unstructured@0.3"), "start with 'dense'"),
+    (lambda d: d["fingerprint"].pop("threads"), "incomplete fingerprint"),
+    (lambda d: d["layers"][1].update(name="layer0"), "duplicate layer names"),
+])
+def test_malformed_tables_are_refused_in_one_line(tmp_path, toy_table, edit, message):
+    path = tmp_path / "t.json"
+    toy_table.save(path)
+    _corrupt(path, edit)
+    with pytest.raises(SpdyError, match=message) as info:
+        TimingTable.load(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_truncated_and_missing_files(tmp_path, toy_table):
+    path = tmp_path / "t.json"
+    toy_table.save(path)
+    path.write_text(path.read_text()[:100])
+    with pytest.raises(SpdyError, match="corrupted or truncated"):
+        TimingTable.load(path)
+    with pytest.raises(SpdyError, match="no such file"):
+        TimingTable.load(tmp_path / "absent.json")
+
+
+def test_fingerprint_mismatch_names_the_difference(toy_table):
+    toy_table.check_compatible(fingerprint())
+    with pytest.raises(SpdyError, match=r"threads: 2 != 8.*--force"):
+        toy_table.check_compatible(fingerprint(threads=8))
+    toy_table.check_compatible(fingerprint(threads=8), force=True)
+
+
+def test_saving_is_atomic(tmp_path, toy_table, monkeypatch):
+    path = tmp_path / "t.json"
+    toy_table.save(path)
+    before = path.read_text()
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr("os.fsync", explode)
+    with pytest.raises(OSError):
+        toy_table.save(path)
+    assert path.read_text() == before
+    assert list(tmp_path.iterdir()) == [path], "no temporary file left behind"
