@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from spdy_gpu import SpdyError, SparsityOption, build_mask
+from spdy_gpu import SparsityOption, SpdyError, build_mask
 from spdy_gpu.masks import block_mask, gemm_view
 
 SHAPES = [(64, 32), (70, 50), (33, 17), (16, 8, 3, 3), (24, 4, 1, 1)]

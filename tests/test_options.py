@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from spdy_gpu import SpdyError, SparsityOption, geometric_levels, option_grid
+from spdy_gpu import SparsityOption, SpdyError, geometric_levels, option_grid
 from spdy_gpu.options import parse_options
 
 
