@@ -1,0 +1,229 @@
+"""Block-sparse (BSR) weights: the packed form the Triton kernel reads.
+
+A weight W[N, K] (the GEMM view of a layer, Y = X @ W^T) is cut into blocks of
+`block = (rows, cols)`; a block is stored when it holds a kept weight. Packing pads N and K
+up to whole blocks with zeros, so any shape packs; the kernel never reads or writes past the
+real [N, K]. Any mask packs at any block size, exactly: a kept block keeps its masked-out
+entries as zeros. Pure torch: importing this module loads no Triton.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import SpdyError
+from .masks import build_mask, gemm_view
+from .options import SparsityOption
+
+KERNEL_BLOCK_SIDES = (16, 32, 64, 128)
+"""Block sides the Triton kernel supports (any pair of them: square or rectangular)."""
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class BSRWeight:
+    """A weight W[N, K] in block-sparse row form.
+
+    values:       [nnz, rows, cols]  the stored blocks, block-row by block-row, columns ascending
+    crow_indices: [R + 1] int32      blocks of block-row r are values[crow[r]:crow[r + 1]]
+    col_indices:  [nnz] int32        block-column of each stored block
+    row_order:    [R] int32          block-rows by decreasing block count: the order the
+                                     kernel visits them in (load balance; results do not change)
+    shape:        (N, K)             the real (unpadded) shape
+    R = ceil(N / rows), C = ceil(K / cols).
+    """
+
+    values: torch.Tensor
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    row_order: torch.Tensor
+    shape: tuple[int, int]
+    max_row_blocks: int = field(init=False, repr=False)   # stored blocks in the fullest row
+
+    def __post_init__(self) -> None:
+        self.shape = (int(self.shape[0]), int(self.shape[1]))
+        self.validate()
+        counts = torch.diff(self.crow_indices)
+        self.max_row_blocks = int(counts.max()) if counts.numel() else 0
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None,
+                   block: int | tuple[int, int] = 32,
+                   dtype: torch.dtype | None = None) -> BSRWeight:
+        """Pack `weight` (any layer weight; its GEMM view [N, K] is packed).
+
+        mask: bool, the weight's shape; True = kept. Blocks holding a True are stored (with
+        the False entries zeroed); None stores every block holding a nonzero.
+        dtype: value dtype (default: the weight's; must be fp32, fp16 or bf16).
+        """
+        rows, cols = _pair(block)
+        w = gemm_view(weight.detach())
+        n, k = w.shape
+        if n < 1 or k < 1:
+            raise SpdyError(f"cannot pack an empty weight of shape {tuple(weight.shape)}; "
+                            "sparsify only layers with inputs and outputs")
+        if mask is None:
+            keep = w != 0
+        else:
+            if mask.shape != weight.shape:
+                raise SpdyError(f"mask shape {tuple(mask.shape)} does not match weight shape "
+                                f"{tuple(weight.shape)}; build the mask on this weight")
+            keep = gemm_view(mask.to(device=w.device, dtype=torch.bool))
+        dtype = dtype or w.dtype
+        if dtype not in FLOAT_DTYPES:
+            raise SpdyError(f"BSR values must be float32, float16 or bfloat16, not {dtype}; "
+                            "cast the weight first")
+        w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device)).to(dtype)
+        pad = (0, -k % cols, 0, -n % rows)
+        blocks = _to_blocks(torch.nn.functional.pad(w, pad), rows, cols)        # [R, C, rows, cols]
+        kept = _to_blocks(torch.nn.functional.pad(keep, pad), rows, cols).any(-1).any(-1)  # [R, C]
+        counts = kept.sum(dim=1)
+        crow = torch.zeros(kept.shape[0] + 1, dtype=torch.int64, device=w.device)
+        crow[1:] = counts.cumsum(0)
+        return cls(values=blocks[kept].contiguous(),
+                   crow_indices=crow.to(torch.int32),
+                   col_indices=kept.nonzero()[:, 1].to(torch.int32),
+                   row_order=balanced_row_order(counts),
+                   shape=(n, k))
+
+    @classmethod
+    def from_option(cls, weight: torch.Tensor, option: SparsityOption,
+                    block: int | tuple[int, int] | None = None,
+                    dtype: torch.dtype | None = None) -> BSRWeight:
+        """Prune `weight` to `option` (spdy_gpu.masks.build_mask) and pack it.
+
+        block: the packing block; default `kernel_block(option.block)` for block options and
+        32 x 32 otherwise (unstructured and N:M masks pack exactly but rarely skip a block).
+        """
+        if block is None:
+            block = kernel_block(option.block) if option.block is not None else (32, 32)
+        return cls.from_dense(weight, build_mask(weight, option), block, dtype)
+
+    # ---- shape facts --------------------------------------------------------------------
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return int(self.values.shape[1]), int(self.values.shape[2])
+
+    @property
+    def n_block_rows(self) -> int:
+        return int(self.crow_indices.numel()) - 1
+
+    @property
+    def n_block_cols(self) -> int:
+        return -(-self.shape[1] // self.block[1])
+
+    @property
+    def nnz_blocks(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def density(self) -> float:
+        """Fraction of the R x C blocks stored."""
+        return self.nnz_blocks / (self.n_block_rows * self.n_block_cols)
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return self.n_block_rows * self.block[0], self.n_block_cols * self.block[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    # ---- conversion ---------------------------------------------------------------------
+
+    def to_dense(self) -> torch.Tensor:
+        """[N, K] in the value dtype: the masked weight, exactly."""
+        rows, cols = self.block
+        r, c = self.n_block_rows, self.n_block_cols
+        dense = self.values.new_zeros(r, c, rows, cols)
+        counts = torch.diff(self.crow_indices.long())
+        row_of = torch.repeat_interleave(torch.arange(r, device=self.device), counts)
+        dense[row_of, self.col_indices.long()] = self.values
+        dense = dense.permute(0, 2, 1, 3).reshape(r * rows, c * cols)
+        return dense[: self.shape[0], : self.shape[1]]
+
+    def to_torch_sparse(self) -> torch.Tensor:
+        """The padded matrix as a torch sparse BSR tensor (same blocks, no copy of values)."""
+        with warnings.catch_warnings():       # "BSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_bsr_tensor(self.crow_indices, self.col_indices, self.values,
+                                           size=self.padded_shape, check_invariants=False)
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> BSRWeight:
+        """A copy with values in `dtype` and all tensors on `device` (self if nothing changes)."""
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise SpdyError(f"BSR values must be float32, float16 or bfloat16, not {dtype}")
+        return BSRWeight(self.values.to(device=device, dtype=dtype),
+                         self.crow_indices.to(device), self.col_indices.to(device),
+                         self.row_order.to(device), self.shape)
+
+    def validate(self) -> None:
+        """Check the invariants the kernel relies on; SpdyError naming the broken one."""
+        v, crow, col, order = self.values, self.crow_indices, self.col_indices, self.row_order
+        n, k = self.shape
+        problem = None
+        if v.dim() != 3 or v.dtype not in FLOAT_DTYPES:
+            problem = (f"values must be [nnz, rows, cols] in float32, float16 or bfloat16, "
+                       f"got {v.dtype} {tuple(v.shape)}")
+        elif min(v.shape[1:]) < 1 or n < 1 or k < 1:
+            problem = f"empty block {tuple(v.shape[1:])} or shape {self.shape}"
+        elif any(t.dtype != torch.int32 or t.dim() != 1 for t in (crow, col, order)):
+            problem = "crow_indices, col_indices and row_order must be 1-D int32"
+        elif crow.numel() != -(-n // v.shape[1]) + 1 or order.numel() != crow.numel() - 1:
+            problem = f"{crow.numel() - 1} block-rows (or {order.numel()} ordered) for N={n}"
+        elif col.numel() != v.shape[0] or int(crow[0]) != 0 or int(crow[-1]) != v.shape[0]:
+            problem = "crow_indices do not span the stored blocks"
+        elif bool((torch.diff(crow) < 0).any()):
+            problem = "crow_indices decrease"
+        elif col.numel() and not 0 <= int(col.min()) <= int(col.max()) < -(-k // v.shape[2]):
+            problem = "a column index lies outside the matrix"
+        elif not torch.equal(torch.sort(order.long()).values,
+                             torch.arange(order.numel(), device=order.device)):
+            problem = "row_order is not a permutation of the block-rows"
+        if problem is not None:
+            raise SpdyError(f"malformed BSR weight: {problem}; repack it with BSRWeight.from_dense")
+
+    def __repr__(self) -> str:
+        return (f"BSRWeight(shape={self.shape}, block={self.block}, nnz_blocks={self.nnz_blocks}, "
+                f"density={self.density:.3f}, dtype={self.dtype}, device={self.device})")
+
+
+def balanced_row_order(counts: torch.Tensor) -> torch.Tensor:
+    """Block-rows by decreasing block count (ties by index), as int32: heavy rows start first."""
+    return torch.argsort(-counts.long(), stable=True).to(torch.int32)
+
+
+def kernel_block(block: int | tuple[int, int] | None) -> tuple[int, int]:
+    """The kernel block to pack a mask of `block` granularity with: each side rounded up to a
+    power of two in [16, 128] (a mask of 8x8 blocks packs exactly into 16x16 blocks)."""
+    rows, cols = _pair(block if block is not None else 32)
+    return _kernel_side(rows), _kernel_side(cols)
+
+
+def _kernel_side(side: int) -> int:
+    return min(max(16, 1 << (side - 1).bit_length()), 128)
+
+
+def _pair(block: int | tuple[int, int]) -> tuple[int, int]:
+    rows, cols = (block, block) if isinstance(block, int) else tuple(block)
+    if rows < 1 or cols < 1:
+        raise SpdyError(f"block {block} must have two positive sides")
+    return int(rows), int(cols)
+
+
+def _to_blocks(matrix: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """[R * rows, C * cols] -> [R, C, rows, cols] (a view where possible)."""
+    n, k = matrix.shape
+    return matrix.reshape(n // rows, rows, k // cols, cols).permute(0, 2, 1, 3)

@@ -1,0 +1,197 @@
+"""BlockSparseLinear: an nn.Linear whose weight is stored block-sparse and run by the
+Triton kernel, and `sparsify_`, which swaps a model's pruned Linears for it in place.
+
+Forward: on CUDA the Triton kernel; on a CPU the same kernel under Triton's interpreter
+when TRITON_INTERPRET=1 is set, otherwise an exact torch fallback (a dense matmul of the
+masked weight), so a pruned model runs anywhere. Inference only: no backward.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bsr import BSRWeight, kernel_block
+from .errors import SpdyError
+from .masks import build_mask
+from .options import SparsityOption
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
+_INDEX_BUFFERS = ("crow_indices", "col_indices", "row_order")
+
+
+class BlockSparseLinear(nn.Module):
+    """y = act(x @ W^T + bias) with W [out_features, in_features] block-sparse.
+
+    State (all in `state_dict`): `values` [nnz, rows, cols] and `bias` [out] (parameters,
+    frozen), `crow_indices`, `col_indices`, `row_order` (int32) and `shape` = (out, in).
+    Loading a state dict with another sparsity pattern resizes the buffers to it.
+    """
+
+    def __init__(self, weight: BSRWeight, bias: torch.Tensor | None = None,
+                 activation: str | None = None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise SpdyError(f"unknown activation {activation!r}; use one of {ACTIVATIONS}")
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise SpdyError(f"bias of shape {tuple(bias.shape)} does not match "
+                            f"{weight.shape[0]} outputs; pass a [{weight.shape[0]}] bias")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.activation = activation
+        self.values = nn.Parameter(weight.values.detach().clone(), requires_grad=False)
+        for name in _INDEX_BUFFERS:
+            self.register_buffer(name, getattr(weight, name).clone())
+        self.register_buffer("shape", torch.tensor(weight.shape, dtype=torch.int64))
+        self.bias = (None if bias is None else
+                     nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False))
+        self._packed_cache: tuple[tuple, BSRWeight] | None = None
+        self._dense_cache: tuple[tuple, torch.Tensor] | None = None   # CPU fallback only
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None,
+                    option: SparsityOption | str | None = None,
+                    block: int | tuple[int, int] | None = None,
+                    activation: str | None = None,
+                    dtype: torch.dtype | None = None) -> BlockSparseLinear:
+        """Pack `linear` pruned by `mask` (bool, the weight's shape) or by `option` (the mask
+        is built by magnitude / block norm, spdy_gpu.masks.build_mask).
+
+        block: the kernel block; default kernel_block(option.block) for block options, else
+        32 x 32. Any mask packs exactly at any block, but only block masks skip work.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise SpdyError(f"BlockSparseLinear replaces nn.Linear, not {type(linear).__name__}; "
+                            "exclude this layer")
+        if (mask is None) == (option is None):
+            raise SpdyError("pass exactly one of mask= or option= to BlockSparseLinear.from_linear")
+        if isinstance(option, str):
+            option = SparsityOption.parse(option)
+        if mask is None:
+            mask = build_mask(linear.weight, option)
+        if block is None:
+            block = kernel_block(option.block if option is not None else None)
+        packed = BSRWeight.from_dense(linear.weight, mask, block, dtype)
+        return cls(packed, linear.bias, activation).to(linear.weight.device)
+
+    @property
+    def weight(self) -> BSRWeight:
+        """The packed weight (tensors shared with this module)."""
+        return BSRWeight(self.values.data, self.crow_indices, self.col_indices, self.row_order,
+                         (self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in_features] -> [..., out_features]
+        if x.is_cuda or _interpret_env():
+            from spdy_kernels.bsr_matmul import bsr_linear
+            return bsr_linear(x, self._packed(), self.bias, self.activation)
+        return _activate(F.linear(x, self._dense_weight(), self.bias), self.activation)
+
+    def to_dense(self) -> nn.Linear:
+        """The masked dense layer (nn.Linear in the value dtype); the activation is dropped."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self._packed().to_dense())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    @property
+    def density(self) -> float:
+        """Fraction of blocks stored."""
+        return self._packed().density
+
+    def extra_repr(self) -> str:
+        rows, cols = self.values.shape[1:]
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"block={rows}x{cols}, density={self.density:.3f}, bias={self.bias is not None}, "
+                f"activation={self.activation}")
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _packed(self) -> BSRWeight:
+        # Validation syncs the device: build it once per storage and reuse it.
+        key = (self.values.data_ptr(), self.values.dtype, self.values.device, self.values.shape)
+        if self._packed_cache is None or self._packed_cache[0] != key:
+            self._packed_cache = (key, self.weight)
+        return self._packed_cache[1]
+
+    def _dense_weight(self) -> torch.Tensor:
+        key = (self.values.data_ptr(), self.values._version, self.values.dtype, self.values.device)
+        if self._dense_cache is None or self._dense_cache[0] != key:
+            self._dense_cache = (key, self._packed().to_dense())
+        return self._dense_cache[1]
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        # A checkpoint may hold another sparsity pattern: adopt its shapes before loading.
+        shape = state_dict.get(prefix + "shape")
+        if shape is not None and tuple(shape.tolist()) != (self.out_features, self.in_features):
+            raise SpdyError(f"{prefix}shape {tuple(shape.tolist())} does not match this layer's "
+                            f"({self.out_features}, {self.in_features}); load into the right model")
+        for name in ("values", *_INDEX_BUFFERS):
+            incoming = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if incoming is not None and incoming.shape != current.shape:
+                resized = current.new_empty(incoming.shape)
+                if name == "values":
+                    self.values = nn.Parameter(resized, requires_grad=False)
+                else:
+                    setattr(self, name, resized)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._packed_cache = None
+        self._dense_cache = None
+        self._packed()  # validate what was loaded
+
+
+def sparsify_(model: nn.Module,
+              masks_or_options: Mapping[str, torch.Tensor | SparsityOption | str], *,
+              block: int | tuple[int, int] | None = None,
+              dtype: torch.dtype | None = None) -> list[str]:
+    """Swap every named Linear of `model` for a BlockSparseLinear, in place.
+
+    masks_or_options: layer name -> bool mask of its weight, or a SparsityOption (or its
+    name, e.g. "block32x32@0.7") to prune it to. Dense entries are left alone.
+    block: packing block for every layer (default per layer, see from_linear).
+    Returns the names swapped.
+    """
+    modules = dict(model.named_modules())
+    missing = [name for name in masks_or_options if name not in modules]
+    if missing:
+        raise SpdyError(f"model has no layer named {missing[0]!r}; use names from "
+                        "model.named_modules() (e.g. from a SPDY profile of this model)")
+    swapped = []
+    for name, spec in masks_or_options.items():
+        option = SparsityOption.parse(spec) if isinstance(spec, str) else spec
+        if isinstance(option, SparsityOption) and option.pattern == "dense":
+            continue
+        linear = modules[name]
+        kwargs = ({"option": option} if isinstance(option, SparsityOption) else {"mask": option})
+        layer = BlockSparseLinear.from_linear(linear, block=block, dtype=dtype, **kwargs)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer)
+        swapped.append(name)
+    log.info("sparsify_: %d Linear layers now block-sparse", len(swapped))
+    return swapped
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    return y
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")

