@@ -1,0 +1,208 @@
+"""`spdy-gpu database`: build the reconstruction database; `spdy-gpu gap`: global AdaPrune
+of a profile stitched from it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SpdyError
+from ..layers import prunable_modules
+from ..models import ModelEntry, ModelSetting
+from .common import (
+    add_model_args,
+    add_option_args,
+    exclude_patterns,
+    model_from_args,
+    options_from_args,
+)
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "database", help="reconstruct every layer at every option (the search's database)",
+        description="Capture calibration statistics of the dense model, then reconstruct every "
+                    "prunable layer at every option (nested masks, level by level) and store "
+                    "the weights in DIR (one safetensors file per layer and option, plus "
+                    "manifest.json). Rerunning the same command resumes an interrupted build.")
+    add_model_args(parser)
+    add_option_args(parser)
+    add_calibration_args(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="database directory")
+    parser.add_argument("--method", choices=["fast", "adaprune"], default="fast",
+                        help="fast: exact masked least squares on the Gram matrix (default); "
+                             "adaprune: faithful AdaPrune (Adam on stored inputs, much slower)")
+    group = parser.add_argument_group("solvers")
+    group.add_argument("--solver", choices=["cg", "cholesky"], default="cg",
+                       help="fast: conjugate gradients on all rows (default) or one exact "
+                            "Cholesky solve per row")
+    group.add_argument("--damp", type=float, default=0.01,
+                       help="fast: damping, fraction of H's mean diagonal (0.01)")
+    group.add_argument("--max-iters", type=int, default=100,
+                       help="fast: CG iterations per level at most (100)")
+    group.add_argument("--tol", type=float, default=1e-4,
+                       help="fast: stop when an iteration gains < tol of the error (1e-4)")
+    group.add_argument("--lr", type=float, default=1e-3, help="adaprune: Adam lr (1e-3)")
+    group.add_argument("--passes", type=int, default=10, help="adaprune: passes (10)")
+    group.add_argument("--step-samples", type=int, default=32,
+                       help="adaprune: samples per Adam step (32)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+    add_gap_parser(subparsers)
+
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration")
+    group.add_argument("--calib", metavar="FILE",
+                       help="calibration inputs: a torch.save'd tensor/tuple/dict whose first "
+                            "dimension is samples, or a directory of such files "
+                            "(default: the model's own data)")
+    group.add_argument("--samples", type=int, default=1024,
+                       help="calibration samples (1024, as the SPDY reference)")
+    group.add_argument("--calib-batch-size", type=int, default=32,
+                       help="samples per calibration forward (32)")
+
+
+def calibration_batches(args: argparse.Namespace, entry: ModelEntry, setting: ModelSetting,
+                        example: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The calibration batches the arguments ask for, and a description for the manifest."""
+    if args.samples < 1 or args.calib_batch_size < 1:
+        raise SpdyError("--samples and --calib-batch-size must be >= 1")
+    calib_setting = ModelSetting(args.calib_batch_size, setting.seq_len, setting.image_size)
+    if args.calib:
+        batches = list(_file_batches(Path(args.calib), args.samples, args.calib_batch_size))
+        source = f"file:{args.calib}"
+    elif entry.calibration is not None:
+        batches = list(entry.calibration(calib_setting, args.samples))
+        source = f"model:{entry.name}"
+    else:
+        log.warning("no calibration data for %s: using its example input; pass --calib with "
+                    "real data for a much better database", entry.name)
+        batches, source = [example], "example-input"
+    description = {"source": source, "samples": args.samples,
+                   "batch_size": args.calib_batch_size, "seq_len": setting.seq_len,
+                   "image_size": setting.image_size}
+    return batches, description
+
+
+def _file_batches(path: Path, samples: int, batch_size: int) -> Iterator[Any]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    elif path.is_file():
+        files = [path]
+    else:
+        raise SpdyError(f"--calib {path}: no such file or directory")
+    if not files:
+        raise SpdyError(f"--calib {path}: the directory holds no files; add saved tensors")
+    left = samples
+    for file in files:
+        try:
+            data = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SpdyError(f"--calib {file}: cannot load it with torch.load ({e}); save "
+                            "inputs with torch.save(tensor, path)") from None
+        count = _count(data, file)
+        for start in range(0, min(count, left), batch_size):
+            yield _slice(data, start, min(start + batch_size, left))
+        left -= min(count, left)
+        if left <= 0:
+            return
+
+
+def _count(data: Any, file: Path) -> int:
+    first = next(iter(data.values())) if isinstance(data, dict) else (
+        data[0] if isinstance(data, (tuple, list)) else data)
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        raise SpdyError(f"--calib {file}: expected a tensor (or tuple/dict of tensors) whose "
+                        "first dimension is samples")
+    return first.shape[0]
+
+
+def _slice(data: Any, start: int, stop: int) -> Any:
+    if isinstance(data, dict):
+        return {k: v[start:stop] for k, v in data.items()}
+    if isinstance(data, (tuple, list)):
+        return tuple(v[start:stop] for v in data)
+    return data[start:stop]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..reconstruct import AdaPruneConfig, FastConfig, build_database
+    entry, setting = model_from_args(args)
+    model, example = entry.build(setting)
+    layers = list(prunable_modules(model, exclude_patterns(args, entry)))
+    if not layers:
+        raise SpdyError("no prunable layer left; check the --exclude patterns")
+    options = options_from_args(args, "unstructured")
+    batches, description = calibration_batches(args, entry, setting, example)
+    began = time.perf_counter()
+    db = build_database(
+        model, layers, options, batches, args.out, args.method, model_name=entry.name,
+        calibration=description,
+        fast=FastConfig(damp=args.damp, max_iters=args.max_iters, tol=args.tol,
+                        solver=args.solver),
+        adaprune_config=AdaPruneConfig(lr=args.lr, passes=args.passes,
+                                       batch_size=args.step_samples, samples=args.samples),
+        progress=not args.quiet)
+    errors = db.errors_matrix(db.layers, db.options)
+    print(f"database {args.out}: {len(db.layers)} layers x {len(db.options)} options "
+          f"({args.method}) in {time.perf_counter() - began:.1f} s; mean relative layer error "
+          f"at the sparsest option {errors[:, -1].mean():.4g}")
+    return 0
+
+
+def add_gap_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "gap", help="global AdaPrune of a profile stitched from a database",
+        description="Stitch PROFILE's choices from the database, fine-tune the stitched model "
+                    "against the dense model's layer outputs (masks kept, early stopping) and "
+                    "save its weights (safetensors state dict).")
+    add_model_args(parser)
+    add_calibration_args(parser)
+    parser.add_argument("--database", required=True, metavar="DIR")
+    parser.add_argument("--profile", required=True, metavar="P.json")
+    parser.add_argument("--out", required=True, metavar="W.safetensors")
+    parser.add_argument("--lr", type=float, default=1e-5, help="Adam lr (1e-5)")
+    parser.add_argument("--epochs", type=int, default=10, help="at most (10)")
+    parser.add_argument("--patience", type=int, default=2, help="epochs without gain (2)")
+    parser.add_argument("--only-pruned", action="store_true",
+                        help="train only the pruned weights (default: all parameters)")
+    parser.set_defaults(run=run_gap)
+
+
+def run_gap(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_model
+
+    from ..profile import Profile
+    from ..reconstruct import Database, global_adaprune_, stitch_
+    entry, setting = model_from_args(args)
+    model, example = entry.build(setting)
+    dense, _ = entry.build(setting)
+    db = Database.open(args.database)
+    db.check_model(model)
+    profile = Profile.load(args.profile)
+    db.check_options(list(set(profile.choices.values())))
+    stitch_(model, profile.choices, db)
+    modules = dict(model.named_modules())
+    masks = {name: modules[name].weight.detach() != 0 for name, option in
+             profile.choices.items() if option.pattern != "dense"}
+    batches, _ = calibration_batches(args, entry, setting, example)
+    report = global_adaprune_(model, dense, masks, batches, lr=args.lr, epochs=args.epochs,
+                              only_pruned=args.only_pruned, patience=args.patience,
+                              progress=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
+    save_model(model, str(tmp), metadata={"profile": str(args.profile)}, force_contiguous=True)
+    tmp.replace(args.out)
+    print(f"gAP: loss {report.loss_before:.5g} -> {report.loss_after:.5g} in {report.epochs} "
+          f"epochs ({report.steps} steps{', stopped early' if report.stopped_early else ''}); "
+          f"weights written to {args.out}")
+    return 0

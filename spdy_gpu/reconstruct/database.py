@@ -1,0 +1,363 @@
+"""The reconstruction database: every layer's reconstructed weights at every option, on disk.
+
+Layout of a database directory:
+
+    manifest.json                       'spdy-gpu/reconstruction-db', version 1
+    entries/<layer>/<option>.safetensors  one tensor "weight" in the model's dtype
+
+Masks are stored implicitly: pruned weights are exact zeros (block and N:M structure
+survive). The manifest records the model fingerprint, the option grid, the calibration, the
+method and its settings, and per entry its file, byte size and relative layer error
+||X (W - W_dense)^T||^2 / ||Y_dense||^2. Entries are written atomically and the manifest is
+checkpointed while building, so an interrupted build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import SpdyError
+from ..jsonio import atomic_write_bytes, load_json, require, save_json
+from ..masks import build_mask
+from ..options import SparsityOption
+from .adaprune import AdaPruneConfig, adaprune
+from .capture import LayerStats, capture_inputs, capture_statistics
+from .fast import FastConfig, damped_gram, reconstruct_fast
+
+log = logging.getLogger(__name__)
+
+DB_FORMAT, DB_VERSION = "spdy-gpu/reconstruction-db", 1
+MANIFEST = "manifest.json"
+METHODS = ("fast", "adaprune")
+
+
+def layer_hashes(model: nn.Module, layers: Sequence[str]) -> dict[str, str]:
+    """sha256 of each layer's name, shape, dtype and dense values."""
+    modules = dict(model.named_modules())
+    hashes = {}
+    for name in layers:
+        weight = modules[name].weight.detach().cpu().contiguous()
+        digest = hashlib.sha256(f"{name}:{tuple(weight.shape)}:{weight.dtype};".encode())
+        digest.update(weight.view(torch.uint8).numpy().tobytes())
+        hashes[name] = digest.hexdigest()
+    return hashes
+
+
+def model_fingerprint(model: nn.Module, layers: Sequence[str]) -> str:
+    """One sha256 over the layer hashes: equal iff the same layers with the same weights."""
+    return _combine(layer_hashes(model, layers))
+
+
+def _combine(hashes: Mapping[str, str]) -> str:
+    return hashlib.sha256("".join(hashes.values()).encode()).hexdigest()
+
+
+def option_chains(options: Sequence[SparsityOption]) -> list[list[SparsityOption]]:
+    """Options grouped into families whose masks nest (same pattern and block or M), each
+    in increasing sparsity. Dense is in no chain: it is the start of every chain."""
+    chains: dict[tuple, list[SparsityOption]] = {}
+    for option in options:
+        if option.pattern != "dense":
+            key = (option.pattern, option.block, option.m)
+            chains.setdefault(key, []).append(option)
+    return [sorted(chain, key=lambda o: o.sparsity) for chain in chains.values()]
+
+
+def _entry_file(layer: str, option: SparsityOption) -> str:
+    return f"entries/{layer}/{option.name.replace(':', '-')}.safetensors"
+
+
+class Database:
+    """A reconstruction database opened lazily: weights are read (memory-mapped) on demand."""
+
+    def __init__(self, path: Path, document: dict[str, Any]):
+        self.path = path
+        self.model: str = require(document, "model", str, path)
+        self.fingerprint: str = require(document, "fingerprint", str, path)
+        self.method: str = require(document, "method", str, path)
+        self.config: dict[str, Any] = require(document, "config", dict, path)
+        self.calibration: dict[str, Any] = require(document, "calibration", dict, path)
+        self.options: tuple[SparsityOption, ...] = tuple(
+            SparsityOption.parse(n) for n in require(document, "options", list, path))
+        self.layer_shapes: dict[str, list[int]] = require(document, "layers", dict, path)
+        self.layers: tuple[str, ...] = tuple(self.layer_shapes)
+        self.layer_hashes: dict[str, str] = require(document, "layer_sha256", dict, path)
+        self._entries: dict[str, dict[str, Any]] = require(document, "entries", dict, path)
+        self.timing_s: dict[str, float] = document.get("timing_s", {})   # capture, reconstruct
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Database:
+        """Open and validate a complete database (every layer at every option on disk)."""
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise SpdyError(f"{path}: not a reconstruction database (no {MANIFEST}); build one "
+                            "with: spdy-gpu database --out DIR")
+        db = cls(path, load_json(path / MANIFEST, DB_FORMAT, DB_VERSION))
+        for layer in db.layers:
+            for option in db.options:
+                db._entry(layer, option)
+        return db
+
+    def _entry(self, layer: str, option: SparsityOption) -> dict[str, Any]:
+        if layer not in self.layer_shapes:
+            raise SpdyError(f"layer {layer} is not in the database {self.path}; it was built "
+                            "for other layers, rebuild it for this model")
+        entry = self._entries.get(layer, {}).get(option.name)
+        if entry is None:
+            raise SpdyError(f"layer {layer}: option {option} is missing from {self.path}; the "
+                            "database is incomplete, rerun spdy-gpu database to resume it")
+        file = self.path / entry["file"]
+        size = file.stat().st_size if file.is_file() else -1
+        if size != entry["bytes"]:
+            what = "missing" if size < 0 else f"truncated ({size} of {entry['bytes']} bytes)"
+            raise SpdyError(f"layer {layer}: entry {option} is {what} ({file}); rerun "
+                            "spdy-gpu database on this directory to rebuild it")
+        return entry
+
+    def weight(self, layer: str, option: SparsityOption) -> torch.Tensor:
+        """The stored weight of `layer` at `option` (the model's shape and dtype)."""
+        from safetensors import safe_open
+        file = self.path / self._entry(layer, option)["file"]
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor("weight")
+        except Exception as e:  # safetensors raises its own error types for bad files
+            raise SpdyError(f"layer {layer}: entry {option} ({file}) cannot be read ({e}); "
+                            "delete it and rerun spdy-gpu database to rebuild it") from None
+
+    def error(self, layer: str, option: SparsityOption) -> float:
+        """Relative layer error of the stored weight, on the calibration data."""
+        return float(self._entry(layer, option)["rel_error"])
+
+    def errors_matrix(self, layer_names: Sequence[str],
+                      options: Sequence[SparsityOption]) -> np.ndarray:
+        """[L, O] relative layer errors."""
+        return np.array([[self.error(layer, option) for option in options]
+                         for layer in layer_names], dtype=np.float64)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model whose layers or dense weights are not the ones the database saw."""
+        modules = dict(model.named_modules())
+        absent = [name for name in self.layers if name not in modules]
+        if absent:
+            raise SpdyError(f"layer {absent[0]} of database {self.path} is not in this model; "
+                            "use the database built for this model")
+        hashes = layer_hashes(model, self.layers)
+        if _combine(hashes) != self.fingerprint:
+            stored = self.layer_hashes
+            changed = next((n for n in self.layers if stored.get(n) != hashes[n]), self.layers[0])
+            raise SpdyError(f"layer {changed}: its dense weights are not those {self.path} was "
+                            f"built from (another model than {self.model}?); rebuild the "
+                            "database for this model")
+
+    def check_options(self, options: Sequence[SparsityOption]) -> None:
+        """Refuse an option grid the database does not cover."""
+        missing = [o.name for o in options if o not in self.options]
+        if missing:
+            raise SpdyError(f"{self.path} has no entries for options {missing}; it was built "
+                            "for another option grid, rebuild it with these options")
+
+
+@dataclasses.dataclass
+class _Build:
+    """A database under construction: its manifest document and checkpointing."""
+
+    path: Path
+    document: dict[str, Any]
+    saved_at: float = 0.0
+
+    def done(self, layer: str, option: SparsityOption) -> bool:
+        entry = self.document["entries"].get(layer, {}).get(option.name)
+        file = self.path / entry["file"] if entry else None
+        return bool(entry) and file.is_file() and file.stat().st_size == entry["bytes"]
+
+    def add(self, layer: str, option: SparsityOption, weight: torch.Tensor,
+            rel_error: float) -> None:
+        from safetensors.torch import save
+        relative = _entry_file(layer, option)
+        data = save({"weight": weight.detach().contiguous()},
+                    metadata={"layer": layer, "option": option.name})
+        atomic_write_bytes(self.path / relative, data)
+        self.document["entries"].setdefault(layer, {})[option.name] = {
+            "file": relative, "bytes": len(data), "rel_error": rel_error}
+        if time.monotonic() - self.saved_at > 5.0 or not (self.path / MANIFEST).exists():
+            self.save()
+
+    def load(self, layer: str, option: SparsityOption) -> torch.Tensor:
+        from safetensors.torch import load_file
+        return load_file(str(self.path / self.document["entries"][layer][option.name]["file"]))[
+            "weight"]
+
+    def save(self) -> None:
+        body = {k: v for k, v in self.document.items() if k not in ("format", "version")}
+        save_json(self.path / MANIFEST, DB_FORMAT, DB_VERSION, body)
+        self.saved_at = time.monotonic()
+
+
+def _start(out_dir: Path, header: dict[str, Any]) -> _Build:
+    """A fresh build, or the interrupted one in out_dir if it was for the same work."""
+    manifest = out_dir / MANIFEST
+    if not manifest.exists():
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise SpdyError(f"{out_dir} exists, is not empty and holds no database; choose an "
+                            "empty or new --out directory")
+        # Nothing is written until the first entry: a failed capture leaves no directory.
+        return _Build(out_dir, {"format": DB_FORMAT, "version": DB_VERSION, **header,
+                                "entries": {}}, saved_at=time.monotonic())
+    document = load_json(manifest, DB_FORMAT, DB_VERSION)
+    stored = document.get("layer_sha256", {})
+    changed = next((n for n, h in header["layer_sha256"].items() if stored.get(n) != h), None)
+    if changed is not None and document.get("layers") == header["layers"]:
+        raise SpdyError(f"{out_dir} holds a database for another model: layer {changed} had "
+                        "other dense weights; choose another --out directory or delete this one")
+    for key in ("model", "fingerprint", "options", "layers", "method", "config", "calibration"):
+        if document.get(key) != header[key]:
+            what = {"model": "another model", "options": "another option grid",
+                    "fingerprint": "another model (or other dense weights)",
+                    "layers": "other layers"}.get(key, key)
+            raise SpdyError(f"{out_dir} holds a database for {what} (its {key} differs); "
+                            "choose another --out directory or delete this one")
+    log.info("resuming the database in %s", out_dir)
+    return _Build(out_dir, document)
+
+
+def _check_options(modules: Mapping[str, nn.Module],
+                   chains: list[list[SparsityOption]]) -> None:
+    """Fail before any work if some layer cannot take some option (e.g. a block too big)."""
+    for name, module in modules.items():
+        for chain in chains:
+            try:
+                build_mask(module.weight.detach(), chain[0])
+            except SpdyError as e:
+                raise SpdyError(f"layer {name}: {e}") from None
+
+
+def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[SparsityOption],
+                   calibration_batches: Iterable[Any], out_dir: str | os.PathLike,
+                   method: str = "fast", *, model_name: str = "model",
+                   calibration: Mapping[str, Any] | None = None,
+                   fast: FastConfig | None = None,
+                   adaprune_config: AdaPruneConfig | None = None,
+                   max_input_bytes: int = 2 << 30, progress: bool = True) -> Database:
+    """Reconstruct every layer in `layers` at every option and store it in `out_dir`.
+
+    Level k+1's mask is built on level k's reconstructed weights (nested masks) within each
+    family of options. method "fast": the Gram-matrix solver (one calibration pass);
+    "adaprune": faithful AdaPrune on stored inputs (one pass per group of layers whose
+    inputs fit in `max_input_bytes`). Resumes an interrupted build of the same work.
+    """
+    fast = fast or FastConfig()
+    adaprune_config = adaprune_config or AdaPruneConfig()
+    if method not in METHODS:
+        raise SpdyError(f"unknown reconstruction method {method!r}; use one of {METHODS}")
+    options = list(options)
+    if SparsityOption.dense() not in options:
+        raise SpdyError("the option list must include dense (dense is always a choice)")
+    if not layers:
+        raise SpdyError("no layers to reconstruct; pass at least one Linear or Conv2d name")
+    all_modules = dict(model.named_modules())
+    unknown = [name for name in layers if not isinstance(all_modules.get(name),
+                                                         (nn.Linear, nn.Conv2d))]
+    if unknown:
+        raise SpdyError(f"layer {unknown[0]} is not a Linear or Conv2d of this model; check the "
+                        "layer names")
+    modules = {name: all_modules[name] for name in layers}
+    chains = option_chains(options)
+    _check_options(modules, chains)
+    config = (dataclasses.asdict(fast) | {"dtype": str(fast.dtype)} if method == "fast"
+              else dataclasses.asdict(adaprune_config))
+    hashes = layer_hashes(model, list(layers))
+    header = {
+        "model": model_name, "fingerprint": _combine(hashes), "layer_sha256": hashes,
+        "options": [o.name for o in options], "method": method, "config": config,
+        "calibration": dict(calibration or {}),
+        "layers": {name: list(m.weight.shape) for name, m in modules.items()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    out_dir = Path(out_dir)
+    build = _start(out_dir, header)
+    todo = {name: m for name, m in modules.items()
+            if not all(build.done(name, o) for o in options)}
+    if todo:
+        batches = list(calibration_batches)
+        began = time.perf_counter()
+        with tqdm(total=len(batches), desc="calibration", unit="batch",
+                  disable=not progress) as bar:
+            stats = capture_statistics(model, todo, batches, bar.update)
+        timing = build.document.setdefault("timing_s", {"capture": 0.0, "reconstruct": 0.0})
+        timing["capture"] += time.perf_counter() - began
+        began = time.perf_counter()
+        try:
+            with tqdm(total=len(todo) * len(options), desc=f"database ({method})",
+                      unit="entry", disable=not progress) as bar:
+                for group in _input_groups(todo, stats, method, max_input_bytes):
+                    samples = (capture_inputs(model, group, batches) if method == "adaprune"
+                               else {})
+                    for name, module in group.items():
+                        _build_layer(build, name, module, stats[name], options, chains, method,
+                                     fast, adaprune_config, samples.pop(name, None), bar)
+        finally:
+            timing["reconstruct"] += time.perf_counter() - began
+            build.save()    # what is done stays done, also when interrupted
+    return Database.open(out_dir)
+
+
+def _input_groups(modules: dict[str, nn.Module], stats: dict[str, LayerStats], method: str,
+                  budget: int) -> list[dict[str, nn.Module]]:
+    """Layers grouped so that one group's stored inputs fit in `budget` bytes (AdaPrune);
+    a single group for the fast solver, which needs no inputs."""
+    if method == "fast":
+        return [modules]
+    groups: list[dict[str, nn.Module]] = [{}]
+    used = 0
+    for name, module in modules.items():
+        size = 4 * stats[name].rows * stats[name].gram.shape[0] * stats[name].gram.shape[-1]
+        if groups[-1] and used + size > budget:
+            groups.append({})
+            used = 0
+        groups[-1][name] = module
+        used += size
+    return groups
+
+
+def _build_layer(build: _Build, name: str, module: nn.Module, stats: LayerStats,
+                 options: Sequence[SparsityOption], chains: list[list[SparsityOption]],
+                 method: str, fast: FastConfig, config: AdaPruneConfig,
+                 samples: list[torch.Tensor] | None, bar: tqdm) -> None:
+    """Every option of one layer: dense, then each chain with nested masks."""
+    dense = module.weight.detach()
+    bias = None if module.bias is None else module.bias.detach()
+    dense_option = SparsityOption.dense()
+    if not build.done(name, dense_option):
+        build.add(name, dense_option, dense, 0.0)
+    bar.update(1)
+    hessian = damped_gram(stats, fast.damp, fast.dtype) if method == "fast" else None
+    for chain in chains:
+        previous = dense
+        for i, option in enumerate(chain):
+            if build.done(name, option):
+                previous = build.load(name, option)
+                bar.update(1)
+                continue
+            mask = build_mask(previous, option, allowed=None if i == 0 else previous != 0)
+            start = previous * mask
+            if method == "fast":
+                weight = reconstruct_fast(stats, dense, mask, start, fast, hessian)
+            else:
+                weight = adaprune(samples, dense, bias, mask, start, config)
+            build.add(name, option, weight, stats.relative_error(weight, dense, bias))
+            previous = weight
+            bar.update(1)

@@ -1,0 +1,68 @@
+"""`spdy-gpu database` and `spdy-gpu gap` on a small user model."""
+
+import logging
+
+import torch
+from torch import nn
+
+from spdy_gpu.cli import main
+from spdy_gpu.profile import Profile
+from spdy_gpu.reconstruct import Database
+from tests.conftest import fingerprint
+
+
+def toy(batch_size=4):
+    """A user model in the 'package.module:function' form: (model, example input)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    return model, torch.randn(batch_size, 8)
+
+
+MODEL = "tests.test_reconstruct_cli:toy"
+OPTIONS = ["--options", "dense", "unstructured@0.5", "unstructured@0.75", "nm2:4"]
+
+
+def test_database_from_the_example_input_warns(tmp_path, caplog, capsys):
+    out = tmp_path / "db"
+    with caplog.at_level(logging.WARNING):
+        assert main(["database", "--model", MODEL, "--out", str(out), *OPTIONS, "--quiet"]) == 0
+    assert "real data" in caplog.text
+    db = Database.open(out)
+    assert db.calibration["source"] == "example-input" and len(db.layers) == 2
+    assert "2 layers x 4 options" in capsys.readouterr().out
+
+
+def test_database_from_calibration_files_then_gap(tmp_path, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(2):
+        torch.save(torch.randn(40, 8), calib / f"part{i}.pt")
+    out = tmp_path / "db"
+    args = ["--model", MODEL, "--calib", str(calib), "--samples", "60",
+            "--calib-batch-size", "16"]
+    assert main(["database", *args, "--out", str(out), *OPTIONS, "--quiet"]) == 0
+    db = Database.open(out)
+    assert db.calibration["source"] == f"file:{calib}"
+    choices = {"0": db.options[2], "2": db.options[3]}
+    Profile(model=MODEL, choices=choices, target_speedup=1.5, budget_ms=1.0,
+            predicted_ms=1.0, dense_total_ms=1.5, fixed_ms=0.1,
+            fingerprint=fingerprint()).save(tmp_path / "p.json")
+    weights = tmp_path / "gap.safetensors"
+    assert main(["gap", *args, "--database", str(out), "--profile", str(tmp_path / "p.json"),
+                 "--out", str(weights), "--lr", "1e-3", "--epochs", "2"]) == 0
+    from safetensors.torch import load_file
+    state = load_file(str(weights))
+    assert ((state["0.weight"] != 0).float().mean() - 0.25).abs() < 1e-6
+    assert "gAP: loss" in capsys.readouterr().out
+
+
+def test_bad_block_and_bad_calib_are_one_line_errors(tmp_path, capsys):
+    out = tmp_path / "db"
+    code = main(["database", "--model", MODEL, "--out", str(out), "--options", "dense",
+                 "block32x32@0.5", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "layer 0: block 32x32 is larger" in err and err.count("\n") == 1
+    assert not out.exists()
+    code = main(["database", "--model", MODEL, "--out", str(out), "--calib",
+                 str(tmp_path / "missing.pt"), "--quiet"])
+    assert code == 2 and "no such file" in capsys.readouterr().err

@@ -1,0 +1,156 @@
+"""The on-disk database: nested levels, structure kept, resume, validation, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spdy_gpu.reconstruct.database as database_module
+from spdy_gpu import SparsityOption, SpdyError, option_grid
+from spdy_gpu.reconstruct import Database, build_database, option_chains
+
+
+def toy_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+
+
+LAYERS = ["0", "3", "5"]
+OPTIONS = option_grid(count=4) + [SparsityOption.n_of_m(2, 4), SparsityOption.blocked(0.5, 4, 4)]
+
+
+def batches(count=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 4, 6, 6, generator=g) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    path = tmp_path_factory.mktemp("db") / "toy"
+    return build_database(toy_model(), LAYERS, OPTIONS, batches(), path, model_name="toy",
+                          calibration={"source": "random"}, progress=False)
+
+
+def test_every_entry_is_stored_with_its_error(built):
+    db = Database.open(built.path)
+    assert db.layers == tuple(LAYERS) and db.options == tuple(OPTIONS)
+    model = toy_model()
+    errors = db.errors_matrix(LAYERS, OPTIONS)
+    assert errors.shape == (3, len(OPTIONS)) and (errors[:, 0] == 0).all()
+    assert np.isfinite(errors).all() and (errors[:, 1:] > 0).all()
+    for name in LAYERS:
+        dense = dict(model.named_modules())[name].weight
+        for option in OPTIONS:
+            w = db.weight(name, option)
+            assert w.shape == dense.shape and w.dtype == dense.dtype
+        torch.testing.assert_close(db.weight(name, SparsityOption.dense()), dense.detach())
+    db.check_model(model)
+
+
+def test_levels_nest_and_structure_survives(built):
+    unstructured = [o for o in OPTIONS if o.pattern == "unstructured"]
+    for name in LAYERS:
+        kept = [built.weight(name, o) != 0 for o in unstructured]
+        for wider, narrower in zip(kept, kept[1:]):
+            assert not (narrower & ~wider).any()
+        for option, mask in zip(unstructured, kept):
+            assert (~mask).sum().item() == round(option.sparsity * mask.numel())
+        nm = built.weight(name, SparsityOption.n_of_m(2, 4)).reshape(-1, 4)
+        assert ((nm != 0).sum(1) == 2).all()
+        block = built.weight(name, OPTIONS[-1])
+        blocks = (block.reshape(block.shape[0], -1) != 0).reshape(
+            block.shape[0] // 4, 4, -1, 4).any(3).any(1)
+        assert blocks.float().mean().item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_resume_skips_finished_entries(tmp_path, monkeypatch):
+    calls = []
+    real = database_module.reconstruct_fast
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(database_module, "reconstruct_fast", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_database(toy_model(), LAYERS, OPTIONS, batches(), tmp_path / "db",
+                       progress=False)
+    with pytest.raises(SpdyError, match="incomplete"):
+        Database.open(tmp_path / "db")
+    calls.clear()
+    monkeypatch.setattr(database_module, "reconstruct_fast", lambda *a, **k: (calls.append(1),
+                                                                             real(*a, **k))[1])
+    db = build_database(toy_model(), LAYERS, OPTIONS, batches(), tmp_path / "db",
+                        progress=False)
+    assert len(calls) == 3 * (len(OPTIONS) - 1) - 7
+    reference = build_database(toy_model(), LAYERS, OPTIONS, batches(), tmp_path / "fresh",
+                               progress=False)
+    np.testing.assert_allclose(db.errors_matrix(LAYERS, OPTIONS),
+                               reference.errors_matrix(LAYERS, OPTIONS), rtol=1e-6)
+
+
+def test_truncated_or_missing_entries_name_the_layer(built, tmp_path):
+    import shutil
+    copy = tmp_path / "db"
+    shutil.copytree(built.path, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    file = copy / manifest["entries"]["3"][OPTIONS[2].name]["file"]
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(SpdyError, match="layer 3: entry .* truncated"):
+        Database.open(copy)
+    file.unlink()
+    with pytest.raises(SpdyError, match="layer 3: entry .* missing"):
+        Database.open(copy)
+
+
+def test_other_model_or_grid_is_refused(built, tmp_path):
+    other = toy_model()
+    with torch.no_grad():
+        other[3].weight[0, 0] += 1.0
+    with pytest.raises(SpdyError, match="layer 3: its dense weights are not those"):
+        built.check_model(other)
+    with pytest.raises(SpdyError, match="another option grid"):
+        built.check_options([SparsityOption.unstructured(0.3)])
+    with pytest.raises(SpdyError, match="another model"):
+        build_database(other, LAYERS, OPTIONS, batches(), built.path, model_name="toy",
+                       calibration={"source": "random"}, progress=False)
+    with pytest.raises(SpdyError, match="another option grid"):
+        build_database(toy_model(), LAYERS, OPTIONS[:3], batches(), built.path,
+                       model_name="toy", calibration={"source": "random"}, progress=False)
+
+
+def test_block_larger_than_weight_names_layer_and_writes_nothing(tmp_path):
+    options = [SparsityOption.dense(), SparsityOption.blocked(0.5, 32, 32)]
+    with pytest.raises(SpdyError, match="layer 0: block 32x32 is larger"):
+        build_database(toy_model(), LAYERS, options, batches(), tmp_path / "db", progress=False)
+    assert not (tmp_path / "db").exists()
+
+
+def test_zero_calibration_names_the_layer_and_writes_no_entry(tmp_path):
+    zeros = [torch.zeros(4, 4, 6, 6)]
+    with pytest.raises(SpdyError, match="layer 0: .*all zero"):
+        build_database(toy_model(), LAYERS, OPTIONS, zeros, tmp_path / "db", progress=False)
+    assert not (tmp_path / "db").exists()
+
+
+def test_adaprune_method_builds_the_same_layout(tmp_path):
+    config = database_module.AdaPruneConfig(passes=2, batch_size=8, samples=16)
+    options = OPTIONS[:3]
+    db = build_database(toy_model(), LAYERS, options, batches(2), tmp_path / "ada",
+                        method="adaprune", adaprune_config=config, max_input_bytes=1,
+                        progress=False)
+    fast = build_database(toy_model(), LAYERS, options, batches(2), tmp_path / "fast",
+                          progress=False)
+    assert db.method == "adaprune" and db.config["passes"] == 2
+    assert (fast.errors_matrix(LAYERS, options) <= db.errors_matrix(LAYERS, options) + 1e-6).all()
+
+
+def test_option_chains_group_families():
+    chains = option_chains(OPTIONS[::-1])
+    assert [c[0].pattern for c in chains] == ["block", "nm", "unstructured"]
+    assert [o.sparsity for o in chains[2]] == sorted(o.sparsity for o in OPTIONS[1:5])
