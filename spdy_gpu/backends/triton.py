@@ -1,0 +1,573 @@
+"""The Triton (GPU) latency backend.
+
+On a CUDA device every prunable Linear is timed as the GEMM it runs in the model,
+Y[M, N] = X[M, K] @ W[N, K]^T: dense through cuBLAS (`F.linear`), each block option through
+this project's BSR kernel on the layer's own weights pruned by block norm (realistic
+structure, not uniform random blocks). Timings are `triton.testing.do_bench` medians with
+the L2 cache flushed before every run, and are cached per (GPU, versions, dtype, GEMM shape,
+option) so a second model with the same shapes costs nothing. Conv2d layers have no kernel
+and stay dense (fixed time).
+
+Without a CUDA device, `estimate="h100-sxm"` (or a measured spec file) builds the same table
+from the roofline of each GEMM and of every non-GEMM op's memory traffic; such tables are
+marked estimated and every report says ESTIMATED.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from tqdm import tqdm
+
+from ..bsr import KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
+from ..errors import MissingDependencyError, SpdyError
+from ..gpu_specs import GPU_SPECS, GpuSpec, gpu_spec
+from ..jsonio import load_json, save_json
+from ..layers import LayerInfo, call_model
+from ..masks import block_mask, gemm_view
+from ..models import ModelSetting
+from ..options import SparsityOption
+from ..roofline import roofline_ms
+from ..timing import Fingerprint, LayerTiming, TimingTable
+from . import register_backend
+
+log = logging.getLogger(__name__)
+
+# fp32 follows torch.backends.cuda.matmul.allow_tf32 in cuBLAS and in the kernel alike; the
+# estimate uses the plain fp32 peak (TF32 is off by default).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BENCH_WARMUP_MS, BENCH_REP_MS = 25, 100                         # do_bench's own defaults
+CACHE_FORMAT, CACHE_VERSION = "spdy-gpu/triton-timing-cache", 1
+CONV_NOTE = "Conv2d: the BSR kernel has no conv path; kept dense (fixed time)"
+NO_DEVICE = ("no CUDA device for the triton backend; run on a GPU, plan from a table measured "
+             "on a GPU earlier (spdy-gpu solve --timings FILE), or pass --estimate GPU_NAME "
+             f"({', '.join(sorted(GPU_SPECS))}, or a measured spec .json) for an analytic "
+             "ESTIMATED table")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spdy-gpu"
+
+
+# ---- timing cache ---------------------------------------------------------------------------
+
+class TimingCache:
+    """(median, spread) in ms per key, in one JSON file rewritten atomically after every new
+    entry, so an interrupted run resumes where it stopped. Entries another process wrote in
+    the meantime are merged, not lost. A missing or unreadable file is an empty cache."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries: dict[str, tuple[float, float]] = self._read()
+
+    def get(self, key: str) -> tuple[float, float] | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, median_ms: float, spread_ms: float) -> None:
+        self.entries = {**self._read(), **self.entries, key: (median_ms, spread_ms)}
+        if self.path is not None:
+            save_json(self.path, CACHE_FORMAT, CACHE_VERSION,
+                      {"entries": {k: list(v) for k, v in sorted(self.entries.items())}})
+
+    def _read(self) -> dict[str, tuple[float, float]]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            entries = load_json(self.path, CACHE_FORMAT, CACHE_VERSION).get("entries", {})
+            return {str(k): _timing_pair(v) for k, v in entries.items()}
+        except (SpdyError, AttributeError, TypeError, ValueError) as e:
+            log.warning("ignoring unreadable timing cache %s (%s); it will be rewritten",
+                        self.path, e)
+            return {}
+
+
+def _timing_pair(value: Any) -> tuple[float, float]:
+    median, spread = (float(v) for v in value)
+    if not (math.isfinite(median) and math.isfinite(spread) and median >= 0 and spread >= 0):
+        raise ValueError(f"bad cached time {value!r}")
+    return median, spread
+
+
+def cache_key(device: str, software: dict[str, str], dtype: str, gemm: tuple[int, int, int],
+              option: SparsityOption, geometry: str = "") -> str:
+    """One string naming everything a kernel time depends on. gemm: (N, K, M); geometry:
+    whatever else shapes the work (a conv's input shape, stride, padding)."""
+    versions = ",".join(f"{name}={version}" for name, version in sorted(software.items()))
+    n, k, m = gemm
+    return f"{device}|{versions}|{dtype}|{n}x{k}x{m}{geometry}|{option.name}"
+
+
+# ---- block structure of pruned weights ------------------------------------------------------
+
+def candidate_blocks() -> list[tuple[int, int]]:
+    """Every block shape the kernel runs, largest area first."""
+    pairs = [(r, c) for r in KERNEL_BLOCK_SIDES for c in KERNEL_BLOCK_SIDES]
+    return sorted(pairs, key=lambda rc: (-rc[0] * rc[1], rc))
+
+
+def detect_block(weight: torch.Tensor, covered: float = 0.99) -> tuple[int, int] | None:
+    """The largest kernel block shape whose all-zero tiles hold at least `covered` of the
+    weight's zeros (a weight pruned in blocks), or None for a weight without such tiles."""
+    zero = gemm_view(weight.detach()) == 0                               # [N, K]
+    n, k = zero.shape
+    zeros = int(zero.sum())
+    if zeros == 0:
+        return None
+    for rows, cols in candidate_blocks():
+        if rows > n or cols > k:
+            continue
+        padded = F.pad(zero, (0, -k % cols, 0, -n % rows), value=True)
+        tiles = padded.reshape(padded.shape[0] // rows, rows, -1, cols).all(3).all(1)
+        if not tiles.any():
+            continue
+        in_tiles = tiles.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:n, :k]
+        if int((in_tiles & zero).sum()) >= covered * zeros:
+            return rows, cols
+    return None
+
+
+def block_sparse_(model: nn.Module) -> list[str]:
+    """Swap, in place, every nn.Linear whose weight was pruned in blocks (see detect_block)
+    for a BlockSparseLinear running the Triton kernel; returns the swapped names."""
+    from ..sparse_linear import BlockSparseLinear
+
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or (block := detect_block(module.weight)) is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        sparse = BlockSparseLinear.from_linear(module, mask=module.weight != 0, block=block)
+        setattr(parent, child, sparse)
+        swapped.append(name)
+    return swapped
+
+
+# ---- analytic estimate ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OpCost:
+    """One aten op outside the prunable layers: its FLOPs and the bytes it moves at the
+    target dtype (every input read once, every output written once)."""
+
+    op: str
+    flops: float
+    bytes: float
+
+
+_GATHERS = {"embedding", "index_select", "index", "gather"}   # read only what they output
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records the cost of every non-view aten op run while no prunable module is active."""
+
+    def __init__(self, dtype_bytes: int):
+        super().__init__()
+        self.dtype_bytes = dtype_bytes
+        self.inside_prunable = 0
+        self.costs: list[OpCost] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.inside_prunable == 0 and not func.is_view:
+            cost = self._cost(func, args, kwargs, out)
+            if cost.bytes > 0:
+                self.costs.append(cost)
+        return out
+
+    def _cost(self, func, args, kwargs, out) -> OpCost:
+        name = func.overloadpacket.__name__
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if name in _GATHERS and inputs:
+            inputs = inputs[1:] + outputs              # the table: only the gathered rows
+        unique = {id(t): t for t in inputs}.values()
+        moved = sum(self._bytes(t) for t in (*unique, *outputs))
+        return OpCost(name, _flops(func, args, kwargs, out), moved)
+
+    def _bytes(self, t: torch.Tensor) -> float:
+        size = self.dtype_bytes if t.is_floating_point() else t.element_size()
+        return float(t.numel() * size)
+
+
+def _flops(func, args, kwargs, out) -> float:
+    from torch.utils.flop_counter import flop_registry
+
+    formula = flop_registry.get(func.overloadpacket)
+    return 0.0 if formula is None else float(formula(*args, **kwargs, out_val=out))
+
+
+def non_gemm_costs(model: nn.Module, example: Any, prunable: list[str],
+                   dtype_bytes: int) -> list[OpCost]:
+    """Cost of every op of one forward that is not inside a prunable layer (attention
+    matmuls, softmax, norms, activations, residual adds, embeddings...), run on the CPU."""
+    recorder = _OpRecorder(dtype_bytes)
+
+    def enter(*_: Any) -> None:
+        recorder.inside_prunable += 1
+
+    def leave(*_: Any) -> None:
+        recorder.inside_prunable -= 1
+
+    handles = []
+    for name in prunable:
+        module = model.get_submodule(name)
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        with torch.no_grad(), recorder:
+            call_model(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorder.costs
+
+
+def op_time_ms(flops: float, moved: float, spec: GpuSpec, dtype: str) -> float:
+    """Roofline time of one kernel, never under the spec's kernel floor."""
+    ideal = 1e3 * max(flops / spec.peak(dtype), moved / spec.bandwidth)
+    return max(ideal, spec.kernel_floor_ms)
+
+
+def estimate_layer_ms(layer: LayerInfo, option: SparsityOption, spec: GpuSpec,
+                      dtype: str) -> float:
+    """Roofline time of a layer's GEMM under `option` (block options packed into the kernel's
+    block), never under the kernel floor."""
+    block = kernel_block(option.block) if option.pattern == "block" else None
+    ideal = roofline_ms(layer.n, layer.k, layer.m, option.density if block else 1.0, block,
+                        DTYPES[dtype].itemsize, peak_flops=spec.peak(dtype),
+                        bandwidth=spec.bandwidth)
+    return max(ideal, spec.kernel_floor_ms)
+
+
+# ---- the backend ----------------------------------------------------------------------------
+
+@register_backend("triton")
+class TritonBackend:
+    """Latency of GEMMs on a CUDA GPU (cuBLAS dense, Triton BSR sparse), or an analytic
+    estimate for a named GPU when `estimate` is given.
+
+    dtype: "bf16", "fp16" or "fp32" (weights and activations); estimate: a GPU_SPECS name, a
+    measured spec file or a GpuSpec; repeats: do_bench calls per kernel (median and spread
+    over them); cache_dir: where triton-timings.json lives (default ~/.cache/spdy-gpu).
+    """
+
+    name = "triton"
+
+    def __init__(self, dtype: str = "bf16", estimate: str | GpuSpec | None = None,
+                 repeats: int = 3, cache_dir: Path | None = None):
+        if dtype not in DTYPES:
+            raise SpdyError(f"unknown dtype {dtype!r} for the triton backend; use one of "
+                            f"{sorted(DTYPES)}")
+        if repeats < 1:
+            raise SpdyError(f"--repeats must be >= 1, got {repeats}")
+        self.dtype = dtype
+        self.torch_dtype = DTYPES[dtype]
+        self.repeats = repeats
+        self.spec = estimate if isinstance(estimate, GpuSpec) or estimate is None \
+            else gpu_spec(estimate)
+        self.cache_path = Path(cache_dir or default_cache_dir()) / "triton-timings.json"
+        self.device = torch.device("cuda")
+        if self.spec is None:
+            self._require_device()
+
+    @property
+    def estimated(self) -> bool:
+        return self.spec is not None
+
+    # -- protocol --
+
+    def fingerprint(self, setting: ModelSetting) -> Fingerprint:
+        common = dict(backend=self.name, batch_size=setting.batch_size,
+                      input_shape=f"seq={setting.seq_len},image={setting.image_size}",
+                      dtype=str(self.torch_dtype).removeprefix("torch."))
+        if self.spec is not None:
+            return Fingerprint(backend_version=f"roofline-estimate/{_package_version()}",
+                               device=f"{self.spec.name} (ESTIMATED)", isa=self.spec.arch,
+                               threads=self.spec.sm_count,
+                               software={"estimate": self.spec.source,
+                                         "spdy-gpu": _package_version()}, **common)
+        props = torch.cuda.get_device_properties(self.device)
+        software = self._software()
+        return Fingerprint(backend_version=software["triton"], device=self._device_name(),
+                           isa=f"sm_{props.major}{props.minor}",
+                           threads=props.multi_processor_count, software=software, **common)
+
+    def supports(self, layer: LayerInfo, option: SparsityOption) -> bool:
+        """Dense always; block options on Linear layers the block fits in (the kernel packs
+        any block into its own 16..128 sides); nothing else (no conv, unstructured or N:M)."""
+        if option.pattern == "dense":
+            return True
+        return (option.pattern == "block" and layer.kind == "linear"
+                and option.block[0] <= layer.n and option.block[1] <= layer.k)
+
+    def measure_table(self, model: nn.Module, example: Any, layers: list[LayerInfo],
+                      options: list[SparsityOption], *, model_name: str,
+                      setting: ModelSetting, checkpoint: Path | None = None) -> TimingTable:
+        """Per-layer times for every option, dense end-to-end time, fixed time. With
+        `checkpoint`, every new time is also saved there (and in the cache) so an interrupted
+        run resumes; the checkpoint is removed once the table is complete."""
+        if not options or options[0].pattern != "dense":
+            raise SpdyError("the option list must start with dense; add 'dense' first")
+        missing = [layer.name for layer in layers if layer.m is None]
+        if missing:
+            raise SpdyError(f"layers {missing[:3]} have no GEMM rows; discover them with the "
+                            "example input (discover_layers(model, example))")
+        if len(options) > 1 and not any(self.supports(layer, option) for layer in layers
+                                        for option in options[1:]):
+            raise SpdyError(f"no layer of {model_name} can run any of the sparse options on the "
+                            "triton backend (block options on Linear layers only, blocks no "
+                            "larger than the layer); use --backend deepsparse or smaller blocks")
+        started = time.perf_counter()
+        if self.spec is not None:
+            times, dense_total, provenance = self._estimate(model, example, layers, options)
+        else:
+            times, dense_total, provenance = self._measure(model, example, layers, options,
+                                                           checkpoint)
+        dense_sum = math.fsum(times[(layer.name, options[0])][0] for layer in layers)
+        if dense_sum > dense_total:
+            log.warning("dense layer times sum to %.4f ms, more than the whole model (%.4f ms): "
+                        "isolated layers ran slower than in the model; fixed time set to 0",
+                        dense_sum, dense_total)
+        provenance |= {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "collection_s": round(time.perf_counter() - started, 2)}
+        return TimingTable(
+            fingerprint=self.fingerprint(setting), options=tuple(options),
+            layers=tuple(self._row(layer, options, times) for layer in layers),
+            dense_total_ms=dense_total, fixed_ms=max(0.0, dense_total - dense_sum),
+            model=model_name, estimated=self.estimated, provenance=provenance)
+
+    def latency_ms(self, model: nn.Module, example: Any,
+                   setting: ModelSetting) -> tuple[float, float]:
+        """End-to-end (median, spread) in ms on the GPU in this backend's dtype. Linears
+        pruned in blocks (all-zero tiles) run as BlockSparseLinear; BlockSparseLinear modules
+        already in the model are kept. Times eager and CUDA-graph replay, returns the faster."""
+        if self.spec is not None:
+            raise SpdyError("an --estimate backend cannot measure end-to-end latency; "
+                            "run verify on a GPU without --estimate")
+        gpu_model = self._to_device(model)
+        swapped = block_sparse_(gpu_model)
+        log.info("%d Linear layers run block-sparse", len(swapped))
+        return self._model_latency(gpu_model, self._inputs_to_device(example))
+
+    # -- measurement (CUDA) --
+
+    def _measure(self, model: nn.Module, example: Any, layers: list[LayerInfo],
+                 options: list[SparsityOption], checkpoint: Path | None):
+        gpu_model = self._to_device(model)
+        inputs = self._inputs_to_device(example)
+        conv_shapes = _capture_input_shapes(
+            gpu_model, inputs, [layer.name for layer in layers if layer.kind == "conv2d"])
+        cache = TimingCache(self.cache_path)
+        partial = TimingCache(None if checkpoint is None else Path(checkpoint))
+        device, software = self._device_name(), self._software()
+        jobs = [(layer, option) for layer in layers for option in options
+                if self.supports(layer, option)]
+        times, hits = {}, 0
+        for layer, option in tqdm(jobs, desc="triton timings", unit="kernel"):
+            module = gpu_model.get_submodule(layer.name)
+            geometry = ""
+            if layer.kind == "conv2d":
+                geometry = _conv_geometry(module, conv_shapes[layer.name])
+            key = cache_key(device, software, self.dtype, (layer.n, layer.k, layer.m), option,
+                            geometry)
+            timing = cache.get(key) or partial.get(key)
+            hits += timing is not None
+            if timing is None:
+                timing = self._bench_ms(self._layer_fn(module, layer, option,
+                                                       conv_shapes.get(layer.name)))
+                cache.put(key, *timing)
+                partial.put(key, *timing)
+            times[(layer.name, option)] = timing
+        dense_total, _ = self._model_latency(gpu_model, inputs)
+        if checkpoint is not None:
+            Path(checkpoint).unlink(missing_ok=True)     # complete: the cache keeps the times
+        provenance = {"method": f"triton.testing.do_bench median, L2 flushed, x{self.repeats}",
+                      "masks": "block_mask on each layer's weights; same-shape layers share "
+                               "cached times",
+                      "cache": str(self.cache_path), "cache_hits": hits,
+                      "measured": len(jobs) - hits}
+        return times, dense_total, provenance
+
+    def _layer_fn(self, module: nn.Module, layer: LayerInfo, option: SparsityOption,
+                  input_shape: tuple[int, ...] | None) -> Callable[[], torch.Tensor]:
+        """The kernel call to time: inputs of the layer's real shape, random (never zeros)."""
+        if layer.kind == "conv2d":
+            x = torch.randn(input_shape, device=self.device, dtype=self.torch_dtype)
+            return lambda: module(x)
+        x = torch.randn(layer.m, layer.k, device=self.device, dtype=self.torch_dtype)  # [M, K]
+        weight = module.weight.detach()                                               # [N, K]
+        bias = None if module.bias is None else module.bias.detach()
+        if option.pattern == "dense":
+            return lambda: F.linear(x, weight, bias)
+        bsr_linear = _kernel()
+        mask = block_mask(weight, option.block, option.sparsity)
+        packed = BSRWeight.from_dense(weight, mask, kernel_block(option.block))
+        return lambda: bsr_linear(x, packed, bias)
+
+    def _bench_ms(self, fn: Callable[[], Any]) -> tuple[float, float]:
+        """(median, max - min) over `repeats` do_bench medians (each flushes L2 per run)."""
+        from triton.testing import do_bench
+
+        with torch.inference_mode():
+            samples = [do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS,
+                                return_mode="median") for _ in range(self.repeats)]
+        return statistics.median(samples), max(samples) - min(samples)
+
+    def _model_latency(self, model: nn.Module, inputs: Any) -> tuple[float, float]:
+        with torch.inference_mode():
+            def eager() -> Any:
+                return call_model(model, inputs)
+
+            for _ in range(3):              # autotuning and lazy initialisation happen here
+                eager()
+            runs = {"eager": eager}
+            if self.device.type == "cuda" and (replay := _cuda_graph(eager)) is not None:
+                runs["cuda-graph"] = replay
+            results = {mode: self._bench_ms(fn) for mode, fn in runs.items()}
+        mode = min(results, key=lambda m: results[m][0])
+        log.info("end to end: %s", ", ".join(f"{m} {t[0]:.4f} ms" for m, t in results.items()))
+        return results[mode]
+
+    def _to_device(self, model: nn.Module) -> nn.Module:
+        return copy.deepcopy(model).to(device=self.device, dtype=self.torch_dtype).eval()
+
+    def _inputs_to_device(self, example: Any) -> Any:
+        def move(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            dtype = self.torch_dtype if t.is_floating_point() else t.dtype
+            return t.to(device=self.device, dtype=dtype)
+        if isinstance(example, dict):
+            return {key: move(value) for key, value in example.items()}
+        if isinstance(example, (tuple, list)):
+            return type(example)(move(value) for value in example)
+        return move(example)
+
+    def _require_device(self) -> None:
+        if not torch.cuda.is_available():
+            raise SpdyError(NO_DEVICE)
+        _kernel()
+
+    def _device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device)
+
+    def _software(self) -> dict[str, str]:
+        import triton
+
+        return {"torch": torch.__version__, "triton": triton.__version__,
+                "cuda": str(torch.version.cuda), "spdy-gpu": _package_version()}
+
+    # -- estimate (no GPU) --
+
+    def _estimate(self, model: nn.Module, example: Any, layers: list[LayerInfo],
+                  options: list[SparsityOption]):
+        spec = self.spec
+        times = {(layer.name, option): (estimate_layer_ms(layer, option, spec, self.dtype), 0.0)
+                 for layer in layers for option in options if self.supports(layer, option)}
+        costs = non_gemm_costs(model, example, [layer.name for layer in layers],
+                               self.torch_dtype.itemsize)
+        fixed = math.fsum(op_time_ms(c.flops, c.bytes, spec, self.dtype) for c in costs)
+        dense_total = fixed + math.fsum(times[(layer.name, options[0])][0] for layer in layers)
+        log.warning("ESTIMATED timing table for %s: roofline of every GEMM and of %d other ops, "
+                    "no measurement", spec.name, len(costs))
+        provenance = {"method": "ESTIMATED: roofline max(FLOPs / peak, bytes / bandwidth), "
+                                f"at least {spec.kernel_floor_ms} ms per kernel",
+                      "spec": spec.name, "spec_source": spec.source,
+                      "peak_flops": spec.peak(self.dtype),
+                      "bandwidth": spec.bandwidth, "kernel_floor_ms": spec.kernel_floor_ms,
+                      "fixed": f"{len(costs)} non-GEMM ops, each at its memory/compute floor"}
+        return times, dense_total, provenance
+
+    def _row(self, layer: LayerInfo, options: list[SparsityOption],
+             times: dict[tuple[str, SparsityOption], tuple[float, float]]) -> LayerTiming:
+        pairs = [times.get((layer.name, option), (None, None)) for option in options]
+        note = CONV_NOTE if layer.kind == "conv2d" else ""
+        if layer.kind == "linear" and any(p[0] is None for p in pairs):
+            note = "blocks larger than the layer are unsupported"
+        if self.estimated:
+            note = "ESTIMATED" + (f"; {note}" if note else "")
+        return LayerTiming(name=layer.name, kind=layer.kind, gemm=(layer.n, layer.k, layer.m),
+                           median_ms=tuple(p[0] for p in pairs),
+                           spread_ms=tuple(p[1] for p in pairs), note=note)
+
+
+def _kernel() -> Callable[..., torch.Tensor]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("triton", "gpu") from None
+    from spdy_kernels.bsr_matmul import bsr_linear
+
+    return bsr_linear
+
+
+def _cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any] | None:
+    """`fn` captured in a CUDA graph (its replay), or None where capture fails (host
+    synchronisation, data-dependent shapes): then the model is timed eagerly only."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # noqa: BLE001 - any capture failure means "time it eagerly"
+        log.info("CUDA-graph capture failed (%s); timing eager execution only",
+                 str(e).splitlines()[0] if str(e) else type(e).__name__)
+        torch.cuda.synchronize()
+        return None
+    return graph.replay
+
+
+def _capture_input_shapes(model: nn.Module, inputs: Any,
+                          names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Input shape of each named module in one forward (convs need more than N, K, M)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if not names:
+        return shapes
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            shapes.setdefault(name, tuple(args[0].shape))
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def _conv_geometry(module: nn.Conv2d, input_shape: tuple[int, ...]) -> str:
+    def dims(shape: tuple[int, ...]) -> str:
+        return "x".join(map(str, shape))
+
+    return (f"|conv in={dims(input_shape)} w={dims(tuple(module.weight.shape))} "
+            f"s={module.stride} p={module.padding} d={module.dilation} g={module.groups}")
+
+
+def _package_version() -> str:
+    from .. import __version__
+
+    return __version__

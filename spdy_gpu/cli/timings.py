@@ -1,0 +1,120 @@
+"""`spdy-gpu timings`: measure a model's per-layer timing table on a latency backend."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shlex
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..backends import LatencyBackend, backend_names, get_backend
+from ..errors import SpdyError
+from ..layers import LayerInfo, discover_layers
+from ..options import SparsityOption
+from ..timing import TimingTable
+from .common import (
+    add_model_args,
+    add_option_args,
+    exclude_patterns,
+    model_from_args,
+    options_from_args,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATTERN = {"deepsparse": "unstructured", "triton": "block"}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "timings", help="measure the per-layer timing table of a model on a backend",
+        description="Time every prunable layer of the model under every sparsity option on "
+                    "the chosen backend, plus the whole dense model; the difference is the "
+                    "fixed time. Interrupted runs resume from OUT.partial when the same "
+                    "command is run again.")
+    add_model_args(parser)
+    add_option_args(parser)
+    parser.add_argument("--backend", required=True, choices=backend_names(),
+                        help="deepsparse (CPU; default grid: 41 unstructured levels) or "
+                             "triton (GPU; default grid: 41 levels of 32x32 blocks)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="deepsparse: cores to use (default: all available)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="measurements per option; the table keeps median and spread "
+                             "(default: the backend's, 3 for deepsparse)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                        help="triton: weight/activation dtype (default bf16)")
+    parser.add_argument("--estimate", metavar="GPU", default=None,
+                        help="triton without a GPU: analytic roofline estimate for a named "
+                             "GPU (the table is marked ESTIMATED)")
+    parser.add_argument("--out", required=True, metavar="T.json", help="timing table to write")
+    parser.set_defaults(run=run)
+
+
+def backend_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword configuration of the chosen backend from the command line."""
+    config: dict[str, Any]
+    if args.backend == "deepsparse":
+        config = {"threads": args.threads}
+    elif args.backend == "triton":
+        config = {"dtype": args.dtype, "estimate": args.estimate}
+    else:
+        config = {}
+    if args.repeats is not None:
+        config["repeats"] = args.repeats
+    return config
+
+
+def searchable_layers(backend: LatencyBackend, layers: list[LayerInfo],
+                      options: list[SparsityOption]) -> list[LayerInfo]:
+    """The layers, refusing a model none of whose layers the backend can prune."""
+    sparse = [o for o in options if o.pattern != "dense"]
+    if sparse and not any(backend.supports(layer, o) for layer in layers for o in sparse):
+        kinds = sorted({layer.kind for layer in layers})
+        raise SpdyError(f"backend {backend.name} supports none of the options "
+                        f"{[o.name for o in sparse[:2]]}... on this model's layers ({kinds}); "
+                        "pick another --pattern or backend")
+    return layers
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    entry, setting = model_from_args(args)
+    backend = get_backend(args.backend, **backend_config(args))
+    options = options_from_args(args, DEFAULT_PATTERN.get(args.backend, "unstructured"))
+    started = time.perf_counter()
+    model, example = entry.build(setting)
+    layers = discover_layers(model, example, exclude_patterns(args, entry))
+    layers = searchable_layers(backend, layers, options)
+    log.info("%s: %d prunable layers x %d options on %s", entry.name, len(layers),
+             len(options), args.backend)
+    table = backend.measure_table(model, example, layers, options, model_name=entry.name,
+                                  setting=setting,
+                                  checkpoint=out.with_name(out.name + ".partial"))
+    table = dataclasses.replace(table, provenance={
+        **table.provenance,
+        "command": shlex.join(["spdy-gpu", *sys.argv[1:]]),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "wall_s": round(time.perf_counter() - started, 1)})
+    table.save(out)
+    print(summary(table, out))
+    return 0
+
+
+def summary(table: TimingTable, path: Path) -> str:
+    dense = table.dense_times()
+    prunable = float(dense.sum())
+    tag = " [ESTIMATED]" if table.estimated else ""
+    seconds = table.provenance.get("collection_s")
+    took = f" in {seconds:.0f} s" if isinstance(seconds, (int, float)) else ""
+    return (f"{table.model}: {len(table.layers)} layers x {len(table.options)} options{took}; "
+            f"dense {table.dense_total_ms:.4g} ms end to end, prunable layers "
+            f"{prunable:.4g} ms ({prunable / max(table.dense_total_ms, 1e-12):.0%}), fixed "
+            f"{table.fixed_ms:.4g} ms{tag}; written to {path}")

@@ -1,0 +1,256 @@
+"""ONNX export for inference engines, with every weighted layer mapped back to its torch module.
+
+The legacy TorchScript exporter names initialisers of Linear weights anonymously
+("onnx::MatMul_891", already transposed by constant folding), and node names follow scopes
+that a user's model may not have. So the mapping here does not rely on names: it matches
+the *values* of each graph initialiser against every prunable module's weight (as stored, or
+transposed for MatMul), then follows the initialiser to the MatMul / Gemm / Conv node that
+consumes it. Engines such as DeepSparse report layers by their ONNX output tensor names, so
+the result maps output tensor -> module name.
+
+Imports `onnx` lazily: `import spdy_gpu` must not load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import MissingDependencyError, SpdyError
+from .layers import prunable_modules
+from .options import SparsityOption
+
+log = logging.getLogger(__name__)
+
+OPSET = 14                    # 17 emits LayerNormalization, which DeepSparse cannot run
+_WEIGHTED_OPS = {"MatMul", "Gemm", "Conv"}                   # weight is input 1
+_PASS_THROUGH = {"Transpose", "Identity", "Cast"}             # unary ops between weight and GEMM
+
+
+@dataclass(frozen=True)
+class OnnxLayer:
+    """One prunable module as it appears in the ONNX graph.
+
+    initializer: name of the weight tensor; transposed: True when the initialiser holds
+    W^T (MatMul of a Linear, [in, out]) rather than W as torch stores it; node/output: the
+    consuming MatMul/Gemm/Conv node and its output tensor (what engines report).
+    """
+
+    module: str
+    op_type: str
+    initializer: str
+    transposed: bool
+    node: str
+    output: str
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    path: Path
+    input_names: tuple[str, ...]
+    layers: tuple[OnnxLayer, ...]               # in graph order
+
+    def module_of_output(self) -> dict[str, str]:
+        """ONNX tensor name -> torch module name, for every mapped layer's output."""
+        return {layer.output: layer.module for layer in self.layers}
+
+    def inputs_numpy(self, example: Any) -> list[np.ndarray]:
+        """The example input as the list of arrays an engine takes, in graph input order."""
+        return example_arrays(example, self.input_names)
+
+
+def require_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise MissingDependencyError("onnx", "deepsparse") from None
+    return onnx
+
+
+def input_names_of(example: Any) -> tuple[str, ...]:
+    if isinstance(example, Mapping):
+        return tuple(example)
+    if isinstance(example, (tuple, list)):
+        return tuple(f"input_{i}" for i in range(len(example)))
+    return ("input_0",)
+
+
+def example_arrays(example: Any, names: Iterable[str]) -> list[np.ndarray]:
+    if isinstance(example, Mapping):
+        return [np.ascontiguousarray(example[name].numpy()) for name in names]
+    tensors = example if isinstance(example, (tuple, list)) else [example]
+    return [np.ascontiguousarray(t.numpy()) for t in tensors]
+
+
+def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
+                exclude: Iterable[str] = (), dynamic: bool = True) -> OnnxExport:
+    """Export `model` (eval mode, fp32, CPU) to `path` and map its prunable layers.
+
+    The example input may be a tensor, a tuple of tensors or a dict of keyword tensors; with
+    `dynamic`, dim 0 (batch) of every input and dim 1 (sequence) of 2-D integer inputs are
+    dynamic axes. Raises SpdyError if a prunable module cannot be located in the graph.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = input_names_of(example)
+    if isinstance(example, Mapping):
+        args, kwargs = (), dict(example)
+    else:
+        args, kwargs = (tuple(example) if isinstance(example, (tuple, list)) else (example,)), None
+    axes = _dynamic_axes(example, names) if dynamic else None
+    with torch.no_grad(), _quiet_export():
+        torch.onnx.export(model, args, str(path), kwargs=kwargs, input_names=list(names),
+                          output_names=["output"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes=axes, do_constant_folding=True)
+    onnx = require_onnx()
+    layers = map_layers(onnx.load(str(path)), prunable_modules(model, exclude))
+    return OnnxExport(path=path, input_names=names, layers=layers)
+
+
+def _dynamic_axes(example: Any, names: tuple[str, ...]) -> dict[str, dict[int, str]]:
+    tensors = (list(example.values()) if isinstance(example, Mapping)
+               else list(example) if isinstance(example, (tuple, list)) else [example])
+    axes = {}
+    for name, tensor in zip(names, tensors):
+        axes[name] = {0: "batch"}
+        if tensor.dim() == 2 and not tensor.is_floating_point():
+            axes[name][1] = "sequence"
+    return axes
+
+
+class _quiet_export:
+    """Silence the exporter's deprecation and tracer warnings (they are expected)."""
+
+    def __enter__(self) -> None:
+        import warnings
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc: object) -> None:
+        self._catch.__exit__(*exc)
+
+
+def _digest(array: np.ndarray) -> str:
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return hashlib.blake2b(array.tobytes() + str(array.shape).encode(), digest_size=16).hexdigest()
+
+
+def map_layers(model_proto: Any, modules: Mapping[str, nn.Module]) -> tuple[OnnxLayer, ...]:
+    """Locate every module of `modules` (Linear / Conv2d) in an exported ONNX graph.
+
+    For each MatMul/Gemm/Conv in graph order, follows its weight input back through
+    pass-through ops (Transpose, Identity, Cast) to an initialiser and matches its values to
+    the modules' weights (W for Gemm/Conv, W^T for MatMul). Modules with identical weights
+    are told apart by the node's scope name when it has one, else taken in module order.
+    Returns the layers in graph order.
+    """
+    from onnx import numpy_helper
+
+    by_digest: dict[str, list[tuple[str, bool]]] = defaultdict(list)
+    for name, module in modules.items():
+        weight = module.weight.detach().float().cpu()
+        by_digest[_digest(weight.numpy())].append((name, False))
+        if weight.dim() == 2:
+            by_digest[_digest(weight.t().numpy())].append((name, True))
+
+    initializers = {init.name: init for init in model_proto.graph.initializer}
+    producers = {out: node for node in model_proto.graph.node for out in node.output}
+    digests: dict[str, str] = {}
+    found: dict[str, OnnxLayer] = {}
+    for node in model_proto.graph.node:                 # graph order = execution order
+        if node.op_type not in _WEIGHTED_OPS or len(node.input) < 2:
+            continue
+        source, flipped = _weight_source(node.input[1], producers, initializers)
+        if source is None:
+            continue
+        if source not in digests:
+            digests[source] = _digest(numpy_helper.to_array(initializers[source]))
+        holds_wt = _wants_wt(node) != flipped           # the initialiser must hold W^T
+        candidates = by_digest.get(digests[source], [])
+        module = _pick([name for name, t in candidates if t == holds_wt], node, found)
+        if module is not None:
+            found[module] = OnnxLayer(module=module, op_type=node.op_type, initializer=source,
+                                      transposed=holds_wt, node=node.name,
+                                      output=node.output[0])
+    missing = [name for name in modules if name not in found]
+    if missing:
+        raise SpdyError(f"cannot locate {len(missing)} prunable layer(s) in the ONNX graph "
+                        f"(first: {missing[0]}); the exporter changed their weights (e.g. "
+                        "fused or quantised them); exclude them with --exclude")
+    return tuple(found.values())
+
+
+def _weight_source(tensor: str, producers: Mapping[str, Any],
+                   initializers: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """The initialiser behind a weight input, looking through pass-through ops, and whether
+    an odd number of Transposes lies on the way."""
+    flipped = False
+    for _ in range(5):
+        if tensor in initializers:
+            return tensor, flipped
+        node = producers.get(tensor)
+        if node is None or node.op_type not in _PASS_THROUGH:
+            return None, flipped
+        flipped ^= node.op_type == "Transpose"
+        tensor = node.input[0]
+    return None, flipped
+
+
+def _wants_wt(node: Any) -> bool:
+    """Whether the op takes the weight as W^T [in, out]: MatMul computes X @ B, and so does
+    Gemm with transB=0; Gemm with transB=1 and Conv take W as torch stores it."""
+    if node.op_type == "MatMul":
+        return True
+    if node.op_type == "Gemm":
+        return not next((a.i for a in node.attribute if a.name == "transB"), 0)
+    return False
+
+
+def _pick(candidates: list[str], node: Any, taken: Mapping[str, OnnxLayer]) -> str | None:
+    """The module among equal-valued candidates that this node belongs to."""
+    free = [name for name in candidates if name not in taken]
+    if len(free) <= 1:
+        return free[0] if free else None
+    scope = "." + node.name.replace("/", ".").strip(".") + "."    # /a/b.0/MatMul -> .a.b.0.MatMul.
+    scoped = [name for name in free if f".{name}." in scope]
+    if len(scoped) == 1:
+        return scoped[0]
+    log.warning("layers %s have identical weights; mapped %s to the first", free, node.name)
+    return free[0]
+
+
+def prune_onnx(export: OnnxExport, choices: Mapping[str, SparsityOption],
+               path: str | os.PathLike) -> Path:
+    """Write a copy of the exported model whose chosen layers carry magnitude-pruned weights
+    (masks from spdy_gpu.masks.build_mask on the torch weight layout)."""
+    onnx = require_onnx()
+    from onnx import numpy_helper
+
+    from .masks import build_mask
+
+    proto = onnx.load(str(export.path))
+    initializers = {init.name: init for init in proto.graph.initializer}
+    for layer in export.layers:
+        option = choices.get(layer.module)
+        if option is None or option.pattern == "dense":
+            continue
+        init = initializers[layer.initializer]
+        stored = torch.from_numpy(numpy_helper.to_array(init).copy())
+        weight = stored.t() if layer.transposed else stored
+        pruned = weight * build_mask(weight, option)
+        pruned = pruned.t() if layer.transposed else pruned
+        init.CopyFrom(numpy_helper.from_array(pruned.contiguous().numpy(), init.name))
+    path = Path(path)
+    onnx.save(proto, str(path))
+    return path

@@ -1,0 +1,86 @@
+"""Figures from timing tables (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .timing import TimingTable
+
+
+def layer_role(name: str) -> str:
+    """A layer's name with block indices wildcarded: 'bert.encoder.layer.3.output.dense' ->
+    'bert.encoder.layer.*.output.dense' (layers of one role share a curve colour)."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
+def speedup_curves(table: TimingTable) -> tuple[np.ndarray, np.ndarray]:
+    """(sparsities [options-1], per-layer speedup over dense [layers, options-1]); NaN where
+    an option is unsupported. Speedup < 1 means the sparse kernel is slower than dense."""
+    times = table.times()
+    sparsities = np.array([o.sparsity for o in table.options[1:]])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        speedup = times[:, :1] / times[:, 1:]
+    speedup[~np.isfinite(times[:, 1:]) | ~np.isfinite(speedup)] = np.nan
+    return sparsities, speedup
+
+
+def plot_speedup_curves(table: TimingTable, path: str | os.PathLike,
+                        title: str | None = None) -> Path:
+    """Two panels: (left) every layer's speedup over its dense time against sparsity,
+    coloured by role, with the region where sparse is slower than dense shaded; (right) the
+    whole model's predicted time (fixed + sum of layers) at uniform sparsity, next to dense."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sparsities, speedup = speedup_curves(table)
+    roles = list(dict.fromkeys(layer_role(name) for name in table.layer_names))
+    colours = plt.get_cmap("tab10")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+
+    for row, name in enumerate(table.layer_names):
+        role = roles.index(layer_role(name))
+        left.plot(sparsities, speedup[row], color=colours(role % 10), lw=0.9, alpha=0.75,
+                  label=layer_role(name) if row == table.layer_names.index(
+                      next(n for n in table.layer_names if layer_role(n) == roles[role]))
+                  else None)
+    slower = np.nan_to_num(speedup, nan=np.inf) < 1.0
+    if slower.any():
+        rows, cols = np.nonzero(slower)
+        left.scatter(sparsities[cols], speedup[rows, cols], s=14, color="black", zorder=3,
+                     label=f"sparse slower than dense ({slower.sum()} points)")
+    low, high = min(np.nanmin(speedup), 1.0) * 0.9, np.nanmax(speedup) * 1.1
+    left.axhline(1.0, color="grey", ls="--", lw=1)
+    left.axhspan(low, 1.0, color="red", alpha=0.08)        # sparse slower than dense
+    left.set_yscale("log", base=2)
+    left.set(xlabel="sparsity", ylabel="layer speedup over dense (x, log scale)",
+             title="per-layer speedup (shaded: sparse slower than dense)", ylim=(low, high))
+    left.legend(fontsize=7, loc="upper left")
+
+    times = table.times()
+    uniform = table.fixed_ms + np.where(np.isfinite(times[:, 1:]), times[:, 1:],
+                                        times[:, :1]).sum(0)
+    right.plot(np.r_[0.0, sparsities], np.r_[table.fixed_ms + times[:, 0].sum(), uniform],
+               marker=".", label="predicted: fixed + sum of layers")
+    right.axhline(table.dense_total_ms, color="grey", ls="--",
+                  label=f"dense end to end ({table.dense_total_ms:.3g} ms)")
+    right.axhline(table.fixed_ms, color="red", ls=":",
+                  label=f"fixed, not prunable ({table.fixed_ms:.3g} ms)")
+    right.set(xlabel="uniform sparsity of every layer", ylabel="model time (ms)",
+              title="whole model at uniform sparsity", ylim=(0, None))
+    right.legend(fontsize=8)
+
+    fp = table.fingerprint
+    tag = " [ESTIMATED]" if table.estimated else ""
+    fig.suptitle(title or f"{table.model} on {fp.backend} {fp.backend_version}, {fp.device}, "
+                 f"{fp.threads} threads, batch {fp.batch_size}, {fp.input_shape}{tag}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,140 @@
+"""DeepSparse backend: layer attribution, checkpoints, and a real (tiny) measurement."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from spdy_gpu.errors import MissingDependencyError, SpdyError
+from spdy_gpu.layers import LayerInfo, discover_layers
+from spdy_gpu.models import ModelSetting
+from spdy_gpu.options import SparsityOption
+from tests.conftest import fingerprint
+
+OPTIONS = [SparsityOption.dense(), SparsityOption.unstructured(0.5),
+           SparsityOption.unstructured(0.9)]
+
+
+def test_missing_deepsparse_is_a_one_line_install_hint(monkeypatch):
+    from spdy_gpu.backends.deepsparse import DeepSparseBackend
+    monkeypatch.setitem(sys.modules, "deepsparse", None)       # import raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"pip install 'spdy-gpu\[deepsparse\]'"):
+        DeepSparseBackend()
+
+
+def test_attribute_layers_sums_per_module_and_refuses_fusion():
+    from spdy_gpu.backends.deepsparse import TOTAL, attribute_layers
+    to_module = {"/a/MatMul_output_0": "a", "/b/Conv_output_0": "b"}
+    info = [{"canonical_name": "/a/MatMul_output_0", "average_run_time_in_ms": 1.5},
+            {"canonical_name": "/a/Add_output_0", "average_run_time_in_ms": 0.25},
+            {"canonical_name": "/x/Relu_output_0,/b/Conv_output_0", "average_run_time_in_ms": 2.0},
+            {"canonical_name": "<none>", "average_run_time_in_ms": 0.5}]
+    assert attribute_layers(info, to_module) == {"a": 1.5, "b": 2.0, TOTAL: 4.25}
+    fused = [{"canonical_name": "/a/MatMul_output_0,/b/Conv_output_0",
+              "average_run_time_in_ms": 1.0}]
+    with pytest.raises(SpdyError, match="optimization level 0"):
+        attribute_layers(fused, to_module)
+    with pytest.raises(SpdyError, match="no engine layer for b"):
+        attribute_layers(info[:2], to_module)
+
+
+def test_checkpoint_resumes_only_the_same_setting(tmp_path):
+    from spdy_gpu.backends.deepsparse import _Checkpoint
+    path = tmp_path / "t.json.partial"
+    store = _Checkpoint(path, fingerprint(), OPTIONS, ["a"], "toy")
+    store.add(0, OPTIONS[1], {"a": 1.0})
+    store.add(1, OPTIONS[1], {"a": 3.0})
+    again = _Checkpoint(path, fingerprint(), OPTIONS, ["a"], "toy")
+    assert again.done == 2 and again.has(1, OPTIONS[1]) and not again.has(0, OPTIONS[0])
+    assert sorted(again.values(OPTIONS[1], "a")) == [1.0, 3.0]
+    other = _Checkpoint(path, fingerprint(threads=1), OPTIONS, ["a"], "toy")
+    assert other.done == 0
+    path.write_text('{"key": ')                               # truncated file
+    assert _Checkpoint(path, fingerprint(), OPTIONS, ["a"], "toy").done == 0
+
+
+def test_supports_unstructured_but_not_grouped_convs():
+    pytest.importorskip("deepsparse")
+    from spdy_gpu.backends import get_backend
+    backend = get_backend("deepsparse", threads=1, repeats=1)
+    linear = LayerInfo("fc", "linear", (8, 8))
+    depthwise = LayerInfo("dw", "conv2d", (8, 1, 3, 3), groups=8)
+    assert backend.supports(linear, OPTIONS[1]) and backend.supports(depthwise, OPTIONS[0])
+    assert not backend.supports(depthwise, OPTIONS[1])
+    assert not backend.supports(linear, SparsityOption.blocked(0.5, 4))
+    with pytest.raises(SpdyError, match="--threads 999"):
+        get_backend("deepsparse", threads=999)
+
+
+class TokenMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(128, 512)
+        self.down = nn.Linear(512, 128)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.fixture(scope="module")
+def backend():
+    pytest.importorskip("deepsparse")
+    from spdy_gpu.backends.deepsparse import DeepSparseBackend
+    return DeepSparseBackend(threads=1, repeats=2, iterations=3, warmup=1)
+
+
+def test_measure_table_resumes_after_interruption(backend, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model, example = TokenMLP().eval(), torch.randn(1, 64, 128)
+    layers = discover_layers(model, example)
+    checkpoint = tmp_path / "t.json.partial"
+    calls = []
+    real = type(backend).analyse
+
+    def flaky(self, *args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(args[3])
+        return real(self, *args)
+
+    monkeypatch.setattr(type(backend), "analyse", flaky)
+    kwargs = dict(model_name="toy", setting=ModelSetting(), checkpoint=checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        backend.measure_table(model, example, layers, OPTIONS, **kwargs)
+    assert checkpoint.exists() and len(calls) == 3
+    monkeypatch.setattr(type(backend), "analyse", real)
+    table = backend.measure_table(model, example, layers, OPTIONS, **kwargs)
+    assert not checkpoint.exists()
+    assert table.layer_names == ["up", "down"]
+    assert table.layers[0].gemm == (512, 128, 64)
+    times = table.times()
+    assert (times > 0).all() and table.dense_total_ms > 0 and table.fixed_ms >= 0
+    assert table.fingerprint.threads == 1 and table.fingerprint.backend == "deepsparse"
+    assert table.provenance["repeats"] == 2
+    calibration = table.provenance["fixed_calibration"]     # dense, then levels 0.5 and 0.9
+    assert [c["option"] for c in calibration] == ["dense", "unstructured@0.5",
+                                                  "unstructured@0.9"]
+    residuals = sorted(c["measured_ms"] - c["layers_ms"] for c in calibration)
+    assert table.fixed_ms == pytest.approx(max(residuals[1], 0.0))
+
+
+def test_latency_and_batch_mismatch(backend):
+    model = TokenMLP().eval()
+    median, spread = backend.latency_ms(model, torch.randn(2, 16, 128),
+                                        ModelSetting(batch_size=2))
+    assert median > 0 and spread >= 0
+    with pytest.raises(SpdyError, match="batch \\[2\\], not --batch-size 4"):
+        backend.latency_ms(model, torch.randn(2, 16, 128), ModelSetting(batch_size=4))
+
+
+def test_speedup_curves_mark_sparse_slower_than_dense(toy_table, tmp_path):
+    from spdy_gpu.plots import layer_role, plot_speedup_curves, speedup_curves
+    sparsities, speedup = speedup_curves(toy_table)
+    assert sparsities.shape == (3,) and speedup.shape == (3, 3)
+    assert speedup[0, 0] == pytest.approx(4 / 3) and speedup[2, 0] == pytest.approx(3 / 3.5)
+    assert np.isnan(speedup[2, 2])                         # unsupported option
+    assert layer_role("bert.encoder.layer.11.output.dense") == "bert.encoder.layer.*.output.dense"
+    path = plot_speedup_curves(toy_table, tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

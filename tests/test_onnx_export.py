@@ -1,0 +1,109 @@
+"""ONNX export: every Linear (MatMul or Gemm) and Conv maps back to its torch module."""
+
+import pytest
+import torch
+from torch import nn
+
+from spdy_gpu.errors import SpdyError
+from spdy_gpu.masks import build_mask
+from spdy_gpu.options import SparsityOption
+
+onnx = pytest.importorskip("onnx")
+from onnx import numpy_helper  # noqa: E402
+
+from spdy_gpu.onnx_export import export_onnx, map_layers, prune_onnx  # noqa: E402
+
+
+class ConvNet(nn.Module):
+    """conv -> conv (grouped) -> pool -> Linear on 2-D input (exported as Gemm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+class Encoder(nn.Module):
+    """Token Linears on 3-D input (exported as MatMul + Add) with two identical weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"query": nn.Linear(16, 16), "up": nn.Linear(16, 32),
+                           "down": nn.Linear(32, 16, bias=False)}) for _ in range(2))
+        with torch.no_grad():                      # tied values: must still map one-to-one
+            self.layers[1]["query"].weight.copy_(self.layers[0]["query"].weight)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids) * attention_mask.unsqueeze(-1)
+        for layer in self.layers:
+            h = h + layer["query"](h)
+            h = h + layer["down"](torch.relu(layer["up"](h)))
+        return h
+
+
+def _encoder_example():
+    ids = torch.randint(0, 50, (2, 7))
+    return {"input_ids": ids, "attention_mask": torch.ones(2, 7)}
+
+
+def test_conv_and_gemm_layers_map_to_their_modules(tmp_path):
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    export = export_onnx(model, torch.randn(1, 3, 12, 12), tmp_path / "m.onnx")
+    by_module = {layer.module: layer for layer in export.layers}
+    assert set(by_module) == {"stem", "block.1", "head"}
+    assert by_module["stem"].op_type == "Conv" and not by_module["stem"].transposed
+    assert by_module["block.1"].op_type == "Conv"
+    assert by_module["head"].op_type == "Gemm"
+    graph = onnx.load(str(export.path)).graph
+    outputs = {node.output[0]: node for node in graph.node}
+    for layer in export.layers:                # each output is produced by the named node
+        assert outputs[layer.output].name == layer.node
+        assert outputs[layer.output].op_type == layer.op_type
+
+
+def test_matmul_layers_map_with_tied_values_and_dynamic_axes(tmp_path):
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    export = export_onnx(model, _encoder_example(), tmp_path / "e.onnx")
+    assert export.input_names == ("input_ids", "attention_mask")
+    assert len(export.module_of_output()) == 6
+    # graph order is execution order; the tied pair is told apart by position
+    assert [layer.module for layer in export.layers] == [
+        f"layers.{i}.{n}" for i in range(2) for n in ("query", "up", "down")]
+    assert all(layer.op_type == "MatMul" and layer.transposed for layer in export.layers)
+    graph = onnx.load(str(export.path)).graph
+    dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"]
+
+
+def test_unexported_module_is_a_clear_error(tmp_path):
+    model = ConvNet().eval()
+    export = export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+    extra = {"head": model.head, "unused": nn.Linear(3, 3)}
+    with pytest.raises(SpdyError, match="cannot locate 1 prunable layer.*unused"):
+        map_layers(onnx.load(str(export.path)), extra)
+
+
+def test_prune_onnx_writes_magnitude_masked_weights(tmp_path):
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    export = export_onnx(model, _encoder_example(), tmp_path / "e.onnx")
+    option = SparsityOption.unstructured(0.75)
+    path = prune_onnx(export, {"layers.0.up": option, "layers.1.down": SparsityOption.dense()},
+                      tmp_path / "p.onnx")
+    stored = {i.name: numpy_helper.to_array(i)
+              for i in onnx.load(str(path)).graph.initializer}
+    layers = {layer.module: layer for layer in export.layers}
+    up = torch.from_numpy(stored[layers["layers.0.up"].initializer].copy()).t()
+    weight = model.layers[0]["up"].weight.detach()
+    torch.testing.assert_close(up, weight * build_mask(weight, option))
+    assert (up == 0).float().mean().item() == pytest.approx(0.75, abs=1 / weight.numel())
+    down = torch.from_numpy(stored[layers["layers.1.down"].initializer].copy()).t()
+    torch.testing.assert_close(down, model.layers[1]["down"].weight.detach())

@@ -1,0 +1,430 @@
+"""The Triton latency backend on a CPU: the analytic estimate end to end, the no-GPU error,
+the timing cache, supports(), block detection, and the measuring loop driven through the
+kernel under Triton's interpreter with a stand-in clock (real GPU timing is bench/)."""
+
+import json
+import logging
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from spdy_gpu.backends import get_backend
+from spdy_gpu.backends.triton import (
+    CONV_NOTE,
+    TimingCache,
+    TritonBackend,
+    block_sparse_,
+    cache_key,
+    detect_block,
+    estimate_layer_ms,
+    non_gemm_costs,
+)
+from spdy_gpu.errors import SpdyError
+from spdy_gpu.gpu_specs import GPU_SPECS, GpuSpec, gpu_spec
+from spdy_gpu.layers import LayerInfo, discover_layers
+from spdy_gpu.masks import block_mask
+from spdy_gpu.models import ModelSetting, load_model
+from spdy_gpu.options import SparsityOption, option_grid
+from spdy_gpu.sparse_linear import BlockSparseLinear
+from spdy_gpu.timing import Fingerprint, TimingTable
+
+H100 = GPU_SPECS["h100-sxm"]
+DENSE = SparsityOption.dense()
+
+
+def block(sparsity: float, rows: int = 32, cols: int | None = None) -> SparsityOption:
+    return SparsityOption.blocked(sparsity, rows, cols)
+
+
+# ---- analytic estimate ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def minilm():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setting = ModelSetting(batch_size=1, seq_len=128)
+    model, example = load_model("minilm").build(setting)
+    return model, example, discover_layers(model, example), setting
+
+
+def test_estimated_table_for_minilm_is_marked_everywhere(minilm, tmp_path):
+    model, example, layers, setting = minilm
+    options = option_grid("block", count=5, block=32)
+    backend = get_backend("triton", estimate="h100-sxm", cache_dir=tmp_path)
+    table = backend.measure_table(model, example, layers, options, model_name="minilm",
+                                  setting=setting)
+    assert table.estimated and "ESTIMATED" in table.fingerprint.device
+    assert len(table.layers) == 36 and all(l.note.startswith("ESTIMATED") for l in table.layers)
+    assert [l.gemm for l in table.layers[:2]] == [(384, 384, 128)] * 2
+    dense = table.dense_times()
+    assert table.fixed_ms > 0
+    assert table.dense_total_ms == pytest.approx(table.fixed_ms + dense.sum())
+    assert math.isfinite(table.times().max())                  # every block fits 384 / 1536
+
+    path = tmp_path / "minilm-h100-estimate.json"
+    table.save(path)
+    saved = json.loads(path.read_text())
+    assert saved["estimated"] is True and "ESTIMATED" in saved["provenance"]["method"]
+    loaded = TimingTable.load(path)
+    assert loaded.estimated and loaded.layers == table.layers
+    assert not (tmp_path / "triton-timings.json").exists()    # estimates are never cached
+
+
+def test_roofline_estimate_matches_hand_computed_h100_figure():
+    # 4096 x 4096 at M = 16 in bf16 is memory-bound: 2 (N K + K M + N M) bytes at 3.35 TB/s.
+    layer = LayerInfo("fc", "linear", (4096, 4096), m=16)
+    expected_ms = 2 * (4096 * 4096 + 2 * 4096 * 16) / 3.35e12 * 1e3
+    assert estimate_layer_ms(layer, DENSE, H100, "bf16") == pytest.approx(expected_ms)
+    # compute-bound: 2 N K M FLOPs at 989.4 TFLOP/s
+    big = LayerInfo("fc", "linear", (4096, 4096), m=65536)
+    assert estimate_layer_ms(big, DENSE, H100, "bf16") == pytest.approx(
+        2 * 4096 * 4096 * 65536 / 989.4e12 * 1e3)
+
+
+@pytest.mark.parametrize("m", [1, 16, 256, 8192])
+@pytest.mark.parametrize("side", [16, 32, 64])
+def test_roofline_estimate_is_monotone_in_sparsity(m, side):
+    layer = LayerInfo("fc", "linear", (4096, 11008), m=m)
+    times = [estimate_layer_ms(layer, o, H100, "bf16")
+             for o in option_grid("block", count=41, block=side)]
+    assert all(a >= b for a, b in zip(times, times[1:]))
+    assert min(times) >= H100.kernel_floor_ms
+    assert times[-1] < times[0]                               # 99% sparse beats dense here
+
+
+def test_tiny_layers_sit_on_the_kernel_floor():
+    layer = LayerInfo("fc", "linear", (64, 64), m=8)
+    for option in (DENSE, block(0.9, 16)):
+        assert estimate_layer_ms(layer, option, H100, "bf16") == H100.kernel_floor_ms
+
+
+def test_non_gemm_costs_skip_prunable_layers_and_views():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):                                  # x: [4, 8]
+            scores = torch.bmm(x.view(2, 2, 8), x.view(2, 2, 8).transpose(1, 2))   # [2, 2, 2]
+            return self.fc2(torch.relu(self.fc1(x))) + x + scores.sum()
+
+    costs = non_gemm_costs(Block(), torch.randn(4, 8), ["fc1", "fc2"], dtype_bytes=2)
+    by_op = {c.op: c for c in costs}
+    assert "addmm" not in by_op and "view" not in by_op and "transpose" not in by_op
+    assert by_op["relu"].bytes == 2 * (4 * 16) * 2           # read + write [4, 16] at 2 bytes
+    assert by_op["relu"].flops == 0
+    assert by_op["bmm"].flops == 2 * 2 * 2 * 2 * 8            # 2 * batch * M * N * K
+
+
+# ---- the no-GPU path ------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_without_cuda_one_line_error_names_the_three_choices():
+    with pytest.raises(SpdyError) as error:
+        get_backend("triton")
+    message = str(error.value)
+    assert "\n" not in message and "no CUDA device" in message
+    assert "--timings" in message and "--estimate" in message and "h100-sxm" in message
+
+
+def test_bad_configuration_is_refused():
+    with pytest.raises(SpdyError, match="unknown GPU"):
+        TritonBackend(estimate="h900")
+    with pytest.raises(SpdyError, match="unknown dtype"):
+        TritonBackend(dtype="int8", estimate="l4")
+    with pytest.raises(SpdyError, match="repeats"):
+        TritonBackend(repeats=0, estimate="l4")
+    backend = TritonBackend(estimate="a100-sxm")
+    with pytest.raises(SpdyError, match="cannot measure end-to-end"):
+        backend.latency_ms(nn.Linear(4, 4), torch.randn(1, 4), ModelSetting())
+
+
+# ---- GPU specs ------------------------------------------------------------------------------
+
+def test_datasheet_specs_are_sane():
+    for key, spec in GPU_SPECS.items():
+        assert gpu_spec(key.upper()) is spec and spec.source and spec.sm_count > 0
+        assert spec.peak("bf16") == spec.peak("fp16") >= spec.peak("tf32") >= spec.peak("fp32")
+        # dense Tensor Core peaks lie between 50 and 1000 TFLOP/s, HBM/GDDR 0.2..5 TB/s
+        assert 50e12 < spec.peak("bf16") < 1000e12 and 0.2e12 < spec.bandwidth < 5e12
+
+
+def test_measured_spec_round_trips_and_bad_files_are_refused(tmp_path):
+    spec = GpuSpec("Test GPU", "sm_90", 132, 3.0e12, {"bf16": 700e12}, "measured", 0.002)
+    spec.save(tmp_path / "gpu.json")
+    assert gpu_spec(str(tmp_path / "gpu.json")) == spec
+    (tmp_path / "bad.json").write_text('{"format": "spdy-gpu/gpu-spec", "version": 1, '
+                                       '"name": "x", "arch": "sm_90", "sm_count": 1, '
+                                       '"bandwidth": -1, "peak_flops": {"bf16": 1}}')
+    with pytest.raises(SpdyError, match="positive"):
+        gpu_spec(str(tmp_path / "bad.json"))
+    with pytest.raises(SpdyError, match="no fp16 peak"):
+        spec.peak("fp16")
+
+
+# ---- cache ----------------------------------------------------------------------------------
+
+def test_cache_key_names_everything_a_time_depends_on():
+    base = dict(device="NVIDIA H100", software={"torch": "2.13", "triton": "3.9"},
+                dtype="bf16", gemm=(384, 384, 128), option=block(0.5))
+    variants = [base, {**base, "device": "NVIDIA A100"},
+                {**base, "software": {"torch": "2.13", "triton": "3.8"}},
+                {**base, "dtype": "fp16"}, {**base, "gemm": (384, 384, 4096)},
+                {**base, "gemm": (1536, 384, 128)}, {**base, "option": block(0.6)},
+                {**base, "option": block(0.5, 64)}, {**base, "option": DENSE}]
+    keys = {cache_key(**v) for v in variants}
+    assert len(keys) == len(variants)
+    assert cache_key(**base) == cache_key(**{**base, "software": {"triton": "3.9",
+                                                                   "torch": "2.13"}})
+
+
+def test_cache_persists_merges_and_writes_atomically(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "cache.json"
+    first, second = TimingCache(path), TimingCache(path)
+    first.put("a", 1.0, 0.1)
+    second.put("b", 2.0, 0.2)                                   # another process, same file
+    assert TimingCache(path).entries == {"a": (1.0, 0.1), "b": (2.0, 0.2)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]   # no temp files left
+
+    before = path.read_bytes()
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        TimingCache(path).put("c", 3.0, 0.0)
+    assert path.read_bytes() == before                          # old file intact, no half file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]
+
+
+def test_corrupted_cache_is_ignored_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "cache.json"
+    path.write_text('{"format": "spdy-gpu/triton-timing-cache", "version": 1, "entr')
+    with caplog.at_level(logging.WARNING):
+        cache = TimingCache(path)
+    assert cache.entries == {} and "unreadable timing cache" in caplog.text
+    cache.put("a", 1.0, 0.0)
+    assert TimingCache(path).entries == {"a": (1.0, 0.0)}
+
+
+# ---- supports -------------------------------------------------------------------------------
+
+def test_supports_block_options_on_linears_that_fit_them():
+    backend = TritonBackend(estimate="h100-sxm")
+    linear = LayerInfo("fc", "linear", (384, 1536), m=128)
+    conv = LayerInfo("conv", "conv2d", (64, 64, 3, 3), m=3136)
+    narrow = LayerInfo("head", "linear", (48, 384), m=128)
+    for layer in (linear, conv, narrow):
+        assert backend.supports(layer, DENSE)
+    assert backend.supports(linear, block(0.5)) and backend.supports(linear, block(0.9, 16, 128))
+    assert not backend.supports(conv, block(0.5))
+    assert not backend.supports(linear, block(0.5, 512))      # more rows than the layer's 384
+    assert not backend.supports(narrow, block(0.5, 64))       # 64 > N = 48
+    assert backend.supports(narrow, block(0.5, 32))
+    assert not backend.supports(linear, SparsityOption.unstructured(0.5))
+    assert not backend.supports(linear, SparsityOption.n_of_m(2, 4))
+
+
+def test_a_model_with_nothing_the_kernel_runs_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
+    example = torch.randn(1, 3, 16, 16)
+    with pytest.raises(SpdyError, match="no layer of convnet can run"):
+        TritonBackend(estimate="l4").measure_table(
+            model, example, discover_layers(model, example), [DENSE, block(0.5)],
+            model_name="convnet", setting=ModelSetting())
+
+
+# ---- block detection and the swap -----------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(32, 32), (16, 64), (64, 16), (128, 128)])
+def test_detect_block_finds_the_pruning_block(shape):
+    weight = torch.randn(256, 384)
+    pruned = weight * block_mask(weight, shape, 0.6)
+    assert detect_block(pruned) == shape
+
+
+def test_detect_block_ignores_dense_and_unstructured_weights():
+    weight = torch.randn(128, 128)
+    assert detect_block(weight) is None
+    scattered = weight.clone()
+    scattered[torch.rand_like(scattered) < 0.5] = 0             # unstructured 50%
+    assert detect_block(scattered) is None
+
+
+def test_block_sparse_swap_keeps_the_output():
+    model = TwoLayer()
+    with torch.no_grad():
+        model.fc2.weight.mul_(block_mask(model.fc2.weight, (16, 32), 0.5))
+    x = torch.randn(8, 4, 4, 4)
+    expected = model(x)
+    assert block_sparse_(model) == ["fc2"]
+    rows, cols = model.fc2.weight.block     # the pruning block, or a coarser one it tiles
+    assert isinstance(model.fc2, BlockSparseLinear) and rows % 16 == 0 and cols % 32 == 0
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- the measuring loop, on the CPU ---------------------------------------------------------
+
+class InterpretedBackend(TritonBackend):
+    """The real measuring loop on a CPU: kernels run under Triton's interpreter and are
+    checked against the masked dense layer; a stand-in clock returns distinct times."""
+
+    def __init__(self, *args, clock=None, **kwargs):
+        self.calls = 0
+        self.clock = clock or (lambda call: (0.01 * call, 0.001))
+        super().__init__(*args, dtype="fp32", repeats=1, **kwargs)
+        self.device = torch.device("cpu")
+
+    def _require_device(self):
+        pass
+
+    def _device_name(self):
+        return "Interpreted CPU"
+
+    def _software(self):
+        return {"torch": torch.__version__, "spdy-gpu": "test"}
+
+    def fingerprint(self, setting):
+        return Fingerprint("triton", "test", self._device_name(), "cpu", 1, setting.batch_size,
+                           "seq=0", "float32", self._software())
+
+    def _bench_ms(self, fn):
+        out = fn()
+        assert torch.isfinite(out).all()
+        self.calls += 1
+        return self.clock(self.calls)
+
+
+class TwoLayer(nn.Module):
+    def __init__(self, width: int = 64, conv: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1) if conv else None
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):                                       # x: [B, 4, 4, width / 4]
+        if self.conv is not None:
+            x = self.conv(x)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def measure(backend, model, options, **kwargs):
+    example = torch.randn(8, 4, 4, 4)
+    layers = discover_layers(model, example)
+    return backend.measure_table(model, example, layers, options, model_name="toy",
+                                 setting=ModelSetting(batch_size=8), **kwargs)
+
+
+def test_measuring_loop_shares_times_by_shape_and_across_models(tmp_path):
+    options = [DENSE, block(0.5, 16), block(0.75, 32)]
+    backend = InterpretedBackend(cache_dir=tmp_path)
+    table = measure(backend, TwoLayer(), options)
+    assert backend.calls == 3 + 1            # 3 options for the shared 64x64x8 shape + model
+    assert table.layers[0].median_ms == table.layers[1].median_ms
+    assert table.provenance["cache_hits"] == 3 and table.provenance["measured"] == 3
+
+    again = InterpretedBackend(cache_dir=tmp_path)
+    other = measure(again, TwoLayer(), options)            # another model, same shapes
+    assert again.calls == 1                                # only the end-to-end time
+    assert other.layers == table.layers
+
+
+def test_fixed_time_is_the_unattributed_rest_and_clamps_at_zero(tmp_path, caplog):
+    options = [DENSE, block(0.5, 16)]
+    fast_model = InterpretedBackend(cache_dir=tmp_path / "a",
+                                    clock=lambda call: (0.05 if call <= 2 else 1.0, 0.0))
+    table = measure(fast_model, TwoLayer(), options)
+    assert table.dense_total_ms == 1.0 and table.fixed_ms == pytest.approx(1.0 - 2 * 0.05)
+
+    slow_layers = InterpretedBackend(cache_dir=tmp_path / "b",
+                                     clock=lambda call: (0.6 if call <= 2 else 1.0, 0.0))
+    with caplog.at_level(logging.WARNING):
+        table = measure(slow_layers, TwoLayer(), options)
+    assert table.fixed_ms == 0.0 and "fixed time set to 0" in caplog.text
+
+
+def test_interrupted_measurement_resumes_from_checkpoint(tmp_path):
+    options = [DENSE, block(0.5, 16), block(0.75, 16), block(0.9, 16)]
+
+    def dies_at_third(call):
+        if call == 3:
+            raise KeyboardInterrupt
+        return 0.01 * call, 0.0
+
+    checkpoint = tmp_path / "run.partial"
+    with pytest.raises(KeyboardInterrupt):
+        measure(InterpretedBackend(cache_dir=tmp_path / "c1", clock=dies_at_third),
+                TwoLayer(), options, checkpoint=checkpoint)
+    assert len(TimingCache(checkpoint).entries) == 2
+    resumed = InterpretedBackend(cache_dir=tmp_path / "c2")   # empty cache: only the checkpoint
+    measure(resumed, TwoLayer(), options, checkpoint=checkpoint)
+    assert resumed.calls == 2 + 1                             # 2 options left + the whole model
+    assert not checkpoint.exists()                            # removed once complete
+
+
+def test_conv_layers_stay_dense_with_a_note(tmp_path):
+    table = measure(InterpretedBackend(cache_dir=tmp_path), TwoLayer(conv=True),
+                    [DENSE, block(0.5, 16)])
+    conv = table.layers[0]
+    assert conv.kind == "conv2d" and conv.note == CONV_NOTE
+    assert conv.median_ms[0] is not None and conv.median_ms[1] is None
+    assert all(t is not None for t in table.layers[1].median_ms)
+
+
+def test_latency_swaps_block_pruned_linears(tmp_path, monkeypatch):
+    model = TwoLayer()
+    with torch.no_grad():
+        model.fc1.weight.mul_(block_mask(model.fc1.weight, (16, 16), 0.5))
+    backend = InterpretedBackend(cache_dir=tmp_path)
+    timed = []
+    measure_model = backend._model_latency
+    monkeypatch.setattr(backend, "_model_latency",
+                        lambda m, inputs: timed.append(m) or measure_model(m, inputs))
+    median, spread = backend.latency_ms(model, torch.randn(8, 4, 4, 4), ModelSetting())
+    assert isinstance(timed[0].fc1, BlockSparseLinear) and type(timed[0].fc2) is nn.Linear
+    assert type(model.fc1) is nn.Linear                        # the caller's model is untouched
+    assert median > 0 and spread >= 0
+
+
+# ---- on a GPU -------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (the measuring path times real kernels)")
+
+
+@needs_cuda
+def test_gpu_table_is_measured_once_per_shape(tmp_path, monkeypatch):
+    import triton.testing
+
+    options = [DENSE, block(0.5, 32), block(0.9, 32)]
+    model = TwoLayer(width=256)
+    example = torch.randn(64, 4, 4, 16)
+    layers = discover_layers(model, example)
+    table = TritonBackend(repeats=1, cache_dir=tmp_path).measure_table(
+        model, example, layers, options, model_name="toy", setting=ModelSetting(batch_size=64))
+    assert table.fingerprint.device == torch.cuda.get_device_name()
+    assert all(t > 0 for layer in table.layers for t in layer.median_ms)
+    assert table.fixed_ms >= 0 and table.provenance["measured"] == 3
+
+    calls = []
+    real = triton.testing.do_bench
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = TritonBackend(repeats=1, cache_dir=tmp_path).measure_table(
+        model, example, layers, options, model_name="toy", setting=ModelSetting(batch_size=64))
+    assert again.layers == table.layers and len(calls) <= 2      # only the whole model again
+
+
+@needs_cuda
+def test_gpu_swap_matches_the_masked_dense_model():
+    model = TwoLayer(width=256).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        model.fc1.weight.mul_(block_mask(model.fc1.weight, (32, 32), 0.75))
+    x = torch.randn(64, 4, 4, 16, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = model(x).float()
+        assert block_sparse_(model) == ["fc1"]
+        got = model(x).float()
+    assert ((got - expected).norm() / expected.norm()) < 1e-2
