@@ -20,7 +20,7 @@ setup: $(STAMP)
 # The main job on the built-in default: the exact DP on minilm's measured DeepSparse table.
 demo: $(STAMP)
 	$(BIN)/spdy-gpu solve --timings examples/minilm-deepsparse-b1.timings.json \
-		--speedup 2.0 --out runs/demo/profile.json
+		--speedup 2.0 --out runs/demo/profile.json --plot runs/demo/profile.png
 
 lint: $(STAMP)
 	$(BIN)/ruff check spdy_gpu kernels tests bench

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .profile import Profile
 from .timing import TimingTable
 
 
@@ -33,10 +34,7 @@ def plot_speedup_curves(table: TimingTable, path: str | os.PathLike,
     """Two panels: (left) every layer's speedup over its dense time against sparsity,
     coloured by role, with the region where sparse is slower than dense shaded; (right) the
     whole model's predicted time (fixed + sum of layers) at uniform sparsity, next to dense."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     sparsities, speedup = speedup_curves(table)
     roles = list(dict.fromkeys(layer_role(name) for name in table.layer_names))
     colours = plt.get_cmap("tab10")
@@ -78,9 +76,80 @@ def plot_speedup_curves(table: TimingTable, path: str | os.PathLike,
     tag = " [ESTIMATED]" if table.estimated else ""
     fig.suptitle(title or f"{table.model} on {fp.backend} {fp.backend_version}, {fp.device}, "
                  f"{fp.threads} threads, batch {fp.batch_size}, {fp.input_shape}{tag}")
-    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_profile(table: TimingTable, profile: Profile, curve: tuple[np.ndarray, np.ndarray],
+                 path: str | os.PathLike, error_label: str = "total error") -> Path:
+    """Two panels: (left) the DP frontier, least total error against predicted speedup, with
+    the chosen profile marked; (right) the profile, each layer's chosen sparsity as a bar
+    and its time against dense."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), width_ratios=(2, 3))
+
+    speedups, errors = curve
+    left.plot(speedups, errors, lw=1.2, label="DP frontier (best choice per budget)")
+    chosen_error = np.interp(profile.predicted_speedup, speedups, errors)
+    left.scatter([profile.predicted_speedup], [chosen_error], color="red", zorder=3,
+                 label=f"this profile: {profile.predicted_speedup:.3f}x predicted")
+    left.axvline(profile.target_speedup, color="grey", ls="--", lw=1,
+                 label=f"target {profile.target_speedup:g}x")
+    left.set(xlabel="predicted speedup over dense (x)", ylabel=error_label,
+             title="error-speedup frontier")
+    left.legend(fontsize=8)
+
+    names = list(profile.choices)
+    index = {o: i for i, o in enumerate(table.options)}
+    rows = {name: i for i, name in enumerate(table.layer_names)}
+    times = table.times()
+    dense_ms = np.array([times[rows[n], 0] for n in names])
+    chosen_ms = np.array([times[rows[n], index[profile.choices[n]]] for n in names])
+    x = np.arange(len(names))
+    right.bar(x, [profile.choices[n].sparsity for n in names], color="tab:blue", alpha=0.6,
+              label="chosen sparsity")
+    right.set(ylim=(0, 1.2), ylabel="sparsity", xlabel="layer (in model order)",
+              title=f"profile: {sum(o.pattern != 'dense' for o in profile.choices.values())}"
+                    f" of {len(names)} layers pruned")
+    right.set_xticks(x, _without_common_prefix(names), rotation=90, fontsize=6)
+    ms = right.twinx()
+    ms.plot(x, dense_ms, "k.", ms=4, label="dense time")
+    ms.plot(x, chosen_ms, "r.", ms=4, label="chosen time")
+    ms.set(ylabel="layer time (ms)", ylim=(0, 1.2 * dense_ms.max()))
+    handles = right.get_legend_handles_labels()
+    more = ms.get_legend_handles_labels()
+    right.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="upper center", ncol=3)
+
+    fp = profile.fingerprint
+    tag = " [ESTIMATED]" if profile.estimated else ""
+    fig.suptitle(f"{profile.model}: {profile.predicted_ms:.4g} ms predicted vs "
+                 f"{profile.dense_total_ms:.4g} ms dense on {fp.backend}, {fp.device}{tag}")
+    return _save(fig, path)
+
+
+def _without_common_prefix(names: list[str]) -> list[str]:
+    """Module names without the dotted prefix they all share, for tick labels."""
+    parts = [name.split(".") for name in names]
+    shared = 0
+    while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    return [".".join(p[shared:]) for p in parts]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Write the figure (atomically: a half-written PNG never replaces a good one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    _pyplot().close(fig)
+    tmp.replace(path)
     return path

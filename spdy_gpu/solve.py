@@ -77,7 +77,8 @@ def max_speedup(table: TimingTable, exclude: Sequence[str] = ()) -> float:
 def solve_frontier(table: TimingTable, speedup: float, errors: np.ndarray | None = None,
                    exclude: Sequence[str] = (), buckets: int = 10_000
                    ) -> tuple[Frontier, list[int], float]:
-    """DP frontier over the searched layers for every target up to `speedup`.
+    """DP frontier over the searched layers: one pass answers `speedup` and every larger
+    target (every smaller budget).
 
     errors: [searched layers, options]; None uses the prior for every layer.
     Returns (frontier, searched layer indices, fixed time).
@@ -107,6 +108,20 @@ def solve_profile(table: TimingTable, speedup: float, errors: np.ndarray | None 
     """The least-error profile whose predicted time is guaranteed <= dense time / speedup."""
     frontier, searched, fixed = solve_frontier(table, speedup, errors, exclude, buckets)
     return profile_from_picks(table, speedup, dict(zip(searched, frontier.solution())), fixed)
+
+
+def frontier_curve(table: TimingTable, errors: np.ndarray | None = None,
+                   exclude: Sequence[str] = (), buckets: int = 10_000
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(speedup, least total error), ascending, at every bucket of one DP pass from 1x (or
+    the table's slowest choice) to the largest achievable speedup: the whole trade-off."""
+    slowest = table.dense_total_ms / (table.fixed_ms + np.nanmax(
+        np.where(np.isfinite(table.times()), table.times(), np.nan), axis=1).sum())
+    frontier, _, fixed = solve_frontier(table, min(1.0, slowest), errors, exclude, buckets)
+    reachable = np.isfinite(frontier.best_error)
+    budgets = fixed + frontier.budget_ms(np.arange(frontier.buckets + 1))
+    speedups = table.dense_total_ms / budgets[reachable]
+    return speedups[::-1], frontier.best_error[reachable][::-1]      # ascending speedup
 
 
 def profile_from_picks(table: TimingTable, speedup: float, picks: dict[int, int],

@@ -60,3 +60,12 @@ def test_import_loads_no_backend_runtime():
             "print(sorted(m for m in ('triton', 'deepsparse', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_solve_plots_the_frontier_and_profile(tmp_path, toy_table, capsys):
+    toy_table.save(tmp_path / "t.json")
+    plot = tmp_path / "plots" / "p.png"
+    assert main(["solve", "--timings", str(tmp_path / "t.json"), "--speedup", "1.5",
+                 "--out", str(tmp_path / "p.json"), "--plot", str(plot), "--quiet"]) == 0
+    assert plot.read_bytes().startswith(b"\x89PNG") and f"plot written to {plot}" in \
+        capsys.readouterr().out

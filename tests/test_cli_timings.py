@@ -102,3 +102,11 @@ def test_verify_refuses_a_truncated_profile_or_another_model(tmp_path, capsys):
     assert main(args) == 2 and "corrupted or truncated" in capsys.readouterr().err
     _profile(profile, model="minilm")
     assert main(args) == 2 and "pass --model minilm" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message without CUDA")
+def test_verify_on_triton_without_a_gpu_says_it_needs_one(tmp_path, capsys):
+    args = ["verify", "--model", SPEC, "--profile", str(_profile(tmp_path / "p.json")),
+            "--backend", "triton"]
+    assert main(args) == 2
+    assert "no CUDA device" in capsys.readouterr().err

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from spdy_gpu import InfeasibleTargetError, SpdyError, solve_profile
-from spdy_gpu.solve import load_errors, max_speedup, prior_errors, save_errors
+from spdy_gpu.solve import (
+    frontier_curve,
+    load_errors,
+    max_speedup,
+    prior_errors,
+    save_errors,
+)
 
 from .conftest import make_table
 
@@ -70,3 +76,17 @@ def test_random_tables_meet_the_target(seed):
     profile = solve_profile(table, target, buckets=500)
     assert profile.predicted_ms <= dense_total / target
     assert profile.predicted_speedup >= target
+
+
+def test_frontier_curve_spans_one_to_the_largest_speedup_and_contains_each_solve(toy_table):
+    speedups, errors = frontier_curve(toy_table)
+    assert speedups[-1] == pytest.approx(max_speedup(toy_table))
+    assert speedups[0] <= 1.0 + 1e-9 and errors[0] == 0.0          # all dense fits at 1x
+    assert np.all(np.diff(speedups) > 0) and np.all(np.diff(errors) >= 0)
+    prior = prior_errors(toy_table.options)
+    for target in (1.2, 1.6, 2.0):
+        profile = solve_profile(toy_table, target)
+        total = sum(prior[toy_table.options.index(o)] for o in profile.choices.values())
+        # the solve's error lies between the curve's points either side of the target
+        above = np.searchsorted(speedups, target)
+        assert errors[above - 1] <= total <= errors[above]

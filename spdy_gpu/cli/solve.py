@@ -9,7 +9,7 @@ import sys
 from datetime import datetime, timezone
 
 from ..profile import Profile
-from ..solve import load_errors, searched_layers, solve_profile
+from ..solve import frontier_curve, load_errors, searched_layers, solve_profile
 from ..timing import TimingTable
 
 
@@ -30,6 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--buckets", type=int, default=10_000,
                         help="time resolution of the DP (default 10000)")
     parser.add_argument("--out", required=True, metavar="profile.json", help="profile to write")
+    parser.add_argument("--plot", metavar="PNG", default=None,
+                        help="also draw the error-speedup frontier and the chosen profile")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
     parser.set_defaults(run=run)
 
@@ -45,6 +47,12 @@ def run(args: argparse.Namespace) -> int:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "timings": str(args.timings), "errors": args.errors or "prior"})
     profile.save(args.out)
+    if args.plot:
+        from ..plots import plot_profile
+
+        curve = frontier_curve(table, errors, args.exclude, args.buckets)
+        label = "total error (prior)" if errors is None else "total error"
+        print(f"plot written to {plot_profile(table, profile, curve, args.plot, label)}")
     if not args.quiet:
         print_profile(table, profile)
     print(summary_line(profile, args.out))

@@ -54,6 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="triton without a GPU: analytic roofline estimate for a named "
                              "GPU (the table is marked ESTIMATED)")
     parser.add_argument("--out", required=True, metavar="T.json", help="timing table to write")
+    parser.add_argument("--plot", metavar="PNG", default=None,
+                        help="also draw per-layer speedup curves and the uniform-sparsity time")
     parser.set_defaults(run=run)
 
 
@@ -105,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
         "wall_s": round(time.perf_counter() - started, 1)})
     table.save(out)
     print(summary(table, out))
+    if args.plot:
+        from ..plots import plot_speedup_curves
+
+        print(f"plot written to {plot_speedup_curves(table, args.plot)}")
     return 0
 
 

@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     if profile.model and profile.model != entry.name:
         raise SpdyError(f"the profile is for model {profile.model!r}, not {entry.name!r}; "
                         f"pass --model {profile.model}")
+    if args.backend == "triton" and not _has_cuda():
+        raise SpdyError("verify --backend triton measures end-to-end latency on a GPU and this "
+                        "machine has no CUDA device; run it where the profile's timings were "
+                        "measured")
     backend = get_backend(args.backend, **backend_config(args))
     differences = check_fingerprint(profile.fingerprint, backend.fingerprint(setting),
                                     args.force)
@@ -92,6 +96,12 @@ def run(args: argparse.Namespace) -> int:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     print(format_result(result, profile))
     return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def verify_result(profile: Profile, dense_ms: float, dense_spread: float, pruned_ms: float,
