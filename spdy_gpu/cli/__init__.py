@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    # Our own progress at INFO; libraries (gensim, transformers...) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("spdy_gpu").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.run(args) or 0
     except SpdyError as e:

@@ -122,8 +122,10 @@ def verify_result(profile: Profile, dense_ms: float, dense_spread: float, pruned
 
 def format_result(result: dict[str, Any], profile: Profile) -> str:
     tag = " [planned on ESTIMATED times]" if profile.estimated else ""
-    return (f"dense {result['measured_dense_ms']:.4g} ms (table {result['table_dense_ms']:.4g}),"
-            f" pruned {result['measured_pruned_ms']:.4g} ms (predicted "
+    return (f"dense {result['measured_dense_ms']:.4g} ms (spread "
+            f"{result['measured_dense_spread_ms']:.2g}, table {result['table_dense_ms']:.4g}),"
+            f" pruned {result['measured_pruned_ms']:.4g} ms (spread "
+            f"{result['measured_pruned_spread_ms']:.2g}, predicted "
             f"{result['predicted_ms']:.4g}, error {result['time_error_pct']:+.1f}%): measured "
             f"speedup {result['measured_speedup']:.3f}x, predicted "
             f"{result['predicted_speedup']:.3f}x, target {result['target_speedup']:g}x{tag}")

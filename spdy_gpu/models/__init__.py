@@ -77,10 +77,10 @@ def _user_entry(spec: str) -> ModelEntry:
     except (ImportError, AttributeError) as e:
         raise SpdyError(f"cannot load model function {spec!r} ({e}); check that the module is "
                         "importable (on PYTHONPATH) and defines the function") from None
-    takes_batch = "batch_size" in inspect.signature(function).parameters
+    accepted = set(inspect.signature(function).parameters)
 
     def build(setting: ModelSetting) -> tuple[nn.Module, Any]:
-        result = function(batch_size=setting.batch_size) if takes_batch else function()
+        result = function(**_setting_kwargs(spec, setting, accepted))
         pair = isinstance(result, tuple) and len(result) == 2
         if not (pair and isinstance(result[0], nn.Module)):
             raise SpdyError(f"{spec} must return (torch.nn.Module, example_input), "
@@ -88,6 +88,19 @@ def _user_entry(spec: str) -> ModelEntry:
         return result[0].eval(), result[1]
 
     return ModelEntry(name=spec, description=f"user model {spec}", build=build)
+
+
+def _setting_kwargs(spec: str, setting: ModelSetting, accepted: set[str]) -> dict[str, int]:
+    """The setting's fields the user's function takes as keywords; a field it does not take
+    must keep its default, or the option would be silently ignored."""
+    kwargs, default = {}, ModelSetting()
+    for name in ("batch_size", "seq_len", "image_size"):
+        if name in accepted:
+            kwargs[name] = getattr(setting, name)
+        elif getattr(setting, name) != getattr(default, name):
+            raise SpdyError(f"{spec} takes no {name} keyword, so --{name.replace('_', '-')} "
+                            f"cannot apply; add `{name}` to its parameters or drop the option")
+    return kwargs
 
 
 def _import_builtins() -> None:

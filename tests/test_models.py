@@ -1,0 +1,53 @@
+"""User models given as package.module:function."""
+
+import pytest
+import torch
+from torch import nn
+
+from spdy_gpu import SpdyError
+from spdy_gpu.models import ModelSetting, load_model
+
+
+def sized_model(batch_size: int = 1, seq_len: int = 8):
+    return nn.Linear(4, 4).eval(), torch.randn(batch_size, seq_len, 4)
+
+
+def fixed_model():
+    return nn.Linear(4, 4).eval(), torch.randn(1, 8, 4)
+
+
+def not_a_pair():
+    return nn.Linear(4, 4)
+
+
+def test_the_setting_reaches_the_keywords_the_function_takes():
+    _, example = load_model("tests.test_models:sized_model").build(
+        ModelSetting(batch_size=3, seq_len=5, image_size=224))
+    assert example.shape == (3, 5, 4)
+
+
+@pytest.mark.parametrize("setting, option", [
+    (ModelSetting(batch_size=2), "--batch-size"),
+    (ModelSetting(seq_len=64), "--seq-len"),
+    (ModelSetting(image_size=32), "--image-size"),
+])
+def test_an_option_the_function_cannot_take_is_refused(setting, option):
+    entry = load_model("tests.test_models:fixed_model")
+    with pytest.raises(SpdyError, match=f"so {option} cannot apply"):
+        entry.build(setting)
+    assert entry.build(ModelSetting())[1].shape == (1, 8, 4)      # defaults are fine
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("nosuchmodel", "unknown model 'nosuchmodel'"),
+    ("tests.no_such_module:f", "cannot load model function"),
+    ("tests.test_models:missing", "cannot load model function"),
+])
+def test_unknown_models_are_named(spec, match):
+    with pytest.raises(SpdyError, match=match):
+        load_model(spec)
+
+
+def test_a_function_must_return_model_and_example():
+    with pytest.raises(SpdyError, match=r"must return \(torch.nn.Module, example_input\)"):
+        load_model("tests.test_models:not_a_pair").build(ModelSetting())
