@@ -94,10 +94,14 @@ def main() -> int:
     parser.add_argument("--compare-samples", type=int, default=64,
                         help="samples both methods see in the comparison (64; AdaPrune's "
                              "reference is 1024, which takes hours on 2 cores)")
-    parser.add_argument("--compare-layers", nargs="+", default=DEFAULT_COMPARE)
+    parser.add_argument("--compare-layers", nargs="+", default=DEFAULT_COMPARE,
+                        help="layers to run both methods on, or 'all' (default: three of "
+                             "block 0, one per weight shape)")
     parser.add_argument("--levels", type=int, default=41)
     parser.add_argument("--skip-full", action="store_true", help="skip the full fast database")
     parser.add_argument("--out-dir", default="bench/results")
+    parser.add_argument("--name", default=None,
+                        help="file stem of the results (default reconstruct[-solvers]-DATE)")
     parser.add_argument("--solvers", action="store_true",
                         help="only compare the fast method's solvers (CG vs per-row Cholesky) "
                              "on --compare-layers with --compare-samples")
@@ -107,9 +111,13 @@ def main() -> int:
     setting = ModelSetting(batch_size=32, seq_len=128)
     model, _ = entry.build(setting)
     layers = list(prunable_modules(model))
+    if args.compare_layers == ["all"]:
+        args.compare_layers = layers
     options = option_grid("unstructured", args.levels)
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     report: dict = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
+        "date": date, "cpu": cpu_name(),
+        "stem": args.name or f"reconstruct{'-solvers' if args.solvers else ''}-{date[:10]}",
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "command": shlex.join([sys.executable, *sys.argv]),
         "model": "minilm", "layers": len(layers), "options": len(options),
@@ -162,7 +170,7 @@ def main() -> int:
 def partial(report: dict, out_dir: Path) -> None:
     """Save what is measured so far (a long comparison can be stopped without losing it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"reconstruct-{report['date'][:10]}.partial.json"
+    path = out_dir / f"{report['stem']}.partial.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
 
 
@@ -180,7 +188,7 @@ def estimate_full_adaprune(model, layers, rows, levels) -> dict:
 
 def write(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"reconstruct-{report['date'][:10]}"
+    stem = report["stem"]
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"# Reconstruction database: fast solver vs faithful AdaPrune ({report['date']})",
              "", f"CPU: {report['cpu']}, {report['threads']} threads, torch {report['torch']}",
@@ -205,6 +213,14 @@ def write(report: dict, out_dir: Path) -> None:
         lines.append(f"| {r['layer']} | {r['shape']} | {r['fast_reconstruct_s']:.1f} | "
                      f"{r['adaprune_reconstruct_s']:.1f} | {r['levels_fast_le_adaprune']}/"
                      f"{r['levels']} | {ratio:.3f} |")
+    rows = report["compare"]["layers"]
+    ratios = [e["fast"] / e["adaprune"] for r in rows for e in r["errors"] if e["adaprune"] > 0]
+    levels_ok = sum(r["levels_fast_le_adaprune"] for r in rows)
+    layers_ok = sum(r["levels_fast_le_adaprune"] == r["levels"] for r in rows)
+    lines += ["", f"All compared layers: fast <= AdaPrune at {levels_ok}/"
+              f"{sum(r['levels'] for r in rows)} levels; {layers_ok}/{len(rows)} layers at "
+              f"every level; fast/AdaPrune error max {max(ratios):.3f}, median "
+              f"{sorted(ratios)[len(ratios) // 2]:.3f}."]
     lines += ["", "Linear algebra throughput (GFLOPS): " + ", ".join(
         f"{k} {v:.1f}" for k, v in report["linalg_gflops"].items()), ""]
     (out_dir / f"{stem}.md").write_text("\n".join(lines))
@@ -215,7 +231,7 @@ def write(report: dict, out_dir: Path) -> None:
 
 def write_solvers(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"reconstruct-solvers-{report['date'][:10]}"
+    stem = report["stem"]
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"# Fast method: CG vs per-row Cholesky ({report['date']})", "",
              f"CPU: {report['cpu']}, {report['threads']} threads, torch {report['torch']}; "

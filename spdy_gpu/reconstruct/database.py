@@ -264,17 +264,7 @@ def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[Sp
     if method not in METHODS:
         raise SpdyError(f"unknown reconstruction method {method!r}; use one of {METHODS}")
     options = list(options)
-    if SparsityOption.dense() not in options:
-        raise SpdyError("the option list must include dense (dense is always a choice)")
-    if not layers:
-        raise SpdyError("no layers to reconstruct; pass at least one Linear or Conv2d name")
-    all_modules = dict(model.named_modules())
-    unknown = [name for name in layers if not isinstance(all_modules.get(name),
-                                                         (nn.Linear, nn.Conv2d))]
-    if unknown:
-        raise SpdyError(f"layer {unknown[0]} is not a Linear or Conv2d of this model; check the "
-                        "layer names")
-    modules = {name: all_modules[name] for name in layers}
+    modules = _checked_modules(model, layers, options)
     chains = option_chains(options)
     _check_options(modules, chains)
     config = (dataclasses.asdict(fast) | {"dtype": str(fast.dtype)} if method == "fast"
@@ -313,6 +303,23 @@ def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[Sp
             timing["reconstruct"] += time.perf_counter() - began
             build.save()    # what is done stays done, also when interrupted
     return Database.open(out_dir)
+
+
+def _checked_modules(model: nn.Module, layers: Sequence[str],
+                     options: Sequence[SparsityOption]) -> dict[str, nn.Module]:
+    """The named layers' modules, refusing an empty or dense-less job or a name that is not
+    a Linear or Conv2d of the model."""
+    if SparsityOption.dense() not in options:
+        raise SpdyError("the option list must include dense (dense is always a choice)")
+    if not layers:
+        raise SpdyError("no layers to reconstruct; pass at least one Linear or Conv2d name")
+    modules = dict(model.named_modules())
+    unknown = [name for name in layers if not isinstance(modules.get(name),
+                                                         (nn.Linear, nn.Conv2d))]
+    if unknown:
+        raise SpdyError(f"layer {unknown[0]} is not a Linear or Conv2d of this model; check the "
+                        "layer names")
+    return {name: modules[name] for name in layers}
 
 
 def _input_groups(modules: dict[str, nn.Module], stats: dict[str, LayerStats], method: str,
