@@ -115,8 +115,9 @@ def frontier_curve(table: TimingTable, errors: np.ndarray | None = None,
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(speedup, least total error), ascending, at every bucket of one DP pass from 1x (or
     the table's slowest choice) to the largest achievable speedup: the whole trade-off."""
-    slowest = table.dense_total_ms / (table.fixed_ms + np.nanmax(
-        np.where(np.isfinite(table.times()), table.times(), np.nan), axis=1).sum())
+    times = table.times()
+    slowest_ms = table.fixed_ms + np.nanmax(np.where(np.isfinite(times), times, np.nan), 1).sum()
+    slowest = table.dense_total_ms / slowest_ms
     frontier, _, fixed = solve_frontier(table, min(1.0, slowest), errors, exclude, buckets)
     reachable = np.isfinite(frontier.best_error)
     budgets = fixed + frontier.budget_ms(np.arange(frontier.buckets + 1))
