@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,11 +96,19 @@ def _capture_gemm_rows(model: nn.Module, modules: dict[str, nn.Module],
             rows[name] = rows.get(name, 0) + output.numel() // out_features
         return record
 
-    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    with hooks_attached([m.register_forward_hook(hook(name)) for name, m in modules.items()]),\
+            torch.no_grad():
+        call_model(model, example_inputs)
+    return rows
+
+
+@contextmanager
+def hooks_attached(handles: Iterable[Any]) -> Iterator[None]:
+    """Keep the given forward hooks on their modules for a with-block; they are removed
+    however the block ends (a failed forward must not leave hooks behind)."""
+    handles = list(handles)
     try:
-        with torch.no_grad():
-            call_model(model, example_inputs)
+        yield
     finally:
         for handle in handles:
             handle.remove()
-    return rows

@@ -38,7 +38,7 @@ from ..bsr import KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
 from ..errors import MissingDependencyError, SpdyError
 from ..gpu_specs import GPU_SPECS, GpuSpec, gpu_spec
 from ..jsonio import load_json, save_json
-from ..layers import LayerInfo, call_model
+from ..layers import LayerInfo, call_model, hooks_attached
 from ..masks import block_mask, gemm_view
 from ..models import ModelSetting
 from ..options import SparsityOption
@@ -229,12 +229,8 @@ def non_gemm_costs(model: nn.Module, example: Any, prunable: list[str],
     for name in prunable:
         module = model.get_submodule(name)
         handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-    try:
-        with torch.no_grad(), recorder:
-            call_model(model, example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_attached(handles), torch.no_grad(), recorder:
+        call_model(model, example)
     return recorder.costs
 
 
@@ -550,12 +546,8 @@ def _capture_input_shapes(model: nn.Module, inputs: Any,
         return record
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.inference_mode():
-            call_model(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_attached(handles), torch.inference_mode():
+        call_model(model, inputs)
     return shapes
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpdyError
-from ..layers import call_model
+from ..layers import call_model, hooks_attached
 
 log = logging.getLogger(__name__)
 
@@ -136,18 +136,14 @@ def _run_hooked(model: nn.Module, modules: Mapping[str, nn.Module], batches: Ite
             consume(name, *_real_rows(module, args[0], state["mask"]))
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                state["mask"] = token_mask(batch)
-                call_model(model, batch)
-                state["index"] += 1
-                if progress is not None:
-                    progress(1)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_attached([m.register_forward_hook(hook(name)) for name, m in modules.items()]),\
+            torch.no_grad():
+        for batch in batches:
+            state["mask"] = token_mask(batch)
+            call_model(model, batch)
+            state["index"] += 1
+            if progress is not None:
+                progress(1)
     if state["index"] == 0:
         raise SpdyError("the calibration data is empty; pass at least one batch (--calib or "
                         "--samples)")

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import SpdyError
-from ..layers import call_model
+from ..layers import call_model, hooks_attached
 from .capture import token_mask
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,8 @@ def _outputs(model: nn.Module, modules: Mapping[str, nn.Module], batch: Any,
     handles = [m.register_forward_hook(
         lambda mod, args, out, name=name: found.__setitem__(name, out))
         for name, m in modules.items()]
-    try:
-        with torch.set_grad_enabled(grad):
-            call_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_attached(handles), torch.set_grad_enabled(grad):
+        call_model(model, batch)
     return found
 
 
