@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .dp import Frontier, dp_frontier, solve_dp
+from .dp import Frontier, TimeGrid, dp_frontier, solve_dp
 from .errors import InfeasibleTargetError, MissingDependencyError, SpdyError
 from .layers import LayerInfo, discover_layers
 from .masks import build_mask
 from .options import SparsityOption, geometric_levels, option_grid
 from .profile import Profile
-from .solve import solve_profile
+from .solve import Planner, solve_profile
 from .timing import Fingerprint, TimingTable
 
 __version__ = "0.1.0"
@@ -26,9 +26,11 @@ __all__ = [
     "InfeasibleTargetError",
     "LayerInfo",
     "MissingDependencyError",
+    "Planner",
     "Profile",
     "SparsityOption",
     "SpdyError",
+    "TimeGrid",
     "TimingTable",
     "build_mask",
     "discover_layers",

@@ -63,23 +63,50 @@ class Frontier:
         return min(b, self.buckets)
 
 
+@dataclass(frozen=True)
+class TimeGrid:
+    """The time side of the DP for one budget, computed once: each layer's excess over its
+    fastest option in whole buckets. Many error vectors can then be solved against it."""
+
+    base_ms: float              # sum over layers of the fastest option's time
+    bucket_ms: float
+    buckets: int
+    excess: np.ndarray          # [layers, options] bucketed excess times (> buckets: never fits)
+
+    @classmethod
+    def build(cls, times: np.ndarray, budget: float, buckets: int = 10_000) -> TimeGrid:
+        """Bucket `times` [layers, options] (inf: unsupported) for `budget`."""
+        times = _validated_times(times)
+        _check_budget(budget, buckets)
+        fastest = times.min(axis=1)
+        base = math.fsum(fastest)
+        if base > budget:
+            raise InfeasibleTargetError(
+                f"budget {budget:.6g} is below the fastest possible time {base:.6g} "
+                "(every layer at its fastest option)", min_time=base)
+        bucket = (budget - base) / buckets
+        return cls(base, bucket, buckets, _bucketize(times - fastest[:, None], bucket, buckets))
+
+    def frontier(self, errors: np.ndarray) -> Frontier:
+        """The DP for `errors` [layers, options]: best error for every budget up to this one."""
+        errors = _validated_errors(errors, self.excess.shape)
+        best, choice = _run_dp(errors, self.excess, self.buckets)
+        return Frontier(best_error=best, base_ms=self.base_ms, bucket_ms=self.bucket_ms,
+                        choice=choice, excess=self.excess)
+
+    def solve(self, errors: np.ndarray) -> np.ndarray:
+        """Option index per layer: least summed error within the budget."""
+        return self.frontier(errors).solution()
+
+
 def dp_frontier(errors: np.ndarray, times: np.ndarray, budget: float,
                 buckets: int = 10_000) -> Frontier:
     """Solve the DP once for `budget`; the result answers every smaller budget too.
 
     errors, times: [layers, options]; an inf time marks an option a layer cannot take.
     """
-    errors, times = _validated(errors, times, budget, buckets)
-    fastest = times.min(axis=1)
-    base = math.fsum(fastest)
-    if base > budget:
-        raise InfeasibleTargetError(
-            f"budget {budget:.6g} is below the fastest possible time {base:.6g} "
-            "(every layer at its fastest option)", min_time=base)
-    bucket = (budget - base) / buckets
-    excess = _bucketize(times - fastest[:, None], bucket, buckets)
-    best, choice = _run_dp(errors, excess, buckets)
-    return Frontier(best_error=best, base_ms=base, bucket_ms=bucket, choice=choice, excess=excess)
+    errors = _validated_errors(errors, np.shape(times))
+    return TimeGrid.build(times, budget, buckets).frontier(errors)
 
 
 def solve_dp(errors: np.ndarray, times: np.ndarray, budget: float,
@@ -122,16 +149,22 @@ def _run_dp(errors: np.ndarray, excess: np.ndarray, buckets: int) -> tuple[np.nd
     return best, choice
 
 
-def _validated(errors: np.ndarray, times: np.ndarray, budget: float,
-               buckets: int) -> tuple[np.ndarray, np.ndarray]:
+def _validated_errors(errors: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     errors = np.asarray(errors, dtype=np.float64)
-    times = np.asarray(times, dtype=np.float64)
-    if errors.ndim != 2 or errors.shape != times.shape or 0 in errors.shape:
-        raise SpdyError(f"errors {errors.shape} and times {times.shape} must both be "
+    if errors.ndim != 2 or errors.shape != tuple(shape) or 0 in errors.shape:
+        raise SpdyError(f"errors {errors.shape} and times {tuple(shape)} must both be "
                         "[layers, options] with the same, non-zero shape")
     if not np.isfinite(errors).all():
         raise SpdyError("errors contain NaN or inf; give every option a finite error "
                         "(mark an option a layer cannot take with an inf time instead)")
+    return errors
+
+
+def _validated_times(times: np.ndarray) -> np.ndarray:
+    times = np.asarray(times, dtype=np.float64)
+    if times.ndim != 2 or 0 in times.shape:
+        raise SpdyError(f"times {times.shape} must be [layers, options] with a non-zero shape "
+                        "(the same as the errors)")
     if np.isnan(times).any() or (times < 0).any():
         raise SpdyError("times contain NaN or negative values; times must be >= 0 "
                         "(inf marks an unsupported option)")
@@ -139,8 +172,11 @@ def _validated(errors: np.ndarray, times: np.ndarray, budget: float,
         bad = int(np.flatnonzero(~np.isfinite(times).any(axis=1))[0])
         raise SpdyError(f"layer {bad} has no supported option (all times inf); "
                         "every layer needs at least one finite time, e.g. dense")
+    return times
+
+
+def _check_budget(budget: float, buckets: int) -> None:
     if not (isinstance(budget, (int, float, np.floating)) and math.isfinite(budget) and budget > 0):
         raise SpdyError(f"budget {budget!r} must be a finite number > 0")
     if not (isinstance(buckets, (int, np.integer)) and 1 <= buckets <= 10_000_000):
         raise SpdyError(f"buckets {buckets!r} must be an integer in 1..10,000,000")
-    return errors, times

@@ -1,16 +1,21 @@
 """From a timing table and a target speedup to a profile: the budget, fixed time and errors
-around the pure DP of dp.py."""
+around the pure DP of dp.py.
+
+A `Planner` is built once per (timing table, excluded layers) and then solves any number of
+error sets and targets; the search calls it for every candidate. Errors are always keyed by
+layer name, so they can never pair with the wrong row of a table.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .dp import Frontier, dp_frontier
+from .dp import Frontier, TimeGrid
 from .errors import InfeasibleTargetError, SpdyError
 from .jsonio import load_json, require, save_json
 from .options import SparsityOption
@@ -19,6 +24,8 @@ from .timing import TimingTable
 
 ERRORS_FORMAT, ERRORS_VERSION = "spdy-gpu/errors", 1
 
+LayerErrors = Mapping[str, Sequence[float]]     # layer name -> error per option of the table
+
 
 def prior_errors(options: Sequence[SparsityOption]) -> np.ndarray:
     """The reference's shared prior: (rank of the option by sparsity / (count - 1))^2, dense 0."""
@@ -26,128 +33,188 @@ def prior_errors(options: Sequence[SparsityOption]) -> np.ndarray:
     return (ranks / max(len(options) - 1, 1)) ** 2
 
 
+class Planner:
+    """Solves SPDY's DP on one timing table with some layers kept dense.
+
+    Budget for target x: dense_total / x; the searched layers get that minus the fixed time
+    (the table's unattributed time plus the dense time of excluded layers). The bucketed
+    time grid of each target is built once and reused for every error set.
+    """
+
+    def __init__(self, table: TimingTable, exclude: Sequence[str] = (), buckets: int = 10_000):
+        if not table.dense_total_ms > 0:
+            raise SpdyError(f"the timing table's dense_total_ms is {table.dense_total_ms}; it "
+                            "must be > 0, re-measure the table")
+        if not table.layers:
+            raise SpdyError("the timing table has no layers; re-measure it on a model with "
+                            "prunable layers")
+        excluded = [name for name in table.layer_names
+                    if any(fnmatch.fnmatchcase(name, p) for p in exclude)]
+        if len(excluded) == len(table.layers):
+            raise SpdyError("every layer is excluded; loosen the --exclude patterns")
+        self.table = table
+        self.exclude = tuple(exclude)
+        self.buckets = buckets
+        self.excluded = tuple(excluded)
+        rows = [i for i, name in enumerate(table.layer_names) if name not in excluded]
+        self.layers = tuple(table.layer_names[i] for i in rows)
+        times = table.times()
+        self.times = times[rows]                                   # [searched, options]
+        self.fixed_ms = math.fsum([table.fixed_ms, *times[[i for i in range(len(times))
+                                                             if i not in rows], 0]])
+        self.min_time_ms = math.fsum([self.fixed_ms, *self.times.min(axis=1)])
+        self._grids: dict[float, TimeGrid] = {}
+
+    @property
+    def options(self) -> tuple[SparsityOption, ...]:
+        return self.table.options
+
+    @property
+    def max_speedup(self) -> float:
+        """Speedup with every searched layer at its fastest option."""
+        return self.table.dense_total_ms / self.min_time_ms
+
+    def prior(self) -> dict[str, np.ndarray]:
+        """SPDY's shared prior for every searched layer."""
+        row = prior_errors(self.options)
+        return {name: row for name in self.layers}
+
+    def error_matrix(self, errors: LayerErrors | None) -> np.ndarray:
+        """[searched layers, options] from errors keyed by layer name (None: the prior)."""
+        if errors is None:
+            errors = self.prior()
+        if not isinstance(errors, Mapping):
+            raise SpdyError("errors must be keyed by layer name ({layer: [error per option]}), "
+                            "not given by position")
+        # Errors of excluded layers are ignored (they stay dense); unknown names are refused.
+        extra = [name for name in errors if name not in self.layers + self.excluded]
+        missing = [name for name in self.layers if name not in errors]
+        if missing:
+            raise SpdyError(f"no errors for layer {missing[0]!r} ({len(missing)} layers "
+                            "missing); give errors for every searched layer of the table")
+        if extra:
+            raise SpdyError(f"errors given for layer {extra[0]!r}, which is not in the timing "
+                            "table; the errors belong to another model or table")
+        try:
+            rows = [np.asarray(errors[name], dtype=np.float64) for name in self.layers]
+        except (TypeError, ValueError):
+            raise SpdyError("errors must be lists of numbers, one per option of the "
+                            "table") from None
+        if any(row.shape != (len(self.options),) for row in rows):
+            raise SpdyError(f"expected {len(self.options)} errors per layer (one per option "
+                            "of the timing table); compute errors for the table's grid")
+        matrix = np.stack(rows)
+        if not np.isfinite(matrix).all() or (matrix < 0).any():
+            raise SpdyError("errors must be finite and >= 0 (a NaN, inf or negative error "
+                            "would steer the DP arbitrarily); recompute them")
+        return matrix
+
+    def grid(self, speedup: float) -> TimeGrid:
+        """The bucketed time side of the DP for a target (cached)."""
+        if not (isinstance(speedup, (int, float)) and math.isfinite(speedup) and speedup > 0):
+            raise SpdyError(f"target speedup {speedup} must be a finite number > 0, e.g. 1.5")
+        speedup = float(speedup)
+        if speedup not in self._grids:
+            layer_budget = self.table.dense_total_ms / speedup - self.fixed_ms
+            if layer_budget <= 0:
+                raise self._infeasible(speedup, "the fixed time alone exceeds the budget")
+            try:
+                self._grids[speedup] = TimeGrid.build(self.times, layer_budget, self.buckets)
+            except InfeasibleTargetError:
+                raise self._infeasible(
+                    speedup, "even every layer at its fastest option is too slow") from None
+        return self._grids[speedup]
+
+    def frontier(self, speedup: float, errors: LayerErrors | None = None) -> Frontier:
+        """The DP frontier for `speedup`: it answers every larger target too."""
+        return self.grid(speedup).frontier(self.error_matrix(errors))
+
+    def choose(self, speedup: float, errors: LayerErrors | None = None,
+               matrix: np.ndarray | None = None) -> dict[str, SparsityOption]:
+        """Chosen option per searched layer. `matrix` (from error_matrix) skips the name
+        check in hot loops that already hold a checked matrix."""
+        matrix = self.error_matrix(errors) if matrix is None else matrix
+        picks = self.grid(speedup).solve(matrix)
+        return {name: self.options[p] for name, p in zip(self.layers, picks)}
+
+    def solve(self, speedup: float, errors: LayerErrors | None = None) -> Profile:
+        """The least-error profile whose predicted time is guaranteed <= dense / speedup."""
+        return self.profile(speedup, self.choose(speedup, errors))
+
+    def profile(self, speedup: float, choices: Mapping[str, SparsityOption]) -> Profile:
+        """A Profile for chosen options of the searched layers; excluded layers stay dense."""
+        table, index = self.table, {o: i for i, o in enumerate(self.options)}
+        row = {name: i for i, name in enumerate(self.layers)}
+        predicted = math.fsum([self.fixed_ms, *(self.times[row[name], index[option]]
+                                                for name, option in choices.items())])
+        dense = SparsityOption.dense()
+        return Profile(
+            model=table.model,
+            choices={name: choices.get(name, dense) for name in table.layer_names},
+            target_speedup=speedup,
+            budget_ms=table.dense_total_ms / speedup,
+            predicted_ms=predicted,
+            dense_total_ms=table.dense_total_ms,
+            fixed_ms=self.fixed_ms,
+            fingerprint=table.fingerprint,
+            excluded=self.excluded,
+            estimated=table.estimated)
+
+    def curve(self, errors: LayerErrors | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(speedup, least total error), ascending, at every bucket of one DP pass from 1x
+        (or the table's slowest choice) to the largest achievable speedup."""
+        finite = np.where(np.isfinite(self.times), self.times, np.nan)
+        slowest = self.table.dense_total_ms / (self.fixed_ms + np.nanmax(finite, 1).sum())
+        frontier = self.frontier(min(1.0, slowest), errors)
+        reachable = np.isfinite(frontier.best_error)
+        budgets = self.fixed_ms + frontier.budget_ms(np.arange(frontier.buckets + 1))
+        speedups = self.table.dense_total_ms / budgets[reachable]
+        return speedups[::-1], frontier.best_error[reachable][::-1]
+
+    def _infeasible(self, speedup: float, why: str) -> InfeasibleTargetError:
+        best = self.max_speedup
+        return InfeasibleTargetError(
+            f"target speedup {speedup:g}x is infeasible ({why}); the largest achievable "
+            f"speedup on this timing table is {best:.3f}x: ask for at most that",
+            min_time=self.min_time_ms, max_speedup=best)
+
+
+def solve_profile(table: TimingTable, speedup: float, errors: LayerErrors | None = None,
+                  exclude: Sequence[str] = (), buckets: int = 10_000) -> Profile:
+    """The least-error profile whose predicted time is guaranteed <= dense time / speedup;
+    errors keyed by layer name (None: SPDY's prior for every layer)."""
+    return Planner(table, exclude, buckets).solve(speedup, errors)
+
+
+def max_speedup(table: TimingTable, exclude: Sequence[str] = ()) -> float:
+    """Speedup with every searched layer at its fastest option."""
+    return Planner(table, exclude).max_speedup
+
+
+def frontier_curve(table: TimingTable, errors: LayerErrors | None = None,
+                   exclude: Sequence[str] = (), buckets: int = 10_000
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The whole error-speedup trade-off of one DP pass (see Planner.curve)."""
+    return Planner(table, exclude, buckets).curve(errors)
+
+
 def save_errors(path: str | os.PathLike, options: Sequence[SparsityOption],
-                errors: dict[str, Sequence[float]]) -> None:
+                errors: LayerErrors) -> None:
     """Per-layer, per-option errors for `spdy-gpu solve --errors`."""
     save_json(path, ERRORS_FORMAT, ERRORS_VERSION, {
         "options": [o.name for o in options],
         "layers": {name: [float(e) for e in row] for name, row in errors.items()}})
 
 
-def load_errors(path: str | os.PathLike, table: TimingTable, layers: Sequence[str]) -> np.ndarray:
-    """[len(layers), options] errors from a file written by save_errors, checked against `table`."""
+def load_errors(path: str | os.PathLike, options: Sequence[SparsityOption]
+                ) -> dict[str, list[float]]:
+    """Errors keyed by layer name from a file written by save_errors, for this option grid
+    (Planner.error_matrix checks them against the table's layers)."""
     doc = load_json(path, ERRORS_FORMAT, ERRORS_VERSION)
-    if require(doc, "options", list, path) != [o.name for o in table.options]:
+    if require(doc, "options", list, path) != [o.name for o in options]:
         raise SpdyError(f"{path}: its options differ from the timing table's; "
                         "compute the errors for the table's option grid")
     rows = require(doc, "layers", dict, path)
-    missing = [name for name in layers if name not in rows]
-    if missing:
-        raise SpdyError(f"{path}: no errors for layer {missing[0]!r} "
-                        f"({len(missing)} layers missing); compute errors for every layer")
-    try:
-        errors = np.array([rows[name] for name in layers], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise SpdyError(f"{path}: errors must be lists of numbers; regenerate the file") from None
-    if errors.shape != (len(layers), len(table.options)):
-        raise SpdyError(f"{path}: expected {len(table.options)} errors per layer; "
-                        "regenerate the file for this table")
-    return errors
-
-
-def searched_layers(table: TimingTable, exclude: Sequence[str] = ()) -> tuple[list[int], list[int]]:
-    """Indices of the layers the search may prune, and of those kept dense by `exclude`."""
-    excluded = [i for i, name in enumerate(table.layer_names)
-                if any(fnmatch.fnmatchcase(name, p) for p in exclude)]
-    return [i for i in range(len(table.layers)) if i not in excluded], excluded
-
-
-def fixed_time(table: TimingTable, excluded: Sequence[int]) -> float:
-    """Time the search cannot change: unattributed time plus excluded layers at dense."""
-    return math.fsum([table.fixed_ms, *table.dense_times()[list(excluded)]])
-
-
-def max_speedup(table: TimingTable, exclude: Sequence[str] = ()) -> float:
-    """Speedup with every searched layer at its fastest option."""
-    searched, excluded = searched_layers(table, exclude)
-    fastest = table.times()[searched].min(axis=1)
-    return table.dense_total_ms / math.fsum([fixed_time(table, excluded), *fastest])
-
-
-def solve_frontier(table: TimingTable, speedup: float, errors: np.ndarray | None = None,
-                   exclude: Sequence[str] = (), buckets: int = 10_000
-                   ) -> tuple[Frontier, list[int], float]:
-    """DP frontier over the searched layers: one pass answers `speedup` and every larger
-    target (every smaller budget).
-
-    errors: [searched layers, options]; None uses the prior for every layer.
-    Returns (frontier, searched layer indices, fixed time).
-    """
-    if not (math.isfinite(speedup) and speedup > 0):
-        raise SpdyError(f"target speedup {speedup} must be a finite number > 0, e.g. 1.5")
-    searched, excluded = searched_layers(table, exclude)
-    if not searched:
-        raise SpdyError("every layer is excluded; loosen the --exclude patterns")
-    fixed = fixed_time(table, excluded)
-    if errors is None:
-        errors = np.tile(prior_errors(table.options), (len(searched), 1))
-    layer_budget = table.dense_total_ms / speedup - fixed
-    best = max_speedup(table, exclude)
-    if layer_budget <= 0:
-        raise _infeasible(table, speedup, best, "the fixed time alone exceeds the budget")
-    try:
-        frontier = dp_frontier(errors, table.times()[searched], layer_budget, buckets)
-    except InfeasibleTargetError:
-        raise _infeasible(table, speedup, best,
-                          "even every layer at its fastest option is too slow") from None
-    return frontier, searched, fixed
-
-
-def solve_profile(table: TimingTable, speedup: float, errors: np.ndarray | None = None,
-                  exclude: Sequence[str] = (), buckets: int = 10_000) -> Profile:
-    """The least-error profile whose predicted time is guaranteed <= dense time / speedup."""
-    frontier, searched, fixed = solve_frontier(table, speedup, errors, exclude, buckets)
-    return profile_from_picks(table, speedup, dict(zip(searched, frontier.solution())), fixed)
-
-
-def frontier_curve(table: TimingTable, errors: np.ndarray | None = None,
-                   exclude: Sequence[str] = (), buckets: int = 10_000
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(speedup, least total error), ascending, at every bucket of one DP pass from 1x (or
-    the table's slowest choice) to the largest achievable speedup: the whole trade-off."""
-    times = table.times()
-    slowest_ms = table.fixed_ms + np.nanmax(np.where(np.isfinite(times), times, np.nan), 1).sum()
-    slowest = table.dense_total_ms / slowest_ms
-    frontier, _, fixed = solve_frontier(table, min(1.0, slowest), errors, exclude, buckets)
-    reachable = np.isfinite(frontier.best_error)
-    budgets = fixed + frontier.budget_ms(np.arange(frontier.buckets + 1))
-    speedups = table.dense_total_ms / budgets[reachable]
-    return speedups[::-1], frontier.best_error[reachable][::-1]      # ascending speedup
-
-
-def profile_from_picks(table: TimingTable, speedup: float, picks: dict[int, int],
-                       fixed: float) -> Profile:
-    """A Profile for chosen option indices (searched layer index -> option index); the layers
-    not in `picks` are the excluded ones and stay dense."""
-    times = table.times()
-    chosen = [picks.get(i, 0) for i in range(len(table.layers))]
-    predicted = math.fsum([fixed, *(times[i, chosen[i]] for i in picks)])
-    return Profile(
-        model=table.model,
-        choices={layer.name: table.options[o] for layer, o in zip(table.layers, chosen)},
-        target_speedup=speedup,
-        budget_ms=table.dense_total_ms / speedup,
-        predicted_ms=predicted,
-        dense_total_ms=table.dense_total_ms,
-        fixed_ms=fixed,
-        fingerprint=table.fingerprint,
-        excluded=tuple(table.layer_names[i] for i in range(len(table.layers)) if i not in picks),
-        estimated=table.estimated)
-
-
-def _infeasible(table: TimingTable, speedup: float, best: float,
-                why: str) -> InfeasibleTargetError:
-    return InfeasibleTargetError(
-        f"target speedup {speedup:g}x is infeasible ({why}); the largest achievable speedup "
-        f"on this timing table is {best:.3f}x: ask for at most that",
-        min_time=table.dense_total_ms / best, max_speedup=best)
+    if not all(isinstance(row, list) for row in rows.values()):
+        raise SpdyError(f"{path}: errors must be lists of numbers; regenerate the file")
+    return rows

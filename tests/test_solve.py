@@ -5,6 +5,7 @@ import pytest
 
 from spdy_gpu import InfeasibleTargetError, SpdyError, solve_profile
 from spdy_gpu.solve import (
+    Planner,
     frontier_curve,
     load_errors,
     max_speedup,
@@ -58,12 +59,44 @@ def test_error_files_round_trip_and_drive_the_choice(tmp_path, toy_table):
     errors[0, 1:] = 100.0                       # layer0 must stay dense
     save_errors(tmp_path / "e.json", toy_table.options,
                 {name: row for name, row in zip(toy_table.layer_names, errors)})
-    loaded = load_errors(tmp_path / "e.json", toy_table, toy_table.layer_names)
-    assert np.array_equal(loaded, errors)
+    loaded = load_errors(tmp_path / "e.json", toy_table.options)
+    assert np.array_equal([loaded[name] for name in toy_table.layer_names], errors)
     profile = solve_profile(toy_table, 1.2, loaded)
     assert profile.choices["layer0"].pattern == "dense"
-    with pytest.raises(SpdyError, match="no errors for layer 'extra'"):
-        load_errors(tmp_path / "e.json", toy_table, ["layer0", "extra"])
+
+
+def test_errors_are_matched_by_name_not_position(toy_table):
+    planner = Planner(toy_table)
+    errors = {"layer2": [0, 0, 0, 0], "layer1": [0, 0, 0, 0], "layer0": [0, 9, 9, 9]}
+    assert planner.solve(1.2, errors).choices["layer0"].pattern == "dense"
+    with pytest.raises(SpdyError, match="no errors for layer 'layer1'"):
+        planner.solve(1.2, {"layer0": [0] * 4, "layer2": [0] * 4})
+    with pytest.raises(SpdyError, match="'extra', which is not in the timing table"):
+        planner.solve(1.2, {**errors, "extra": [0] * 4})
+    with pytest.raises(SpdyError, match="keyed by layer name"):
+        planner.solve(1.2, np.zeros((3, 4)))
+    with pytest.raises(SpdyError, match="finite and >= 0"):
+        planner.solve(1.2, {**errors, "layer0": [0, -1, 0, 0]})
+    with pytest.raises(SpdyError, match="4 errors per layer"):
+        planner.solve(1.2, {**errors, "layer0": [0, 1]})
+    # an excluded layer's errors are ignored, not refused
+    assert Planner(toy_table, ["layer0"]).solve(1.1, errors).choices["layer0"].pattern == "dense"
+
+
+def test_infeasible_fields_mean_the_whole_model(toy_table):
+    planner = Planner(toy_table, ["layer0"])
+    with pytest.raises(InfeasibleTargetError) as info:
+        planner.solve(3.0)
+    assert info.value.max_speedup == pytest.approx(planner.max_speedup)
+    assert info.value.min_time == pytest.approx(toy_table.dense_total_ms / planner.max_speedup)
+
+
+def test_planner_refuses_tables_it_cannot_plan_on(toy_table):
+    import dataclasses
+    with pytest.raises(SpdyError, match="dense_total_ms is 0"):
+        Planner(dataclasses.replace(toy_table, dense_total_ms=0.0))
+    with pytest.raises(SpdyError, match="no layers"):
+        Planner(dataclasses.replace(toy_table, layers=()))
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -9,7 +9,7 @@ import sys
 from datetime import datetime, timezone
 
 from ..profile import Profile
-from ..solve import frontier_curve, load_errors, searched_layers, solve_profile
+from ..solve import Planner, load_errors
 from ..timing import TimingTable
 
 
@@ -38,10 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     table = TimingTable.load(args.timings)
-    searched, _ = searched_layers(table, args.exclude)
-    errors = (None if args.errors is None
-              else load_errors(args.errors, table, [table.layer_names[i] for i in searched]))
-    profile = solve_profile(table, args.speedup, errors, args.exclude, args.buckets)
+    planner = Planner(table, args.exclude, args.buckets)
+    errors = None if args.errors is None else load_errors(args.errors, table.options)
+    profile = planner.solve(args.speedup, errors)
     profile = dataclasses.replace(profile, provenance={
         "command": shlex.join(["spdy-gpu", *sys.argv[1:]]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -50,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from ..plots import plot_profile
 
-        curve = frontier_curve(table, errors, args.exclude, args.buckets)
+        curve = planner.curve(errors)
         label = "total error (prior)" if errors is None else "total error"
         print(f"plot written to {plot_profile(table, profile, curve, args.plot, label)}")
     if not args.quiet:
