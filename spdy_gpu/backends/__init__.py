@@ -2,13 +2,16 @@
 
 The search depends on this module only. A backend module is imported when its name is
 first asked for, so `import spdy_gpu` loads neither DeepSparse nor Triton. Adding a backend
-is one module with a class decorated by `@register_backend` and one line in `_MODULES`.
+is one module with a class decorated by `@register_backend` and one line in `_MODULES`; the
+class declares its command-line options (`cli_options`) and its natural option family
+(`default_pattern`), so the command line names no backend itself.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,7 +28,24 @@ _MODULES = {
     "deepsparse": "spdy_gpu.backends.deepsparse",
     "triton": "spdy_gpu.backends.triton",
 }
-_REGISTRY: dict[str, Callable[..., LatencyBackend]] = {}
+_REGISTRY: dict[str, type] = {}
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """One command-line option of a backend: `flag` sets the constructor keyword `key` (the
+    flag without dashes). Left off the command line, the backend's own default applies. A
+    flag several backends declare (e.g. --repeats) must have the same type and choices."""
+
+    flag: str
+    help: str
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
 
 
 @runtime_checkable
@@ -33,6 +53,9 @@ class LatencyBackend(Protocol):
     """What the search needs from a place where models run."""
 
     name: str
+    summary: str                          # one line for --help: where it runs, what it prunes
+    default_pattern: str                  # option family of the default grid
+    cli_options: tuple[CliOption, ...]    # the command-line options it takes
 
     def fingerprint(self, setting: ModelSetting) -> Fingerprint:
         """Where this backend measures (device, versions, threads, batch, shape, dtype)."""
@@ -55,9 +78,9 @@ class LatencyBackend(Protocol):
         ...
 
 
-def register_backend(name: str) -> Callable:
+def register_backend(name: str) -> Callable[[type], type]:
     """Class decorator: make a backend available under `name`."""
-    def decorate(cls: Callable[..., LatencyBackend]) -> Callable[..., LatencyBackend]:
+    def decorate(cls: type) -> type:
         _REGISTRY[name] = cls
         return cls
     return decorate
@@ -67,10 +90,15 @@ def backend_names() -> list[str]:
     return sorted(_MODULES)
 
 
-def get_backend(name: str, **config: Any) -> LatencyBackend:
-    """Instantiate the backend called `name` with its keyword configuration."""
+def backend_class(name: str) -> type:
+    """The class registered as `name` (its module is imported on first use)."""
     if name not in _MODULES:
         raise SpdyError(f"unknown backend {name!r}; choose one of {backend_names()}")
     if name not in _REGISTRY:
         importlib.import_module(_MODULES[name])
-    return _REGISTRY[name](**config)
+    return _REGISTRY[name]
+
+
+def get_backend(name: str, **config: Any) -> LatencyBackend:
+    """Instantiate the backend called `name` with its keyword configuration."""
+    return backend_class(name)(**config)

@@ -49,7 +49,7 @@ from ..onnx_export import (
 )
 from ..options import SparsityOption
 from ..timing import Fingerprint, LayerTiming, TimingTable
-from . import register_backend
+from . import CliOption, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,13 @@ class DeepSparseBackend:
     """
 
     name = "deepsparse"
+    summary = "CPU, DeepSparse engine; default grid: 41 unstructured levels"
+    default_pattern = "unstructured"
+    cli_options = (
+        CliOption("--threads", "cores to use (default: all available)", int),
+        CliOption("--repeats", "analysis calls per option and end-to-end rounds per engine; "
+                               "the table keeps median and spread (default 3)", int),
+    )
 
     def __init__(self, threads: int | None = None, repeats: int = 3, iterations: int = 20,
                  warmup: int = 5, sparsity_source: str = "imposed",

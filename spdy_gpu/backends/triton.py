@@ -44,7 +44,7 @@ from ..models import ModelSetting
 from ..options import SparsityOption
 from ..roofline import roofline_ms
 from ..timing import Fingerprint, LayerTiming, TimingTable
-from . import register_backend
+from . import CliOption, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,16 @@ class TritonBackend:
     """
 
     name = "triton"
+    summary = "NVIDIA GPU, Triton BSR kernel; default grid: 41 levels of 32x32 blocks"
+    default_pattern = "block"
+    cli_options = (
+        CliOption("--repeats", "do_bench calls per kernel (default 3)", int),
+        CliOption("--dtype", "weight/activation dtype (default bf16)", str,
+                  tuple(DTYPES)),
+        CliOption("--estimate", "without a GPU: analytic roofline estimate for a named GPU "
+                                f"({', '.join(sorted(GPU_SPECS))}) or a measured spec .json "
+                                "(the table is marked ESTIMATED)", metavar="GPU"),
+    )
 
     def __init__(self, dtype: str = "bf16", estimate: str | GpuSpec | None = None,
                  repeats: int = 3, cache_dir: Path | None = None):

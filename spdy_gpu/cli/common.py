@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
+from ..backends import CliOption, LatencyBackend, backend_class, backend_names, get_backend
+from ..errors import SpdyError
 from ..models import ModelEntry, ModelSetting, load_model
 from ..options import SparsityOption, option_grid, parse_options
 
@@ -50,3 +53,34 @@ def options_from_args(args: argparse.Namespace, default_pattern: str) -> list[Sp
         return parse_options(args.options)
     return option_grid(args.pattern or default_pattern, args.levels, args.min_sparsity,
                        args.max_sparsity, args.block)
+
+
+def add_backend_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--backend plus every backend's own options (each flag once; its help names the
+    backends that take it). Options default to None: the chosen backend's own default."""
+    group = parser.add_argument_group("backend")
+    classes = {name: backend_class(name) for name in backend_names()}
+    group.add_argument("--backend", required=required, choices=list(classes),
+                       help="; ".join(f"{name}: {cls.summary}" for name, cls in classes.items()))
+    users: dict[str, list[tuple[str, CliOption]]] = {}
+    for name, cls in classes.items():
+        for option in cls.cli_options:
+            users.setdefault(option.flag, []).append((name, option))
+    for flag, pairs in users.items():
+        first = pairs[0][1]
+        group.add_argument(flag, type=first.type, choices=first.choices, metavar=first.metavar,
+                           default=None,
+                           help="; ".join(f"{name}: {option.help}" for name, option in pairs))
+
+
+def backend_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The chosen backend's keyword configuration: the options it declares that were given."""
+    options = backend_class(args.backend).cli_options
+    return {o.key: value for o in options if (value := getattr(args, o.key, None)) is not None}
+
+
+def backend_from_args(args: argparse.Namespace) -> LatencyBackend:
+    """The backend named by --backend, configured by its options."""
+    if getattr(args, "backend", None) is None:
+        raise SpdyError(f"no latency backend chosen; pass --backend ({', '.join(backend_names())})")
+    return get_backend(args.backend, **backend_config(args))

@@ -11,16 +11,18 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-from ..backends import LatencyBackend, backend_names, get_backend
+from ..backends import LatencyBackend
 from ..errors import SpdyError
 from ..layers import LayerInfo, discover_layers
 from ..options import SparsityOption
 from ..timing import TimingTable
 from .common import (
+    add_backend_args,
     add_model_args,
     add_option_args,
+    backend_config,
+    backend_from_args,
     exclude_patterns,
     model_from_args,
     options_from_args,
@@ -28,7 +30,7 @@ from .common import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PATTERN = {"deepsparse": "unstructured", "triton": "block"}
+__all__ = ["add_parser", "backend_config", "run", "searchable_layers", "summary"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,37 +42,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "command is run again.")
     add_model_args(parser)
     add_option_args(parser)
-    parser.add_argument("--backend", required=True, choices=backend_names(),
-                        help="deepsparse (CPU; default grid: 41 unstructured levels) or "
-                             "triton (GPU; default grid: 41 levels of 32x32 blocks)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="deepsparse: cores to use (default: all available)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="measurements per option; the table keeps median and spread "
-                             "(default: the backend's, 3 for deepsparse)")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
-                        help="triton: weight/activation dtype (default bf16)")
-    parser.add_argument("--estimate", metavar="GPU", default=None,
-                        help="triton without a GPU: analytic roofline estimate for a named "
-                             "GPU (the table is marked ESTIMATED)")
+    add_backend_args(parser)
     parser.add_argument("--out", required=True, metavar="T.json", help="timing table to write")
     parser.add_argument("--plot", metavar="PNG", default=None,
                         help="also draw per-layer speedup curves and the uniform-sparsity time")
     parser.set_defaults(run=run)
-
-
-def backend_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword configuration of the chosen backend from the command line."""
-    config: dict[str, Any]
-    if args.backend == "deepsparse":
-        config = {"threads": args.threads}
-    elif args.backend == "triton":
-        config = {"dtype": args.dtype, "estimate": args.estimate}
-    else:
-        config = {}
-    if args.repeats is not None:
-        config["repeats"] = args.repeats
-    return config
 
 
 def searchable_layers(backend: LatencyBackend, layers: list[LayerInfo],
@@ -88,8 +64,8 @@ def searchable_layers(backend: LatencyBackend, layers: list[LayerInfo],
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     entry, setting = model_from_args(args)
-    backend = get_backend(args.backend, **backend_config(args))
-    options = options_from_args(args, DEFAULT_PATTERN.get(args.backend, "unstructured"))
+    backend = backend_from_args(args)
+    options = options_from_args(args, backend.default_pattern)
     started = time.perf_counter()
     model, example = entry.build(setting)
     layers = discover_layers(model, example, exclude_patterns(args, entry))
