@@ -6,15 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-import torch
-
+from ..data import CalibrationSpec
 from ..errors import SpdyError
 from ..layers import prunable_modules
-from ..models import ModelEntry, ModelSetting
 from .common import (
     add_model_args,
     add_option_args,
@@ -71,67 +66,8 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
                        help="samples per calibration forward (32)")
 
 
-def calibration_batches(args: argparse.Namespace, entry: ModelEntry, setting: ModelSetting,
-                        example: Any) -> tuple[list[Any], dict[str, Any]]:
-    """The calibration batches the arguments ask for, and a description for the manifest."""
-    if args.samples < 1 or args.calib_batch_size < 1:
-        raise SpdyError("--samples and --calib-batch-size must be >= 1")
-    calib_setting = ModelSetting(args.calib_batch_size, setting.seq_len, setting.image_size)
-    if args.calib:
-        batches = list(_file_batches(Path(args.calib), args.samples, args.calib_batch_size))
-        source = f"file:{args.calib}"
-    elif entry.calibration is not None:
-        batches = list(entry.calibration(calib_setting, args.samples))
-        source = f"model:{entry.name}"
-    else:
-        log.warning("no calibration data for %s: using its example input; pass --calib with "
-                    "real data for a much better database", entry.name)
-        batches, source = [example], "example-input"
-    description = {"source": source, "samples": args.samples,
-                   "batch_size": args.calib_batch_size, "seq_len": setting.seq_len,
-                   "image_size": setting.image_size}
-    return batches, description
-
-
-def _file_batches(path: Path, samples: int, batch_size: int) -> Iterator[Any]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    elif path.is_file():
-        files = [path]
-    else:
-        raise SpdyError(f"--calib {path}: no such file or directory")
-    if not files:
-        raise SpdyError(f"--calib {path}: the directory holds no files; add saved tensors")
-    left = samples
-    for file in files:
-        try:
-            data = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise SpdyError(f"--calib {file}: cannot load it with torch.load ({e}); save "
-                            "inputs with torch.save(tensor, path)") from None
-        count = _count(data, file)
-        for start in range(0, min(count, left), batch_size):
-            yield _slice(data, start, min(start + batch_size, left))
-        left -= min(count, left)
-        if left <= 0:
-            return
-
-
-def _count(data: Any, file: Path) -> int:
-    first = next(iter(data.values())) if isinstance(data, dict) else (
-        data[0] if isinstance(data, (tuple, list)) else data)
-    if not isinstance(first, torch.Tensor) or first.dim() == 0:
-        raise SpdyError(f"--calib {file}: expected a tensor (or tuple/dict of tensors) whose "
-                        "first dimension is samples")
-    return first.shape[0]
-
-
-def _slice(data: Any, start: int, stop: int) -> Any:
-    if isinstance(data, dict):
-        return {k: v[start:stop] for k, v in data.items()}
-    if isinstance(data, (tuple, list)):
-        return tuple(v[start:stop] for v in data)
-    return data[start:stop]
+def calibration_from_args(args: argparse.Namespace) -> CalibrationSpec:
+    return CalibrationSpec(args.calib, args.samples, args.calib_batch_size)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if not layers:
         raise SpdyError("no prunable layer left; check the --exclude patterns")
     options = options_from_args(args, "unstructured")
-    batches, description = calibration_batches(args, entry, setting, example)
+    calibration = calibration_from_args(args).load(entry, setting, example)
     began = time.perf_counter()
     db = build_database(
-        model, layers, options, batches, args.out, args.method, model_name=entry.name,
-        calibration=description,
+        model, layers, options, calibration.batches, args.out, args.method,
+        model_name=entry.name, calibration=calibration.description,
         fast=FastConfig(damp=args.damp, max_iters=args.max_iters, tol=args.tol,
                         solver=args.solver),
         adaprune_config=AdaPruneConfig(lr=args.lr, passes=args.passes,
@@ -179,29 +115,16 @@ def add_gap_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_gap(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_model
-
+    from ..pipeline import global_adaprune_profile
     from ..profile import Profile
-    from ..reconstruct import Database, global_adaprune_, stitch_
+    from ..reconstruct import Database
     entry, setting = model_from_args(args)
-    model, example = entry.build(setting)
-    dense, _ = entry.build(setting)
-    db = Database.open(args.database)
-    db.check_model(model)
+    database = Database.open(args.database)
     profile = Profile.load(args.profile)
-    db.check_options(list(set(profile.choices.values())))
-    stitch_(model, profile.choices, db)
-    modules = dict(model.named_modules())
-    masks = {name: modules[name].weight.detach() != 0 for name, option in
-             profile.choices.items() if option.pattern != "dense"}
-    batches, _ = calibration_batches(args, entry, setting, example)
-    report = global_adaprune_(model, dense, masks, batches, lr=args.lr, epochs=args.epochs,
-                              only_pruned=args.only_pruned, patience=args.patience,
-                              progress=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
-    save_model(model, str(tmp), metadata={"profile": str(args.profile)}, force_contiguous=True)
-    tmp.replace(args.out)
+    report = global_adaprune_profile(
+        entry, setting, database, profile, calibration_from_args(args), args.out, lr=args.lr,
+        epochs=args.epochs, patience=args.patience, only_pruned=args.only_pruned,
+        metadata={"profile": str(args.profile)})
     print(f"gAP: loss {report.loss_before:.5g} -> {report.loss_after:.5g} in {report.epochs} "
           f"epochs ({report.steps} steps{', stopped early' if report.stopped_early else ''}); "
           f"weights written to {args.out}")
