@@ -129,6 +129,30 @@ def test_without_cuda_one_line_error_names_the_three_choices():
     assert "--timings" in message and "--estimate" in message and "h100-sxm" in message
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_without_cuda_a_latency_caller_is_told_it_needs_a_gpu():
+    import argparse
+
+    from spdy_gpu.cli.common import add_backend_args, backend_from_args
+    parser = argparse.ArgumentParser()
+    add_backend_args(parser)
+    args = parser.parse_args(["--backend", "triton"])
+    with pytest.raises(SpdyError, match="no CUDA device for the triton backend"):
+        backend_from_args(args)
+    with pytest.raises(SpdyError) as error:
+        backend_from_args(args, for_latency=True)
+    message = str(error.value)
+    assert "\n" not in message and "end-to-end latency" in message and "needs a GPU" in message
+    assert "where the profile's timings were measured" in message and "--estimate" not in message
+
+
+def test_latency_without_a_device_says_it_needs_a_gpu(tmp_path, monkeypatch):
+    backend = InterpretedBackend(cache_dir=tmp_path)
+    monkeypatch.setattr(backend, "_has_device", lambda: False)
+    with pytest.raises(SpdyError, match="end-to-end latency on the triton backend needs a GPU"):
+        backend.latency_ms(TwoLayer(), torch.randn(8, 4, 4, 4), ModelSetting())
+
+
 def test_bad_configuration_is_refused():
     with pytest.raises(SpdyError, match="unknown GPU"):
         TritonBackend(estimate="h900")
@@ -278,8 +302,8 @@ class InterpretedBackend(TritonBackend):
         super().__init__(*args, dtype="fp32", repeats=1, **kwargs)
         self.device = torch.device("cpu")
 
-    def _require_device(self):
-        pass
+    def _has_device(self):
+        return True
 
     def _device_name(self):
         return "Interpreted CPU"

@@ -48,6 +48,16 @@ class CliOption:
         return self.flag.removeprefix("--").replace("-", "_")
 
 
+class NoDeviceError(SpdyError):
+    """The backend's device is missing on this machine. The message says how to plan without
+    it; `latency` is the message for a caller that wanted end-to-end latency instead, which
+    cannot do without the device."""
+
+    def __init__(self, message: str, latency: str):
+        super().__init__(message)
+        self.latency = latency
+
+
 @runtime_checkable
 class LatencyBackend(Protocol):
     """What the search needs from a place where models run."""

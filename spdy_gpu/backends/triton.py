@@ -44,7 +44,7 @@ from ..models import ModelSetting
 from ..options import SparsityOption
 from ..roofline import roofline_ms
 from ..timing import Fingerprint, LayerTiming, TimingTable
-from . import CliOption, register_backend
+from . import CliOption, NoDeviceError, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ NO_DEVICE = ("no CUDA device for the triton backend; run on a GPU, plan from a t
              "on a GPU earlier (spdy-gpu solve --timings FILE), or pass --estimate GPU_NAME "
              f"({', '.join(sorted(GPU_SPECS))}, or a measured spec .json) for an analytic "
              "ESTIMATED table")
+NO_DEVICE_LATENCY = ("end-to-end latency on the triton backend needs a GPU and this machine has "
+                     "no CUDA device; run it where the profile's timings were measured")
 
 
 def default_cache_dir() -> Path:
@@ -290,7 +292,9 @@ class TritonBackend:
         self.cache_path = Path(cache_dir or default_cache_dir()) / "triton-timings.json"
         self.device = torch.device("cuda")
         if self.spec is None:
-            self._require_device()
+            if not self._has_device():
+                raise NoDeviceError(NO_DEVICE, latency=NO_DEVICE_LATENCY)
+            _kernel()
 
     @property
     def estimated(self) -> bool:
@@ -364,8 +368,11 @@ class TritonBackend:
         pruned in blocks (all-zero tiles) run as BlockSparseLinear; BlockSparseLinear modules
         already in the model are kept. Times eager and CUDA-graph replay, returns the faster."""
         if self.spec is not None:
-            raise SpdyError("an --estimate backend cannot measure end-to-end latency; "
-                            "run verify on a GPU without --estimate")
+            raise SpdyError("an --estimate backend cannot measure end-to-end latency, which "
+                            "needs a GPU; run it without --estimate where the profile's "
+                            "timings were measured")
+        if not self._has_device():
+            raise SpdyError(NO_DEVICE_LATENCY)
         gpu_model = self._to_device(model)
         swapped = block_sparse_(gpu_model)
         log.info("%d Linear layers run block-sparse", len(swapped))
@@ -465,10 +472,8 @@ class TritonBackend:
             return type(example)(move(value) for value in example)
         return move(example)
 
-    def _require_device(self) -> None:
-        if not torch.cuda.is_available():
-            raise SpdyError(NO_DEVICE)
-        _kernel()
+    def _has_device(self) -> bool:
+        return torch.cuda.is_available()
 
     def _device_name(self) -> str:
         return torch.cuda.get_device_name(self.device)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..backends import CliOption, LatencyBackend, backend_class, backend_names, get_backend
+from ..backends import (
+    CliOption,
+    LatencyBackend,
+    NoDeviceError,
+    backend_class,
+    backend_names,
+    get_backend,
+)
 from ..errors import SpdyError
 from ..models import ModelEntry, ModelSetting, load_model
 from ..options import SparsityOption, option_grid, parse_options
@@ -79,8 +86,15 @@ def backend_config(args: argparse.Namespace) -> dict[str, Any]:
     return {o.key: value for o in options if (value := getattr(args, o.key, None)) is not None}
 
 
-def backend_from_args(args: argparse.Namespace) -> LatencyBackend:
-    """The backend named by --backend, configured by its options."""
+def backend_from_args(args: argparse.Namespace, *, for_latency: bool = False) -> LatencyBackend:
+    """The backend named by --backend, configured by its options. for_latency: the caller
+    wants end-to-end latency, so a missing device is reported as such (not with the ways to
+    plan without it)."""
     if getattr(args, "backend", None) is None:
         raise SpdyError(f"no latency backend chosen; pass --backend ({', '.join(backend_names())})")
-    return get_backend(args.backend, **backend_config(args))
+    try:
+        return get_backend(args.backend, **backend_config(args))
+    except NoDeviceError as e:
+        if for_latency:
+            raise SpdyError(e.latency) from None
+        raise
