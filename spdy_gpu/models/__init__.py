@@ -37,6 +37,10 @@ class ModelEntry:
     build(setting) -> (model in eval mode, example input: tensor, tuple or dict).
     calibration(setting, samples) -> iterator of input batches (same form as the example);
     None means no real data ships with the model.
+    loss: the search's model-level loss against the dense model, a name from
+    spdy_gpu.losses ("nmse", "cosine", "kl") or a callable (pruned_out, dense_out, batch);
+    None: nmse. quality(pruned, dense) -> {metric: value}: the model's own quality measures
+    for reports (None: only the held-out loss is reported).
     """
 
     name: str
@@ -44,6 +48,8 @@ class ModelEntry:
     build: Callable[[ModelSetting], tuple[nn.Module, Any]]
     calibration: Callable[[ModelSetting, int], Iterator[Any]] | None = None
     exclude: tuple[str, ...] = ()
+    loss: str | Callable[..., Any] | None = None
+    quality: Callable[[nn.Module, nn.Module], dict[str, float]] | None = None
     input_shape: Callable[[ModelSetting], str] = lambda s: f"batch={s.batch_size}"
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -87,7 +93,9 @@ def _user_entry(spec: str) -> ModelEntry:
                             f"got {type(result).__name__}")
         return result[0].eval(), result[1]
 
-    return ModelEntry(name=spec, description=f"user model {spec}", build=build)
+    # A user function names its own search loss with an attribute: `fn.spdy_loss = "kl"`.
+    return ModelEntry(name=spec, description=f"user model {spec}", build=build,
+                      loss=getattr(function, "spdy_loss", None))
 
 
 def _setting_kwargs(spec: str, setting: ModelSetting, accepted: set[str]) -> dict[str, int]:

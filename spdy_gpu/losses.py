@@ -1,0 +1,76 @@
+"""Model-level losses that score a pruned model against the dense one on held-out batches.
+
+A loss is `loss(pruned_output, dense_output, batch) -> scalar tensor`, lower is better.
+Built-in, by name: "nmse" (normalised squared error of the outputs, the default), "cosine"
+(1 - mean cosine similarity per sample: embeddings), "kl" (KL divergence of the pruned
+model's softmax from the dense one's: classifiers). A model entry may name one of these or
+bring its own callable (e.g. a task loss against labels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SpdyError
+
+Loss = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+def nmse(pruned: torch.Tensor, dense: torch.Tensor, batch: Any = None) -> torch.Tensor:
+    """||pruned - dense||^2 / ||dense||^2 over the batch."""
+    return (pruned - dense).square().sum() / dense.square().sum().clamp_min(1e-30)
+
+
+def cosine(pruned: torch.Tensor, dense: torch.Tensor, batch: Any = None) -> torch.Tensor:
+    """1 - mean over samples of the cosine between flattened outputs."""
+    similarity = F.cosine_similarity(pruned.flatten(1).double(), dense.flatten(1).double(),
+                                     dim=1, eps=1e-12)
+    return 1.0 - similarity.mean()
+
+
+def kl(pruned: torch.Tensor, dense: torch.Tensor, batch: Any = None) -> torch.Tensor:
+    """KL(dense || pruned) of the softmax over the last dimension, mean over samples."""
+    log_p = F.log_softmax(pruned.double(), dim=-1).flatten(0, -2)
+    log_q = F.log_softmax(dense.double(), dim=-1).flatten(0, -2)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+
+
+LOSSES: dict[str, Loss] = {"nmse": nmse, "cosine": cosine, "kl": kl}
+
+
+def get_loss(loss: str | Loss | None) -> tuple[str, Loss]:
+    """(name, function) of a loss given by name or as a callable (None: nmse)."""
+    if loss is None:
+        loss = "nmse"
+    if callable(loss):
+        return getattr(loss, "__name__", "custom"), loss
+    if loss not in LOSSES:
+        raise SpdyError(f"unknown loss {loss!r}; use one of {sorted(LOSSES)} (or give the "
+                        "model entry its own loss function)")
+    return loss, LOSSES[loss]
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The tensor a loss compares: the output itself, a model output's `logits` or
+    `last_hidden_state`, else its first tensor (tuples, dicts, dataclasses)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in ("logits", "last_hidden_state"):
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+        values = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        values = list(output)
+    else:
+        values = [getattr(output, k) for k in ("logits", "last_hidden_state")
+                  if hasattr(output, k)]
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise SpdyError(f"the model returned {type(output).__name__}, which holds no tensor to "
+                    "score; return a tensor (or a tuple/dict of them) from forward")

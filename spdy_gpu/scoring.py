@@ -1,0 +1,49 @@
+"""Scoring a profile on held-out data: stitch its weights from the database into the model,
+run the held-out batches, compare with the dense model's outputs by a model-level loss,
+and put the dense weights back. The search calls this for every distinct candidate."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import call_model
+from .losses import Loss, get_loss, output_tensor
+from .options import SparsityOption
+from .reconstruct.stitch import WeightSource, restore_, stitch_
+
+
+class HeldOutScorer:
+    """score(choices) -> mean loss of the stitched model against the dense outputs.
+
+    model: the dense model (changed only while a score is computed); database: where the
+    chosen weights come from (None: magnitude masks on the dense weights)."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[Any],
+                 database: WeightSource | None = None, loss: str | Loss | None = None):
+        self.model = model
+        self.batches = list(batches)
+        self.database = database
+        self.loss_name, self.loss = get_loss(loss)
+        self.dense_outputs = [self._forward(batch) for batch in self.batches]
+
+    def __call__(self, choices: Mapping[str, SparsityOption]) -> float:
+        backup = stitch_(self.model, choices, self.database)
+        try:
+            return self.current()
+        finally:
+            restore_(self.model, backup)
+
+    def current(self) -> float:
+        """The loss of the model as it is now (e.g. after gAP) against the dense outputs."""
+        with torch.inference_mode():
+            losses = [float(self.loss(self._forward(batch), dense, batch))
+                      for batch, dense in zip(self.batches, self.dense_outputs)]
+        return sum(losses) / len(losses)
+
+    def _forward(self, batch: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            return output_tensor(call_model(self.model, batch)).float()
