@@ -1,0 +1,35 @@
+"""`spdy-gpu apply`: prune a model to a profile for good and save its weights."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_model_args, exclude_patterns, model_from_args
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "apply", help="prune a model to a profile and save its weights",
+        description="Give every layer of the profile its chosen option's weights "
+                    "(reconstructed weights from --database, or magnitude masks) and save the "
+                    "pruned model's state dict as safetensors, with the profile in its "
+                    "metadata. Layers matching --exclude stay dense.")
+    add_model_args(parser)
+    parser.add_argument("--profile", required=True, metavar="P.json", help="profile to apply")
+    parser.add_argument("--database", metavar="DIR", default=None,
+                        help="reconstruction database (default: magnitude-pruned weights)")
+    parser.add_argument("--out", required=True, metavar="W.safetensors",
+                        help="pruned weights file to write")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..deploy import apply_profile
+
+    entry, setting = model_from_args(args)
+    model, _ = entry.build(setting)
+    result = apply_profile(model, args.profile, args.out, database=args.database,
+                           model_name=entry.name, exclude=exclude_patterns(args, entry))
+    print(f"pruned {result.pruned} layers to {result.sparsity:.1%} sparsity (zeros of their "
+          f"weights); weights written to {result.path}")
+    return 0

@@ -1,0 +1,434 @@
+"""Deploying a profile: prune the model to it for good and write what an engine runs.
+
+Artifacts (each written atomically: a temporary file next to the target, then a rename):
+
+- pruned weights (`save_pruned` / `load_pruned`): the safetensors state dict of the dense
+  architecture, pruned weights being exact zeros. Metadata (all strings): "format"
+  "spdy-gpu/pruned-weights", "version" "1" and, from the profile, "profile" (its path),
+  "model" and "choices" (JSON {layer: option}).
+- ONNX (`export_onnx_pruned`): the pruned model at opset 14, which DeepSparse runs; every
+  prunable layer is located in the graph by its exact values, so its zeros survived export.
+- block-sparse (`save_block_sparse` / `load_block_sparse`, the Triton deployment): ONE
+  safetensors file (one rename makes it appear whole, and it moves as one) holding the
+  state dict of the model whose block-pruned nn.Linear layers are BlockSparseLinear.
+  Metadata: "format" "spdy-gpu/block-sparse", "version" "1", "layers" (JSON {layer:
+  {"option", "block": [rows, cols], "shape": [out, in]}}: the layers to swap before loading
+  the state dict) and the profile fields above. Unstructured and N:M choices, block choices
+  on anything but a plain nn.Linear, and dense layers stay dense (masked) modules.
+
+`apply_profile` and `export_profile` are what `spdy-gpu apply` and `spdy-gpu export` run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SpdyError
+from .options import SparsityOption
+from .profile import Profile
+
+PRUNED_FORMAT = "spdy-gpu/pruned-weights"
+BLOCK_FORMAT = "spdy-gpu/block-sparse"
+ARTIFACT_VERSION = "1"
+FORMATS = ("onnx", "triton")
+
+PathLike = str | os.PathLike
+ProfileLike = Profile | Mapping[str, SparsityOption | str] | PathLike
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The choices to deploy and where they came from (recorded in every artifact)."""
+
+    choices: dict[str, SparsityOption]
+    profile: Profile | None = None
+    source: str | None = None             # the profile file's path, when read from one
+
+    @property
+    def pruned(self) -> dict[str, SparsityOption]:
+        return {name: o for name, o in self.choices.items() if o.pattern != "dense"}
+
+    def metadata(self) -> dict[str, str]:
+        meta = {"choices": json.dumps({name: o.name for name, o in self.choices.items()})}
+        if self.profile is not None:
+            meta["model"] = self.profile.model
+        if self.source is not None:
+            meta["profile"] = self.source
+        return meta
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What a deploy step wrote: the pruned layers, their overall sparsity (zeros / weights
+    over those layers) and, for the Triton artifact, the layers stored block-sparse."""
+
+    path: Path
+    pruned: int
+    sparsity: float
+    block_sparse: int = 0
+
+
+def load_plan(profile_or_choices: ProfileLike | Plan, model_name: str | None = None,
+              exclude: Iterable[str] = ()) -> Plan:
+    """A profile (object or file) or a {layer: option} mapping as a Plan. A profile made for
+    another model than `model_name` is refused; layers matching `exclude` stay dense."""
+    if isinstance(profile_or_choices, Plan):
+        plan = profile_or_choices
+    elif isinstance(profile_or_choices, Profile):
+        plan = Plan(dict(profile_or_choices.choices), profile_or_choices)
+    elif isinstance(profile_or_choices, (str, os.PathLike)):
+        profile = Profile.load(profile_or_choices)
+        plan = Plan(dict(profile.choices), profile, str(profile_or_choices))
+    else:
+        plan = Plan({str(name): SparsityOption.parse(o) if isinstance(o, str) else o
+                     for name, o in profile_or_choices.items()})
+    planned_for = plan.profile.model if plan.profile is not None else ""
+    if model_name and planned_for and planned_for != model_name:
+        raise SpdyError(f"the profile is for model {planned_for!r}, not {model_name!r}; "
+                        f"pass --model {planned_for}")
+    patterns = list(exclude)
+    kept = {name: o for name, o in plan.choices.items()
+            if not any(fnmatchcase(name, p) for p in patterns)}
+    if not kept:
+        raise SpdyError("nothing to prune: the profile chooses no layer (or --exclude matches "
+                        "them all); pass a profile made by spdy-gpu solve for this model")
+    return Plan(kept, plan.profile, plan.source)
+
+
+# ---- pruning --------------------------------------------------------------------------------
+
+def prune_(model: nn.Module, profile_or_choices: ProfileLike | Plan,
+           database: Any = None) -> dict[str, SparsityOption]:
+    """Give every chosen layer its option's weights for good, in place: the reconstructed
+    weights of `database` (a Database or its directory) when given, else magnitude masks of
+    the current (dense) weights. Returns the choices applied. On error nothing changes."""
+    from .reconstruct import Database, stitch_
+    from .reconstruct.stitch import magnitude_weight
+
+    choices = load_plan(profile_or_choices).choices
+    modules = dict(model.named_modules())
+    absent = [name for name in choices if not isinstance(
+        getattr(modules.get(name), "weight", None), nn.Parameter)]
+    if absent:
+        raise SpdyError(f"layer {absent[0]} of the profile is not a weighted layer of this "
+                        "model; pass the model the profile was planned for")
+    if database is not None:
+        if not isinstance(database, Database):
+            database = Database.open(database)
+        database.check_model(model)
+        database.check_options(list(dict.fromkeys(choices.values())))
+    else:
+        for name, option in choices.items():
+            if option.pattern == "dense":
+                continue
+            try:        # the mask is cached, so stitch_ below does not build it again
+                magnitude_weight(modules[name].weight, option)
+            except SpdyError as e:
+                raise SpdyError(f"layer {name}: {e}") from None
+    stitch_(model, choices, database)    # the backup it returns holds the dense weights: dropped
+    return choices
+
+
+def _sparsity_of(model: nn.Module, layers: Iterable[str]) -> float:
+    """Zeros over weights of the named layers together (0 for no layer)."""
+    modules = dict(model.named_modules())
+    weights = [modules[name].weight.detach() for name in layers]
+    total = sum(w.numel() for w in weights)
+    return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
+
+
+def _check_pruned(model: nn.Module, plan: Plan, source: PathLike) -> None:
+    """Refuse weights (read from `source`) that are not pruned to the plan: a chosen layer
+    with a nonzero outside its option's mask (a mask built on already pruned weights keeps
+    every nonzero when there are at least as many zeros as the option removes)."""
+    from .masks import build_mask
+
+    modules = dict(model.named_modules())
+    for name, option in plan.pruned.items():
+        weight = modules[name].weight.detach()
+        outside = int((weight[~build_mask(weight, option)] != 0).sum())
+        if outside:
+            raise SpdyError(f"layer {name}: {source} has {outside} nonzero weights outside the "
+                            f"{option} pattern; pass the weights pruned to this profile")
+
+
+# ---- pruned weights (safetensors) -----------------------------------------------------------
+
+def save_pruned(model: nn.Module, path: PathLike, *, profile: ProfileLike | Plan | None = None,
+                metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write the model's state dict (tied tensors stored once) to `path`, atomically.
+    The profile's path, model and choices go into the file's metadata, with `metadata`."""
+    from safetensors.torch import save_model
+
+    path = _output_path(path)
+    meta = {"format": PRUNED_FORMAT, "version": ARTIFACT_VERSION}
+    if profile is not None:
+        meta |= load_plan(profile).metadata()
+    meta |= {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in
+             (metadata or {}).items()}
+    with _replacing(path) as tmp:
+        save_model(model, str(tmp), metadata=meta, force_contiguous=True)
+    return path
+
+
+def load_pruned(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load weights written by save_pruned (or spdy-gpu gap) into a freshly built model of
+    the same architecture, in place; another model's file is refused before any change."""
+    state, meta = _read_safetensors(path)
+    if meta.get("format") == BLOCK_FORMAT:
+        raise SpdyError(f"{path} is a block-sparse (Triton) artifact; load it with "
+                        "spdy_gpu.deploy.load_block_sparse")
+    _check_state(model, state, path)
+    model.load_state_dict(state, strict=False)     # tied names are filled through their twin
+    return model
+
+
+def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise SpdyError(f"{path}: no such file; check the path")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:   # safetensors raises its own error types for bad files
+        raise SpdyError(f"{path}: not a readable safetensors file ({e}); pass weights "
+                        "written by spdy-gpu apply") from None
+
+
+def _check_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: PathLike,
+                resized: Iterable[str] = ()) -> None:
+    """Refuse a state dict that does not fit the model, naming the first key that differs.
+    Keys under the `resized` module prefixes may change shape (BlockSparseLinear patterns)."""
+    expected = model.state_dict()
+    saved_tensors = [expected[k] for k in state if k in expected]
+    prefixes = tuple(f"{name}." for name in resized)
+    problem = None
+    for key, tensor in expected.items():
+        if key not in state and not any(_same_tensor(tensor, t) for t in saved_tensors):
+            problem = f"it has no {key}"
+        elif key in state and state[key].shape != tensor.shape and not key.startswith(prefixes):
+            problem = (f"{key} has shape {tuple(state[key].shape)} there, "
+                       f"{tuple(tensor.shape)} in the model")
+        if problem:
+            break
+    unexpected = next((k for k in state if k not in expected), None)
+    if problem is None and unexpected is not None:
+        problem = f"its {unexpected} is not in the model"
+    if problem:
+        raise SpdyError(f"{path} does not fit this model: {problem}; pass the --model (and "
+                        "options) the file was written for")
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """One tensor under two names (tied weights), which save_model stores once."""
+    return (a.device == b.device and a.data_ptr() == b.data_ptr() != 0
+            and a.shape == b.shape and a.stride() == b.stride())
+
+
+# ---- ONNX -----------------------------------------------------------------------------------
+
+def export_onnx_pruned(model: nn.Module, example: Any, path: PathLike, *,
+                       exclude: Iterable[str] = ()) -> Path:
+    """Write the (pruned) model as ONNX for DeepSparse, atomically. Every prunable layer not
+    matching `exclude` must be found in the graph by its exact values: its zeros survived."""
+    from .onnx_export import export_onnx
+
+    path = _output_path(path)
+    with _replacing(path) as tmp:
+        try:
+            export_onnx(model.eval(), example, tmp, exclude=exclude)
+        except SpdyError:
+            raise
+        except (RuntimeError, TypeError, ValueError) as e:     # the exporter's own failures
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SpdyError(f"torch.onnx.export failed ({first}); exclude or rewrite the "
+                            "layer it names") from None
+    return path
+
+
+# ---- block-sparse artifact (Triton) ---------------------------------------------------------
+
+def _block_layers(model: nn.Module, choices: Mapping[str, SparsityOption]) -> dict[str, str]:
+    """The chosen layers that become BlockSparseLinear: block options on plain nn.Linear
+    (subclasses such as attention projections are read as tensors by their owners)."""
+    modules = dict(model.named_modules())
+    return {name: o.name for name, o in choices.items()
+            if o.pattern == "block" and type(modules.get(name)) is nn.Linear}
+
+
+def save_block_sparse(model: nn.Module, profile_or_choices: ProfileLike | Plan,
+                      path: PathLike) -> dict[str, dict[str, Any]]:
+    """Write the Triton deployment artifact of `model` (dense, or already pruned to these
+    choices, e.g. by prune_ with a database: magnitude masks keep pruned weights as they
+    are). The model itself is not changed. Returns the layout {layer: {"option", "block",
+    "shape"}} of the layers stored block-sparse."""
+    from safetensors.torch import save_model
+
+    from .sparse_linear import sparsify_
+
+    plan = load_plan(profile_or_choices)
+    path = _output_path(path)
+    deployed = copy.deepcopy(model)
+    prune_(deployed, plan)
+    swap = _block_layers(deployed, plan.choices)
+    if swap:
+        sparsify_(deployed, swap)
+    layout = {}
+    for name, option in swap.items():
+        layer = deployed.get_submodule(name)
+        layout[name] = {"option": option, "block": list(layer.values.shape[1:]),
+                        "shape": [layer.out_features, layer.in_features]}
+    meta = {"format": BLOCK_FORMAT, "version": ARTIFACT_VERSION, **plan.metadata(),
+            "layers": json.dumps(layout)}
+    with _replacing(path) as tmp:
+        save_model(deployed, str(tmp), metadata=meta, force_contiguous=True)
+    return layout
+
+
+def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module],
+                      path: PathLike) -> nn.Module:
+    """The model of a save_block_sparse artifact: its recorded Linears swapped for
+    BlockSparseLinear, then the state dict loaded. Pass the dense model (freshly built, same
+    architecture) or a function building it; a given model is converted in place."""
+    from .sparse_linear import BlockSparseLinear
+
+    state, meta = _read_safetensors(path)
+    layout = _read_layout(meta, path)
+    model = (model_factory_or_model if isinstance(model_factory_or_model, nn.Module)
+             else model_factory_or_model())
+    modules = dict(model.named_modules())
+    for name, entry in layout.items():
+        module = modules.get(name)
+        if type(module) is not nn.Linear or list(module.weight.shape) != entry["shape"]:
+            raise SpdyError(f"{path} does not fit this model: its layer {name} is not an "
+                            f"nn.Linear of shape {entry['shape']} here; pass the model the "
+                            "artifact was written for")
+    originals = {}
+    try:
+        for name, entry in layout.items():
+            linear = originals[name] = modules[name]
+            empty = torch.zeros_like(linear.weight, dtype=torch.bool)  # the file brings blocks
+            _set_module(model, name, BlockSparseLinear.from_linear(
+                linear, mask=empty, block=tuple(entry["block"])))
+        _check_state(model, state, path, resized=layout)
+        model.load_state_dict(state, strict=False)
+    except BaseException:
+        for name, linear in originals.items():
+            _set_module(model, name, linear)
+        raise
+    return model
+
+
+def _read_layout(meta: Mapping[str, str], path: PathLike) -> dict[str, dict[str, Any]]:
+    if meta.get("format") != BLOCK_FORMAT:
+        raise SpdyError(f"{path} is not a block-sparse artifact (format "
+                        f"{meta.get('format')!r}); write one with spdy-gpu export --format triton")
+    if meta.get("version") != ARTIFACT_VERSION:
+        raise SpdyError(f"{path}: block-sparse artifact version {meta.get('version')!r} is not "
+                        f"supported (this spdy-gpu reads {ARTIFACT_VERSION}); export it again")
+    try:
+        layout = json.loads(meta["layers"])
+        for entry in layout.values():
+            entry["block"], entry["shape"] = [int(v) for v in entry["block"]], list(entry["shape"])
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise SpdyError(f"{path}: malformed layer layout in its metadata ({e}); export it "
+                        "again") from None
+    return layout
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# ---- the CLI's steps ------------------------------------------------------------------------
+
+def apply_profile(model: nn.Module, profile: ProfileLike, out: PathLike, *,
+                  database: Any = None, model_name: str | None = None,
+                  exclude: Iterable[str] = ()) -> DeployResult:
+    """`spdy-gpu apply`: prune `model` to the profile (database weights or magnitude masks)
+    and save its weights to `out`."""
+    _output_path(out)                      # fail before any work on an unwritable target
+    plan = load_plan(profile, model_name, exclude)
+    prune_(model, plan, database)
+    path = save_pruned(model, out, profile=plan)
+    return DeployResult(path, len(plan.pruned), _sparsity_of(model, plan.pruned))
+
+
+def export_profile(model: nn.Module, example: Any, profile: ProfileLike, out: PathLike, *,
+                   format: str, database: Any = None, weights: PathLike | None = None,
+                   model_name: str | None = None, exclude: Iterable[str] = ()) -> DeployResult:
+    """`spdy-gpu export`: prune `model` to the profile (from `database`, or load `weights`
+    already pruned to it, else magnitude masks), then write the ONNX file (format "onnx") or
+    the block-sparse artifact (format "triton") to `out`."""
+    if format not in FORMATS:
+        raise SpdyError(f"unknown export format {format!r}; use one of {FORMATS}")
+    if database is not None and weights is not None:
+        raise SpdyError("pass either a database or a weights file, not both")
+    _output_path(out)
+    plan = load_plan(profile, model_name, exclude)
+    if weights is not None:
+        load_pruned(model, weights)
+        _check_pruned(model, plan, weights)
+    else:
+        prune_(model, plan, database)
+    sparsity = _sparsity_of(model, plan.pruned)
+    if format == "onnx":
+        path = export_onnx_pruned(model, example, out, exclude=exclude)
+        return DeployResult(path, len(plan.pruned), sparsity)
+    layout = save_block_sparse(model, plan, out)
+    return DeployResult(Path(out), len(plan.pruned), sparsity, len(layout))
+
+
+# ---- atomic output --------------------------------------------------------------------------
+
+def _output_path(path: PathLike) -> Path:
+    """`path` as a file that can be written, checked before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise SpdyError(f"{path} is a directory; pass a file path to write to")
+    existing = next((p for p in path.parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise SpdyError(f"cannot write {path}: {existing} is a file, not a directory; "
+                        "choose another output path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SpdyError(f"cannot write {path}: {existing} is not writable; choose another "
+                        "output path")
+    return path
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary file next to `path` that becomes `path` when the with-block succeeds and
+    is removed otherwise, so a reader sees the old file or the whole new one, never half."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise SpdyError(f"cannot write {path} ({e.strerror or e}); choose a writable "
+                        "output path") from None
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:      # on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SpdyError(f"cannot write {path} ({e.strerror or e}); choose a writable "
+                        "output path") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,247 @@
+"""Deploying a profile: prune_, pruned weights, ONNX and the Triton block-sparse artifact
+round-trip to the pruned model, keep its zeros, and refuse bad input with nothing written."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from spdy_gpu.deploy import (
+    export_onnx_pruned,
+    load_block_sparse,
+    load_pruned,
+    prune_,
+    save_block_sparse,
+    save_pruned,
+)
+from spdy_gpu.errors import SpdyError
+from spdy_gpu.options import SparsityOption
+from spdy_gpu.profile import Profile
+from spdy_gpu.reconstruct import build_database
+from spdy_gpu.sparse_linear import BlockSparseLinear
+from tests.conftest import fingerprint
+
+CHOICES = {"0": "block16x16@0.5", "2": "unstructured@0.75", "4": "dense"}
+OPTIONS = [SparsityOption.parse(o) for o in ("dense", "unstructured@0.75", "block16x16@0.5")]
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(),
+                         nn.Linear(48, 16)).eval()
+
+
+def profile(choices=CHOICES, model="mlp"):
+    return Profile(model=model, choices={k: SparsityOption.parse(v) for k, v in choices.items()},
+                   target_speedup=1.5, budget_ms=1.0, predicted_ms=1.0, dense_total_ms=1.5,
+                   fixed_ms=0.1, fingerprint=fingerprint())
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def files(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory):
+    path = tmp_path_factory.mktemp("db") / "db"
+    return build_database(mlp(), ["0", "2", "4"], OPTIONS, [torch.randn(64, 32)], path,
+                          model_name="mlp", progress=False)
+
+
+def test_prune_gives_exact_sparsity_and_keeps_the_kept_weights():
+    dense, model = mlp(), mlp()
+    applied = prune_(model, CHOICES)
+    assert applied["0"] == SparsityOption.blocked(0.5, 16)
+    w0 = model[0].weight.detach()
+    blocks = w0.reshape(4, 16, 2, 16).abs().sum((1, 3))
+    assert int((blocks == 0).sum()) == 4                       # half of the 8 blocks
+    assert int((model[2].weight == 0).sum()) == 48 * 64 * 3 // 4
+    kept = model[2].weight != 0
+    assert torch.equal(model[2].weight[kept], dense[2].weight[kept])
+    assert torch.equal(model[4].weight, dense[4].weight)
+
+
+def test_prune_from_a_database_stitches_its_weights(database):
+    model = mlp()
+    prune_(model, profile(), database.path)
+    assert torch.equal(model[2].weight, database.weight("2", OPTIONS[1]))
+    assert torch.equal(model[0].weight, database.weight("0", OPTIONS[2]))
+
+
+@pytest.mark.parametrize("choices, message", [
+    ({}, "nothing to prune"),
+    ({"9": "unstructured@0.5"}, "layer 9 of the profile is not a weighted layer"),
+    ({"0": "block64x64@0.5"}, "layer 0: block 64x64 is larger"),
+])
+def test_prune_refuses_bad_choices_and_changes_nothing(choices, message):
+    model = mlp()
+    with pytest.raises(SpdyError, match=message):
+        prune_(model, choices)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), mlp().parameters()))
+
+
+def test_prune_refuses_another_models_database_or_a_missing_option(database):
+    with pytest.raises(SpdyError, match="dense weights are not those"):
+        prune_(mlp(seed=1), profile(), database)
+    with pytest.raises(SpdyError, match="no entries for options"):
+        prune_(mlp(), {"2": "unstructured@0.5"}, database)
+
+
+def test_pruned_weights_round_trip_with_profile_metadata(tmp_path):
+    model = mlp()
+    prune_(model, CHOICES)
+    (tmp_path / "p.json").write_text("")
+    profile().save(tmp_path / "p.json")
+    path = save_pruned(model, tmp_path / "w.safetensors", profile=tmp_path / "p.json",
+                       metadata={"note": "test", "run": {"id": 3}})
+    fresh = load_pruned(mlp(seed=5), path)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(outputs(fresh, x), outputs(model, x), rtol=0, atol=0)
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["choices"]) == CHOICES and meta["model"] == "mlp"
+    assert meta["profile"] == str(tmp_path / "p.json") and json.loads(meta["run"]) == {"id": 3}
+    assert files(tmp_path) == ["p.json", "w.safetensors"]
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.head = nn.Linear(16, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+def test_tied_weights_are_stored_once_and_load_back(tmp_path):
+    torch.manual_seed(0)
+    model = Tied()
+    prune_(model, {"head": "unstructured@0.5"})
+    path = save_pruned(model, tmp_path / "t.safetensors")
+    torch.manual_seed(1)
+    fresh = load_pruned(Tied(), path)
+    assert torch.equal(fresh.head.weight, model.head.weight)
+    assert fresh.head.weight is fresh.embed.weight
+
+
+def test_another_models_file_is_refused_naming_the_key_before_any_change(tmp_path):
+    path = save_pruned(mlp(), tmp_path / "w.safetensors")
+    other = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 40))
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(SpdyError, match=r"2.weight has shape \(48, 64\) there, \(40, 64\)"):
+        load_pruned(other, path)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(SpdyError, match=r"does not fit this model: its 4\.(weight|bias) is not"):
+        load_pruned(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48)), path)
+    with pytest.raises(SpdyError, match="it has no 6.weight"):
+        load_pruned(nn.Sequential(*mlp(), nn.ReLU(), nn.Linear(16, 2)), path)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SpdyError, match="not a readable safetensors file"):
+        load_pruned(mlp(), tmp_path / "bad.safetensors")
+    with pytest.raises(SpdyError, match="no such file"):
+        load_pruned(mlp(), tmp_path / "missing.safetensors")
+
+
+def test_unwritable_outputs_are_refused_and_leave_nothing(tmp_path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SpdyError, match="is a directory"):
+        save_pruned(mlp(), tmp_path / "dir")
+    with pytest.raises(SpdyError, match="is a file, not a directory"):
+        save_block_sparse(mlp(), CHOICES, tmp_path / "file" / "a.safetensors")
+    assert files(tmp_path) == ["dir", "file"] and files(tmp_path / "dir") == []
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def broken(model, filename, **kwargs):
+        open(filename, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", broken)
+    with pytest.raises(SpdyError, match="No space left on device"):
+        save_pruned(mlp(), tmp_path / "w.safetensors")
+    assert files(tmp_path) == []
+
+
+def test_onnx_export_keeps_the_zeros_and_the_outputs(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    model = mlp()
+    prune_(model, CHOICES)
+    example = torch.randn(2, 32)
+    path = export_onnx_pruned(model, example, tmp_path / "m.onnx")
+    assert files(tmp_path) == ["m.onnx"]
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    zeros = sum(int((numpy_helper.to_array(i) == 0).sum()) for i in proto.graph.initializer)
+    assert zeros >= sum(int((p == 0).sum()) for p in model.parameters())
+    try:
+        import onnxruntime
+    except ImportError:
+        pytest.skip("onnxruntime is not installed: outputs not compared")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 32)
+    (got,) = session.run(None, {"input_0": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), outputs(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(params=["fallback", "interpreter"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "interpreter" else "0")
+    if request.param == "interpreter":
+        pytest.importorskip("triton")
+    return request.param
+
+
+def test_block_sparse_artifact_matches_the_masked_dense_model(tmp_path, backend):
+    model = mlp()
+    masked = copy.deepcopy(model)
+    prune_(masked, CHOICES)
+    layout = save_block_sparse(model, profile(), tmp_path / "m.safetensors")
+    assert layout == {"0": {"option": "block16x16@0.5", "block": [16, 16], "shape": [64, 32]}}
+    assert type(model[0]) is nn.Linear and torch.equal(model[2].weight, mlp()[2].weight), \
+        "the given model is not changed"
+    loaded = load_block_sparse(mlp, tmp_path / "m.safetensors")
+    assert isinstance(loaded[0], BlockSparseLinear) and loaded[0].density == 0.5
+    assert type(loaded[2]) is nn.Linear and torch.equal(loaded[2].weight, masked[2].weight)
+    x = torch.randn(7, 32)
+    torch.testing.assert_close(outputs(loaded, x), outputs(masked, x), rtol=1e-5, atol=1e-5)
+    assert files(tmp_path) == ["m.safetensors"]
+
+
+def test_block_sparse_artifact_keeps_database_weights(tmp_path, database):
+    model = mlp()
+    prune_(model, profile(), database)
+    save_block_sparse(model, profile(), tmp_path / "m.safetensors")
+    loaded = load_block_sparse(mlp(seed=3), tmp_path / "m.safetensors")
+    assert torch.equal(loaded[0].to_dense().weight, model[0].weight)
+    assert torch.equal(loaded[2].weight, model[2].weight)
+
+
+def test_block_sparse_loader_refuses_wrong_files_and_models(tmp_path):
+    save_block_sparse(mlp(), CHOICES, tmp_path / "m.safetensors")
+    save_pruned(mlp(), tmp_path / "w.safetensors")
+    with pytest.raises(SpdyError, match="not a block-sparse artifact"):
+        load_block_sparse(mlp(), tmp_path / "w.safetensors")
+    with pytest.raises(SpdyError, match="block-sparse .* artifact; load it with"):
+        load_pruned(mlp(), tmp_path / "m.safetensors")
+    other = nn.Sequential(nn.Linear(32, 80), nn.ReLU(), nn.Linear(80, 48))
+    with pytest.raises(SpdyError, match=r"layer 0 is not an nn.Linear of shape \[64, 32\]"):
+        load_block_sparse(other, tmp_path / "m.safetensors")
+    shorter = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48))
+    with pytest.raises(SpdyError, match=r"its 4\.(weight|bias) is not in the model"):
+        load_block_sparse(shorter, tmp_path / "m.safetensors")
+    assert type(shorter[0]) is nn.Linear, "a refused model gets its Linear back"
