@@ -28,6 +28,33 @@ class Calibration:
     batches: list[Any]
     description: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def samples(self) -> int:
+        return sum(batch_samples(batch) for batch in self.batches)
+
+    def split(self, held_out: int) -> tuple[Calibration, Calibration]:
+        """(the rest, the last whole batches holding at least `held_out` samples): data to
+        fit on and data to score on, never the same samples."""
+        counts = [batch_samples(batch) for batch in self.batches]
+        cut = len(counts)
+        while cut > 0 and sum(counts[cut:]) < held_out:
+            cut -= 1
+        if cut == 0:
+            raise SpdyError(f"only {sum(counts)} calibration samples: too few to hold "
+                            f"{held_out} out for scoring and fit on the rest; give more data "
+                            "(--calib, --samples) or fewer --search-samples")
+        fit, score = self.batches[:cut], self.batches[cut:]
+        return (Calibration(fit, {**self.description, "samples": sum(counts[:cut])}),
+                Calibration(score, {**self.description, "samples": sum(counts[cut:]),
+                                    "held_out": True}))
+
+
+def batch_samples(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of its (first) tensor."""
+    first = next(iter(batch.values())) if isinstance(batch, dict) else (
+        batch[0] if isinstance(batch, (tuple, list)) else batch)
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+
 
 @dataclass(frozen=True)
 class CalibrationSpec:
@@ -55,10 +82,15 @@ class CalibrationSpec:
             log.warning("no calibration data for %s: using its example input; pass --calib "
                         "with real data for a much better database", entry.name)
             batches, source = [example], "example-input"
-        description = {"source": source, "samples": self.samples,
-                       "batch_size": self.batch_size, "seq_len": setting.seq_len,
-                       "image_size": setting.image_size}
-        return Calibration(batches, description)
+        calibration = Calibration(batches, {"source": source, "batch_size": self.batch_size,
+                                            "seq_len": setting.seq_len,
+                                            "image_size": setting.image_size})
+        found = calibration.samples          # what was really loaded, not what was asked
+        if found < self.samples and source != "example-input":
+            log.warning("%s holds %d calibration samples, fewer than the %d asked for; using "
+                        "%d", source, found, self.samples, found)
+        return Calibration(batches, {**calibration.description, "samples": found,
+                                     "requested": self.samples})
 
 
 def _file_batches(path: Path, samples: int, batch_size: int) -> Iterator[Any]:

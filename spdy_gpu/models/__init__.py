@@ -6,7 +6,7 @@ import importlib
 import inspect
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -50,8 +50,6 @@ class ModelEntry:
     exclude: tuple[str, ...] = ()
     loss: str | Callable[..., Any] | None = None
     quality: Callable[[nn.Module, nn.Module], dict[str, float]] | None = None
-    input_shape: Callable[[ModelSetting], str] = lambda s: f"batch={s.batch_size}"
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 BUILTIN: dict[str, Callable[[], ModelEntry]] = {}

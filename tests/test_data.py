@@ -1,0 +1,42 @@
+"""Calibration data: true sample counts in the records, and held-out splits."""
+
+import logging
+
+import pytest
+import torch
+
+from spdy_gpu import SpdyError
+from spdy_gpu.data import Calibration, CalibrationSpec
+from spdy_gpu.models import ModelEntry, ModelSetting
+
+
+def entry(samples_available):
+    def calibration(setting, samples):
+        n = min(samples, samples_available)
+        for start in range(0, n, setting.batch_size):
+            yield torch.randn(min(setting.batch_size, n - start), 4)
+    return ModelEntry("toy", "toy", build=None, calibration=calibration)
+
+
+def test_records_what_was_loaded_not_what_was_asked(caplog):
+    with caplog.at_level(logging.WARNING):
+        calib = CalibrationSpec(samples=100, batch_size=16).load(entry(40), ModelSetting(), None)
+    assert calib.samples == 40 and calib.description["samples"] == 40
+    assert calib.description["requested"] == 100 and "fewer than the 100" in caplog.text
+
+
+def test_file_with_fewer_samples_is_recorded_truthfully(tmp_path):
+    torch.save(torch.randn(24, 4), tmp_path / "x.pt")
+    calib = CalibrationSpec(tmp_path / "x.pt", samples=1024, batch_size=10).load(
+        entry(0), ModelSetting(), None)
+    assert [b.shape[0] for b in calib.batches] == [10, 10, 4]
+    assert calib.description["samples"] == 24
+
+
+def test_split_holds_out_whole_batches_from_the_end():
+    calib = Calibration([torch.zeros(8, 2) + i for i in range(5)], {"source": "x"})
+    fit, held = calib.split(12)
+    assert [float(b[0, 0]) for b in held.batches] == [3.0, 4.0]
+    assert fit.samples == 24 and held.samples == 16 and held.description["held_out"]
+    with pytest.raises(SpdyError, match="too few to hold 64 out"):
+        calib.split(64)
