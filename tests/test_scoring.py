@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from spdy_gpu import SpdyError, SparsityOption
+from spdy_gpu import SparsityOption, SpdyError
 from spdy_gpu.losses import cosine, get_loss, kl, nmse, output_tensor
 from spdy_gpu.scoring import HeldOutScorer
 
