@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from spdy_gpu.backends.triton import TritonBackend, detect_block
+from spdy_gpu.backends.triton_estimate import TritonEstimateBackend
 from spdy_gpu.errors import InfeasibleTargetError
 from spdy_gpu.gpu_specs import GPU_SPECS, GpuSpec
 from spdy_gpu.jsonio import atomic_write_bytes, save_json
@@ -221,7 +222,7 @@ def additive_check(name: str, choices: dict[str, SparsityOption], table: TimingT
 def estimate_error(table: TimingTable, model: torch.nn.Module, example: Any, layers: list,
                    options: list, spec: GpuSpec, setting: ModelSetting) -> dict[str, Any]:
     """How far the analytic estimate from `spec` lies from the measured table."""
-    estimate = TritonBackend(dtype="bf16", estimate=spec).measure_table(
+    estimate = TritonEstimateBackend(spec, dtype="bf16").measure_table(
         model, example, layers, options, model_name="minilm", setting=setting)
     ratio = estimate.times() / table.times()
     finite = ratio[np.isfinite(ratio)]

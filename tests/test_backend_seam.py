@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from spdy_gpu import backends
-from spdy_gpu.backends import CliOption, backend_class, get_backend
+from spdy_gpu.backends import CliOption, LatencyBackend, backend_class, get_backend
 from spdy_gpu.cli import main
 from spdy_gpu.cli.common import add_backend_args, backend_config, backend_from_args
 from spdy_gpu.errors import SpdyError
@@ -33,6 +33,9 @@ class FakeBackend:
 
     def supports(self, layer, option):
         return True
+
+    def latency_ms(self, model, example, setting):
+        return 1.0, 0.0
 
     def measure_table(self, model, example, layers, options, *, model_name, setting=None,
                       checkpoint=None):
@@ -77,6 +80,7 @@ def test_config_holds_only_the_chosen_backends_given_options(fake):
     backend = backend_from_args(parse(["--backend", "fake", "--repeats", "5"]))
     assert isinstance(backend, FakeBackend) and backend.repeats == 5
     assert backend_class("fake") is FakeBackend and isinstance(get_backend("fake"), FakeBackend)
+    assert isinstance(backend, LatencyBackend)
 
 
 def test_no_backend_chosen_is_a_one_line_error(fake):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from spdy_gpu.backends import get_backend
+from spdy_gpu.backends import LatencyBackend, get_backend
 from spdy_gpu.backends.triton import (
     CONV_NOTE,
     TimingCache,
@@ -19,6 +19,9 @@ from spdy_gpu.backends.triton import (
     block_sparse_,
     cache_key,
     detect_block,
+)
+from spdy_gpu.backends.triton_estimate import (
+    TritonEstimateBackend,
     estimate_layer_ms,
     non_gemm_costs,
 )
@@ -52,7 +55,9 @@ def minilm():
 def test_estimated_table_for_minilm_is_marked_everywhere(minilm, tmp_path):
     model, example, layers, setting = minilm
     options = option_grid("block", count=5, block=32)
-    backend = get_backend("triton", estimate="h100-sxm", cache_dir=tmp_path)
+    backend = get_backend("triton", estimate="h100-sxm", cache_dir=tmp_path, repeats=5)
+    assert isinstance(backend, TritonEstimateBackend) and backend.dtype == "bf16"
+    assert isinstance(backend, LatencyBackend)
     table = backend.measure_table(model, example, layers, options, model_name="minilm",
                                   setting=setting)
     assert table.estimated and "ESTIMATED" in table.fingerprint.device
@@ -70,6 +75,25 @@ def test_estimated_table_for_minilm_is_marked_everywhere(minilm, tmp_path):
     loaded = TimingTable.load(path)
     assert loaded.estimated and loaded.layers == table.layers
     assert not (tmp_path / "triton-timings.json").exists()    # estimates are never cached
+
+
+def toy_mlp(batch_size: int = 1):
+    """User-model entry point for the command-line test."""
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval(), \
+        torch.randn(batch_size, 8, 64)
+
+
+def test_timings_command_with_estimate_writes_an_estimated_table(tmp_path, capsys):
+    from spdy_gpu.cli import main
+    out = tmp_path / "est.json"
+    assert main(["timings", "--model", "tests.test_triton_backend:toy_mlp", "--backend",
+                 "triton", "--estimate", "l4", "--dtype", "fp16", "--levels", "3",
+                 "--out", str(out)]) == 0
+    table = TimingTable.load(out)
+    assert table.estimated and table.fingerprint.device == "NVIDIA L4 (ESTIMATED)"
+    assert table.fingerprint.dtype == "float16"
+    assert [o.pattern for o in table.options] == ["dense", "block", "block", "block"]
+    assert "[ESTIMATED]" in capsys.readouterr().out
 
 
 def test_roofline_estimate_matches_hand_computed_h100_figure():
@@ -155,13 +179,14 @@ def test_latency_without_a_device_says_it_needs_a_gpu(tmp_path, monkeypatch):
 
 def test_bad_configuration_is_refused():
     with pytest.raises(SpdyError, match="unknown GPU"):
-        TritonBackend(estimate="h900")
+        get_backend("triton", estimate="h900")
     with pytest.raises(SpdyError, match="unknown dtype"):
-        TritonBackend(dtype="int8", estimate="l4")
+        get_backend("triton", dtype="int8", estimate="l4")
     with pytest.raises(SpdyError, match="repeats"):
-        TritonBackend(repeats=0, estimate="l4")
-    backend = TritonBackend(estimate="a100-sxm")
-    with pytest.raises(SpdyError, match="cannot measure end-to-end"):
+        InterpretedBackend(repeats=0)
+    backend = TritonEstimateBackend(H100, dtype="fp16")
+    assert backend.spec is H100 and backend.estimated
+    with pytest.raises(SpdyError, match="cannot measure end-to-end latency, which needs a GPU"):
         backend.latency_ms(nn.Linear(4, 4), torch.randn(1, 4), ModelSetting())
 
 
@@ -237,7 +262,7 @@ def test_corrupted_cache_is_ignored_with_a_warning(tmp_path, caplog):
 # ---- supports -------------------------------------------------------------------------------
 
 def test_supports_block_options_on_linears_that_fit_them():
-    backend = TritonBackend(estimate="h100-sxm")
+    backend = TritonEstimateBackend("h100-sxm")
     linear = LayerInfo("fc", "linear", (384, 1536), m=128)
     conv = LayerInfo("conv", "conv2d", (64, 64, 3, 3), m=3136)
     narrow = LayerInfo("head", "linear", (48, 384), m=128)
@@ -256,7 +281,7 @@ def test_a_model_with_nothing_the_kernel_runs_is_refused():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
     example = torch.randn(1, 3, 16, 16)
     with pytest.raises(SpdyError, match="no layer of convnet can run"):
-        TritonBackend(estimate="l4").measure_table(
+        TritonEstimateBackend("l4").measure_table(
             model, example, discover_layers(model, example), [DENSE, block(0.5)],
             model_name="convnet", setting=ModelSetting())
 
@@ -296,10 +321,10 @@ class InterpretedBackend(TritonBackend):
     """The real measuring loop on a CPU: kernels run under Triton's interpreter and are
     checked against the masked dense layer; a stand-in clock returns distinct times."""
 
-    def __init__(self, *args, clock=None, **kwargs):
+    def __init__(self, *args, clock=None, repeats=1, **kwargs):
         self.calls = 0
         self.clock = clock or (lambda call: (0.01 * call, 0.001))
-        super().__init__(*args, dtype="fp32", repeats=1, **kwargs)
+        super().__init__(*args, dtype="fp32", repeats=repeats, **kwargs)
         self.device = torch.device("cpu")
 
     def _has_device(self):

@@ -110,5 +110,7 @@ def backend_class(name: str) -> type:
 
 
 def get_backend(name: str, **config: Any) -> LatencyBackend:
-    """Instantiate the backend called `name` with its keyword configuration."""
-    return backend_class(name)(**config)
+    """Instantiate the backend called `name` with its keyword configuration. A class with
+    variants (triton: measured or estimated) picks one in its classmethod `create`."""
+    cls = backend_class(name)
+    return getattr(cls, "create", cls)(**config)

@@ -8,9 +8,10 @@ the L2 cache flushed before every run, and are cached per (GPU, versions, dtype,
 option) so a second model with the same shapes costs nothing. Conv2d layers have no kernel
 and stay dense (fixed time).
 
-Without a CUDA device, `estimate="h100-sxm"` (or a measured spec file) builds the same table
-from the roofline of each GEMM and of every non-GEMM op's memory traffic; such tables are
-marked estimated and every report says ESTIMATED.
+Without a CUDA device, `get_backend("triton", estimate="h100-sxm")` (or a measured spec file)
+builds the same table from the roofline of each GEMM and of every non-GEMM op's memory
+traffic (triton_estimate.py); such tables are marked estimated and every report says
+ESTIMATED. Both share TritonTables: the options the kernel runs and the table's assembly.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,19 +30,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
 
 from ..bsr import KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
 from ..errors import MissingDependencyError, SpdyError
-from ..gpu_specs import GPU_SPECS, GpuSpec, gpu_spec
+from ..gpu_specs import GPU_SPECS, GpuSpec
 from ..jsonio import load_json, save_json
 from ..layers import LayerInfo, call_model, hooks_attached
 from ..masks import block_mask, gemm_view
 from ..models import ModelSetting
 from ..options import SparsityOption
-from ..roofline import roofline_ms
 from ..timing import Fingerprint, LayerTiming, TimingTable
 from . import CliOption, NoDeviceError, register_backend
 
@@ -160,114 +157,16 @@ def block_sparse_(model: nn.Module) -> list[str]:
     return swapped
 
 
-# ---- analytic estimate ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class OpCost:
-    """One aten op outside the prunable layers: its FLOPs and the bytes it moves at the
-    target dtype (every input read once, every output written once)."""
-
-    op: str
-    flops: float
-    bytes: float
-
-
-_GATHERS = {"embedding", "index_select", "index", "gather"}   # read only what they output
-
-
-class _OpRecorder(TorchDispatchMode):
-    """Records the cost of every non-view aten op run while no prunable module is active."""
-
-    def __init__(self, dtype_bytes: int):
-        super().__init__()
-        self.dtype_bytes = dtype_bytes
-        self.inside_prunable = 0
-        self.costs: list[OpCost] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.inside_prunable == 0 and not func.is_view:
-            cost = self._cost(func, args, kwargs, out)
-            if cost.bytes > 0:
-                self.costs.append(cost)
-        return out
-
-    def _cost(self, func, args, kwargs, out) -> OpCost:
-        name = func.overloadpacket.__name__
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if name in _GATHERS and inputs:
-            inputs = inputs[1:] + outputs              # the table: only the gathered rows
-        unique = {id(t): t for t in inputs}.values()
-        moved = sum(self._bytes(t) for t in (*unique, *outputs))
-        return OpCost(name, _flops(func, args, kwargs, out), moved)
-
-    def _bytes(self, t: torch.Tensor) -> float:
-        size = self.dtype_bytes if t.is_floating_point() else t.element_size()
-        return float(t.numel() * size)
-
-
-def _flops(func, args, kwargs, out) -> float:
-    from torch.utils.flop_counter import flop_registry
-
-    formula = flop_registry.get(func.overloadpacket)
-    return 0.0 if formula is None else float(formula(*args, **kwargs, out_val=out))
-
-
-def non_gemm_costs(model: nn.Module, example: Any, prunable: list[str],
-                   dtype_bytes: int) -> list[OpCost]:
-    """Cost of every op of one forward that is not inside a prunable layer (attention
-    matmuls, softmax, norms, activations, residual adds, embeddings...), run on the CPU."""
-    recorder = _OpRecorder(dtype_bytes)
-
-    def enter(*_: Any) -> None:
-        recorder.inside_prunable += 1
-
-    def leave(*_: Any) -> None:
-        recorder.inside_prunable -= 1
-
-    handles = []
-    for name in prunable:
-        module = model.get_submodule(name)
-        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-    with hooks_attached(handles), torch.no_grad(), recorder:
-        call_model(model, example)
-    return recorder.costs
-
-
-def op_time_ms(flops: float, moved: float, spec: GpuSpec, dtype: str) -> float:
-    """Roofline time of one kernel, never under the spec's kernel floor."""
-    ideal = 1e3 * max(flops / spec.peak(dtype), moved / spec.bandwidth)
-    return max(ideal, spec.kernel_floor_ms)
-
-
-def estimate_layer_ms(layer: LayerInfo, option: SparsityOption, spec: GpuSpec,
-                      dtype: str) -> float:
-    """Roofline time of a layer's GEMM under `option` (block options packed into the kernel's
-    block), never under the kernel floor."""
-    block = kernel_block(option.block) if option.pattern == "block" else None
-    ideal = roofline_ms(layer.n, layer.k, layer.m, option.density if block else 1.0, block,
-                        DTYPES[dtype].itemsize, peak_flops=spec.peak(dtype),
-                        bandwidth=spec.bandwidth)
-    return max(ideal, spec.kernel_floor_ms)
-
-
 # ---- the backend ----------------------------------------------------------------------------
 
-@register_backend("triton")
-class TritonBackend:
-    """Latency of GEMMs on a CUDA GPU (cuBLAS dense, Triton BSR sparse), or an analytic
-    estimate for a named GPU when `estimate` is given.
-
-    dtype: "bf16", "fp16" or "fp32" (weights and activations); estimate: a GPU_SPECS name, a
-    measured spec file or a GpuSpec; repeats: do_bench calls per kernel (median and spread
-    over them); cache_dir: where triton-timings.json lives (default ~/.cache/spdy-gpu).
-    """
+class TritonTables:
+    """What the measured and the estimated Triton tables share: the dtype, the options the
+    kernel runs, and the table's assembly. Subclasses provide `fingerprint`, `latency_ms` and
+    `_times` (per (layer, option) (median, spread), dense end-to-end time, provenance)."""
 
     name = "triton"
-    summary = "NVIDIA GPU, Triton BSR kernel; default grid: 41 levels of 32x32 blocks"
     default_pattern = "block"
+    summary = "NVIDIA GPU, Triton BSR kernel; default grid: 41 levels of 32x32 blocks"
     cli_options = (
         CliOption("--repeats", "do_bench calls per kernel (default 3)", int),
         CliOption("--dtype", "weight/activation dtype (default bf16)", str,
@@ -276,47 +175,14 @@ class TritonBackend:
                                 f"({', '.join(sorted(GPU_SPECS))}) or a measured spec .json "
                                 "(the table is marked ESTIMATED)", metavar="GPU"),
     )
+    estimated = False
 
-    def __init__(self, dtype: str = "bf16", estimate: str | GpuSpec | None = None,
-                 repeats: int = 3, cache_dir: Path | None = None):
+    def __init__(self, dtype: str = "bf16"):
         if dtype not in DTYPES:
             raise SpdyError(f"unknown dtype {dtype!r} for the triton backend; use one of "
                             f"{sorted(DTYPES)}")
-        if repeats < 1:
-            raise SpdyError(f"--repeats must be >= 1, got {repeats}")
         self.dtype = dtype
         self.torch_dtype = DTYPES[dtype]
-        self.repeats = repeats
-        self.spec = estimate if isinstance(estimate, GpuSpec) or estimate is None \
-            else gpu_spec(estimate)
-        self.cache_path = Path(cache_dir or default_cache_dir()) / "triton-timings.json"
-        self.device = torch.device("cuda")
-        if self.spec is None:
-            if not self._has_device():
-                raise NoDeviceError(NO_DEVICE, latency=NO_DEVICE_LATENCY)
-            _kernel()
-
-    @property
-    def estimated(self) -> bool:
-        return self.spec is not None
-
-    # -- protocol --
-
-    def fingerprint(self, setting: ModelSetting) -> Fingerprint:
-        common = dict(backend=self.name, batch_size=setting.batch_size,
-                      input_shape=f"seq={setting.seq_len},image={setting.image_size}",
-                      dtype=str(self.torch_dtype).removeprefix("torch."))
-        if self.spec is not None:
-            return Fingerprint(backend_version=f"roofline-estimate/{_package_version()}",
-                               device=f"{self.spec.name} (ESTIMATED)", isa=self.spec.arch,
-                               threads=self.spec.sm_count,
-                               software={"estimate": self.spec.source,
-                                         "spdy-gpu": _package_version()}, **common)
-        props = torch.cuda.get_device_properties(self.device)
-        software = self._software()
-        return Fingerprint(backend_version=software["triton"], device=self._device_name(),
-                           isa=f"sm_{props.major}{props.minor}",
-                           threads=props.multi_processor_count, software=software, **common)
 
     def supports(self, layer: LayerInfo, option: SparsityOption) -> bool:
         """Dense always; block options on Linear layers the block fits in (the kernel packs
@@ -344,11 +210,8 @@ class TritonBackend:
                             "triton backend (block options on Linear layers only, blocks no "
                             "larger than the layer); use --backend deepsparse or smaller blocks")
         started = time.perf_counter()
-        if self.spec is not None:
-            times, dense_total, provenance = self._estimate(model, example, layers, options)
-        else:
-            times, dense_total, provenance = self._measure(model, example, layers, options,
-                                                           checkpoint)
+        times, dense_total, provenance = self._times(model, example, layers, options,
+                                                     checkpoint)
         dense_sum = math.fsum(times[(layer.name, options[0])][0] for layer in layers)
         if dense_sum > dense_total:
             log.warning("dense layer times sum to %.4f ms, more than the whole model (%.4f ms): "
@@ -362,15 +225,72 @@ class TritonBackend:
             dense_total_ms=dense_total, fixed_ms=max(0.0, dense_total - dense_sum),
             model=model_name, estimated=self.estimated, provenance=provenance)
 
+    def _fingerprint_fields(self, setting: ModelSetting) -> dict[str, Any]:
+        return dict(backend=self.name, batch_size=setting.batch_size,
+                    input_shape=f"seq={setting.seq_len},image={setting.image_size}",
+                    dtype=str(self.torch_dtype).removeprefix("torch."))
+
+    def _row(self, layer: LayerInfo, options: list[SparsityOption],
+             times: dict[tuple[str, SparsityOption], tuple[float, float]]) -> LayerTiming:
+        pairs = [times.get((layer.name, option), (None, None)) for option in options]
+        note = CONV_NOTE if layer.kind == "conv2d" else ""
+        if layer.kind == "linear" and any(p[0] is None for p in pairs):
+            note = "blocks larger than the layer are unsupported"
+        if self.estimated:
+            note = "ESTIMATED" + (f"; {note}" if note else "")
+        return LayerTiming(name=layer.name, kind=layer.kind, gemm=(layer.n, layer.k, layer.m),
+                           median_ms=tuple(p[0] for p in pairs),
+                           spread_ms=tuple(p[1] for p in pairs), note=note)
+
+
+@register_backend("triton")
+class TritonBackend(TritonTables):
+    """Latency of GEMMs measured on this machine's CUDA GPU (cuBLAS dense, Triton BSR sparse).
+
+    dtype: "bf16", "fp16" or "fp32" (weights and activations); repeats: do_bench calls per
+    kernel (median and spread over them); cache_dir: where triton-timings.json lives
+    (default ~/.cache/spdy-gpu). Without a GPU, `get_backend("triton", estimate=GPU)` gives
+    the roofline estimate instead (TritonEstimateBackend).
+    """
+
+
+    def __init__(self, dtype: str = "bf16", repeats: int = 3, cache_dir: Path | None = None):
+        super().__init__(dtype)
+        if repeats < 1:
+            raise SpdyError(f"--repeats must be >= 1, got {repeats}")
+        self.repeats = repeats
+        self.cache_path = Path(cache_dir or default_cache_dir()) / "triton-timings.json"
+        self.device = torch.device("cuda")
+        if not self._has_device():
+            raise NoDeviceError(NO_DEVICE, latency=NO_DEVICE_LATENCY)
+        _kernel()
+
+    @classmethod
+    def create(cls, estimate: str | GpuSpec | None = None, dtype: str = "bf16",
+               **measuring: Any) -> TritonTables:
+        """The measuring backend, or with `estimate` the roofline estimate for that GPU
+        (which has nothing to repeat or cache: those settings are ignored)."""
+        if estimate is None:
+            return cls(dtype=dtype, **measuring)
+        from .triton_estimate import TritonEstimateBackend
+
+        if measuring:
+            log.info("--estimate ignores %s", ", ".join(sorted(measuring)))
+        return TritonEstimateBackend(estimate, dtype=dtype)
+
+    def fingerprint(self, setting: ModelSetting) -> Fingerprint:
+        props = torch.cuda.get_device_properties(self.device)
+        software = self._software()
+        return Fingerprint(backend_version=software["triton"], device=self._device_name(),
+                           isa=f"sm_{props.major}{props.minor}",
+                           threads=props.multi_processor_count, software=software,
+                           **self._fingerprint_fields(setting))
+
     def latency_ms(self, model: nn.Module, example: Any,
                    setting: ModelSetting) -> tuple[float, float]:
         """End-to-end (median, spread) in ms on the GPU in this backend's dtype. Linears
         pruned in blocks (all-zero tiles) run as BlockSparseLinear; BlockSparseLinear modules
         already in the model are kept. Times eager and CUDA-graph replay, returns the faster."""
-        if self.spec is not None:
-            raise SpdyError("an --estimate backend cannot measure end-to-end latency, which "
-                            "needs a GPU; run it without --estimate where the profile's "
-                            "timings were measured")
         if not self._has_device():
             raise SpdyError(NO_DEVICE_LATENCY)
         gpu_model = self._to_device(model)
@@ -380,8 +300,8 @@ class TritonBackend:
 
     # -- measurement (CUDA) --
 
-    def _measure(self, model: nn.Module, example: Any, layers: list[LayerInfo],
-                 options: list[SparsityOption], checkpoint: Path | None):
+    def _times(self, model: nn.Module, example: Any, layers: list[LayerInfo],
+               options: list[SparsityOption], checkpoint: Path | None):
         gpu_model = self._to_device(model)
         inputs = self._inputs_to_device(example)
         conv_shapes = _capture_input_shapes(
@@ -482,41 +402,7 @@ class TritonBackend:
         import triton
 
         return {"torch": torch.__version__, "triton": triton.__version__,
-                "cuda": str(torch.version.cuda), "spdy-gpu": _package_version()}
-
-    # -- estimate (no GPU) --
-
-    def _estimate(self, model: nn.Module, example: Any, layers: list[LayerInfo],
-                  options: list[SparsityOption]):
-        spec = self.spec
-        times = {(layer.name, option): (estimate_layer_ms(layer, option, spec, self.dtype), 0.0)
-                 for layer in layers for option in options if self.supports(layer, option)}
-        costs = non_gemm_costs(model, example, [layer.name for layer in layers],
-                               self.torch_dtype.itemsize)
-        fixed = math.fsum(op_time_ms(c.flops, c.bytes, spec, self.dtype) for c in costs)
-        dense_total = fixed + math.fsum(times[(layer.name, options[0])][0] for layer in layers)
-        log.warning("ESTIMATED timing table for %s: roofline of every GEMM and of %d other ops, "
-                    "no measurement", spec.name, len(costs))
-        provenance = {"method": "ESTIMATED: roofline max(FLOPs / peak, bytes / bandwidth), "
-                                f"at least {spec.kernel_floor_ms} ms per kernel",
-                      "spec": spec.name, "spec_source": spec.source,
-                      "peak_flops": spec.peak(self.dtype),
-                      "bandwidth": spec.bandwidth, "kernel_floor_ms": spec.kernel_floor_ms,
-                      "fixed": f"{len(costs)} non-GEMM ops, each at its memory/compute floor"}
-        return times, dense_total, provenance
-
-    def _row(self, layer: LayerInfo, options: list[SparsityOption],
-             times: dict[tuple[str, SparsityOption], tuple[float, float]]) -> LayerTiming:
-        pairs = [times.get((layer.name, option), (None, None)) for option in options]
-        note = CONV_NOTE if layer.kind == "conv2d" else ""
-        if layer.kind == "linear" and any(p[0] is None for p in pairs):
-            note = "blocks larger than the layer are unsupported"
-        if self.estimated:
-            note = "ESTIMATED" + (f"; {note}" if note else "")
-        return LayerTiming(name=layer.name, kind=layer.kind, gemm=(layer.n, layer.k, layer.m),
-                           median_ms=tuple(p[0] for p in pairs),
-                           spread_ms=tuple(p[1] for p in pairs), note=note)
-
+                "cuda": str(torch.version.cuda), "spdy-gpu": package_version()}
 
 def _kernel() -> Callable[..., torch.Tensor]:
     try:
@@ -574,7 +460,7 @@ def _conv_geometry(module: nn.Conv2d, input_shape: tuple[int, ...]) -> str:
             f"s={module.stride} p={module.padding} d={module.dilation} g={module.groups}")
 
 
-def _package_version() -> str:
+def package_version() -> str:
     from .. import __version__
 
     return __version__
