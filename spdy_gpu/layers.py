@@ -50,12 +50,31 @@ class LayerInfo:
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Run `model` on an example input given as a tensor, a tuple of tensors or a dict."""
+    """Run `model` on an input given as a tensor, a tuple of tensors or a dict. A model that
+    fails on its input is a bad input (wrong shape, dtype or keys), reported in one line."""
+    try:
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
+    except SpdyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the user's forward
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SpdyError(f"the model failed on its input ({type(e).__name__}: {first}); check "
+                        "that the example or calibration input (--calib) has the shape, "
+                        f"dtype and keys the model takes (got {_describe(inputs)})") from None
+
+
+def _describe(inputs: Any) -> str:
+    if isinstance(inputs, torch.Tensor):
+        return f"{tuple(inputs.shape)} {str(inputs.dtype).removeprefix('torch.')}"
     if isinstance(inputs, dict):
-        return model(**inputs)
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in inputs.items()) + "}"
     if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+        return "(" + ", ".join(_describe(v) for v in inputs) + ")"
+    return type(inputs).__name__
 
 
 def prunable_modules(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:

@@ -1,40 +1,574 @@
 """The method's stages as library calls on a model entry: what a CLI command or a notebook
-runs. Each function takes the library's own types and returns a result; none prints."""
+runs. Each function takes the library's own types and returns a result; none prints.
+
+`run` is the whole method for one model, backend and target: timings -> database ->
+search -> measured guarantee -> (gAP) -> export, every stage reusing what its output
+directory (or a given timing table) already holds when it matches by fingerprint.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import logging
+import math
 import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from .data import CalibrationSpec
+from torch import nn
+
+from .backends import LatencyBackend
+from .data import Calibration, CalibrationSpec
+from .errors import SpdyError
+from .jsonio import load_json, save_json
+from .layers import discover_layers
 from .models import ModelEntry, ModelSetting
+from .options import SparsityOption, option_grid
 from .profile import Profile
-from .reconstruct import Database, GapReport, global_adaprune_, stitch_
+from .reconstruct import Database, FastConfig, GapReport, global_adaprune_, stitch_
+from .scoring import HeldOutScorer
+from .search import SearchConfig, SearchResult, search
+from .solve import Planner
+from .timing import TimingTable
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT, RUN_VERSION = "spdy-gpu/run", 1
+REPORT_FORMAT, REPORT_VERSION = "spdy-gpu/run-report", 1
+# What `run` writes into its directory; --overwrite removes only these.
+MEASURED = ("timings.json", "database")          # reused whenever they match
+OUTPUTS = ("run.json", "search-state.json", "profile.json", "pruned.safetensors",
+           "model.onnx", "model.triton.safetensors", "report.json", "report.md",
+           "report.png", "timings.json.partial")
+
+
+# ---- gAP and verify -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GapSettings:
+    """Global AdaPrune after stitching (reference: Adam, lr 1e-5, masks kept)."""
+
+    lr: float = 1e-5
+    epochs: int = 10
+    patience: int = 2
+    only_pruned: bool = False
+
+
+def masks_of(model: nn.Module, choices: Mapping[str, SparsityOption]) -> dict[str, Any]:
+    """Bool keep-masks of the pruned layers of a stitched model (what gAP must keep)."""
+    modules = dict(model.named_modules())
+    return {name: modules[name].weight.detach() != 0 for name, option in choices.items()
+            if option.pattern != "dense"}
 
 
 def global_adaprune_profile(entry: ModelEntry, setting: ModelSetting, database: Database,
                             profile: Profile, calibration: CalibrationSpec,
-                            out: str | os.PathLike, *, lr: float = 1e-5, epochs: int = 10,
-                            patience: int = 2, only_pruned: bool = False,
+                            out: str | os.PathLike, *, gap: GapSettings = GapSettings(),
                             metadata: dict[str, str] | None = None,
                             progress: bool = True) -> GapReport:
     """Stitch `profile` from `database`, fine-tune it against the dense model (gAP) and save
     the weights (safetensors state dict) to `out`, atomically."""
-    from safetensors.torch import save_model
+    from .deploy import save_pruned
 
     model, example = entry.build(setting)
     dense, _ = entry.build(setting)
     database.check_model(model)
     database.check_options(list(set(profile.choices.values())))
     stitch_(model, profile.choices, database)
-    modules = dict(model.named_modules())
-    masks = {name: modules[name].weight.detach() != 0 for name, option in
-             profile.choices.items() if option.pattern != "dense"}
     batches = calibration.load(entry, setting, example).batches
-    report = global_adaprune_(model, dense, masks, batches, lr=lr, epochs=epochs,
-                              only_pruned=only_pruned, patience=patience, progress=progress)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_name(f".{Path(out).name}.tmp")
-    save_model(model, str(tmp), metadata=metadata, force_contiguous=True)
-    tmp.replace(out)
+    report = global_adaprune_(model, dense, masks_of(model, profile.choices), batches,
+                              lr=gap.lr, epochs=gap.epochs, only_pruned=gap.only_pruned,
+                              patience=gap.patience, progress=progress)
+    _check_finite_weights(model)
+    save_pruned(model, out, profile=profile, metadata=metadata)
     return report
+
+
+def _check_finite_weights(model: nn.Module) -> None:
+    bad = next((n for n, p in model.named_parameters() if not p.isfinite().all()), None)
+    if bad is not None:
+        raise SpdyError(f"gAP produced non-finite weights in {bad}; lower --gap-lr or check "
+                        "the calibration data")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Dense against pruned, end to end, measured in one interleaved session."""
+
+    dense_ms: float
+    dense_spread_ms: float
+    pruned_ms: float
+    pruned_spread_ms: float
+    slow_engines: int = 0           # engines left out as settled in a slow state
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.pruned_ms
+
+
+def measure_speedup(backend: LatencyBackend, dense: nn.Module, pruned: nn.Module,
+                    example: Any) -> Measurement:
+    """Time the dense and the pruned model on the backend, interleaved."""
+    result = backend.latency({"dense": dense, "pruned": pruned}, example)
+    d, p = result["dense"], result["pruned"]
+    return Measurement(d.median_ms, d.spread_ms, p.median_ms, p.spread_ms,
+                       d.slow_engines + p.slow_engines)
+
+
+def verify_profile(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
+                   profile: Profile, database: Database | None = None) -> Measurement:
+    """Prune the model to `profile` (database weights, or magnitude masks without one) and
+    measure it against the dense model on `backend`."""
+    dense, example = entry.build(setting)
+    if not any(o.pattern != "dense" for o in profile.choices.values()):
+        raise SpdyError("the profile prunes no layer, so there is nothing to verify; pass a "
+                        "profile made by spdy-gpu solve or run")
+    if database is not None:
+        database.check_model(dense)
+    pruned = copy.deepcopy(dense)
+    stitch_(pruned, profile.choices, database)
+    return measure_speedup(backend, dense, pruned, example)
+
+
+# ---- the whole method ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything `run` takes besides the model, the backend and the output directory."""
+
+    speedup: float
+    options: tuple[SparsityOption, ...] | None = None    # a table must have exactly these
+    measure_grid: tuple[SparsityOption, ...] | None = None   # if measured (None: default)
+    exclude: tuple[str, ...] = ()
+    timings: tuple[Path, ...] = ()        # tables to reuse when one matches this setting
+    calibration: CalibrationSpec = CalibrationSpec()
+    search_samples: int = 64              # held out from the database, scored by the search
+    search: SearchConfig = SearchConfig()
+    errors: str = "prior"                 # per-option errors the coefficients scale
+    loss: str | None = None               # None: the model entry's own (else nmse)
+    fast: FastConfig = FastConfig()
+    gap: GapSettings | None = None
+    tolerance: float = 0.03               # measured may fall short of the target by this
+    max_rounds: int = 3                   # measure / tighten / re-solve, at most
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.speedup) and self.speedup > 0):
+            raise SpdyError(f"target speedup {self.speedup} must be a finite number > 0")
+        if self.errors not in ("prior", "database"):
+            raise SpdyError(f"--errors {self.errors!r}: use prior or database")
+        if self.search_samples < 1 or self.max_rounds < 1 or not 0 <= self.tolerance < 1:
+            raise SpdyError("--search-samples and --max-rounds must be >= 1 and --tolerance "
+                            "in [0, 1)")
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same run (the reusable measurements aside)."""
+        return _jsonable({
+            "speedup": self.speedup, "exclude": self.exclude,
+            "options": None if self.options is None else [o.name for o in self.options],
+            "calibration": dataclasses.asdict(self.calibration),
+            "search_samples": self.search_samples, "search": dataclasses.asdict(self.search),
+            "errors": self.errors, "loss": self.loss, "fast": dataclasses.asdict(self.fast),
+            "gap": None if self.gap is None else dataclasses.asdict(self.gap),
+            "tolerance": self.tolerance, "max_rounds": self.max_rounds})
+
+
+@dataclass
+class RunReport:
+    """What a run did and measured; saved as report.json and report.md."""
+
+    model: str
+    backend: str
+    target_speedup: float
+    predicted_speedup: float = math.nan
+    measured: Measurement | None = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    quality: dict[str, float] = field(default_factory=dict)
+    held_out_loss: dict[str, float | None] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    profile: Profile | None = None
+
+    @property
+    def measured_speedup(self) -> float | None:
+        return None if self.measured is None else self.measured.speedup
+
+    def to_json(self) -> dict[str, Any]:
+        body = {k: v for k, v in dataclasses.asdict(self).items() if k != "profile"}
+        body["measured_speedup"] = self.measured_speedup
+        if self.profile is not None:
+            body["layers_pruned"] = sum(o.pattern != "dense"
+                                        for o in self.profile.choices.values())
+            body["predicted_ms"] = self.profile.predicted_ms
+            body["dense_total_ms"] = self.profile.dense_total_ms
+        return _jsonable(body)
+
+
+def run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
+        settings: RunSettings, out_dir: str | os.PathLike, *,
+        progress: bool = True) -> RunReport:
+    """SPDY end to end: the pruned model in `out_dir` with its measured speedup and quality.
+
+    Writes timings.json, database/, search-state.json (resume), profile.json,
+    pruned.safetensors, the backend's deployable model, report.{json,md,png}.
+    """
+    out = Path(out_dir)
+    model, example = entry.build(setting)
+    fingerprint = backend.fingerprint(example)
+    _claim(out, entry.name, fingerprint, settings)
+    report = RunReport(entry.name, backend.name, settings.speedup)
+    with _stage(report, "timings") as note:
+        table = _timing_table(entry, model, example, backend, settings, out, note)
+    planner = Planner(table, settings.exclude)
+    planner.grid(settings.speedup)                     # an unreachable target fails here
+    with _stage(report, "calibration") as note:
+        fit, held_out = settings.calibration.load(entry, setting, example).split(
+            settings.search_samples)
+        note["samples"] = {"database": fit.samples, "search": held_out.samples}
+    with _stage(report, "database") as note:
+        database = _database(entry, model, planner, fit, settings, out, progress, note)
+    scorer = HeldOutScorer(model, held_out.batches, database, settings.loss or entry.loss)
+    with _stage(report, "search") as note:
+        result = _search(planner, database, scorer, settings, out, progress)
+        report.search = _search_summary(result, scorer.loss_name)
+        note.update(evaluations=result.evaluations, stopped=result.stopped)
+    costs = _scaled_errors(planner, database, settings, result.coefficients)
+    with _stage(report, "guarantee") as note:
+        profile, pruned = _guarantee(backend, planner, database, costs, model, example,
+                                     settings, report)
+        note["rounds"] = len(report.rounds)
+    report.profile, report.predicted_speedup = profile, profile.predicted_speedup
+    report.held_out_loss = _baselines(planner, database, scorer, settings, profile)
+    if settings.gap is not None:
+        with _stage(report, "gap") as note:
+            gap = global_adaprune_(pruned, model, masks_of(pruned, profile.choices),
+                                   fit.batches, lr=settings.gap.lr, epochs=settings.gap.epochs,
+                                   patience=settings.gap.patience,
+                                   only_pruned=settings.gap.only_pruned, progress=progress)
+            _check_finite_weights(pruned)
+            note.update(loss_before=gap.loss_before, loss_after=gap.loss_after)
+            report.held_out_loss["spdy+gap"] = scorer.loss_of(pruned)
+    with _stage(report, "quality"):
+        if entry.quality is not None:
+            report.quality = entry.quality(pruned, model)
+    with _stage(report, "export"):
+        report.outputs = _export(backend, pruned, example, profile, out)
+    _write_report(report, table, planner, costs, out)
+    return report
+
+
+def prune(model: nn.Module, example: Any, *, speedup: float,
+          backend: LatencyBackend | str = "deepsparse",
+          calibration: Sequence[Any] | str | os.PathLike | None = None,
+          out_dir: str | os.PathLike = "spdy-run", name: str = "model",
+          loss: str | Any = None, **settings: Any) -> tuple[nn.Module, RunReport]:
+    """The whole method from a notebook: (pruned copy of `model`, report).
+
+    calibration: a list of input batches (the form `model` takes), a file or directory of
+    saved tensors, or None (the example input, with a warning). `settings` are RunSettings
+    fields (search=SearchConfig(...), gap=GapSettings(), exclude=..., options=...).
+    """
+    from .backends import get_backend
+
+    batches = list(calibration) if isinstance(calibration, Sequence) \
+        and not isinstance(calibration, str) else None
+    entry = ModelEntry(name=name, description=f"notebook model {name}",
+                       build=lambda _: (copy.deepcopy(model).eval(), example),
+                       calibration=(lambda _, samples: iter(batches)) if batches else None,
+                       loss=loss)
+    spec = settings.pop("calibration_spec", CalibrationSpec(
+        calib=None if batches is not None else calibration))
+    backend = get_backend(backend) if isinstance(backend, str) else backend
+    report = run(entry, ModelSetting(), backend,
+                 RunSettings(speedup=speedup, calibration=spec, **settings), out_dir)
+    from .deploy import load_pruned
+    pruned = load_pruned(copy.deepcopy(model), Path(out_dir) / "pruned.safetensors")
+    return pruned, report
+
+
+# ---- stages --------------------------------------------------------------------------------
+
+@contextmanager
+def _stage(report: RunReport, name: str) -> Iterator[dict[str, Any]]:
+    """Times a stage into report.stages[name]; the stage may add notes to the dict."""
+    began = time.perf_counter()
+    note: dict[str, Any] = {}
+    log.info("stage %s", name)
+    yield note
+    report.stages[name] = {"seconds": round(time.perf_counter() - began, 1), **note}
+
+
+def _claim(out: Path, model: str, fingerprint: Any, settings: RunSettings) -> None:
+    """Refuse a directory that holds another run's files, unless overwriting; then record
+    this run. Measurements stay when they belong to the same model and backend setting."""
+    manifest = out / "run.json"
+    identity = _jsonable({"model": model, "fingerprint": dataclasses.asdict(fingerprint),
+                          "settings": settings.identity()})
+    if manifest.exists():
+        previous = load_json(manifest, RUN_FORMAT, RUN_VERSION).get("identity", {})
+        same_setting = all(previous.get(k) == identity[k] for k in ("model", "fingerprint"))
+        if previous != identity:
+            if not settings.overwrite:
+                raise SpdyError(f"{out} holds another run (of {previous.get('model')!r}, "
+                                "other settings); pass --overwrite to replace it or choose "
+                                "another --out")
+            _remove(out, OUTPUTS if same_setting else OUTPUTS + MEASURED)
+    elif out.exists() and any(out.iterdir()):
+        if not settings.overwrite:
+            raise SpdyError(f"{out} exists and is not a spdy-gpu run directory; choose an "
+                            "empty or new --out (or pass --overwrite to write into it)")
+        _remove(out, OUTPUTS + MEASURED)
+    save_json(manifest, RUN_FORMAT, RUN_VERSION, {
+        "identity": identity,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def _remove(out: Path, names: Sequence[str]) -> None:
+    for name in names:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: LatencyBackend,
+                  settings: RunSettings, out: Path, note: dict[str, Any]) -> TimingTable:
+    """A table measured for this model on this backend setting: out/timings.json or one of
+    settings.timings when one matches, else measured now (resumable) and saved there."""
+    layers = discover_layers(model, example, entry.exclude)
+    names = {layer.name for layer in layers}
+    fingerprint = backend.fingerprint(example)
+    for path in (out / "timings.json", *settings.timings):
+        if not Path(path).exists():
+            continue
+        table = TimingTable.load(path)
+        why = _mismatch(table, entry.name, fingerprint, names, settings.options)
+        if why is None:
+            note["reused"] = str(path)
+            if Path(path) != out / "timings.json":
+                table.save(out / "timings.json")
+            return table
+        log.warning("not reusing %s: %s", path, why)
+    options = list(settings.options or settings.measure_grid
+                   or option_grid(backend.default_pattern))
+    log.info("measuring the timing table: %d layers x %d options on %s", len(layers),
+             len(options), backend.name)
+    table = backend.measure_table(model, example, layers, options, model_name=entry.name,
+                                  checkpoint=out / "timings.json.partial")
+    table.save(out / "timings.json")
+    note["measured"] = True
+    return table
+
+
+def _mismatch(table: TimingTable, model: str, fingerprint: Any, layers: set[str],
+              options: Sequence[SparsityOption] | None) -> str | None:
+    """Why `table` cannot stand for this run's measurements (None: it can)."""
+    if table.model != model:
+        return f"it is for model {table.model!r}"
+    differences = table.fingerprint.mismatches(fingerprint)
+    if differences:
+        return "measured in another setting (" + "; ".join(differences) + ")"
+    if set(table.layer_names) != layers:
+        return "its layers differ from the model's"
+    if options is not None and list(table.options) != list(options):
+        return "its option grid differs from the one asked for"
+    return None
+
+
+def _database(entry: ModelEntry, model: nn.Module, planner: Planner, fit: Calibration,
+              settings: RunSettings, out: Path, progress: bool,
+              note: dict[str, Any]) -> Database:
+    from .reconstruct import build_database
+
+    path = out / "database"
+    note["reused"] = (path / "manifest.json").exists()
+    return build_database(model, planner.layers, planner.options, fit.batches, path, "fast",
+                          model_name=entry.name, calibration=fit.description,
+                          fast=settings.fast, progress=progress)
+
+
+def _search(planner: Planner, database: Database, scorer: HeldOutScorer,
+            settings: RunSettings, out: Path, progress: bool) -> SearchResult:
+    errors = _base_errors(planner, database, settings)
+    identity = {"database": database.fingerprint, "database_config": database.config,
+                "calibration": database.calibration, "loss": scorer.loss_name,
+                "search_samples": settings.search_samples}
+    return search(planner, settings.speedup, scorer, errors=errors, config=settings.search,
+                  checkpoint=out / "search-state.json", identity=identity, progress=progress)
+
+
+def _base_errors(planner: Planner, database: Database,
+                 settings: RunSettings) -> dict[str, Any]:
+    if settings.errors == "prior":
+        return planner.prior()
+    matrix = database.errors_matrix(planner.layers, planner.options)
+    return dict(zip(planner.layers, matrix))
+
+
+def _scaled_errors(planner: Planner, database: Database, settings: RunSettings,
+                   coefficients: Mapping[str, float]) -> dict[str, Any]:
+    """The searched costs: each layer's base errors times its coefficient."""
+    base = _base_errors(planner, database, settings)
+    return {name: coefficients[name] * base[name] for name in planner.layers}
+
+
+def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
+               costs: Mapping[str, Any], dense: nn.Module, example: Any,
+               settings: RunSettings, report: RunReport) -> tuple[Profile, nn.Module]:
+    """Measure the searched profile against dense; while it falls short of the target by
+    more than the tolerance, tighten the budget by the measured gap and re-solve with the
+    searched costs. Returns the final profile and the pruned model."""
+    solve_for = settings.speedup
+    for round_ in range(1, settings.max_rounds + 1):
+        profile = dataclasses.replace(planner.solve(solve_for, costs),
+                                      target_speedup=settings.speedup)
+        pruned = copy.deepcopy(dense)
+        stitch_(pruned, profile.choices, database)
+        if planner.table.estimated:
+            report.notes.append("the timing table is ESTIMATED: the speedup was not measured")
+            return profile, pruned
+        measured = measure_speedup(backend, dense, pruned, example)
+        report.measured = measured
+        report.rounds.append({"round": round_, "solved_for": solve_for,
+                              "predicted_speedup": profile.predicted_speedup,
+                              **dataclasses.asdict(measured), "measured_speedup":
+                              measured.speedup})
+        log.info("round %d: predicted %.3fx, measured %.3fx (target %gx)", round_,
+                 profile.predicted_speedup, measured.speedup, settings.speedup)
+        if measured.speedup >= settings.speedup * (1 - settings.tolerance):
+            break
+        tighter = solve_for * settings.speedup / measured.speedup
+        if tighter > planner.max_speedup or round_ == settings.max_rounds:
+            report.notes.append(
+                f"measured {measured.speedup:.3f}x is below the target {settings.speedup:g}x "
+                f"by more than {settings.tolerance:.0%} after {round_} rounds"
+                + ("; the table cannot go tighter" if tighter > planner.max_speedup else ""))
+            break
+        solve_for = tighter
+    return profile, pruned
+
+
+def _baselines(planner: Planner, database: Database, scorer: HeldOutScorer,
+               settings: RunSettings, profile: Profile) -> dict[str, float | None]:
+    """Held-out loss of the final profile and, at the same predicted budget, of the DP on
+    the database's per-layer errors and of uniform sparsity (None: unreachable)."""
+    target = profile.dense_total_ms / profile.budget_ms
+    chosen = {name: profile.choices[name] for name in planner.layers}
+    errors = dict(zip(planner.layers, database.errors_matrix(planner.layers,
+                                                             planner.options)))
+    losses: dict[str, float | None] = {"spdy": scorer(chosen),
+                                       "dp_database_errors": scorer(planner.choose(target,
+                                                                                   errors))}
+    uniform = uniform_choices(planner, target)
+    losses["uniform"] = None if uniform is None else scorer(uniform)
+    return losses
+
+
+def uniform_choices(planner: Planner, speedup: float) -> dict[str, SparsityOption] | None:
+    """Every searched layer at the least sparse option whose predicted time meets the
+    target (a layer that cannot take it stays dense), or None when no option does."""
+    budget = planner.table.dense_total_ms / speedup
+    for column, option in sorted(enumerate(planner.options), key=lambda p: p[1].sparsity):
+        times = planner.times[:, column]
+        usable = [t if math.isfinite(t) else planner.times[i, 0] for i, t in enumerate(times)]
+        if math.fsum([planner.fixed_ms, *usable]) <= budget:
+            return {name: option if math.isfinite(times[i]) else SparsityOption.dense()
+                    for i, name in enumerate(planner.layers)}
+    return None
+
+
+def _search_summary(result: SearchResult, loss: str) -> dict[str, Any]:
+    return {"loss": loss, "score": result.score, "evaluations": result.evaluations,
+            "candidates": result.candidates, "stopped": result.stopped,
+            "seconds": round(result.seconds, 1), "improvements": len(result.history)}
+
+
+def _export(backend: LatencyBackend, pruned: nn.Module, example: Any, profile: Profile,
+            out: Path) -> dict[str, str]:
+    from .deploy import save_pruned
+
+    profile.save(out / "profile.json")
+    outputs = {"profile": str(out / "profile.json"),
+               "weights": str(save_pruned(pruned, out / "pruned.safetensors",
+                                          profile=profile))}
+    deployable = backend.export(pruned, example, profile, out)
+    outputs["deployable"] = str(deployable)
+    return outputs
+
+
+# ---- report --------------------------------------------------------------------------------
+
+def _write_report(report: RunReport, table: TimingTable, planner: Planner,
+                  costs: Mapping[str, Any], out: Path) -> None:
+    """report.json, report.md and report.png (the frontier under the searched costs and
+    the chosen per-layer sparsity and times)."""
+    from .jsonio import atomic_write_bytes
+    from .plots import plot_profile
+
+    if report.profile is not None:
+        plot_profile(table, report.profile, planner.curve(costs), out / "report.png",
+                     "total searched cost")
+        report.outputs["plot"] = str(out / "report.png")
+    report.outputs["report"] = str(out / "report.md")
+    save_json(out / "report.json", REPORT_FORMAT, REPORT_VERSION, report.to_json())
+    atomic_write_bytes(out / "report.md", format_report(report).encode())
+
+
+def format_report(report: RunReport) -> str:
+    """The report as markdown: what was asked, predicted, measured, and at what quality."""
+    p = report.profile
+    lines = [f"# spdy-gpu run: {report.model} on {report.backend}, target "
+             f"{report.target_speedup:g}x", "",
+             "| | |", "|---|---|",
+             f"| target speedup | {report.target_speedup:g}x |"]
+    if p is not None:
+        pruned = sum(o.pattern != "dense" for o in p.choices.values())
+        lines += [f"| predicted | {p.predicted_speedup:.3f}x ({p.predicted_ms:.4g} ms vs "
+                  f"{p.dense_total_ms:.4g} ms dense{', ESTIMATED' if p.estimated else ''}) |",
+                  f"| layers pruned | {pruned} of {len(p.choices)} |"]
+    m = report.measured
+    lines.append("| measured | " + ("not measured" if m is None else
+                 f"**{m.speedup:.3f}x** (dense {m.dense_ms:.4g} ms, spread "
+                 f"{m.dense_spread_ms:.2g}; pruned {m.pruned_ms:.4g} ms, spread "
+                 f"{m.pruned_spread_ms:.2g})") + " |")
+    if report.rounds:
+        lines += ["", "## Measured guarantee", "",
+                  "| round | solved for | predicted | measured | dense ms | pruned ms |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['round']} | {r['solved_for']:.3f}x | {r['predicted_speedup']:.3f}x | "
+                  f"{r['measured_speedup']:.3f}x | {r['dense_ms']:.4g} | {r['pruned_ms']:.4g} |"
+                  for r in report.rounds]
+    if report.quality:
+        lines += ["", "## Quality", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in report.quality.items()]
+    if report.held_out_loss:
+        lines += ["", f"## Held-out loss ({report.search.get('loss', '')}, lower is better, "
+                  "same predicted budget)", "", "| profile | loss |", "|---|---|"]
+        lines += [f"| {k} | {'unreachable' if v is None else f'{v:.5g}'} |"
+                  for k, v in report.held_out_loss.items()]
+    lines += ["", "## Where the time went", "", "| stage | seconds | notes |", "|---|---|---|"]
+    for name, stage in report.stages.items():
+        notes = ", ".join(f"{k}: {v}" for k, v in stage.items() if k != "seconds")
+        lines.append(f"| {name} | {stage['seconds']:.1f} | {notes} |")
+    if report.search:
+        lines += ["", "Search: " + ", ".join(f"{k} {v}" for k, v in report.search.items())]
+    lines += [f"- {note}" for note in report.notes]
+    lines += ["", "Outputs: " + ", ".join(f"{k} `{v}`" for k, v in report.outputs.items()), ""]
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` as plain JSON types (tuples to lists, numpy to floats)."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist")
+                                 else str(v)))

@@ -33,17 +33,17 @@ class HeldOutScorer:
     def __call__(self, choices: Mapping[str, SparsityOption]) -> float:
         backup = stitch_(self.model, choices, self.database)
         try:
-            return self.current()
+            return self.loss_of(self.model)
         finally:
             restore_(self.model, backup)
 
-    def current(self) -> float:
-        """The loss of the model as it is now (e.g. after gAP) against the dense outputs."""
+    def loss_of(self, model: nn.Module) -> float:
+        """Mean loss of `model` (e.g. a pruned copy after gAP) against the dense outputs."""
         with torch.inference_mode():
-            losses = [float(self.loss(self._forward(batch), dense, batch))
+            losses = [float(self.loss(self._forward(batch, model), dense, batch))
                       for batch, dense in zip(self.batches, self.dense_outputs)]
         return sum(losses) / len(losses)
 
-    def _forward(self, batch: Any) -> torch.Tensor:
+    def _forward(self, batch: Any, model: nn.Module | None = None) -> torch.Tensor:
         with torch.inference_mode():
-            return output_tensor(call_model(self.model, batch)).float()
+            return output_tensor(call_model(model or self.model, batch)).float()

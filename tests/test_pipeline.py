@@ -1,0 +1,185 @@
+"""`run`, the whole method, on a tiny model with a fake latency backend whose end-to-end
+time follows the sparsity of the weights it is given."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from spdy_gpu import InfeasibleTargetError, SpdyError
+from spdy_gpu.data import CalibrationSpec
+from spdy_gpu.models import ModelEntry, ModelSetting
+from spdy_gpu.options import option_grid
+from spdy_gpu.pipeline import RunSettings, run, uniform_choices
+from spdy_gpu.search import SearchConfig
+from spdy_gpu.solve import Planner
+from spdy_gpu.timing import Fingerprint, LayerTiming, TimingTable
+
+FIXED_MS = 1.0
+
+
+def build(setting=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 8)).eval()
+    return model, torch.randn(4, 16)
+
+
+def calibration(setting, samples):
+    generator = torch.Generator().manual_seed(1)
+    for start in range(0, samples, setting.batch_size):
+        yield torch.randn(min(setting.batch_size, samples - start), 16, generator=generator)
+
+
+ENTRY = ModelEntry("toy", "toy MLP", build=build, calibration=calibration)
+
+
+def layer_ms(weight, sparsity):
+    return weight.numel() / 512 * (1 - 0.8 * sparsity)
+
+
+class FakeBackend:
+    """Times are a function of each layer's sparsity; `slowdown` makes pruned models run
+    slower than the table predicts (as a backend whose table is optimistic would)."""
+
+    name = "fake"
+    default_pattern = "unstructured"
+
+    def __init__(self, slowdown=1.0):
+        self.slowdown = slowdown
+        self.latency_calls = 0
+        self.exported = None
+
+    def fingerprint(self, example):
+        return Fingerprint(backend="fake", backend_version="1", device="cpu", isa="x",
+                           threads=1, batch_size=example.shape[0],
+                           input_shape="x".join(map(str, example.shape)), dtype="float32")
+
+    def supports(self, layer, option):
+        return True
+
+    def measure_table(self, model, example, layers, options, *, model_name, checkpoint=None):
+        rows = []
+        for layer in layers:
+            weight = model.get_submodule(layer.name).weight
+            times = tuple(layer_ms(weight, o.sparsity) for o in options)
+            rows.append(LayerTiming(layer.name, "linear", (layer.n, layer.k, 4), times,
+                                    (0.0,) * len(options)))
+        dense = FIXED_MS + sum(r.median_ms[0] for r in rows)
+        return TimingTable(self.fingerprint(example), tuple(options), tuple(rows), dense,
+                           FIXED_MS, model=model_name)
+
+    def latency(self, models, example):
+        self.latency_calls += 1
+        result = {}
+        for name, model in models.items():
+            total = FIXED_MS
+            for module in model.modules():
+                if isinstance(module, nn.Linear):
+                    sparsity = float((module.weight == 0).float().mean())
+                    total += layer_ms(module.weight, sparsity) * (
+                        self.slowdown if sparsity > 0 else 1.0)
+            result[name] = SimpleNamespace(median_ms=total, spread_ms=0.0, slow_engines=0)
+        return result
+
+    def export(self, model, example, profile, out_dir):
+        self.exported = out_dir / "model.fake"
+        self.exported.write_text("ok")
+        return self.exported
+
+
+def settings(**changes):
+    base = dict(speedup=1.6, measure_grid=tuple(option_grid("unstructured", 6)),
+                calibration=CalibrationSpec(samples=96, batch_size=16), search_samples=32,
+                search=SearchConfig(seed=0, random_candidates=8, patience=5))
+    return RunSettings(**{**base, **changes})
+
+
+def test_run_writes_everything_and_meets_the_target(tmp_path):
+    backend = FakeBackend()
+    report = run(ENTRY, ModelSetting(), backend, settings(), tmp_path / "run", progress=False)
+    assert report.measured_speedup >= 1.6 * 0.97
+    assert report.predicted_speedup >= 1.6
+    out = tmp_path / "run"
+    for name in ("timings.json", "database/manifest.json", "search-state.json", "profile.json",
+                 "pruned.safetensors", "model.fake", "report.json", "report.md", "report.png"):
+        assert (out / name).exists(), name
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["format"] == "spdy-gpu/run-report" and doc["rounds"][0]["round"] == 1
+    assert set(doc["held_out_loss"]) == {"spdy", "dp_database_errors", "uniform"}
+    assert doc["held_out_loss"]["spdy"] <= doc["held_out_loss"]["uniform"]
+    assert "Where the time went" in (out / "report.md").read_text()
+
+
+def test_a_second_run_reuses_every_stage_and_ends_the_same(tmp_path):
+    first = run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    again = run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    assert again.stages["timings"]["reused"] and again.stages["database"]["reused"]
+    assert again.profile.choices == first.profile.choices
+    assert again.search["evaluations"] == first.search["evaluations"]
+
+
+def test_measured_shortfall_tightens_the_budget(tmp_path):
+    report = run(ENTRY, ModelSetting(), FakeBackend(slowdown=1.25), settings(max_rounds=4),
+                 tmp_path, progress=False)
+    assert len(report.rounds) >= 2
+    assert report.rounds[1]["solved_for"] > report.rounds[0]["solved_for"]
+    assert report.measured_speedup >= 1.6 * 0.97
+
+
+def test_another_runs_directory_is_refused_unless_overwrite(tmp_path):
+    run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    with pytest.raises(SpdyError, match="holds another run"):
+        run(ENTRY, ModelSetting(), FakeBackend(), settings(speedup=1.4), tmp_path,
+            progress=False)
+    report = run(ENTRY, ModelSetting(), FakeBackend(), settings(speedup=1.4, overwrite=True),
+                 tmp_path, progress=False)
+    assert report.stages["timings"]["reused"]          # same model and backend: kept
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(SpdyError, match="not a spdy-gpu run directory"):
+        run(ENTRY, ModelSetting(), FakeBackend(), settings(), other, progress=False)
+
+
+def test_unreachable_target_names_the_largest(tmp_path):
+    with pytest.raises(InfeasibleTargetError, match="largest achievable speedup") as info:
+        run(ENTRY, ModelSetting(), FakeBackend(), settings(speedup=50.0), tmp_path,
+            progress=False)
+    assert 1 < info.value.max_speedup < 50
+
+
+def test_nan_loss_is_a_one_line_error(tmp_path):
+    def nan_loss(pruned, dense, batch):
+        return torch.tensor(math.nan)
+    entry = ModelEntry("toy", "toy", build=build, calibration=calibration, loss=nan_loss)
+    with pytest.raises(SpdyError, match="loss returned nan"):
+        run(entry, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+
+
+def test_calibration_of_the_wrong_shape_is_a_one_line_error(tmp_path):
+    torch.save(torch.randn(64, 7), tmp_path / "bad.pt")
+    with pytest.raises(SpdyError, match="the model failed on its input") as info:
+        run(ENTRY, ModelSetting(), FakeBackend(),
+            settings(calibration=CalibrationSpec(tmp_path / "bad.pt", 64, 16)),
+            tmp_path / "run", progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_uniform_baseline_is_the_least_sparse_level_that_fits():
+    model, example = build()
+    table = FakeBackend().measure_table(model, example, __import__(
+        "spdy_gpu").discover_layers(model, example), option_grid("unstructured", 6),
+        model_name="toy")
+    planner = Planner(table)
+    chosen = uniform_choices(planner, 1.6)
+    levels = {o for o in chosen.values()}
+    assert len(levels) == 1
+    (level,) = levels
+    lower = [o for o in table.options if o.sparsity < level.sparsity]
+    assert all(uniform_choices(planner, 1.6) != dict.fromkeys(planner.layers, o)
+               for o in lower)
+    assert uniform_choices(planner, 100.0) is None
