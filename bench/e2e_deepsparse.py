@@ -81,10 +81,16 @@ def predicted_ms(table: TimingTable, choices: dict[str, SparsityOption]) -> floa
 
 
 def setting_of(table: TimingTable) -> ModelSetting:
-    fields = dict(part.split("=") for part in table.fingerprint.input_shape.split(","))
-    return ModelSetting(batch_size=table.fingerprint.batch_size,
-                        seq_len=int(fields.get("seq", 128)),
-                        image_size=int(fields.get("image", 224)))
+    """The model setting that rebuilds the table's example: a [batch, seq] input gives the
+    sequence length, a [batch, C, H, W] one the image size."""
+    fields = {"batch_size": table.fingerprint.batch_size}
+    for part in table.fingerprint.input_shape.split(","):
+        dims = [int(d) for d in part.split("=")[1].split("x")]
+        if len(dims) == 2:
+            fields["seq_len"] = dims[1]
+        elif len(dims) == 4:
+            fields["image_size"] = dims[-1]
+    return ModelSetting(**fields)
 
 
 def additive(args: argparse.Namespace) -> dict:
@@ -92,15 +98,15 @@ def additive(args: argparse.Namespace) -> dict:
     setting = setting_of(table)
     backend = DeepSparseBackend(threads=table.fingerprint.threads, repeats=args.repeats,
                                 iterations=args.iterations)
-    table.check_compatible(backend.fingerprint(setting), force=args.force)
     model, example = load_model(table.model).build(setting)
-    dense_ms, dense_spread = backend.latency_ms(model, example, setting)
+    table.check_compatible(backend.fingerprint(example), force=args.force)
+    dense_ms, dense_spread = backend.latency_ms(model, example)
     dense_per_engine = list(backend.last_engine_ms)
     rows = []
     for name, choices in profiles(table, args.targets).items():
         backup = stitch_(model, choices)
         try:
-            measured, spread = backend.latency_ms(model, example, setting)
+            measured, spread = backend.latency_ms(model, example)
         finally:
             restore_(model, backup)
         predicted = predicted_ms(table, choices)
@@ -142,7 +148,7 @@ def sources(args: argparse.Namespace) -> dict:
         backend = DeepSparseBackend(threads=args.threads, repeats=args.repeats,
                                     sparsity_source=source)
         tables[source] = backend.measure_table(model, example, layers, options,
-                                               model_name=entry.name, setting=setting)
+                                               model_name=entry.name)
     imposed, weights = tables["imposed"].times(), tables["weights"].times()
     rows = []
     for j, option in enumerate(options):

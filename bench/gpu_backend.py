@@ -131,18 +131,17 @@ def run_batch(batch: int, args: argparse.Namespace, out: Path, measured_spec: Gp
     backend = TritonBackend(dtype="bf16", repeats=args.repeats, cache_dir=args.cache_dir)
 
     started = time.perf_counter()
-    table = backend.measure_table(model, example, layers, options, model_name="minilm",
-                                  setting=setting)
+    table = backend.measure_table(model, example, layers, options, model_name="minilm")
     collection_s = time.perf_counter() - started
     table.save(out / f"minilm-triton-b{batch}.timings.json")
 
-    checks = [additive_check(name, choices, table, backend, model, example, setting)
+    checks = [additive_check(name, choices, table, backend, model, example)
               for name, choices in profiles(table)]
     estimates = {"measured-ceilings": estimate_error(table, model, example, layers, options,
-                                                     measured_spec, setting)}
+                                                     measured_spec)}
     if datasheet is not None:
         estimates[f"datasheet-{datasheet}"] = estimate_error(
-            table, model, example, layers, options, GPU_SPECS[datasheet], setting)
+            table, model, example, layers, options, GPU_SPECS[datasheet])
     return {"batch_size": batch, "seq_len": args.seq_len, "table": table_summary(table),
             "collection_s": round(collection_s, 1), "additive": checks, "estimate": estimates}
 
@@ -193,8 +192,8 @@ def profiles(table: TimingTable) -> list[tuple[str, dict[str, SparsityOption]]]:
 
 
 def additive_check(name: str, choices: dict[str, SparsityOption], table: TimingTable,
-                   backend: TritonBackend, model: torch.nn.Module, example: Any,
-                   setting: ModelSetting) -> dict[str, Any]:
+                   backend: TritonBackend, model: torch.nn.Module,
+                   example: Any) -> dict[str, Any]:
     """Predicted fixed + sum of chosen layer times vs measured end-to-end of the pruned
     model (block-pruned weights; the backend runs them as BlockSparseLinear)."""
     times = table.times()
@@ -210,7 +209,7 @@ def additive_check(name: str, choices: dict[str, SparsityOption], table: TimingT
                 weight = pruned.get_submodule(layer.name).weight
                 weight.mul_(block_mask(weight, option.block, option.sparsity))
                 sparse += detect_block(weight) is not None
-    measured, spread = backend.latency_ms(pruned, example, setting)
+    measured, spread = backend.latency_ms(pruned, example)
     return {"profile": name, "sparse_layers": sparse,
             "mean_sparsity": statistics.fmean(o.sparsity for o in choices.values()),
             "predicted_ms": predicted, "measured_ms": measured, "spread_ms": spread,
@@ -220,10 +219,10 @@ def additive_check(name: str, choices: dict[str, SparsityOption], table: TimingT
 
 
 def estimate_error(table: TimingTable, model: torch.nn.Module, example: Any, layers: list,
-                   options: list, spec: GpuSpec, setting: ModelSetting) -> dict[str, Any]:
+                   options: list, spec: GpuSpec) -> dict[str, Any]:
     """How far the analytic estimate from `spec` lies from the measured table."""
     estimate = TritonEstimateBackend(spec, dtype="bf16").measure_table(
-        model, example, layers, options, model_name="minilm", setting=setting)
+        model, example, layers, options, model_name="minilm")
     ratio = estimate.times() / table.times()
     finite = ratio[np.isfinite(ratio)]
     return {"spec": spec.name, "dense_total_ratio": estimate.dense_total_ms / table.dense_total_ms,

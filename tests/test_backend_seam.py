@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from spdy_gpu import backends
-from spdy_gpu.backends import CliOption, LatencyBackend, backend_class, get_backend
+from spdy_gpu.backends import (
+    CliOption,
+    LatencyBackend,
+    backend_class,
+    example_shape,
+    get_backend,
+)
 from spdy_gpu.cli import main
 from spdy_gpu.cli.common import add_backend_args, backend_config, backend_from_args
 from spdy_gpu.errors import SpdyError
@@ -34,11 +40,10 @@ class FakeBackend:
     def supports(self, layer, option):
         return True
 
-    def latency_ms(self, model, example, setting):
+    def latency_ms(self, model, example, setting=None):
         return 1.0, 0.0
 
-    def measure_table(self, model, example, layers, options, *, model_name, setting=None,
-                      checkpoint=None):
+    def measure_table(self, model, example, layers, options, *, model_name, checkpoint=None):
         rows = tuple(LayerTiming(layer.name, layer.kind, (layer.n, layer.k, layer.m or 0),
                                  tuple(10.0 / self.speed - i for i in range(len(options))),
                                  (0.0,) * len(options)) for layer in layers)
@@ -102,3 +107,31 @@ def test_timings_uses_the_backends_default_pattern_and_options(fake, tmp_path):
 def test_timings_alias_stays_importable():
     from spdy_gpu.cli.timings import backend_config as alias
     assert alias is backend_config
+
+
+def ignores_batch_model(batch_size: int = 1):
+    return toy_model()
+
+
+def test_timings_refuses_an_example_of_another_batch(fake, tmp_path, capsys):
+    assert main(["timings", "--model", "tests.test_backend_seam:ignores_batch_model",
+                 "--backend", "fake", "--batch-size", "4", "--out", str(tmp_path / "t.json")]) == 2
+    assert "example input has batch 1, not --batch-size 4" in capsys.readouterr().err
+
+
+def test_example_shape_names_every_tensor_in_a_stable_order():
+    ids, mask = torch.zeros(2, 128, dtype=torch.long), torch.ones(2, 128, dtype=torch.long)
+    assert example_shape({"input_ids": ids, "attention_mask": mask}) == (
+        2, "attention_mask=2x128,input_ids=2x128")
+    assert example_shape(torch.randn(1, 3, 32, 32)) == (1, "0=1x3x32x32")
+    assert example_shape((torch.randn(4, 8), None, torch.randn(4))) == (4, "0=4x8,2=4")
+
+
+@pytest.mark.parametrize("example, match", [
+    ({"a": torch.zeros(2, 3), "b": torch.zeros(3, 3)}, "disagree on the batch"),
+    ((torch.tensor(1.0),), "is a scalar"),
+    ({"flag": True}, "holds no tensor"),
+])
+def test_example_shape_refuses_what_has_no_batch(example, match):
+    with pytest.raises(SpdyError, match=match):
+        example_shape(example)

@@ -9,7 +9,6 @@ from torch import nn
 
 from spdy_gpu.errors import MissingDependencyError, SpdyError
 from spdy_gpu.layers import LayerInfo, discover_layers
-from spdy_gpu.models import ModelSetting
 from spdy_gpu.options import SparsityOption
 from tests.conftest import fingerprint
 
@@ -100,7 +99,7 @@ def test_measure_table_resumes_after_interruption(backend, tmp_path, monkeypatch
         return real(self, *args)
 
     monkeypatch.setattr(type(backend), "analyse", flaky)
-    kwargs = dict(model_name="toy", setting=ModelSetting(), checkpoint=checkpoint)
+    kwargs = dict(model_name="toy", checkpoint=checkpoint)
     with pytest.raises(KeyboardInterrupt):
         backend.measure_table(model, example, layers, OPTIONS, **kwargs)
     assert checkpoint.exists() and len(calls) == 3
@@ -112,6 +111,7 @@ def test_measure_table_resumes_after_interruption(backend, tmp_path, monkeypatch
     times = table.times()
     assert (times > 0).all() and table.dense_total_ms > 0 and table.fixed_ms >= 0
     assert table.fingerprint.threads == 1 and table.fingerprint.backend == "deepsparse"
+    assert (table.fingerprint.batch_size, table.fingerprint.input_shape) == (1, "0=1x64x128")
     assert table.provenance["repeats"] == 2
     calibration = table.provenance["fixed_calibration"]     # dense, then levels 0.5 and 0.9
     assert [c["option"] for c in calibration] == ["dense", "unstructured@0.5",
@@ -120,13 +120,9 @@ def test_measure_table_resumes_after_interruption(backend, tmp_path, monkeypatch
     assert table.fixed_ms == pytest.approx(max(residuals[1], 0.0))
 
 
-def test_latency_and_batch_mismatch(backend):
-    model = TokenMLP().eval()
-    median, spread = backend.latency_ms(model, torch.randn(2, 16, 128),
-                                        ModelSetting(batch_size=2))
+def test_latency_of_a_batch(backend):
+    median, spread = backend.latency_ms(TokenMLP().eval(), torch.randn(2, 16, 128))
     assert median > 0 and spread >= 0
-    with pytest.raises(SpdyError, match="batch \\[2\\], not --batch-size 4"):
-        backend.latency_ms(model, torch.randn(2, 16, 128), ModelSetting(batch_size=4))
 
 
 def test_speedup_curves_mark_sparse_slower_than_dense(toy_table, tmp_path):

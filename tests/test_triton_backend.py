@@ -58,9 +58,9 @@ def test_estimated_table_for_minilm_is_marked_everywhere(minilm, tmp_path):
     backend = get_backend("triton", estimate="h100-sxm", cache_dir=tmp_path, repeats=5)
     assert isinstance(backend, TritonEstimateBackend) and backend.dtype == "bf16"
     assert isinstance(backend, LatencyBackend)
-    table = backend.measure_table(model, example, layers, options, model_name="minilm",
-                                  setting=setting)
+    table = backend.measure_table(model, example, layers, options, model_name="minilm")
     assert table.estimated and "ESTIMATED" in table.fingerprint.device
+    assert table.fingerprint.input_shape == "attention_mask=1x128,input_ids=1x128"
     assert len(table.layers) == 36 and all(l.note.startswith("ESTIMATED") for l in table.layers)
     assert [l.gemm for l in table.layers[:2]] == [(384, 384, 128)] * 2
     dense = table.dense_times()
@@ -174,7 +174,7 @@ def test_latency_without_a_device_says_it_needs_a_gpu(tmp_path, monkeypatch):
     backend = InterpretedBackend(cache_dir=tmp_path)
     monkeypatch.setattr(backend, "_has_device", lambda: False)
     with pytest.raises(SpdyError, match="end-to-end latency on the triton backend needs a GPU"):
-        backend.latency_ms(TwoLayer(), torch.randn(8, 4, 4, 4), ModelSetting())
+        backend.latency_ms(TwoLayer(), torch.randn(8, 4, 4, 4))
 
 
 def test_bad_configuration_is_refused():
@@ -187,7 +187,7 @@ def test_bad_configuration_is_refused():
     backend = TritonEstimateBackend(H100, dtype="fp16")
     assert backend.spec is H100 and backend.estimated
     with pytest.raises(SpdyError, match="cannot measure end-to-end latency, which needs a GPU"):
-        backend.latency_ms(nn.Linear(4, 4), torch.randn(1, 4), ModelSetting())
+        backend.latency_ms(nn.Linear(4, 4), torch.randn(1, 4))
 
 
 # ---- GPU specs ------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def test_a_model_with_nothing_the_kernel_runs_is_refused():
     with pytest.raises(SpdyError, match="no layer of convnet can run"):
         TritonEstimateBackend("l4").measure_table(
             model, example, discover_layers(model, example), [DENSE, block(0.5)],
-            model_name="convnet", setting=ModelSetting())
+            model_name="convnet")
 
 
 # ---- block detection and the swap -----------------------------------------------------------
@@ -336,9 +336,9 @@ class InterpretedBackend(TritonBackend):
     def _software(self):
         return {"torch": torch.__version__, "spdy-gpu": "test"}
 
-    def fingerprint(self, setting):
-        return Fingerprint("triton", "test", self._device_name(), "cpu", 1, setting.batch_size,
-                           "seq=0", "float32", self._software())
+    def fingerprint(self, example):
+        return Fingerprint("triton", "test", self._device_name(), "cpu", 1, len(example),
+                           "0=?", "float32", self._software())
 
     def _bench_ms(self, fn):
         out = fn()
@@ -362,8 +362,7 @@ class TwoLayer(nn.Module):
 def measure(backend, model, options, **kwargs):
     example = torch.randn(8, 4, 4, 4)
     layers = discover_layers(model, example)
-    return backend.measure_table(model, example, layers, options, model_name="toy",
-                                 setting=ModelSetting(batch_size=8), **kwargs)
+    return backend.measure_table(model, example, layers, options, model_name="toy", **kwargs)
 
 
 def test_measuring_loop_shares_times_by_shape_and_across_models(tmp_path):
@@ -431,7 +430,7 @@ def test_latency_swaps_block_pruned_linears(tmp_path, monkeypatch):
     measure_model = backend._model_latency
     monkeypatch.setattr(backend, "_model_latency",
                         lambda m, inputs: timed.append(m) or measure_model(m, inputs))
-    median, spread = backend.latency_ms(model, torch.randn(8, 4, 4, 4), ModelSetting())
+    median, spread = backend.latency_ms(model, torch.randn(8, 4, 4, 4))
     assert isinstance(timed[0].fc1, BlockSparseLinear) and type(timed[0].fc2) is nn.Linear
     assert type(model.fc1) is nn.Linear                        # the caller's model is untouched
     assert median > 0 and spread >= 0
@@ -452,8 +451,9 @@ def test_gpu_table_is_measured_once_per_shape(tmp_path, monkeypatch):
     example = torch.randn(64, 4, 4, 16)
     layers = discover_layers(model, example)
     table = TritonBackend(repeats=1, cache_dir=tmp_path).measure_table(
-        model, example, layers, options, model_name="toy", setting=ModelSetting(batch_size=64))
+        model, example, layers, options, model_name="toy")
     assert table.fingerprint.device == torch.cuda.get_device_name()
+    assert (table.fingerprint.batch_size, table.fingerprint.input_shape) == (64, "0=64x4x4x16")
     assert all(t > 0 for layer in table.layers for t in layer.median_ms)
     assert table.fixed_ms >= 0 and table.provenance["measured"] == 3
 
@@ -462,7 +462,7 @@ def test_gpu_table_is_measured_once_per_shape(tmp_path, monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     again = TritonBackend(repeats=1, cache_dir=tmp_path).measure_table(
-        model, example, layers, options, model_name="toy", setting=ModelSetting(batch_size=64))
+        model, example, layers, options, model_name="toy")
     assert again.layers == table.layers and len(calls) <= 2      # only the whole model again
 
 

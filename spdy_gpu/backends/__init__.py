@@ -10,11 +10,13 @@ class declares its command-line options (`cli_options`) and its natural option f
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 from ..errors import SpdyError
@@ -22,6 +24,8 @@ from ..layers import LayerInfo
 from ..models import ModelSetting
 from ..options import SparsityOption
 from ..timing import Fingerprint, TimingTable
+
+log = logging.getLogger(__name__)
 
 # name -> module that defines (and registers) the backend
 _MODULES = {
@@ -67,8 +71,9 @@ class LatencyBackend(Protocol):
     default_pattern: str                  # option family of the default grid
     cli_options: tuple[CliOption, ...]    # the command-line options it takes
 
-    def fingerprint(self, setting: ModelSetting) -> Fingerprint:
-        """Where this backend measures (device, versions, threads, batch, shape, dtype)."""
+    def fingerprint(self, example: Any) -> Fingerprint:
+        """Where this backend measures (device, versions, threads, dtype) and what: the batch
+        and input shape of `example` (see example_shape)."""
         ...
 
     def supports(self, layer: LayerInfo, option: SparsityOption) -> bool:
@@ -77,13 +82,13 @@ class LatencyBackend(Protocol):
 
     def measure_table(self, model: nn.Module, example: Any, layers: list[LayerInfo],
                       options: list[SparsityOption], *, model_name: str,
-                      setting: ModelSetting, checkpoint: Path | None = None) -> TimingTable:
+                      checkpoint: Path | None = None) -> TimingTable:
         """Per-layer times for every option, whole-model dense time and fixed time.
         With `checkpoint`, partial progress is saved there and an interrupted run resumes."""
         ...
 
     def latency_ms(self, model: nn.Module, example: Any,
-                   setting: ModelSetting) -> tuple[float, float]:
+                   setting: ModelSetting | None = None) -> tuple[float, float]:
         """End-to-end (median, spread) latency of `model` as it is (dense or pruned)."""
         ...
 
@@ -114,3 +119,39 @@ def get_backend(name: str, **config: Any) -> LatencyBackend:
     variants (triton: measured or estimated) picks one in its classmethod `create`."""
     cls = backend_class(name)
     return getattr(cls, "create", cls)(**config)
+
+
+def example_shape(example: Any) -> tuple[int, str]:
+    """(batch size, input shape) of an example input for a fingerprint: the batch is the
+    leading dimension of its tensors, the shape a stable string of their names and shapes,
+    e.g. "attention_mask=1x128,input_ids=1x128" for a dict (sorted by name), "0=1x3x32x32"
+    for a tensor or the first of a tuple. Non-tensor entries are left out."""
+    if isinstance(example, ModelSetting):
+        return _setting_shape(example)
+    if isinstance(example, Mapping):
+        named = sorted((str(k), v) for k, v in example.items())
+    elif isinstance(example, (tuple, list)):
+        named = [(str(i), v) for i, v in enumerate(example)]
+    else:
+        named = [("0", example)]
+    tensors = [(name, t) for name, t in named if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise SpdyError("the example input holds no tensor; the model function must return "
+                        "(model, tensor | tuple of tensors | dict of tensors)")
+    scalars = [name for name, t in tensors if t.dim() == 0]
+    if scalars:
+        raise SpdyError(f"example input {scalars[0]!r} is a scalar; every input tensor needs "
+                        "a leading batch dimension")
+    batches = {name: int(t.shape[0]) for name, t in tensors}
+    if len(set(batches.values())) > 1:
+        raise SpdyError(f"the example's tensors disagree on the batch (leading) dimension "
+                        f"{batches}; give every input the same batch size")
+    shape = ",".join(f"{name}={'x'.join(map(str, t.shape))}" for name, t in tensors)
+    return int(tensors[0][1].shape[0]), shape
+
+
+def _setting_shape(setting: ModelSetting) -> tuple[int, str]:
+    """The fingerprint shape of callers that still pass a ModelSetting (cli/verify.py until it
+    passes the example): the old "seq=..,image=.." form. Remove with that caller."""
+    log.debug("fingerprint from a ModelSetting: pass the example input instead")
+    return setting.batch_size, f"seq={setting.seq_len},image={setting.image_size}"

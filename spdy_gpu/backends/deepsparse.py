@@ -49,7 +49,7 @@ from ..onnx_export import (
 )
 from ..options import SparsityOption
 from ..timing import Fingerprint, LayerTiming, TimingTable
-from . import CliOption, register_backend
+from . import CliOption, example_shape, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +126,14 @@ class DeepSparseBackend:
 
     # --- the LatencyBackend protocol -------------------------------------------------------
 
-    def fingerprint(self, setting: ModelSetting) -> Fingerprint:
+    def fingerprint(self, example: Any) -> Fingerprint:
         import torch
         arch = self.ds.cpu.cpu_architecture()
         isa = str(arch.isa) + ("_vnni" if getattr(arch, "vnni", False) else "")
+        batch_size, input_shape = example_shape(example)
         return Fingerprint(backend=self.name, backend_version=self.ds.__version__,
                            device=cpu_name(), isa=isa, threads=self.threads,
-                           batch_size=setting.batch_size,
-                           input_shape=f"seq={setting.seq_len},image={setting.image_size}",
-                           dtype="float32",
+                           batch_size=batch_size, input_shape=input_shape, dtype="float32",
                            software={"deepsparse": self.ds.__version__,
                                      "onnx": require_onnx().__version__,
                                      "torch": torch.__version__.split("+")[0]})
@@ -148,7 +147,7 @@ class DeepSparseBackend:
 
     def measure_table(self, model: nn.Module, example: Any, layers: list[LayerInfo],
                       options: list[SparsityOption], *, model_name: str,
-                      setting: ModelSetting, checkpoint: Path | None = None) -> TimingTable:
+                      checkpoint: Path | None = None) -> TimingTable:
         """Per-layer median times for every option (repeats interleaved over options, so
         slow drift of the machine hits every option alike), dense end-to-end time and
         fixed time. With `checkpoint`, every finished analysis call is saved there and a
@@ -157,34 +156,34 @@ class DeepSparseBackend:
             raise SpdyError("the option list must start with dense; add 'dense' first")
         if not layers:
             raise SpdyError("no prunable layers to time; check the model and --exclude")
-        fingerprint = self.fingerprint(setting)
+        fingerprint = self.fingerprint(example)
+        batch = fingerprint.batch_size
         names = [layer.name for layer in layers]
         store = _Checkpoint(checkpoint, fingerprint, options, names, model_name)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="spdy-deepsparse-") as tmp:
             export = self._export(model, example, layers, Path(tmp) / "model.onnx")
             inputs = export.inputs_numpy(example)
-            _check_batch(inputs, setting)
             to_module = export.module_of_output()
             runnable = [o for o in options if any(self.supports(layer, o) for layer in layers)]
             jobs = [(r, o) for r in range(self.repeats) for o in runnable
                     if not store.has(r, o)]
             with tqdm(total=self.repeats * len(runnable), initial=store.done,
-                      desc=f"deepsparse {model_name} b{setting.batch_size}",
+                      desc=f"deepsparse {model_name} b{batch}",
                       unit="call") as bar:
                 def measure(option: SparsityOption) -> dict[str, float]:
                     path = self._model_for(export, option, names, Path(tmp))
                     bar.update()
-                    return self.analyse(path, inputs, setting.batch_size, option, to_module)
+                    return self.analyse(path, inputs, batch, option, to_module)
 
                 for repeat, option in jobs:
                     store.add(repeat, option, measure(option))
                 self._remeasure_outliers(store, runnable, measure, bar)
-            dense_ms, dense_spread = self._engine_latency(export.path, inputs, setting)
+            dense_ms, dense_spread = self._engine_latency(export.path, inputs, batch)
             dense_per_engine = list(self.last_engine_ms)
             table = self._table(store, layers, options, fingerprint, model_name, dense_ms,
                                 dense_spread)
-            calibration = self._calibrate_fixed(table, export, inputs, setting, Path(tmp))
+            calibration = self._calibrate_fixed(table, export, inputs, batch, Path(tmp))
         calibration.insert(0, {"option": "dense", "measured_ms": dense_ms,
                                "layers_ms": table.provenance["prunable_dense_ms"],
                                "residual_ms": dense_ms - table.provenance["prunable_dense_ms"]})
@@ -200,7 +199,7 @@ class DeepSparseBackend:
         return dataclasses.replace(table, fixed_ms=max(fixed, 0.0), provenance=provenance)
 
     def _calibrate_fixed(self, table: TimingTable, export: OnnxExport,
-                         inputs: list[np.ndarray], setting: ModelSetting,
+                         inputs: list[np.ndarray], batch: int,
                          tmp: Path) -> list[dict[str, Any]]:
         """End-to-end time of the model magnitude-pruned uniformly to a few levels, against
         the sum of its layer times there. The per-layer times come from level-0 analysis
@@ -215,7 +214,7 @@ class DeepSparseBackend:
         for option in sorted(picks, key=lambda o: o.sparsity) if levels else []:
             path = prune_onnx(export, dict.fromkeys(table.layer_names, option),
                               tmp / "calibration.onnx")
-            measured, _ = self._engine_latency(path, inputs, setting)
+            measured, _ = self._engine_latency(path, inputs, batch)
             layers_ms = float(np.where(np.isfinite(times[:, index[option]]),
                                        times[:, index[option]], times[:, 0]).sum())
             rows.append({"option": option.name, "measured_ms": measured,
@@ -245,15 +244,15 @@ class DeepSparseBackend:
                         "medians are kept", len(noisy), noisy[0], 100 * self.tolerance)
 
     def latency_ms(self, model: nn.Module, example: Any,
-                   setting: ModelSetting) -> tuple[float, float]:
+                   setting: ModelSetting | None = None) -> tuple[float, float]:
         """End-to-end (median, spread) in ms of `model` with its current weights (a pruned
         model: its zeros are exported and the engine picks sparse kernels)."""
+        batch, _ = example_shape(example)
         with tempfile.TemporaryDirectory(prefix="spdy-deepsparse-") as tmp:
             path = Path(tmp) / "model.onnx"
             _export_quiet(model, example, path)
             inputs = example_arrays(example, input_names_of(example))
-            _check_batch(inputs, setting)
-            return self._engine_latency(path, inputs, setting)
+            return self._engine_latency(path, inputs, batch)
 
     # --- measurement ----------------------------------------------------------------------
 
@@ -271,7 +270,7 @@ class DeepSparseBackend:
         return attribute_layers(result["layer_info"], to_module)
 
     def _engine_latency(self, path: Path, inputs: list[np.ndarray],
-                        setting: ModelSetting) -> tuple[float, float]:
+                        batch: int) -> tuple[float, float]:
         """End-to-end (median, spread) in ms over `engines` separately compiled engines.
 
         One engine instance can settle ~25% slower than another for the same file (MiniLM
@@ -283,16 +282,15 @@ class DeepSparseBackend:
         per-engine medians are kept in `last_engine_ms`."""
         rounds, self.last_engine_ms = [], []
         for _ in range(self.engines):
-            engine_rounds = self._engine_rounds(path, inputs, setting)
+            engine_rounds = self._engine_rounds(path, inputs, batch)
             self.last_engine_ms.append(statistics.median(engine_rounds))
             rounds += engine_rounds
         log.debug("end-to-end medians per engine: %s ms", self.last_engine_ms)
         return statistics.median(rounds), max(rounds) - min(rounds)
 
-    def _engine_rounds(self, path: Path, inputs: list[np.ndarray],
-                       setting: ModelSetting) -> list[float]:
+    def _engine_rounds(self, path: Path, inputs: list[np.ndarray], batch: int) -> list[float]:
         with _quiet_fd():
-            engine = self.ds.compile_model(str(path), batch_size=setting.batch_size,
+            engine = self.ds.compile_model(str(path), batch_size=batch,
                                            num_cores=self.threads,
                                            input_shapes=[list(a.shape) for a in inputs])
         for _ in range(max(self.warmup, 3)):
@@ -392,14 +390,6 @@ def attribute_layers(layer_info: list[dict[str, Any]],
                         "unsupported subgraph); export with opset 14 and eager attention, or "
                         "exclude the layer")
     return sample
-
-
-def _check_batch(inputs: list[np.ndarray], setting: ModelSetting) -> None:
-    batches = {a.shape[0] for a in inputs if a.ndim}
-    if batches != {setting.batch_size}:
-        raise SpdyError(f"the model's example input has batch {sorted(batches)}, not "
-                        f"--batch-size {setting.batch_size}; make the model function take "
-                        "batch_size (or pass the batch size it builds)")
 
 
 def _export_quiet(model: nn.Module, example: Any, path: Path) -> None:

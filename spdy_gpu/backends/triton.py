@@ -41,7 +41,7 @@ from ..masks import block_mask, gemm_view
 from ..models import ModelSetting
 from ..options import SparsityOption
 from ..timing import Fingerprint, LayerTiming, TimingTable
-from . import CliOption, NoDeviceError, register_backend
+from . import CliOption, NoDeviceError, example_shape, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class TritonTables:
 
     def measure_table(self, model: nn.Module, example: Any, layers: list[LayerInfo],
                       options: list[SparsityOption], *, model_name: str,
-                      setting: ModelSetting, checkpoint: Path | None = None) -> TimingTable:
+                      checkpoint: Path | None = None) -> TimingTable:
         """Per-layer times for every option, dense end-to-end time, fixed time. With
         `checkpoint`, every new time is also saved there (and in the cache) so an interrupted
         run resumes; the checkpoint is removed once the table is complete."""
@@ -220,14 +220,14 @@ class TritonTables:
         provenance |= {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "collection_s": round(time.perf_counter() - started, 2)}
         return TimingTable(
-            fingerprint=self.fingerprint(setting), options=tuple(options),
+            fingerprint=self.fingerprint(example), options=tuple(options),
             layers=tuple(self._row(layer, options, times) for layer in layers),
             dense_total_ms=dense_total, fixed_ms=max(0.0, dense_total - dense_sum),
             model=model_name, estimated=self.estimated, provenance=provenance)
 
-    def _fingerprint_fields(self, setting: ModelSetting) -> dict[str, Any]:
-        return dict(backend=self.name, batch_size=setting.batch_size,
-                    input_shape=f"seq={setting.seq_len},image={setting.image_size}",
+    def _fingerprint_fields(self, example: Any) -> dict[str, Any]:
+        batch_size, input_shape = example_shape(example)
+        return dict(backend=self.name, batch_size=batch_size, input_shape=input_shape,
                     dtype=str(self.torch_dtype).removeprefix("torch."))
 
     def _row(self, layer: LayerInfo, options: list[SparsityOption],
@@ -278,16 +278,16 @@ class TritonBackend(TritonTables):
             log.info("--estimate ignores %s", ", ".join(sorted(measuring)))
         return TritonEstimateBackend(estimate, dtype=dtype)
 
-    def fingerprint(self, setting: ModelSetting) -> Fingerprint:
+    def fingerprint(self, example: Any) -> Fingerprint:
         props = torch.cuda.get_device_properties(self.device)
         software = self._software()
         return Fingerprint(backend_version=software["triton"], device=self._device_name(),
                            isa=f"sm_{props.major}{props.minor}",
                            threads=props.multi_processor_count, software=software,
-                           **self._fingerprint_fields(setting))
+                           **self._fingerprint_fields(example))
 
     def latency_ms(self, model: nn.Module, example: Any,
-                   setting: ModelSetting) -> tuple[float, float]:
+                   setting: ModelSetting | None = None) -> tuple[float, float]:
         """End-to-end (median, spread) in ms on the GPU in this backend's dtype. Linears
         pruned in blocks (all-zero tiles) run as BlockSparseLinear; BlockSparseLinear modules
         already in the model are kept. Times eager and CUDA-graph replay, returns the faster."""

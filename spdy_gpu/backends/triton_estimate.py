@@ -133,15 +133,16 @@ class TritonEstimateBackend(TritonTables):
         super().__init__(dtype)
         self.spec = spec if isinstance(spec, GpuSpec) else gpu_spec(spec)
 
-    def fingerprint(self, setting) -> Fingerprint:
+    def fingerprint(self, example: Any) -> Fingerprint:
         return Fingerprint(backend_version=f"roofline-estimate/{package_version()}",
                            device=f"{self.spec.name} (ESTIMATED)", isa=self.spec.arch,
                            threads=self.spec.sm_count,
                            software={"estimate": self.spec.source,
                                      "spdy-gpu": package_version()},
-                           **self._fingerprint_fields(setting))
+                           **self._fingerprint_fields(example))
 
-    def latency_ms(self, model: nn.Module, example: Any, setting) -> tuple[float, float]:
+    def latency_ms(self, model: nn.Module, example: Any,
+                   setting: Any = None) -> tuple[float, float]:
         raise SpdyError("an --estimate backend cannot measure end-to-end latency, which needs "
                         "a GPU; run it without --estimate where the profile's timings were "
                         "measured")

@@ -11,10 +11,12 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from ..backends import LatencyBackend
+from ..backends import LatencyBackend, example_shape
 from ..errors import SpdyError
 from ..layers import LayerInfo, discover_layers
+from ..models import ModelSetting
 from ..options import SparsityOption
 from ..timing import TimingTable
 from .common import (
@@ -30,7 +32,8 @@ from .common import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["add_parser", "backend_config", "run", "searchable_layers", "summary"]
+__all__ = ["add_parser", "backend_config", "check_example_batch", "run", "searchable_layers",
+           "summary"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +50,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", metavar="PNG", default=None,
                         help="also draw per-layer speedup curves and the uniform-sparsity time")
     parser.set_defaults(run=run)
+
+
+def check_example_batch(example: Any, setting: ModelSetting) -> None:
+    """The table's fingerprint records the example's batch: it must be the one asked for."""
+    batch, _ = example_shape(example)
+    if batch != setting.batch_size:
+        raise SpdyError(f"the model's example input has batch {batch}, not --batch-size "
+                        f"{setting.batch_size}; make the model function take batch_size (or "
+                        "pass the batch size it builds)")
 
 
 def searchable_layers(backend: LatencyBackend, layers: list[LayerInfo],
@@ -68,12 +80,12 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args, backend.default_pattern)
     started = time.perf_counter()
     model, example = entry.build(setting)
+    check_example_batch(example, setting)
     layers = discover_layers(model, example, exclude_patterns(args, entry))
     layers = searchable_layers(backend, layers, options)
     log.info("%s: %d prunable layers x %d options on %s", entry.name, len(layers),
              len(options), args.backend)
     table = backend.measure_table(model, example, layers, options, model_name=entry.name,
-                                  setting=setting,
                                   checkpoint=out.with_name(out.name + ".partial"))
     table = dataclasses.replace(table, provenance={
         **table.provenance,
