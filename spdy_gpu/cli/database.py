@@ -115,15 +115,16 @@ def add_gap_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_gap(args: argparse.Namespace) -> int:
-    from ..pipeline import global_adaprune_profile
+    from ..pipeline import GapSettings, global_adaprune_profile
     from ..profile import Profile
     from ..reconstruct import Database
     entry, setting = model_from_args(args)
     database = Database.open(args.database)
     profile = Profile.load(args.profile)
     report = global_adaprune_profile(
-        entry, setting, database, profile, calibration_from_args(args), args.out, lr=args.lr,
-        epochs=args.epochs, patience=args.patience, only_pruned=args.only_pruned,
+        entry, setting, database, profile, calibration_from_args(args), args.out,
+        gap=GapSettings(lr=args.lr, epochs=args.epochs, patience=args.patience,
+                        only_pruned=args.only_pruned),
         metadata={"profile": str(args.profile)})
     print(f"gAP: loss {report.loss_before:.5g} -> {report.loss_after:.5g} in {report.epochs} "
           f"epochs ({report.steps} steps{', stopped early' if report.stopped_early else ''}); "
