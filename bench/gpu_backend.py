@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spdy_gpu.backends.triton import TritonBackend, detect_block
+from spdy_gpu.backends.triton import TritonBackend
 from spdy_gpu.backends.triton_estimate import TritonEstimateBackend
 from spdy_gpu.errors import InfeasibleTargetError
 from spdy_gpu.gpu_specs import GPU_SPECS, GpuSpec
@@ -43,6 +43,7 @@ from spdy_gpu.models import ModelSetting, load_model
 from spdy_gpu.options import SparsityOption, option_grid
 from spdy_gpu.roofline import measure_ceilings
 from spdy_gpu.solve import max_speedup, solve_profile
+from spdy_gpu.sparse_linear import detect_block
 from spdy_gpu.timing import TimingTable
 
 log = logging.getLogger("gpu_backend")

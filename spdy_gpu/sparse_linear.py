@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bsr import BSRWeight, kernel_block
+from .bsr import KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
 from .errors import SpdyError
-from .masks import build_mask
+from .masks import build_mask, gemm_view
 from .options import SparsityOption
 
 log = logging.getLogger(__name__)
@@ -152,35 +152,76 @@ class BlockSparseLinear(nn.Module):
         self._packed()  # validate what was loaded
 
 
+def candidate_blocks() -> list[tuple[int, int]]:
+    """Every block shape the kernel runs, largest area first."""
+    pairs = [(r, c) for r in KERNEL_BLOCK_SIDES for c in KERNEL_BLOCK_SIDES]
+    return sorted(pairs, key=lambda rc: (-rc[0] * rc[1], rc))
+
+
+def detect_block(weight: torch.Tensor, covered: float = 0.99) -> tuple[int, int] | None:
+    """The largest kernel block shape whose all-zero tiles hold at least `covered` of the
+    weight's zeros (a weight pruned in blocks), or None for a weight without such tiles."""
+    zero = gemm_view(weight.detach()) == 0                               # [N, K]
+    n, k = zero.shape
+    zeros = int(zero.sum())
+    if zeros == 0:
+        return None
+    for rows, cols in candidate_blocks():
+        if rows > n or cols > k:
+            continue
+        padded = F.pad(zero, (0, -k % cols, 0, -n % rows), value=True)
+        tiles = padded.reshape(padded.shape[0] // rows, rows, -1, cols).all(3).all(1)
+        if not tiles.any():
+            continue
+        in_tiles = tiles.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:n, :k]
+        if int((in_tiles & zero).sum()) >= covered * zeros:
+            return rows, cols
+    return None
+
+
 def sparsify_(model: nn.Module,
-              masks_or_options: Mapping[str, torch.Tensor | SparsityOption | str], *,
+              choices: Mapping[str, torch.Tensor | SparsityOption | str] | None = None, *,
               block: int | tuple[int, int] | None = None,
               dtype: torch.dtype | None = None) -> list[str]:
-    """Swap every named Linear of `model` for a BlockSparseLinear, in place.
+    """Swap Linears of `model` for BlockSparseLinear, in place; returns the names swapped.
 
-    masks_or_options: layer name -> bool mask of its weight, or a SparsityOption (or its
-    name, e.g. "block32x32@0.7") to prune it to. Dense entries are left alone.
-    block: packing block for every layer (default per layer, see from_linear).
-    Returns the names swapped.
+    choices: layer name -> bool mask of its weight, or a SparsityOption (or its name, e.g.
+    "block32x32@0.7") to prune it to; dense entries are left alone. None: every nn.Linear
+    whose weight was already pruned in blocks (see detect_block) keeps its zeros and runs
+    block-sparse, as a model stitched from a profile is deployed.
+    block: packing block for every layer (default: the option's, the detected one, or 32).
     """
+    if choices is None:
+        targets = {name: {"mask": module.weight != 0, "block": block or found}
+                   for name, module in model.named_modules()
+                   if type(module) is nn.Linear and (found := detect_block(module.weight))}
+    else:
+        targets = _chosen(model, choices, block)
+    for name, kwargs in targets.items():
+        layer = BlockSparseLinear.from_linear(model.get_submodule(name), dtype=dtype, **kwargs)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    log.info("sparsify_: %d Linear layers now block-sparse", len(targets))
+    return list(targets)
+
+
+def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOption | str],
+            block: int | tuple[int, int] | None) -> dict[str, dict[str, Any]]:
+    """from_linear arguments per named layer to swap (dense choices dropped)."""
     modules = dict(model.named_modules())
-    missing = [name for name in masks_or_options if name not in modules]
+    missing = [name for name in choices if name not in modules]
     if missing:
         raise SpdyError(f"model has no layer named {missing[0]!r}; use names from "
                         "model.named_modules() (e.g. from a SPDY profile of this model)")
-    swapped = []
-    for name, spec in masks_or_options.items():
+    targets = {}
+    for name, spec in choices.items():
         option = SparsityOption.parse(spec) if isinstance(spec, str) else spec
-        if isinstance(option, SparsityOption) and option.pattern == "dense":
-            continue
-        linear = modules[name]
-        kwargs = ({"option": option} if isinstance(option, SparsityOption) else {"mask": option})
-        layer = BlockSparseLinear.from_linear(linear, block=block, dtype=dtype, **kwargs)
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, layer)
-        swapped.append(name)
-    log.info("sparsify_: %d Linear layers now block-sparse", len(swapped))
-    return swapped
+        if isinstance(option, SparsityOption):
+            if option.pattern != "dense":
+                targets[name] = {"option": option, "block": block}
+        else:
+            targets[name] = {"mask": option, "block": block}
+    return targets
 
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from spdy_gpu import BlockSparseLinear, SparsityOption, SpdyError
-from spdy_gpu.masks import build_mask
-from spdy_gpu.sparse_linear import sparsify_
+from spdy_gpu.masks import block_mask, build_mask
+from spdy_gpu.sparse_linear import detect_block, sparsify_
 
 OPTIONS = {"0": SparsityOption.blocked(0.5, 16), "2": "block32x32@0.6", "4": "dense"}
 
@@ -102,6 +102,45 @@ def test_sparsify_rejects_unknown_names_and_non_linears():
         sparsify_(model, {"1": "block16x16@0.5"})
     with pytest.raises(SpdyError, match="exactly one"):
         BlockSparseLinear.from_linear(model[0])
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (16, 64), (64, 16), (128, 128)])
+def test_detect_block_finds_the_pruning_block(shape):
+    weight = torch.randn(256, 384)
+    pruned = weight * block_mask(weight, shape, 0.6)
+    assert detect_block(pruned) == shape
+
+
+def test_detect_block_ignores_dense_and_unstructured_weights():
+    weight = torch.randn(128, 128)
+    assert detect_block(weight) is None
+    scattered = weight.clone()
+    scattered[torch.rand_like(scattered) < 0.5] = 0             # unstructured 50%
+    assert detect_block(scattered) is None
+
+
+def test_sparsify_without_choices_swaps_the_block_pruned_linears(backend):
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight.mul_(block_mask(model[2].weight, (16, 32), 0.5))
+        model[4].weight[torch.rand_like(model[4].weight) < 0.5] = 0     # unstructured: kept
+    x = torch.randn(8, 70)
+    with torch.no_grad():
+        expected = model(x)
+        assert sparsify_(model) == ["2"]
+        rows, cols = model[2].weight.block   # the pruning block, or a coarser one it tiles
+        assert isinstance(model[2], BlockSparseLinear) and rows % 16 == 0 and cols % 32 == 0
+        assert type(model[0]) is nn.Linear and type(model[4]) is nn.Linear
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        assert sparsify_(model) == []            # nothing left: BlockSparseLinear is kept
+
+
+def test_sparsify_without_choices_takes_block_and_dtype():
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight.mul_(block_mask(model[0].weight, (32, 32), 0.5))
+    assert sparsify_(model, block=16, dtype=torch.float16) == ["0"]
+    assert model[0].values.dtype == torch.float16 and tuple(model[0].values.shape[1:]) == (16, 16)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,7 @@ from spdy_gpu.backends.triton import (
     CONV_NOTE,
     TimingCache,
     TritonBackend,
-    block_sparse_,
     cache_key,
-    detect_block,
 )
 from spdy_gpu.backends.triton_estimate import (
     TritonEstimateBackend,
@@ -31,7 +29,7 @@ from spdy_gpu.layers import LayerInfo, discover_layers
 from spdy_gpu.masks import block_mask
 from spdy_gpu.models import ModelSetting, load_model
 from spdy_gpu.options import SparsityOption, option_grid
-from spdy_gpu.sparse_linear import BlockSparseLinear
+from spdy_gpu.sparse_linear import BlockSparseLinear, sparsify_
 from spdy_gpu.timing import Fingerprint, TimingTable
 
 H100 = GPU_SPECS["h100-sxm"]
@@ -286,35 +284,6 @@ def test_a_model_with_nothing_the_kernel_runs_is_refused():
             model_name="convnet")
 
 
-# ---- block detection and the swap -----------------------------------------------------------
-
-@pytest.mark.parametrize("shape", [(32, 32), (16, 64), (64, 16), (128, 128)])
-def test_detect_block_finds_the_pruning_block(shape):
-    weight = torch.randn(256, 384)
-    pruned = weight * block_mask(weight, shape, 0.6)
-    assert detect_block(pruned) == shape
-
-
-def test_detect_block_ignores_dense_and_unstructured_weights():
-    weight = torch.randn(128, 128)
-    assert detect_block(weight) is None
-    scattered = weight.clone()
-    scattered[torch.rand_like(scattered) < 0.5] = 0             # unstructured 50%
-    assert detect_block(scattered) is None
-
-
-def test_block_sparse_swap_keeps_the_output():
-    model = TwoLayer()
-    with torch.no_grad():
-        model.fc2.weight.mul_(block_mask(model.fc2.weight, (16, 32), 0.5))
-    x = torch.randn(8, 4, 4, 4)
-    expected = model(x)
-    assert block_sparse_(model) == ["fc2"]
-    rows, cols = model.fc2.weight.block     # the pruning block, or a coarser one it tiles
-    assert isinstance(model.fc2, BlockSparseLinear) and rows % 16 == 0 and cols % 32 == 0
-    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-
-
 # ---- the measuring loop, on the CPU ---------------------------------------------------------
 
 class InterpretedBackend(TritonBackend):
@@ -474,6 +443,6 @@ def test_gpu_swap_matches_the_masked_dense_model():
     x = torch.randn(64, 4, 4, 16, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         expected = model(x).float()
-        assert block_sparse_(model) == ["fc1"]
+        assert sparsify_(model) == ["fc1"]
         got = model(x).float()
     assert ((got - expected).norm() / expected.norm()) < 1e-2

@@ -32,14 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..bsr import KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
+from ..bsr import BSRWeight, kernel_block
 from ..errors import MissingDependencyError, SpdyError
 from ..gpu_specs import GPU_SPECS, GpuSpec
 from ..jsonio import load_json, save_json
 from ..layers import LayerInfo, call_model, hooks_attached
-from ..masks import block_mask, gemm_view
+from ..masks import block_mask
 from ..models import ModelSetting
 from ..options import SparsityOption
+from ..sparse_linear import sparsify_
 from ..timing import Fingerprint, LayerTiming, TimingTable
 from . import CliOption, NoDeviceError, example_shape, register_backend
 
@@ -109,52 +110,6 @@ def cache_key(device: str, software: dict[str, str], dtype: str, gemm: tuple[int
     versions = ",".join(f"{name}={version}" for name, version in sorted(software.items()))
     n, k, m = gemm
     return f"{device}|{versions}|{dtype}|{n}x{k}x{m}{geometry}|{option.name}"
-
-
-# ---- block structure of pruned weights ------------------------------------------------------
-
-def candidate_blocks() -> list[tuple[int, int]]:
-    """Every block shape the kernel runs, largest area first."""
-    pairs = [(r, c) for r in KERNEL_BLOCK_SIDES for c in KERNEL_BLOCK_SIDES]
-    return sorted(pairs, key=lambda rc: (-rc[0] * rc[1], rc))
-
-
-def detect_block(weight: torch.Tensor, covered: float = 0.99) -> tuple[int, int] | None:
-    """The largest kernel block shape whose all-zero tiles hold at least `covered` of the
-    weight's zeros (a weight pruned in blocks), or None for a weight without such tiles."""
-    zero = gemm_view(weight.detach()) == 0                               # [N, K]
-    n, k = zero.shape
-    zeros = int(zero.sum())
-    if zeros == 0:
-        return None
-    for rows, cols in candidate_blocks():
-        if rows > n or cols > k:
-            continue
-        padded = F.pad(zero, (0, -k % cols, 0, -n % rows), value=True)
-        tiles = padded.reshape(padded.shape[0] // rows, rows, -1, cols).all(3).all(1)
-        if not tiles.any():
-            continue
-        in_tiles = tiles.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:n, :k]
-        if int((in_tiles & zero).sum()) >= covered * zeros:
-            return rows, cols
-    return None
-
-
-def block_sparse_(model: nn.Module) -> list[str]:
-    """Swap, in place, every nn.Linear whose weight was pruned in blocks (see detect_block)
-    for a BlockSparseLinear running the Triton kernel; returns the swapped names."""
-    from ..sparse_linear import BlockSparseLinear
-
-    swapped = []
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or (block := detect_block(module.weight)) is None:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        sparse = BlockSparseLinear.from_linear(module, mask=module.weight != 0, block=block)
-        setattr(parent, child, sparse)
-        swapped.append(name)
-    return swapped
 
 
 # ---- the backend ----------------------------------------------------------------------------
@@ -294,7 +249,7 @@ class TritonBackend(TritonTables):
         if not self._has_device():
             raise SpdyError(NO_DEVICE_LATENCY)
         gpu_model = self._to_device(model)
-        swapped = block_sparse_(gpu_model)
+        swapped = sparsify_(gpu_model)
         log.info("%d Linear layers run block-sparse", len(swapped))
         return self._model_latency(gpu_model, self._inputs_to_device(example))
 
