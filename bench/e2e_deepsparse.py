@@ -15,6 +15,7 @@ Writes JSON + markdown under bench/results/.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ from spdy_gpu.jsonio import atomic_write_bytes, save_json  # noqa: E402
 from spdy_gpu.layers import discover_layers  # noqa: E402
 from spdy_gpu.models import ModelSetting, load_model  # noqa: E402
 from spdy_gpu.options import SparsityOption  # noqa: E402
-from spdy_gpu.reconstruct import restore_, stitch_  # noqa: E402
+from spdy_gpu.reconstruct import stitch_  # noqa: E402
 from spdy_gpu.timing import TimingTable  # noqa: E402
 
 log = logging.getLogger("e2e_deepsparse")
@@ -94,36 +95,41 @@ def setting_of(table: TimingTable) -> ModelSetting:
 
 
 def additive(args: argparse.Namespace) -> dict:
+    """Each profile's pruned model timed interleaved with the dense model (fresh engines for
+    both), so drift of the machine hits the pair alike."""
     table = TimingTable.load(args.timings)
     setting = setting_of(table)
     backend = DeepSparseBackend(threads=table.fingerprint.threads, repeats=args.repeats,
                                 iterations=args.iterations)
     model, example = load_model(table.model).build(setting)
     table.check_compatible(backend.fingerprint(example), force=args.force)
-    dense_ms, dense_spread = backend.latency_ms(model, example)
-    dense_per_engine = list(backend.last_engine_ms)
-    rows = []
+    rows, dense_runs = [], []
     for name, choices in profiles(table, args.targets).items():
-        backup = stitch_(model, choices)
-        try:
-            measured, spread = backend.latency_ms(model, example)
-        finally:
-            restore_(model, backup)
+        pruned = copy.deepcopy(model)
+        stitch_(pruned, choices)
+        result = backend.latency({"dense": model, "pruned": pruned}, example)
+        dense, measured = result["dense"], result["pruned"]
+        dense_runs.append(dense)
         predicted = predicted_ms(table, choices)
-        rows.append({"profile": name, "predicted_ms": predicted, "measured_ms": measured,
-                     "measured_spread_ms": spread,
-                     "measured_per_engine_ms": list(backend.last_engine_ms),
-                     "error_pct": 100 * (predicted - measured) / measured,
+        rows.append({"profile": name, "predicted_ms": predicted,
+                     "measured_ms": measured.median_ms,
+                     "measured_spread_ms": measured.spread_ms,
+                     "measured_per_engine_ms": list(measured.engine_ms),
+                     "slow_engines": measured.slow_engines, "dense_ms": dense.median_ms,
+                     "error_pct": 100 * (predicted - measured.median_ms) / measured.median_ms,
                      "predicted_speedup": table.dense_total_ms / predicted,
-                     "measured_speedup": dense_ms / measured})
+                     "measured_speedup": dense.median_ms / measured.median_ms})
         log.info("%-32s predicted %.3f ms, measured %.3f ms (%+.1f%%)", name, predicted,
-                 measured, rows[-1]["error_pct"])
+                 measured.median_ms, rows[-1]["error_pct"])
     add_best_engine(rows)
     errors = [abs(r["error_pct"]) for r in rows]
     return {"table": str(args.timings), "table_dense_ms": table.dense_total_ms,
-            "table_fixed_ms": table.fixed_ms, "measured_dense_ms": dense_ms,
-            "measured_dense_spread_ms": dense_spread,
-            "measured_dense_per_engine_ms": dense_per_engine, "rows": rows,
+            "table_fixed_ms": table.fixed_ms,
+            "measured_dense_ms": statistics.median(d.median_ms for d in dense_runs),
+            "measured_dense_spread_ms": max(d.median_ms for d in dense_runs)
+            - min(d.median_ms for d in dense_runs),
+            "measured_dense_per_engine_ms": [ms for d in dense_runs for ms in d.engine_ms],
+            "rows": rows,
             "mean_abs_error_pct": statistics.fmean(errors), "max_abs_error_pct": max(errors),
             "fingerprint": table.fingerprint.__dict__}
 

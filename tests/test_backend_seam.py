@@ -10,10 +10,12 @@ from torch import nn
 from spdy_gpu import backends
 from spdy_gpu.backends import (
     CliOption,
+    Latency,
     LatencyBackend,
     backend_class,
     example_shape,
     get_backend,
+    latency_ms,
 )
 from spdy_gpu.cli import main
 from spdy_gpu.cli.common import add_backend_args, backend_config, backend_from_args
@@ -40,8 +42,8 @@ class FakeBackend:
     def supports(self, layer, option):
         return True
 
-    def latency_ms(self, model, example, setting=None):
-        return 1.0, 0.0
+    def latency(self, models, example):
+        return {name: Latency(1.0, 0.0) for name in models}
 
     def measure_table(self, model, example, layers, options, *, model_name, checkpoint=None):
         rows = tuple(LayerTiming(layer.name, layer.kind, (layer.n, layer.k, layer.m or 0),
@@ -86,6 +88,7 @@ def test_config_holds_only_the_chosen_backends_given_options(fake):
     assert isinstance(backend, FakeBackend) and backend.repeats == 5
     assert backend_class("fake") is FakeBackend and isinstance(get_backend("fake"), FakeBackend)
     assert isinstance(backend, LatencyBackend)
+    assert latency_ms(backend, nn.Linear(2, 2), torch.randn(1, 2)) == (1.0, 0.0)
 
 
 def test_no_backend_chosen_is_a_one_line_error(fake):

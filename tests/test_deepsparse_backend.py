@@ -1,6 +1,7 @@
 """DeepSparse backend: layer attribution, checkpoints, and a real (tiny) measurement."""
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,8 +121,53 @@ def test_measure_table_resumes_after_interruption(backend, tmp_path, monkeypatch
     assert table.fixed_ms == pytest.approx(max(residuals[1], 0.0))
 
 
-def test_latency_of_a_batch(backend):
-    median, spread = backend.latency_ms(TokenMLP().eval(), torch.randn(2, 16, 128))
+def test_settled_latency_leaves_out_engines_that_settled_slow():
+    from spdy_gpu.backends.deepsparse import settled_latency
+    rounds = [[10.0, 10.4, 10.2], [13.0, 13.4, 13.2], [10.6, 10.5, 11.0]]   # engine 1: +30%
+    result = settled_latency(rounds, tolerance=0.15)
+    assert result.slow_engines == 1
+    assert result.engine_ms == (10.2, 13.2, 10.6)
+    assert result.median_ms == pytest.approx(10.45)          # rounds of engines 0 and 2
+    assert result.spread_ms == pytest.approx(1.0)
+    assert settled_latency(rounds, tolerance=0.5).slow_engines == 0
+
+
+class FakeEngine:
+    def __init__(self, label, log):
+        self.label, self.log = label, log
+
+    def run(self, inputs):
+        self.log.append(self.label)
+
+
+def test_rounds_go_round_robin_over_every_engine_of_every_model(backend, monkeypatch):
+    log, compiled = [], []
+
+    def compile_fake(path, inputs, batch):
+        compiled.append(path.name)
+        return FakeEngine(f"{path.name}{len(compiled)}", log)
+
+    monkeypatch.setattr(backend, "_compile", compile_fake)
+    monkeypatch.setattr(backend, "engines", 2)
+    result = backend._interleaved({"dense": Path("d"), "pruned": Path("p")}, [], 1)
+    assert compiled == ["d", "d", "p", "p"]                  # fresh engines, each file once
+    warm = 4 * 3                                             # 3 untimed runs per engine
+    timed = log[warm:warm + 4 * backend.rounds * backend.iterations]
+    blocks = timed[::backend.iterations]                     # one round = `iterations` runs
+    assert blocks == ["d1", "d2", "p3", "p4"] * backend.rounds
+    assert set(result) == {"dense", "pruned"} and len(result["pruned"].engine_ms) == 2
+
+
+def test_latency_of_two_models_in_one_interleaved_run(backend):
+    dense, pruned = TokenMLP().eval(), TokenMLP().eval()
+    with torch.no_grad():
+        pruned.up.weight[torch.rand_like(pruned.up.weight) < 0.9] = 0
+    result = backend.latency({"dense": dense, "pruned": pruned}, torch.randn(2, 16, 128))
+    for latency in result.values():
+        assert latency.median_ms > 0 and latency.spread_ms >= 0
+        assert len(latency.engine_ms) == backend.engines
+        assert 0 <= latency.slow_engines < backend.engines
+    median, spread = backend.latency_ms(dense, torch.randn(2, 16, 128))
     assert median > 0 and spread >= 0
 
 

@@ -309,11 +309,11 @@ class InterpretedBackend(TritonBackend):
         return Fingerprint("triton", "test", self._device_name(), "cpu", 1, len(example),
                            "0=?", "float32", self._software())
 
-    def _bench_ms(self, fn):
+    def _bench_once(self, fn):
         out = fn()
         assert torch.isfinite(out).all()
         self.calls += 1
-        return self.clock(self.calls)
+        return self.clock(self.calls)[0]
 
 
 class TwoLayer(nn.Module):
@@ -396,13 +396,33 @@ def test_latency_swaps_block_pruned_linears(tmp_path, monkeypatch):
         model.fc1.weight.mul_(block_mask(model.fc1.weight, (16, 16), 0.5))
     backend = InterpretedBackend(cache_dir=tmp_path)
     timed = []
-    measure_model = backend._model_latency
-    monkeypatch.setattr(backend, "_model_latency",
-                        lambda m, inputs: timed.append(m) or measure_model(m, inputs))
+    interleaved = backend._interleaved
+    monkeypatch.setattr(backend, "_interleaved",
+                        lambda models, inputs: timed.append(models) or interleaved(models, inputs))
     median, spread = backend.latency_ms(model, torch.randn(8, 4, 4, 4))
-    assert isinstance(timed[0].fc1, BlockSparseLinear) and type(timed[0].fc2) is nn.Linear
+    assert isinstance(timed[0]["model"].fc1, BlockSparseLinear)
+    assert type(timed[0]["model"].fc2) is nn.Linear
     assert type(model.fc1) is nn.Linear                        # the caller's model is untouched
     assert median > 0 and spread >= 0
+
+
+def test_latency_alternates_between_the_models(tmp_path):
+    backend = InterpretedBackend(cache_dir=tmp_path, repeats=3)
+    models = {"dense": TwoLayer(), "pruned": TwoLayer()}
+    with torch.no_grad():
+        models["pruned"].fc1.weight.mul_(block_mask(models["pruned"].fc1.weight, (16, 16), 0.5))
+    order = []
+    for name, model in models.items():
+        model.register_forward_hook(lambda *_, name=name: order.append(name))
+    result = backend.latency(models, torch.randn(8, 4, 4, 4))
+    assert order[6:] == ["dense", "pruned"] * 3              # after 3 warm-up runs each
+    assert result["dense"].median_ms == pytest.approx(0.03)   # clock calls 1, 3, 5
+    assert result["pruned"].median_ms == pytest.approx(0.04)  # clock calls 2, 4, 6
+    assert result["dense"].spread_ms == pytest.approx(0.04)
+    assert result["dense"].engine_ms == (pytest.approx(0.03),)  # eager only on a CPU
+    assert result["dense"].slow_engines == 0
+    with pytest.raises(SpdyError, match="no models to time"):
+        backend.latency({}, torch.randn(8, 4, 4, 4))
 
 
 # ---- on a GPU -------------------------------------------------------------------------------

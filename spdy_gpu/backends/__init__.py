@@ -52,6 +52,22 @@ class CliOption:
         return self.flag.removeprefix("--").replace("-", "_")
 
 
+@dataclass(frozen=True)
+class Latency:
+    """Measured end-to-end latency of one model, in ms.
+
+    median_ms: median of the timing rounds counted; spread_ms: their max - min;
+    engine_ms: median per compiled engine or instance (DeepSparse: per engine; Triton: per
+    execution mode, eager and CUDA graph); slow_engines: engines left out because they
+    settled slower than the model's fastest engine by more than the backend's tolerance.
+    """
+
+    median_ms: float
+    spread_ms: float
+    engine_ms: tuple[float, ...] = ()
+    slow_engines: int = 0
+
+
 class NoDeviceError(SpdyError):
     """The backend's device is missing on this machine. The message says how to plan without
     it; `latency` is the message for a caller that wanted end-to-end latency instead, which
@@ -87,9 +103,9 @@ class LatencyBackend(Protocol):
         With `checkpoint`, partial progress is saved there and an interrupted run resumes."""
         ...
 
-    def latency_ms(self, model: nn.Module, example: Any,
-                   setting: ModelSetting | None = None) -> tuple[float, float]:
-        """End-to-end (median, spread) latency of `model` as it is (dense or pruned)."""
+    def latency(self, models: Mapping[str, nn.Module], example: Any) -> dict[str, Latency]:
+        """End-to-end latency of each model as it is (dense or pruned), all timed in one
+        interleaved run so that slow drift of the machine hits them alike."""
         ...
 
 
@@ -119,6 +135,12 @@ def get_backend(name: str, **config: Any) -> LatencyBackend:
     variants (triton: measured or estimated) picks one in its classmethod `create`."""
     cls = backend_class(name)
     return getattr(cls, "create", cls)(**config)
+
+
+def latency_ms(backend: LatencyBackend, model: nn.Module, example: Any) -> tuple[float, float]:
+    """(median, spread) in ms of one model: `backend.latency` for a caller timing one model."""
+    one = backend.latency({"model": model}, example)["model"]
+    return one.median_ms, one.spread_ms
 
 
 def example_shape(example: Any) -> tuple[int, str]:

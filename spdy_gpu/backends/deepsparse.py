@@ -25,7 +25,7 @@ import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from ..onnx_export import (
 )
 from ..options import SparsityOption
 from ..timing import Fingerprint, LayerTiming, TimingTable
-from . import CliOption, example_shape, register_backend
+from . import CliOption, Latency, example_shape, latency_ms, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class DeepSparseBackend:
         self.optimization_level = optimization_level
         self.tolerance = tolerance
         self.engines = engines
-        self.last_engine_ms: list[float] = []
+        self.rounds = repeats           # end-to-end timing rounds per engine
 
     # --- the LatencyBackend protocol -------------------------------------------------------
 
@@ -179,10 +179,10 @@ class DeepSparseBackend:
                 for repeat, option in jobs:
                     store.add(repeat, option, measure(option))
                 self._remeasure_outliers(store, runnable, measure, bar)
-            dense_ms, dense_spread = self._engine_latency(export.path, inputs, batch)
-            dense_per_engine = list(self.last_engine_ms)
+            dense = self._interleaved({"dense": export.path}, inputs, batch)["dense"]
+            dense_ms = dense.median_ms
             table = self._table(store, layers, options, fingerprint, model_name, dense_ms,
-                                dense_spread)
+                                dense.spread_ms)
             calibration = self._calibrate_fixed(table, export, inputs, batch, Path(tmp))
         calibration.insert(0, {"option": "dense", "measured_ms": dense_ms,
                                "layers_ms": table.provenance["prunable_dense_ms"],
@@ -191,7 +191,8 @@ class DeepSparseBackend:
         if fixed < 0:
             log.warning("the prunable layers alone take longer than the measured model "
                         "(median residual %.3f ms); fixed time clamped to 0", fixed)
-        provenance = dict(table.provenance, dense_ms_per_engine=dense_per_engine,
+        provenance = dict(table.provenance, dense_ms_per_engine=list(dense.engine_ms),
+                          dense_slow_engines=dense.slow_engines,
                           fixed_calibration=calibration,
                           collection_s=round(time.perf_counter() - started, 1)
                           + store.previous_seconds)
@@ -214,7 +215,7 @@ class DeepSparseBackend:
         for option in sorted(picks, key=lambda o: o.sparsity) if levels else []:
             path = prune_onnx(export, dict.fromkeys(table.layer_names, option),
                               tmp / "calibration.onnx")
-            measured, _ = self._engine_latency(path, inputs, batch)
+            measured = self._interleaved({"m": path}, inputs, batch)["m"].median_ms
             layers_ms = float(np.where(np.isfinite(times[:, index[option]]),
                                        times[:, index[option]], times[:, 0]).sum())
             rows.append({"option": option.name, "measured_ms": measured,
@@ -243,16 +244,25 @@ class DeepSparseBackend:
                         "the machine is busy or the model too small to time well; the "
                         "medians are kept", len(noisy), noisy[0], 100 * self.tolerance)
 
+    def latency(self, models: Mapping[str, nn.Module], example: Any) -> dict[str, Latency]:
+        """End-to-end latency of each model with its current weights (a pruned model: its
+        zeros are exported and the engine picks sparse kernels), every model exported once
+        and timed on `engines` fresh engines, all rounds interleaved (see _interleaved)."""
+        if not models:
+            raise SpdyError("no models to time; pass at least one")
+        batch, _ = example_shape(example)
+        inputs = example_arrays(example, input_names_of(example))
+        with tempfile.TemporaryDirectory(prefix="spdy-deepsparse-") as tmp:
+            paths = {}
+            for i, (name, model) in enumerate(models.items()):
+                paths[name] = Path(tmp) / f"model-{i}.onnx"
+                _export_quiet(model, example, paths[name])
+            return self._interleaved(paths, inputs, batch)
+
     def latency_ms(self, model: nn.Module, example: Any,
                    setting: ModelSetting | None = None) -> tuple[float, float]:
-        """End-to-end (median, spread) in ms of `model` with its current weights (a pruned
-        model: its zeros are exported and the engine picks sparse kernels)."""
-        batch, _ = example_shape(example)
-        with tempfile.TemporaryDirectory(prefix="spdy-deepsparse-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            _export_quiet(model, example, path)
-            inputs = example_arrays(example, input_names_of(example))
-            return self._engine_latency(path, inputs, batch)
+        """(median, spread) of one model, for cli/verify.py until it calls `latency`."""
+        return latency_ms(self, model, example)
 
     # --- measurement ----------------------------------------------------------------------
 
@@ -269,48 +279,57 @@ class DeepSparseBackend:
                 input_shapes=[list(a.shape) for a in inputs])
         return attribute_layers(result["layer_info"], to_module)
 
-    def _engine_latency(self, path: Path, inputs: list[np.ndarray],
-                        batch: int) -> tuple[float, float]:
-        """End-to-end (median, spread) in ms over `engines` separately compiled engines.
+    def _interleaved(self, paths: Mapping[str, Path], inputs: list[np.ndarray],
+                     batch: int) -> dict[str, Latency]:
+        """`engines` freshly compiled engines per ONNX file, timed in rounds that go round
+        robin over every engine of every model, so slow drift of the machine hits all alike.
 
-        One engine instance can settle ~25% slower than another for the same file (MiniLM
-        b1 on this 2-core VM: 15.9 or 19.6 ms, each stable across rounds), so a single
-        compile is not a measurement of the model. Per engine: `warmup` untimed runs, then
-        `repeats` rounds, each the median of `iterations` timed runs; a round slower than
-        the engine's fastest by more than `tolerance` was disturbed by other work and is
-        run again. Returns the median of all rounds and their max - min spread; the
-        per-engine medians are kept in `last_engine_ms`."""
-        rounds, self.last_engine_ms = [], []
-        for _ in range(self.engines):
-            engine_rounds = self._engine_rounds(path, inputs, batch)
-            self.last_engine_ms.append(statistics.median(engine_rounds))
-            rounds += engine_rounds
-        log.debug("end-to-end medians per engine: %s ms", self.last_engine_ms)
-        return statistics.median(rounds), max(rounds) - min(rounds)
-
-    def _engine_rounds(self, path: Path, inputs: list[np.ndarray], batch: int) -> list[float]:
-        with _quiet_fd():
-            engine = self.ds.compile_model(str(path), batch_size=batch,
-                                           num_cores=self.threads,
-                                           input_shapes=[list(a.shape) for a in inputs])
-        for _ in range(max(self.warmup, 3)):
-            engine.run(inputs)
-
-        def one_round() -> float:
-            times = []
-            for _ in range(self.iterations):
-                start = time.perf_counter()
+        One engine can settle 25-35% slower than another compiled from the same file
+        (MiniLM b1 on this 2-core VM: 15.9 or 19.6 ms, each stable across rounds), so per
+        model the fastest engine is its settled speed and slower ones are left out (see
+        settled_latency). A round is the median of `iterations` runs after `warmup` untimed
+        ones; a round slower than its engine's fastest by more than `tolerance` was
+        disturbed by other work and is run again (the worst per engine, at most `rounds`
+        passes)."""
+        owners, engines = [], []
+        for name, path in paths.items():
+            for _ in range(self.engines):
+                owners.append(name)
+                engines.append(self._compile(path, inputs, batch))
+        for engine in engines:
+            for _ in range(max(self.warmup, 3)):
                 engine.run(inputs)
-                times.append((time.perf_counter() - start) * 1e3)
-            return statistics.median(times)
-
-        rounds = [one_round() for _ in range(self.repeats)]
-        for _ in range(self.repeats):
-            slowest = max(range(len(rounds)), key=rounds.__getitem__)
-            if rounds[slowest] <= (1 + self.tolerance) * min(rounds):
+        rounds: list[list[float]] = [[] for _ in engines]
+        for _ in range(self.rounds):
+            for i, engine in enumerate(engines):
+                rounds[i].append(self._round(engine, inputs))
+        for _ in range(self.rounds):
+            disturbed = [i for i, r in enumerate(rounds) if max(r) > (1 + self.tolerance) * min(r)]
+            if not disturbed:
                 break
-            rounds[slowest] = one_round()
-        return rounds
+            for i in disturbed:
+                slowest = max(range(len(rounds[i])), key=rounds[i].__getitem__)
+                rounds[i][slowest] = self._round(engines[i], inputs)
+        results = {name: settled_latency([r for r, o in zip(rounds, owners) if o == name],
+                                         self.tolerance) for name in paths}
+        for name, result in results.items():
+            log.debug("%s end to end: %s ms per engine, %d slow", name, result.engine_ms,
+                      result.slow_engines)
+        return results
+
+    def _compile(self, path: Path, inputs: list[np.ndarray], batch: int) -> Any:
+        with _quiet_fd():
+            return self.ds.compile_model(str(path), batch_size=batch, num_cores=self.threads,
+                                         input_shapes=[list(a.shape) for a in inputs])
+
+    def _round(self, engine: Any, inputs: list[np.ndarray]) -> float:
+        """Median of `iterations` timed runs, in ms."""
+        times = []
+        for _ in range(self.iterations):
+            start = time.perf_counter()
+            engine.run(inputs)
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
 
     def _export(self, model: nn.Module, example: Any, layers: list[LayerInfo],
                 path: Path) -> OnnxExport:
@@ -390,6 +409,20 @@ def attribute_layers(layer_info: list[dict[str, Any]],
                         "unsupported subgraph); export with opset 14 and eager attention, or "
                         "exclude the layer")
     return sample
+
+
+def settled_latency(engine_rounds: list[list[float]], tolerance: float) -> Latency:
+    """One model's latency from the rounds of its engines: the engine with the lowest median
+    is the model's settled speed; engines slower than it by more than `tolerance` settled in
+    DeepSparse's slow state and are left out (counted in slow_engines); the median and spread
+    are over the rounds of the engines kept."""
+    medians = [statistics.median(r) for r in engine_rounds]
+    fastest = min(medians)
+    kept = [x for r, m in zip(engine_rounds, medians) if m <= (1 + tolerance) * fastest
+            for x in r]
+    slow = sum(m > (1 + tolerance) * fastest for m in medians)
+    return Latency(median_ms=statistics.median(kept), spread_ms=max(kept) - min(kept),
+                   engine_ms=tuple(medians), slow_engines=slow)
 
 
 def _export_quiet(model: nn.Module, example: Any, path: Path) -> None:

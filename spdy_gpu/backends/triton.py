@@ -22,7 +22,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from ..models import ModelSetting
 from ..options import SparsityOption
 from ..sparse_linear import sparsify_
 from ..timing import Fingerprint, LayerTiming, TimingTable
-from . import CliOption, NoDeviceError, example_shape, register_backend
+from . import CliOption, Latency, NoDeviceError, example_shape, latency_ms, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,11 @@ class TritonTables:
             dense_total_ms=dense_total, fixed_ms=max(0.0, dense_total - dense_sum),
             model=model_name, estimated=self.estimated, provenance=provenance)
 
+    def latency_ms(self, model: nn.Module, example: Any,
+                   setting: ModelSetting | None = None) -> tuple[float, float]:
+        """(median, spread) of one model, for cli/verify.py until it calls `latency`."""
+        return latency_ms(self, model, example)
+
     def _fingerprint_fields(self, example: Any) -> dict[str, Any]:
         batch_size, input_shape = example_shape(example)
         return dict(backend=self.name, batch_size=batch_size, input_shape=input_shape,
@@ -241,17 +246,21 @@ class TritonBackend(TritonTables):
                            threads=props.multi_processor_count, software=software,
                            **self._fingerprint_fields(example))
 
-    def latency_ms(self, model: nn.Module, example: Any,
-                   setting: ModelSetting | None = None) -> tuple[float, float]:
-        """End-to-end (median, spread) in ms on the GPU in this backend's dtype. Linears
-        pruned in blocks (all-zero tiles) run as BlockSparseLinear; BlockSparseLinear modules
-        already in the model are kept. Times eager and CUDA-graph replay, returns the faster."""
+    def latency(self, models: Mapping[str, nn.Module], example: Any) -> dict[str, Latency]:
+        """End-to-end latency of each model on the GPU in this backend's dtype, do_bench
+        calls alternating between the models. Linears pruned in blocks (all-zero tiles) run
+        as BlockSparseLinear; BlockSparseLinear modules already in a model are kept. Each
+        model is timed eagerly and as a CUDA-graph replay; the faster mode counts."""
         if not self._has_device():
             raise SpdyError(NO_DEVICE_LATENCY)
-        gpu_model = self._to_device(model)
-        swapped = sparsify_(gpu_model)
-        log.info("%d Linear layers run block-sparse", len(swapped))
-        return self._model_latency(gpu_model, self._inputs_to_device(example))
+        if not models:
+            raise SpdyError("no models to time; pass at least one")
+        gpu_models = {}
+        for name, model in models.items():
+            gpu_models[name] = self._to_device(model)
+            log.info("%s: %d Linear layers run block-sparse", name,
+                     len(sparsify_(gpu_models[name])))
+        return self._interleaved(gpu_models, self._inputs_to_device(example))
 
     # -- measurement (CUDA) --
 
@@ -282,7 +291,7 @@ class TritonBackend(TritonTables):
                 cache.put(key, *timing)
                 partial.put(key, *timing)
             times[(layer.name, option)] = timing
-        dense_total, _ = self._model_latency(gpu_model, inputs)
+        dense_total = self._interleaved({"model": gpu_model}, inputs)["model"].median_ms
         if checkpoint is not None:
             Path(checkpoint).unlink(missing_ok=True)     # complete: the cache keeps the times
         provenance = {"method": f"triton.testing.do_bench median, L2 flushed, x{self.repeats}",
@@ -310,27 +319,48 @@ class TritonBackend(TritonTables):
 
     def _bench_ms(self, fn: Callable[[], Any]) -> tuple[float, float]:
         """(median, max - min) over `repeats` do_bench medians (each flushes L2 per run)."""
-        from triton.testing import do_bench
-
         with torch.inference_mode():
-            samples = [do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS,
-                                return_mode="median") for _ in range(self.repeats)]
+            samples = [self._bench_once(fn) for _ in range(self.repeats)]
         return statistics.median(samples), max(samples) - min(samples)
 
-    def _model_latency(self, model: nn.Module, inputs: Any) -> tuple[float, float]:
-        with torch.inference_mode():
-            def eager() -> Any:
-                return call_model(model, inputs)
+    def _bench_once(self, fn: Callable[[], Any]) -> float:
+        from triton.testing import do_bench
 
-            for _ in range(3):              # autotuning and lazy initialisation happen here
-                eager()
-            runs = {"eager": eager}
-            if self.device.type == "cuda" and (replay := _cuda_graph(eager)) is not None:
-                runs["cuda-graph"] = replay
-            results = {mode: self._bench_ms(fn) for mode, fn in runs.items()}
-        mode = min(results, key=lambda m: results[m][0])
-        log.info("end to end: %s", ", ".join(f"{m} {t[0]:.4f} ms" for m, t in results.items()))
-        return results[mode]
+        return do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median")
+
+    def _interleaved(self, models: Mapping[str, nn.Module], inputs: Any) -> dict[str, Latency]:
+        """`repeats` rounds, each one do_bench per (model, mode), in turn."""
+        with torch.inference_mode():
+            runs = {name: self._modes(model, inputs) for name, model in models.items()}
+            samples: dict[tuple[str, str], list[float]] = {
+                (name, mode): [] for name, modes in runs.items() for mode in modes}
+            for _ in range(self.repeats):
+                for name, modes in runs.items():
+                    for mode, fn in modes.items():
+                        samples[(name, mode)].append(self._bench_once(fn))
+        results = {}
+        for name, modes in runs.items():
+            by_mode = {mode: samples[(name, mode)] for mode in modes}
+            medians = {mode: statistics.median(times) for mode, times in by_mode.items()}
+            best = min(medians, key=medians.__getitem__)
+            log.info("%s end to end: %s", name,
+                     ", ".join(f"{m} {t:.4f} ms" for m, t in medians.items()))
+            results[name] = Latency(median_ms=medians[best],
+                                    spread_ms=max(by_mode[best]) - min(by_mode[best]),
+                                    engine_ms=tuple(medians.values()))
+        return results
+
+    def _modes(self, model: nn.Module, inputs: Any) -> dict[str, Callable[[], Any]]:
+        """The ways to run `model`: eagerly, and replaying a CUDA graph where capture works."""
+        def eager() -> Any:
+            return call_model(model, inputs)
+
+        for _ in range(3):              # autotuning and lazy initialisation happen here
+            eager()
+        modes = {"eager": eager}
+        if self.device.type == "cuda" and (replay := _cuda_graph(eager)) is not None:
+            modes["cuda-graph"] = replay
+        return modes
 
     def _to_device(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).to(device=self.device, dtype=self.torch_dtype).eval()

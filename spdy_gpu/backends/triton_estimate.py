@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from ..layers import LayerInfo, call_model, hooks_attached
 from ..options import SparsityOption
 from ..roofline import roofline_ms
 from ..timing import Fingerprint
+from . import Latency
 from .triton import DTYPES, TritonTables, package_version
 
 log = logging.getLogger(__name__)
@@ -141,8 +143,7 @@ class TritonEstimateBackend(TritonTables):
                                      "spdy-gpu": package_version()},
                            **self._fingerprint_fields(example))
 
-    def latency_ms(self, model: nn.Module, example: Any,
-                   setting: Any = None) -> tuple[float, float]:
+    def latency(self, models: Mapping[str, nn.Module], example: Any) -> dict[str, Latency]:
         raise SpdyError("an --estimate backend cannot measure end-to-end latency, which needs "
                         "a GPU; run it without --estimate where the profile's timings were "
                         "measured")
