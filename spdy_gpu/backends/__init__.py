@@ -108,6 +108,10 @@ class LatencyBackend(Protocol):
         interleaved run so that slow drift of the machine hits them alike."""
         ...
 
+    def export(self, model: nn.Module, example: Any, profile: Any, out_dir: Path) -> Path:
+        """Write the pruned `model` as this backend deploys it into `out_dir`; its path."""
+        ...
+
 
 def register_backend(name: str) -> Callable[[type], type]:
     """Class decorator: make a backend available under `name`."""

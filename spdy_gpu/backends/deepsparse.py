@@ -138,6 +138,11 @@ class DeepSparseBackend:
                                      "onnx": require_onnx().__version__,
                                      "torch": torch.__version__.split("+")[0]})
 
+    def export(self, model: nn.Module, example: Any, profile: Any, out_dir: Path) -> Path:
+        """The pruned model as ONNX (opset 14), which DeepSparse runs at the measured speed."""
+        from ..deploy import export_onnx_pruned
+        return export_onnx_pruned(model, example, Path(out_dir) / "model.onnx")
+
     def supports(self, layer: LayerInfo, option: SparsityOption) -> bool:
         """Dense always; unstructured sparsity on Linear and ungrouped Conv2d (DeepSparse's
         sparse kernels need no structure; it has none for grouped/depthwise convs)."""

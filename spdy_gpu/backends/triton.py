@@ -132,6 +132,14 @@ class TritonTables:
     )
     estimated = False
 
+    def export(self, model: nn.Module, example: Any, profile: Any, out_dir: Path) -> Path:
+        """The pruned model with its block-pruned Linears as BlockSparseLinear (one
+        safetensors file; spdy_gpu.deploy.load_block_sparse loads it back)."""
+        from ..deploy import save_block_sparse
+        path = Path(out_dir) / "model.triton.safetensors"
+        save_block_sparse(model, profile, path)
+        return path
+
     def __init__(self, dtype: str = "bf16"):
         if dtype not in DTYPES:
             raise SpdyError(f"unknown dtype {dtype!r} for the triton backend; use one of "
