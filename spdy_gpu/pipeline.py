@@ -124,18 +124,46 @@ def measure_speedup(backend: LatencyBackend, dense: nn.Module, pruned: nn.Module
 
 
 def verify_profile(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
-                   profile: Profile, database: Database | None = None) -> Measurement:
-    """Prune the model to `profile` (database weights, or magnitude masks without one) and
-    measure it against the dense model on `backend`."""
-    dense, example = entry.build(setting)
+                   profile: Profile, database: Database | None = None, *,
+                   force: bool = False) -> dict[str, Any]:
+    """Prune the model to `profile` (database weights, or magnitude masks without one),
+    measure it against the dense model on `backend` and compare with the prediction.
+
+    A profile of another model, or planned on timings from another setting (unless
+    `force`), is refused. Returns the 'spdy-gpu/verify' record (time_error_pct =
+    (predicted - measured) / measured pruned time)."""
+    if profile.model and profile.model != entry.name:
+        raise SpdyError(f"the profile is for model {profile.model!r}, not {entry.name!r}; "
+                        f"pass --model {profile.model}")
     if not any(o.pattern != "dense" for o in profile.choices.values()):
         raise SpdyError("the profile prunes no layer, so there is nothing to verify; pass a "
                         "profile made by spdy-gpu solve or run")
+    if profile.estimated:
+        log.warning("the profile was planned on ESTIMATED times")
+    dense, example = entry.build(setting)
+    differences = profile.fingerprint.mismatches(backend.fingerprint(example))
+    if differences and not force:
+        raise SpdyError("the profile was planned on timings from another setting ("
+                        + "; ".join(differences) + "); re-measure and re-plan here, "
+                        "or pass --force")
+    for difference in differences:
+        log.warning("forced: profile and this machine differ in %s", difference)
     if database is not None:
         database.check_model(dense)
+        database.check_options(list(set(profile.choices.values())))
     pruned = copy.deepcopy(dense)
     stitch_(pruned, profile.choices, database)
-    return measure_speedup(backend, dense, pruned, example)
+    m = measure_speedup(backend, dense, pruned, example)
+    return {"model": entry.name, "target_speedup": profile.target_speedup,
+            "predicted_ms": profile.predicted_ms,
+            "predicted_speedup": profile.predicted_speedup,
+            "measured_dense_ms": m.dense_ms, "measured_dense_spread_ms": m.dense_spread_ms,
+            "measured_pruned_ms": m.pruned_ms, "measured_pruned_spread_ms": m.pruned_spread_ms,
+            "measured_speedup": m.speedup, "slow_engines": m.slow_engines,
+            "table_dense_ms": profile.dense_total_ms,
+            "time_error_pct": 100.0 * (profile.predicted_ms - m.pruned_ms) / m.pruned_ms,
+            "estimated": profile.estimated, "forced_differences": differences,
+            "weights": "magnitude" if database is None else str(database.path)}
 
 
 # ---- the whole method ----------------------------------------------------------------------
