@@ -15,7 +15,6 @@ from spdy_gpu.backends import (
     backend_class,
     example_shape,
     get_backend,
-    latency_ms,
 )
 from spdy_gpu.cli import main
 from spdy_gpu.cli.common import add_backend_args, backend_config, backend_from_args
@@ -44,6 +43,9 @@ class FakeBackend:
 
     def latency(self, models, example):
         return {name: Latency(1.0, 0.0) for name in models}
+
+    def export(self, model, example, profile, out_dir):
+        return out_dir
 
     def measure_table(self, model, example, layers, options, *, model_name, checkpoint=None):
         rows = tuple(LayerTiming(layer.name, layer.kind, (layer.n, layer.k, layer.m or 0),
@@ -88,7 +90,7 @@ def test_config_holds_only_the_chosen_backends_given_options(fake):
     assert isinstance(backend, FakeBackend) and backend.repeats == 5
     assert backend_class("fake") is FakeBackend and isinstance(get_backend("fake"), FakeBackend)
     assert isinstance(backend, LatencyBackend)
-    assert latency_ms(backend, nn.Linear(2, 2), torch.randn(1, 2)) == (1.0, 0.0)
+    assert backend.latency({"m": nn.Linear(2, 2)}, torch.randn(1, 2)) == {"m": Latency(1.0, 0.0)}
 
 
 def test_no_backend_chosen_is_a_one_line_error(fake):
@@ -105,11 +107,6 @@ def test_timings_uses_the_backends_default_pattern_and_options(fake, tmp_path):
     table = TimingTable.load(out)
     assert table.options[0].pattern == "dense" and {o.pattern for o in table.options[1:]} == {"nm"}
     assert table.provenance["speed"] == 2.0 and table.provenance["repeats"] == 1
-
-
-def test_timings_alias_stays_importable():
-    from spdy_gpu.cli.timings import backend_config as alias
-    assert alias is backend_config
 
 
 def ignores_batch_model(batch_size: int = 1):

@@ -172,7 +172,7 @@ def test_latency_without_a_device_says_it_needs_a_gpu(tmp_path, monkeypatch):
     backend = InterpretedBackend(cache_dir=tmp_path)
     monkeypatch.setattr(backend, "_has_device", lambda: False)
     with pytest.raises(SpdyError, match="end-to-end latency on the triton backend needs a GPU"):
-        backend.latency_ms(TwoLayer(), torch.randn(8, 4, 4, 4))
+        backend.latency({"m": TwoLayer()}, torch.randn(8, 4, 4, 4))
 
 
 def test_bad_configuration_is_refused():
@@ -185,7 +185,7 @@ def test_bad_configuration_is_refused():
     backend = TritonEstimateBackend(H100, dtype="fp16")
     assert backend.spec is H100 and backend.estimated
     with pytest.raises(SpdyError, match="cannot measure end-to-end latency, which needs a GPU"):
-        backend.latency_ms(nn.Linear(4, 4), torch.randn(1, 4))
+        backend.latency({"m": nn.Linear(4, 4)}, torch.randn(1, 4))
 
 
 # ---- GPU specs ------------------------------------------------------------------------------
@@ -399,11 +399,11 @@ def test_latency_swaps_block_pruned_linears(tmp_path, monkeypatch):
     interleaved = backend._interleaved
     monkeypatch.setattr(backend, "_interleaved",
                         lambda models, inputs: timed.append(models) or interleaved(models, inputs))
-    median, spread = backend.latency_ms(model, torch.randn(8, 4, 4, 4))
+    result = backend.latency({"model": model}, torch.randn(8, 4, 4, 4))["model"]
     assert isinstance(timed[0]["model"].fc1, BlockSparseLinear)
     assert type(timed[0]["model"].fc2) is nn.Linear
     assert type(model.fc1) is nn.Linear                        # the caller's model is untouched
-    assert median > 0 and spread >= 0
+    assert result.median_ms > 0 and result.spread_ms >= 0
 
 
 def test_latency_alternates_between_the_models(tmp_path):

@@ -10,7 +10,6 @@ class declares its command-line options (`cli_options`) and its natural option f
 from __future__ import annotations
 
 import importlib
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,8 @@ from torch import nn
 
 from ..errors import SpdyError
 from ..layers import LayerInfo
-from ..models import ModelSetting
 from ..options import SparsityOption
 from ..timing import Fingerprint, TimingTable
-
-log = logging.getLogger(__name__)
 
 # name -> module that defines (and registers) the backend
 _MODULES = {
@@ -141,19 +137,11 @@ def get_backend(name: str, **config: Any) -> LatencyBackend:
     return getattr(cls, "create", cls)(**config)
 
 
-def latency_ms(backend: LatencyBackend, model: nn.Module, example: Any) -> tuple[float, float]:
-    """(median, spread) in ms of one model: `backend.latency` for a caller timing one model."""
-    one = backend.latency({"model": model}, example)["model"]
-    return one.median_ms, one.spread_ms
-
-
 def example_shape(example: Any) -> tuple[int, str]:
     """(batch size, input shape) of an example input for a fingerprint: the batch is the
     leading dimension of its tensors, the shape a stable string of their names and shapes,
     e.g. "attention_mask=1x128,input_ids=1x128" for a dict (sorted by name), "0=1x3x32x32"
     for a tensor or the first of a tuple. Non-tensor entries are left out."""
-    if isinstance(example, ModelSetting):
-        return _setting_shape(example)
     if isinstance(example, Mapping):
         named = sorted((str(k), v) for k, v in example.items())
     elif isinstance(example, (tuple, list)):
@@ -174,10 +162,3 @@ def example_shape(example: Any) -> tuple[int, str]:
                         f"{batches}; give every input the same batch size")
     shape = ",".join(f"{name}={'x'.join(map(str, t.shape))}" for name, t in tensors)
     return int(tensors[0][1].shape[0]), shape
-
-
-def _setting_shape(setting: ModelSetting) -> tuple[int, str]:
-    """The fingerprint shape of callers that still pass a ModelSetting (cli/verify.py until it
-    passes the example): the old "seq=..,image=.." form. Remove with that caller."""
-    log.debug("fingerprint from a ModelSetting: pass the example input instead")
-    return setting.batch_size, f"seq={setting.seq_len},image={setting.image_size}"

@@ -37,7 +37,6 @@ from tqdm.auto import tqdm
 from ..errors import MissingDependencyError, SpdyError
 from ..jsonio import atomic_write_bytes
 from ..layers import LayerInfo, prunable_modules
-from ..models import ModelSetting
 from ..onnx_export import (
     OnnxExport,
     example_arrays,
@@ -49,7 +48,7 @@ from ..onnx_export import (
 )
 from ..options import SparsityOption
 from ..timing import Fingerprint, LayerTiming, TimingTable
-from . import CliOption, Latency, example_shape, latency_ms, register_backend
+from . import CliOption, Latency, example_shape, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +262,6 @@ class DeepSparseBackend:
                 paths[name] = Path(tmp) / f"model-{i}.onnx"
                 _export_quiet(model, example, paths[name])
             return self._interleaved(paths, inputs, batch)
-
-    def latency_ms(self, model: nn.Module, example: Any,
-                   setting: ModelSetting | None = None) -> tuple[float, float]:
-        """(median, spread) of one model, for cli/verify.py until it calls `latency`."""
-        return latency_ms(self, model, example)
 
     # --- measurement ----------------------------------------------------------------------
 

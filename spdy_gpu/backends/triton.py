@@ -38,11 +38,10 @@ from ..gpu_specs import GPU_SPECS, GpuSpec
 from ..jsonio import load_json, save_json
 from ..layers import LayerInfo, call_model, hooks_attached
 from ..masks import block_mask
-from ..models import ModelSetting
 from ..options import SparsityOption
 from ..sparse_linear import sparsify_
 from ..timing import Fingerprint, LayerTiming, TimingTable
-from . import CliOption, Latency, NoDeviceError, example_shape, latency_ms, register_backend
+from . import CliOption, Latency, NoDeviceError, example_shape, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ def cache_key(device: str, software: dict[str, str], dtype: str, gemm: tuple[int
 
 class TritonTables:
     """What the measured and the estimated Triton tables share: the dtype, the options the
-    kernel runs, and the table's assembly. Subclasses provide `fingerprint`, `latency_ms` and
+    kernel runs, and the table's assembly. Subclasses provide `fingerprint`, `latency` and
     `_times` (per (layer, option) (median, spread), dense end-to-end time, provenance)."""
 
     name = "triton"
@@ -187,11 +186,6 @@ class TritonTables:
             layers=tuple(self._row(layer, options, times) for layer in layers),
             dense_total_ms=dense_total, fixed_ms=max(0.0, dense_total - dense_sum),
             model=model_name, estimated=self.estimated, provenance=provenance)
-
-    def latency_ms(self, model: nn.Module, example: Any,
-                   setting: ModelSetting | None = None) -> tuple[float, float]:
-        """(median, spread) of one model, for cli/verify.py until it calls `latency`."""
-        return latency_ms(self, model, example)
 
     def _fingerprint_fields(self, example: Any) -> dict[str, Any]:
         batch_size, input_shape = example_shape(example)

@@ -23,7 +23,6 @@ from .common import (
     add_backend_args,
     add_model_args,
     add_option_args,
-    backend_config,
     backend_from_args,
     exclude_patterns,
     model_from_args,
@@ -31,9 +30,6 @@ from .common import (
 )
 
 log = logging.getLogger(__name__)
-
-__all__ = ["add_parser", "backend_config", "check_example_batch", "run", "searchable_layers",
-           "summary"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
