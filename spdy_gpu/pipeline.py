@@ -255,14 +255,13 @@ def run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
     fingerprint = backend.fingerprint(example)
     _claim(out, entry.name, fingerprint, settings)
     report = RunReport(entry.name, backend.name, settings.speedup)
+    with _stage(report, "calibration") as note:
+        fit, held_out = _calibration(entry, setting, example, settings)
+        note["samples"] = {"database": fit.samples, "search": held_out.samples}
     with _stage(report, "timings") as note:
         table = _timing_table(entry, model, example, backend, settings, out, note)
     planner = Planner(table, settings.exclude)
     planner.grid(settings.speedup)                     # an unreachable target fails here
-    with _stage(report, "calibration") as note:
-        fit, held_out = settings.calibration.load(entry, setting, example).split(
-            settings.search_samples)
-        note["samples"] = {"database": fit.samples, "search": held_out.samples}
     with _stage(report, "database") as note:
         database = _database(entry, model, planner, fit, settings, out, progress, note)
     scorer = HeldOutScorer(model, held_out.batches, database, settings.loss or entry.loss)
@@ -368,6 +367,18 @@ def _remove(out: Path, names: Sequence[str]) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def _calibration(entry: ModelEntry, setting: ModelSetting, example: Any,
+                 settings: RunSettings) -> tuple[Calibration, Calibration]:
+    """(data for the database, held-out data for the search). With nothing but the
+    example input there is nothing to hold out: both use it, and the report says so."""
+    calibration = settings.calibration.load(entry, setting, example)
+    if calibration.description.get("source") == "example-input":
+        log.warning("the search is scored on the example input it was reconstructed on (no "
+                    "held-out data); pass --calib for a trustworthy search")
+        return calibration, calibration
+    return calibration.split(settings.search_samples)
 
 
 def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: LatencyBackend,
