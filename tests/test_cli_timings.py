@@ -44,6 +44,8 @@ def test_timings_writes_a_table_with_provenance(tmp_path, capsys):
     assert table.layer_names == ["0", "2"] and len(table.options) == 3
     assert table.model == SPEC and table.fingerprint.threads == 1
     assert {"command", "created", "collection_s"} <= set(table.provenance)
+    assert table.provenance["calls_per_option"] == {"dense": 1, "unstructured@0.5": 1,
+                                                    "unstructured@0.9": 1}   # --repeats 1
     assert not (tmp_path / "t.json.partial").exists()
     assert "2 layers x 3 options" in capsys.readouterr().out
 

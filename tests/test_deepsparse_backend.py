@@ -180,3 +180,94 @@ def test_speedup_curves_mark_sparse_slower_than_dense(toy_table, tmp_path):
     assert layer_role("bert.encoder.layer.11.output.dense") == "bert.encoder.layer.*.output.dense"
     path = plot_speedup_curves(toy_table, tmp_path / "curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the adaptive protocol --------------------------------------------------------------------
+
+def smooth(densities, layers=4):
+    """Layer times falling smoothly with density, like a real sparsity curve."""
+    return [np.full(layers, 0.05 + d ** 0.7) for d in densities]
+
+
+DENSITIES = list(np.geomspace(0.6, 0.01, 15))          # 15 levels from 40% to 99% sparsity
+
+
+def test_a_smooth_curve_is_on_trend():
+    from spdy_gpu.backends.deepsparse import off_trend
+    assert off_trend(DENSITIES, smooth(DENSITIES), 0.15) == []
+
+
+@pytest.mark.parametrize("index", [0, 1, 7, 13, 14])
+def test_a_disturbed_level_is_off_trend_wherever_it_lies(index):
+    from spdy_gpu.backends.deepsparse import off_trend
+    times = smooth(DENSITIES)
+    times[index] = times[index] * 1.3
+    assert off_trend(DENSITIES, times, 0.15) == [index]     # its neighbours are not blamed
+
+
+def test_three_levels_are_enough_for_a_trend():
+    from spdy_gpu.backends.deepsparse import off_trend
+    times = smooth(DENSITIES[:3])
+    times[2] = times[2] * 2.5
+    assert 2 in off_trend(DENSITIES[:3], times, 0.15)
+
+
+def test_faster_than_trend_is_not_flagged_but_a_few_slow_layers_are():
+    from spdy_gpu.backends.deepsparse import off_trend
+    times = smooth(DENSITIES, layers=8)
+    times[3] = times[3] * 0.7                               # no disturbance makes a call faster
+    assert off_trend(DENSITIES, times, 0.15) == []
+    times = smooth(DENSITIES, layers=8)
+    times[5][:3] *= 1.5                                     # 3 of 8 layers 50% slow: total +15%
+    times[5][3:] *= 0.95
+    assert off_trend(DENSITIES, times, 0.2) == [5]          # total within 20%, layers not
+
+
+@pytest.fixture(scope="module")
+def adaptive():
+    pytest.importorskip("deepsparse")
+    from spdy_gpu.backends.deepsparse import DeepSparseBackend
+    return DeepSparseBackend(threads=1, iterations=3, warmup=1)
+
+
+def test_adaptive_protocol_remeasures_only_what_is_off_trend(adaptive, monkeypatch):
+    from spdy_gpu.backends.deepsparse import TOTAL
+    torch.manual_seed(0)
+    model, example = TokenMLP().eval(), torch.randn(1, 64, 128)
+    layers = discover_layers(model, example)
+    options = [SparsityOption.dense()] + [SparsityOption.unstructured(s)
+                                          for s in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)]
+    calls = []
+
+    def fake_analyse(self, path, inputs, batch, option, to_module):
+        calls.append(option.name)
+        slow = 1.5 if option.sparsity == 0.7 and calls.count(option.name) == 1 else 1.0
+        times = {name: slow * (0.05 + option.density ** 0.7) for name in ("up", "down")}
+        return {**times, TOTAL: sum(times.values())}
+
+    monkeypatch.setattr(type(adaptive), "analyse", fake_analyse)
+    table = adaptive.measure_table(model, example, layers, options, model_name="toy")
+    per_option = table.provenance["calls_per_option"]
+    assert per_option["dense"] == 3 and per_option["unstructured@0.7"] == 3
+    assert sum(per_option.values()) == 3 + 6 + 2                 # one level re-measured
+    assert len(calls) == 11 + 1                      # and its disturbed call run again
+    assert table.provenance["layer_sums_per_call_ms"]["unstructured@0.7"] == \
+        [pytest.approx(2 * (0.05 + 0.3 ** 0.7))] * 3
+    assert table.provenance["repeats"] is None and "adaptive" in table.provenance["protocol"]
+    assert table.provenance["calibration_engines"] == {
+        "dense": 3, "unstructured@0.5": 1, "unstructured@0.8": 1, "unstructured@0.95": 1}
+
+
+def test_repeats_forces_that_many_calls_per_option(backend, monkeypatch):
+    from spdy_gpu.backends.deepsparse import TOTAL
+
+    def steady(self, path, inputs, batch, option, to_module):
+        return {"up": 1.0, "down": 1.0, TOTAL: 2.0}
+
+    monkeypatch.setattr(type(backend), "analyse", steady)
+    model, example = TokenMLP().eval(), torch.randn(1, 64, 128)
+    table = backend.measure_table(model, example, discover_layers(model, example), OPTIONS,
+                                  model_name="toy")
+    assert table.provenance["calls_per_option"] == dict.fromkeys(
+        [o.name for o in OPTIONS], backend.repeats)
+    assert set(table.provenance["calibration_engines"].values()) == {backend.engines}

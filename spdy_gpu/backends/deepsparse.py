@@ -20,8 +20,10 @@ level-0 layer times leave out the elementwise work that level 1 fuses into the l
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 
 TOTAL = "__total__"          # key of the analysis total in a sample
 CALIBRATION_LEVELS = (0.5, 0.8, 0.95)   # uniform levels whose end-to-end times fix fixed_ms
+FIXED_CALLS = 3              # adaptive protocol: calls for dense and options without a trend
+ADAPTIVE_PASSES = 3          # adaptive protocol: rounds of re-measuring
 
 
 def _deepsparse():
@@ -83,7 +87,8 @@ class DeepSparseBackend:
     """Times models with Neural Magic's DeepSparse engine on this CPU.
 
     threads: cores the engine uses (None: all available). repeats: analysis calls per
-    option (the table keeps the median and the max - min spread). iterations / warmup:
+    option (the table keeps the median and the max - min spread) and end-to-end rounds per
+    engine; None: the adaptive protocol (see _adaptive_calls) and 3 rounds. iterations / warmup:
     timed and untimed runs inside each call. sparsity_source: "imposed" (engine imposes
     the kernel sparsity) or "weights" (magnitude-pruned weights in the ONNX file).
     tolerance: a call slower than the fastest of its option by more than this fraction
@@ -97,10 +102,13 @@ class DeepSparseBackend:
     cli_options = (
         CliOption("--threads", "cores to use (default: all available)", int),
         CliOption("--repeats", "analysis calls per option and end-to-end rounds per engine; "
-                               "the table keeps median and spread (default 3)", int),
+                               "the table keeps median and spread (default: adaptive, one "
+                               "call per level and more where a level is off its "
+                               "neighbours' trend; 3 rounds)", int),
     )
 
-    def __init__(self, threads: int | None = None, repeats: int = 3, iterations: int = 20,
+    def __init__(self, threads: int | None = None, repeats: int | None = None,
+                 iterations: int = 20,
                  warmup: int = 5, sparsity_source: str = "imposed",
                  optimization_level: int = 0, tolerance: float = 0.15,
                  engines: int = 3) -> None:
@@ -110,8 +118,9 @@ class DeepSparseBackend:
         if threads is not None and not 1 <= threads <= available:
             raise SpdyError(f"--threads {threads} is not possible here: this machine has "
                             f"{available} available cores; pass 1..{available}")
-        if min(repeats, iterations, engines) < 1 or warmup < 0:
-            raise SpdyError("repeats, iterations and engines must be >= 1, warmup >= 0")
+        if min(repeats or 1, iterations, engines) < 1 or warmup < 0:
+            raise SpdyError(f"--repeats {repeats} is not possible: repeats, iterations and "
+                            "engines must be >= 1, warmup >= 0")
         if sparsity_source not in ("imposed", "weights"):
             raise SpdyError(f"unknown sparsity source {sparsity_source!r}; "
                             "use 'imposed' or 'weights'")
@@ -121,7 +130,7 @@ class DeepSparseBackend:
         self.optimization_level = optimization_level
         self.tolerance = tolerance
         self.engines = engines
-        self.rounds = repeats           # end-to-end timing rounds per engine
+        self.rounds = repeats or 3      # end-to-end timing rounds per engine
 
     # --- the LatencyBackend protocol -------------------------------------------------------
 
@@ -152,10 +161,13 @@ class DeepSparseBackend:
     def measure_table(self, model: nn.Module, example: Any, layers: list[LayerInfo],
                       options: list[SparsityOption], *, model_name: str,
                       checkpoint: Path | None = None) -> TimingTable:
-        """Per-layer median times for every option (repeats interleaved over options, so
-        slow drift of the machine hits every option alike), dense end-to-end time and
-        fixed time. With `checkpoint`, every finished analysis call is saved there and a
-        rerun with the same setting resumes after it."""
+        """Per-layer median times for every option, dense end-to-end time and fixed time.
+
+        Analysis calls per option follow `repeats` (see _repeated_calls) or, by default,
+        the adaptive protocol (see _adaptive_calls); then one interleaved end-to-end run
+        times the dense model and the calibration levels of the fixed time. With
+        `checkpoint`, every finished analysis call is saved there and a rerun with the same
+        setting resumes after it."""
         if not options or options[0].pattern != "dense":
             raise SpdyError("the option list must start with dense; add 'dense' first")
         if not layers:
@@ -170,78 +182,99 @@ class DeepSparseBackend:
             inputs = export.inputs_numpy(example)
             to_module = export.module_of_output()
             runnable = [o for o in options if any(self.supports(layer, o) for layer in layers)]
-            jobs = [(r, o) for r in range(self.repeats) for o in runnable
-                    if not store.has(r, o)]
-            with tqdm(total=self.repeats * len(runnable), initial=store.done,
-                      desc=f"deepsparse {model_name} b{batch}",
-                      unit="call") as bar:
+            with tqdm(total=store.done, initial=store.done, unit="call",
+                      desc=f"deepsparse {model_name} b{batch}") as bar:
                 def measure(option: SparsityOption) -> dict[str, float]:
                     path = self._model_for(export, option, names, Path(tmp))
+                    sample = self.analyse(path, inputs, batch, option, to_module)
                     bar.update()
-                    return self.analyse(path, inputs, batch, option, to_module)
+                    return sample
 
-                for repeat, option in jobs:
-                    store.add(repeat, option, measure(option))
-                self._remeasure_outliers(store, runnable, measure, bar)
-            dense = self._interleaved({"dense": export.path}, inputs, batch)["dense"]
-            dense_ms = dense.median_ms
-            table = self._table(store, layers, options, fingerprint, model_name, dense_ms,
-                                dense.spread_ms)
-            calibration = self._calibrate_fixed(table, export, inputs, batch, Path(tmp))
-        calibration.insert(0, {"option": "dense", "measured_ms": dense_ms,
-                               "layers_ms": table.provenance["prunable_dense_ms"],
-                               "residual_ms": dense_ms - table.provenance["prunable_dense_ms"]})
+                if self.repeats is None:
+                    self._adaptive_calls(store, runnable, names, measure, bar)
+                else:
+                    self._repeated_calls(store, runnable, measure, bar)
+            picks = calibration_levels(runnable)
+            paths = {"dense": export.path} | {
+                o.name: prune_onnx(export, dict.fromkeys(names, o), Path(tmp) / f"cal{i}.onnx")
+                for i, o in enumerate(picks)}
+            # Default: fixed time is a median over the levels, so one engine each suffices.
+            engines = {n: self.engines if n == "dense" or self.repeats else 1 for n in paths}
+            measured = self._interleaved(paths, inputs, batch, engines)
+        table = self._table(store, layers, options, fingerprint, model_name, measured["dense"])
+        calibration = fixed_calibration(table, {n: m.median_ms for n, m in measured.items()})
         fixed = statistics.median(c["residual_ms"] for c in calibration)
         if fixed < 0:
             log.warning("the prunable layers alone take longer than the measured model "
                         "(median residual %.3f ms); fixed time clamped to 0", fixed)
-        provenance = dict(table.provenance, dense_ms_per_engine=list(dense.engine_ms),
-                          dense_slow_engines=dense.slow_engines,
-                          fixed_calibration=calibration,
+        provenance = dict(table.provenance, fixed_calibration=calibration,
+                          calibration_engines=engines,
                           collection_s=round(time.perf_counter() - started, 1)
                           + store.previous_seconds)
         store.remove()
         return dataclasses.replace(table, fixed_ms=max(fixed, 0.0), provenance=provenance)
 
-    def _calibrate_fixed(self, table: TimingTable, export: OnnxExport,
-                         inputs: list[np.ndarray], batch: int,
-                         tmp: Path) -> list[dict[str, Any]]:
-        """End-to-end time of the model magnitude-pruned uniformly to a few levels, against
-        the sum of its layer times there. The per-layer times come from level-0 analysis
-        while deployment runs level 1, which fuses the non-prunable ops into the layers, so
-        'dense end to end minus dense layers' alone misstates the fixed time; the median
-        residual over dense and these levels is the table's fixed time."""
-        levels = [o for o in table.options[1:] if o.pattern == "unstructured"]
-        picks = {min(levels, key=lambda o: abs(o.sparsity - s)) for s in CALIBRATION_LEVELS}
-        times = table.times()
-        index = {o: i for i, o in enumerate(table.options)}
-        rows = []
-        for option in sorted(picks, key=lambda o: o.sparsity) if levels else []:
-            path = prune_onnx(export, dict.fromkeys(table.layer_names, option),
-                              tmp / "calibration.onnx")
-            measured = self._interleaved({"m": path}, inputs, batch)["m"].median_ms
-            layers_ms = float(np.where(np.isfinite(times[:, index[option]]),
-                                       times[:, index[option]], times[:, 0]).sum())
-            rows.append({"option": option.name, "measured_ms": measured,
-                         "layers_ms": layers_ms, "residual_ms": measured - layers_ms})
-        return rows
-
-    def _remeasure_outliers(self, store: _Checkpoint, options: list[SparsityOption],
-                            measure: Callable[[SparsityOption], dict[str, float]],
-                            bar: tqdm) -> None:
-        """Other processes on a shared CPU only ever slow a call down, so a call whose total
-        exceeds the fastest of its option by more than `tolerance` is re-measured (the
-        worst one per option per pass, at most `repeats` passes)."""
+    def _repeated_calls(self, store: _Checkpoint, options: list[SparsityOption],
+                        measure: Callable[[SparsityOption], dict[str, float]],
+                        bar: tqdm) -> None:
+        """`repeats` calls per option, interleaved over options (slow drift of the machine
+        hits every option alike). Other processes on a shared CPU only ever slow a call
+        down, so a call whose total exceeds the fastest of its option by more than
+        `tolerance` is re-measured (the worst one per option per pass, at most `repeats`
+        passes)."""
+        _run_calls(store, [(r, o) for r in range(self.repeats) for o in options], measure, bar)
         for _ in range(self.repeats):
-            worst = [(o, slot) for o in options
-                     if (slot := store.outlier(o, self.tolerance)) is not None]
-            if not worst:
-                return
+            if not self._rerun_disturbed(store, options, measure, bar):
+                break
+        self._warn_noisy(store, options)
+
+    def _adaptive_calls(self, store: _Checkpoint, options: list[SparsityOption],
+                        names: list[str], measure: Callable[[SparsityOption], dict[str, float]],
+                        bar: tqdm) -> None:
+        """The default protocol: one call per sparsity level, where a level's times follow
+        the smooth trend of its neighbours and disagree only where a call was disturbed.
+
+        Dense (the reference of every speedup) and options outside a chain of at least 3
+        levels get FIXED_CALLS calls. Then, for at most ADAPTIVE_PASSES passes: a level
+        measured once that lies off the trend (see off_trend) gets 2 more calls (its median
+        is then robust to one disturbed call), and an option whose calls disagree by more
+        than `tolerance` has its slowest call re-measured."""
+        chain = sorted((o for o in options if o.pattern == "unstructured"),
+                       key=lambda o: o.sparsity)
+        chain = chain if len(chain) >= 3 else []
+        first = [(r, o) for r in range(FIXED_CALLS) for o in options
+                 if r == 0 or o not in chain]
+        _run_calls(store, first, measure, bar)
+        for _ in range(ADAPTIVE_PASSES):
+            times = [np.array([statistics.median(store.values(o, n)) for n in names])
+                     for o in chain]
+            suspects = [chain[i] for i in off_trend([o.density for o in chain], times,
+                                                    self.tolerance)
+                        if store.calls(chain[i]) == 1]
+            if suspects:
+                log.info("%d levels off the trend of their neighbours: 2 more calls each",
+                         len(suspects))
+            _run_calls(store, [(r, o) for r in (1, 2) for o in suspects], measure, bar)
+            if not self._rerun_disturbed(store, options, measure, bar) and not suspects:
+                break
+        self._warn_noisy(store, options)
+
+    def _rerun_disturbed(self, store: _Checkpoint, options: list[SparsityOption],
+                         measure: Callable[[SparsityOption], dict[str, float]],
+                         bar: tqdm) -> bool:
+        """Re-measure the slowest call of every option whose calls disagree by more than
+        `tolerance`; whether there was any."""
+        worst = [(o, slot) for o in options
+                 if (slot := store.outlier(o, self.tolerance)) is not None]
+        if worst:
             log.info("re-measuring %d disturbed calls", len(worst))
             bar.total += len(worst)
             bar.refresh()
-            for option, slot in worst:
-                store.put(slot, measure(option))
+        for option, slot in worst:
+            store.put(slot, measure(option))
+        return bool(worst)
+
+    def _warn_noisy(self, store: _Checkpoint, options: list[SparsityOption]) -> None:
         noisy = [o.name for o in options if store.outlier(o, self.tolerance) is not None]
         if noisy:
             log.warning("%d options (%s...) still vary by more than %.0f%% after re-measuring: "
@@ -278,10 +311,11 @@ class DeepSparseBackend:
                 input_shapes=[list(a.shape) for a in inputs])
         return attribute_layers(result["layer_info"], to_module)
 
-    def _interleaved(self, paths: Mapping[str, Path], inputs: list[np.ndarray],
-                     batch: int) -> dict[str, Latency]:
-        """`engines` freshly compiled engines per ONNX file, timed in rounds that go round
-        robin over every engine of every model, so slow drift of the machine hits all alike.
+    def _interleaved(self, paths: Mapping[str, Path], inputs: list[np.ndarray], batch: int,
+                     engines: Mapping[str, int] | None = None) -> dict[str, Latency]:
+        """`engines` freshly compiled engines per ONNX file (per name where a mapping is
+        given), timed in rounds that go round robin over every engine of every model, so
+        slow drift of the machine hits all alike.
 
         One engine can settle 25-35% slower than another compiled from the same file
         (MiniLM b1 on this 2-core VM: 15.9 or 19.6 ms, each stable across rounds), so per
@@ -290,17 +324,17 @@ class DeepSparseBackend:
         ones; a round slower than its engine's fastest by more than `tolerance` was
         disturbed by other work and is run again (the worst per engine, at most `rounds`
         passes)."""
-        owners, engines = [], []
+        owners, compiled = [], []
         for name, path in paths.items():
-            for _ in range(self.engines):
+            for _ in range(self.engines if engines is None else engines[name]):
                 owners.append(name)
-                engines.append(self._compile(path, inputs, batch))
-        for engine in engines:
+                compiled.append(self._compile(path, inputs, batch))
+        for engine in compiled:
             for _ in range(max(self.warmup, 3)):
                 engine.run(inputs)
-        rounds: list[list[float]] = [[] for _ in engines]
+        rounds: list[list[float]] = [[] for _ in compiled]
         for _ in range(self.rounds):
-            for i, engine in enumerate(engines):
+            for i, engine in enumerate(compiled):
                 rounds[i].append(self._round(engine, inputs))
         for _ in range(self.rounds):
             disturbed = [i for i, r in enumerate(rounds) if max(r) > (1 + self.tolerance) * min(r)]
@@ -308,7 +342,7 @@ class DeepSparseBackend:
                 break
             for i in disturbed:
                 slowest = max(range(len(rounds[i])), key=rounds[i].__getitem__)
-                rounds[i][slowest] = self._round(engines[i], inputs)
+                rounds[i][slowest] = self._round(compiled[i], inputs)
         results = {name: settled_latency([r for r, o in zip(rounds, owners) if o == name],
                                          self.tolerance) for name in paths}
         for name, result in results.items():
@@ -355,7 +389,7 @@ class DeepSparseBackend:
 
     def _table(self, store: _Checkpoint, layers: list[LayerInfo],
                options: list[SparsityOption], fingerprint: Fingerprint, model_name: str,
-               dense_ms: float, dense_spread: float) -> TimingTable:
+               dense: Latency) -> TimingTable:
         rows = []
         for layer in layers:
             medians, spreads = [], []
@@ -368,18 +402,99 @@ class DeepSparseBackend:
                                     median_ms=tuple(medians), spread_ms=tuple(spreads)))
         layer_dense = sum(row.median_ms[0] for row in rows)
         analysis_dense = statistics.median(store.values(options[0], TOTAL))
+        protocol = (f"{self.repeats} calls per option" if self.repeats else
+                    f"adaptive: 1 call per level ({FIXED_CALLS} for dense), 2 more for a "
+                    "level off its neighbours' trend, disturbed calls re-measured")
         return TimingTable(      # fixed_ms is set by measure_table after calibration
             fingerprint=fingerprint, options=tuple(options), layers=tuple(rows),
-            dense_total_ms=dense_ms, fixed_ms=max(dense_ms - layer_dense, 0.0),
+            dense_total_ms=dense.median_ms, fixed_ms=max(dense.median_ms - layer_dense, 0.0),
             model=model_name,
             provenance={"source": f"deepsparse.model_debug_analysis "
                                   f"optimization_level={self.optimization_level}, "
                                   f"sparsity={self.sparsity_source}",
-                        "repeats": self.repeats, "iterations": self.iterations,
+                        "protocol": protocol, "repeats": self.repeats,
+                        "calls_per_option": {o.name: store.calls(o) for o in options
+                                             if store.calls(o)},
+                        "layer_sums_per_call_ms": {
+                            o.name: [math.fsum(s[x.name] for x in layers if self.supports(x, o))
+                                     for s in store.samples_of(o)]
+                            for o in options if store.calls(o)},
+                        "iterations": self.iterations,
                         "warmup": self.warmup, "tolerance": self.tolerance,
-                        "engines": self.engines, "dense_spread_ms": dense_spread,
+                        "engines": self.engines, "rounds": self.rounds,
+                        "dense_spread_ms": dense.spread_ms,
+                        "dense_ms_per_engine": list(dense.engine_ms),
+                        "dense_slow_engines": dense.slow_engines,
                         "analysis_dense_total_ms": analysis_dense,
                         "prunable_dense_ms": layer_dense})
+
+
+def calibration_levels(options: list[SparsityOption]) -> list[SparsityOption]:
+    """The unstructured levels nearest CALIBRATION_LEVELS, by sparsity."""
+    levels = [o for o in options if o.pattern == "unstructured"]
+    picks = {min(levels, key=lambda o: abs(o.sparsity - s)) for s in CALIBRATION_LEVELS}
+    return sorted(picks, key=lambda o: o.sparsity) if levels else []
+
+
+def fixed_calibration(table: TimingTable, measured: dict[str, float]) -> list[dict[str, Any]]:
+    """Per end-to-end measured model (option name -> ms: dense and uniformly pruned levels)
+    the residual end to end minus the sum of its layer times. The per-layer times come from
+    level-0 analysis while deployment runs level 1, which fuses the non-prunable ops into
+    the layers, so 'dense end to end minus dense layers' alone misstates the fixed time; the
+    median residual over dense and the levels is the table's fixed time."""
+    times = table.times()
+    index = {o.name: i for i, o in enumerate(table.options)}
+    rows = []
+    for name, ms in measured.items():
+        column = times[:, index[name]]
+        layers_ms = float(np.where(np.isfinite(column), column, times[:, 0]).sum())
+        rows.append({"option": name, "measured_ms": ms, "layers_ms": layers_ms,
+                     "residual_ms": ms - layers_ms})
+    return rows
+
+
+def off_trend(densities: list[float], times: list[np.ndarray], tolerance: float) -> list[int]:
+    """Indices of the levels (sorted by sparsity) whose times lie above the smooth trend of
+    their neighbours: the summed time by more than `tolerance`, or more than a quarter of
+    the layers by more than twice that.
+
+    Times fall smoothly along the grid, which is geometric in density, so the trend at a
+    level is read in log time over log density from its 4 nearest levels: the median of the
+    lines through each pair of them. Levels found off trend in a first look are left out
+    of the others' neighbours in a second, so one disturbed level does not cast doubt on the
+    levels next to it. Only slower counts: other work on the machine only ever slows a call
+    down. A real step (e.g. where DeepSparse switches to sparse kernels) is flagged too;
+    its extra calls then agree, so it is kept as measured."""
+    x = np.log(np.asarray(densities))
+    logs = np.log(np.maximum(np.stack(times), 1e-9))                      # [levels, layers]
+    logs = np.column_stack([np.log(np.exp(logs).sum(axis=1)), logs])      # 0: the total
+    return _above_trend(x, logs, tolerance, _above_trend(x, logs, tolerance, []))
+
+
+def _above_trend(x: np.ndarray, logs: np.ndarray, tolerance: float,
+                 skip: list[int]) -> list[int]:
+    flagged = []
+    for i in range(len(x)):
+        others = [j for j in range(len(x)) if j != i and j not in skip]
+        if len(others) < 2:                 # too few left to draw a line: use them all
+            others = [j for j in range(len(x)) if j != i]
+        near = sorted(others, key=lambda j: (abs(j - i), j))[:4]
+        trend = np.median([logs[a] + (x[i] - x[a]) / (x[b] - x[a]) * (logs[b] - logs[a])
+                           for a, b in itertools.combinations(near, 2)], axis=0)
+        excess = np.exp(logs[i] - trend) - 1
+        if excess[0] > tolerance or np.mean(excess[1:] > 2 * tolerance) > 0.25:
+            flagged.append(i)
+    return flagged
+
+
+def _run_calls(store: _Checkpoint, jobs: list[tuple[int, SparsityOption]],
+               measure: Callable[[SparsityOption], dict[str, float]], bar: tqdm) -> None:
+    """Analysis call `repeat` of each option, in the order given; those done are skipped."""
+    jobs = [(r, o) for r, o in jobs if not store.has(r, o)]
+    bar.total += len(jobs)
+    bar.refresh()
+    for repeat, option in jobs:
+        store.add(repeat, option, measure(option))
 
 
 def attribute_layers(layer_info: list[dict[str, Any]],
@@ -520,6 +635,13 @@ class _Checkpoint:
     def values(self, option: SparsityOption, name: str) -> list[float]:
         return [sample[name] for slot, sample in self.samples.items()
                 if slot.split(":", 1)[1] == option.name and name in sample]
+
+    def calls(self, option: SparsityOption) -> int:
+        return len(self.samples_of(option))
+
+    def samples_of(self, option: SparsityOption) -> list[dict[str, float]]:
+        return [sample for slot, sample in sorted(self.samples.items())
+                if slot.split(":", 1)[1] == option.name]
 
     def remove(self) -> None:
         if self.path is not None:
