@@ -10,11 +10,16 @@ copy of the ONNX file (`sparsity_source="weights"`); on MiniLM b1 the per-level 
 layer times agree within -1.7..+6.0% (median layer difference 1.3-6.6%, 5 repeats;
 bench/results/deepsparse-imposed-vs-weights-minilm-b1.md), so the default is imposed.
 
-Whole-model time is the end-to-end median over several compiled engines at the default
-optimization level, as deployed. Fixed time is the median, over the dense model and a few
-uniformly magnitude-pruned copies, of end-to-end time minus the sum of the layer times:
-level-0 layer times leave out the elementwise work that level 1 fuses into the layers, so
-"dense minus dense layers" alone overstates it.
+By default a table takes one analysis call per sparsity level and spends more calls only
+where a level lies off the smooth trend of its neighbours or its calls disagree
+(`repeats=N` forces N calls per option instead).
+
+Whole-model time is measured at the default optimization level, as deployed, on freshly
+compiled engines timed in interleaved rounds; an engine that settled in DeepSparse's slow
+state is left out. Fixed time is the median, over the dense model and a few uniformly
+magnitude-pruned copies, of end-to-end time minus the sum of the layer times: level-0
+layer times leave out the elementwise work that level 1 fuses into the layers, so "dense
+minus dense layers" alone overstates it.
 """
 
 from __future__ import annotations
