@@ -215,7 +215,6 @@ class TritonBackend(TritonTables):
     the roofline estimate instead (TritonEstimateBackend).
     """
 
-
     def __init__(self, dtype: str = "bf16", repeats: int = 3, cache_dir: Path | None = None):
         super().__init__(dtype)
         if repeats < 1:
