@@ -177,6 +177,7 @@ class RunSettings:
     measure_grid: tuple[SparsityOption, ...] | None = None   # if measured (None: default)
     exclude: tuple[str, ...] = ()
     timings: tuple[Path, ...] = ()        # tables to reuse when one matches this setting
+    database: Path | None = None          # shared database directory (None: DIR/database)
     calibration: CalibrationSpec = CalibrationSpec()
     search_samples: int = 64              # held out from the database, scored by the search
     search: SearchConfig = SearchConfig()
@@ -430,7 +431,7 @@ def _database(entry: ModelEntry, model: nn.Module, planner: Planner, fit: Calibr
               note: dict[str, Any]) -> Database:
     from .reconstruct import build_database
 
-    path = out / "database"
+    path = settings.database or out / "database"
     note["reused"] = (path / "manifest.json").exists()
     return build_database(model, planner.layers, planner.options, fit.batches, path, "fast",
                           model_name=entry.name, calibration=fit.description,

@@ -41,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--timings", action="append", default=[], metavar="T.json",
                         help="a timing table to reuse when it matches this model and backend "
                              "setting (repeatable; otherwise the table is measured)")
+    parser.add_argument("--database", metavar="DIR", type=Path, default=None,
+                        help="reconstruction database to build, resume or reuse (default: "
+                             "DIR/database); share one between runs of several targets")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace another run's files in DIR (matching measurements stay)")
     group = parser.add_argument_group("search")
@@ -84,7 +87,7 @@ def run_command(args: argparse.Namespace) -> int:
         options=None if args.options is None else tuple(options_from_args(args, "")),
         measure_grid=tuple(options_from_args(args, backend.default_pattern)),
         exclude=tuple(exclude_patterns(args, entry)),
-        timings=tuple(Path(t) for t in args.timings),
+        timings=tuple(Path(t) for t in args.timings), database=args.database,
         calibration=calibration_from_args(args),
         search_samples=args.search_samples,
         search=SearchConfig(seed=args.seed, random_candidates=args.random_candidates,
