@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     parser.add_argument("--timings", nargs="*", default=[])
-    parser.add_argument("--max-evaluations", type=int, default=None)
+    parser.add_argument("--max-evaluations", type=int, default=500)
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--gap", action="store_true")
     parser.add_argument("--gap-lr", type=float, default=1e-5)

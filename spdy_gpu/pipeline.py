@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 RUN_FORMAT, RUN_VERSION = "spdy-gpu/run", 1
 REPORT_FORMAT, REPORT_VERSION = "spdy-gpu/run-report", 1
 # What `run` writes into its directory; --overwrite removes only these.
-MEASURED = ("timings.json", "database")          # reused whenever they match
-OUTPUTS = ("run.json", "search-state.json", "profile.json", "pruned.safetensors",
+MEASURED = ("timings.json", "database", "search-state.json")   # reused whenever they match
+OUTPUTS = ("run.json", "profile.json", "pruned.safetensors",
            "model.onnx", "model.triton.safetensors", "report.json", "report.md",
            "report.png", "timings.json.partial")
 
@@ -179,7 +179,7 @@ class RunSettings:
     timings: tuple[Path, ...] = ()        # tables to reuse when one matches this setting
     database: Path | None = None          # shared database directory (None: DIR/database)
     calibration: CalibrationSpec = CalibrationSpec()
-    search_samples: int = 64              # held out from the database, scored by the search
+    search_samples: int = 32              # held out from the database, scored by the search
     search: SearchConfig = SearchConfig()
     errors: str = "prior"                 # per-option errors the coefficients scale
     loss: str | None = None               # None: the model entry's own (else nmse)
@@ -445,7 +445,8 @@ def _search(planner: Planner, database: Database, scorer: HeldOutScorer,
                 "calibration": database.calibration, "loss": scorer.loss_name,
                 "search_samples": settings.search_samples}
     return search(planner, settings.speedup, scorer, errors=errors, config=settings.search,
-                  checkpoint=out / "search-state.json", identity=identity, progress=progress)
+                  checkpoint=out / "search-state.json", identity=identity,
+                  replace_other=True, progress=progress)
 
 
 def _base_errors(planner: Planner, database: Database,

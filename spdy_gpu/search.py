@@ -147,18 +147,20 @@ class _State:
 def search(planner: Planner, speedup: float, score: Score, *,
            errors: LayerErrors | None = None, config: SearchConfig = SearchConfig(),
            checkpoint: str | os.PathLike | None = None,
-           identity: Mapping[str, Any] | None = None,
+           identity: Mapping[str, Any] | None = None, replace_other: bool = False,
            progress: bool = True) -> SearchResult:
     """Search per-layer coefficients for the profile at `speedup` that `score` likes best.
 
     errors: base per-option errors keyed by layer name (None: SPDY's prior). checkpoint: a
     JSON file the state is saved to after every candidate and resumed from; `identity`
-    describes what is scored (database, data, loss) and must match to resume.
+    describes what is scored (database, data, loss) and must match to resume; the state of
+    another search there is an error, or (replace_other) started afresh.
     """
     base = planner.error_matrix(errors)                           # [layers, options]
     layers = len(planner.layers)
     key = _state_key(planner, speedup, base, config, identity)
-    state = _resume(checkpoint, key) or _State(rng=np.random.default_rng(config.seed))
+    state = (_resume(checkpoint, key, replace_other)
+             or _State(rng=np.random.default_rng(config.seed)))
     option_index = {o: i for i, o in enumerate(planner.options)}
     started = time.monotonic() - state.seconds
     stopped = "converged"
@@ -221,11 +223,15 @@ def _state_key(planner: Planner, speedup: float, base: np.ndarray, config: Searc
             "identity": dict(identity or {})}
 
 
-def _resume(checkpoint: str | os.PathLike | None, key: dict[str, Any]) -> _State | None:
+def _resume(checkpoint: str | os.PathLike | None, key: dict[str, Any],
+            replace_other: bool) -> _State | None:
     if checkpoint is None or not Path(checkpoint).exists():
         return None
     doc = load_json(checkpoint, STATE_FORMAT, STATE_VERSION)
     if doc.get("key") != _normalised(key):
+        if replace_other:
+            log.info("%s holds another search; starting afresh", checkpoint)
+            return None
         raise SpdyError(f"{checkpoint} holds the state of another search (other table, "
                         "target, errors, seed or data); delete it or choose another output")
     try:

@@ -122,6 +122,17 @@ def test_a_second_run_reuses_every_stage_and_ends_the_same(tmp_path):
     assert again.search["evaluations"] == first.search["evaluations"]
 
 
+def test_overwrite_to_add_gap_keeps_the_finished_search(tmp_path):
+    from spdy_gpu.pipeline import GapSettings
+    first = run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    gapped = run(ENTRY, ModelSetting(), FakeBackend(),
+                 settings(gap=GapSettings(lr=1e-3, epochs=1), overwrite=True), tmp_path,
+                 progress=False)
+    assert gapped.profile.choices == first.profile.choices
+    assert gapped.stages["search"]["seconds"] < first.stages["search"]["seconds"] + 1
+    assert "spdy+gap" in gapped.held_out_loss
+
+
 def test_measured_shortfall_tightens_the_budget(tmp_path):
     report = run(ENTRY, ModelSetting(), FakeBackend(slowdown=1.25), settings(max_rounds=4),
                  tmp_path, progress=False)

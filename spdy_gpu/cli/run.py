@@ -47,9 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace another run's files in DIR (matching measurements stay)")
     group = parser.add_argument_group("search")
-    group.add_argument("--search-samples", type=int, default=64,
+    group.add_argument("--search-samples", type=int, default=32,
                        help="calibration samples held out from the database and scored by the "
-                            "search (64)")
+                            "search (32)")
     group.add_argument("--errors", choices=["prior", "database"], default="prior",
                        help="per-option errors the coefficients scale: SPDY's squared-rank "
                             "prior (default) or the database's per-layer errors")
@@ -61,8 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="random candidates before the local search (100)")
     group.add_argument("--patience", type=int, default=100,
                        help="failed local steps before the step shrinks (100)")
-    group.add_argument("--max-evaluations", type=int, default=None,
-                       help="profiles scored at most (default: until the search converges)")
+    group.add_argument("--max-evaluations", type=int, default=500,
+                       help="profiles scored at most (500; 0: until the search converges)")
     group.add_argument("--max-minutes", type=float, default=None,
                        help="search wall time at most")
     group = parser.add_argument_group("measured guarantee")
@@ -91,7 +91,8 @@ def run_command(args: argparse.Namespace) -> int:
         calibration=calibration_from_args(args),
         search_samples=args.search_samples,
         search=SearchConfig(seed=args.seed, random_candidates=args.random_candidates,
-                            patience=args.patience, max_evaluations=args.max_evaluations,
+                            patience=args.patience,
+                            max_evaluations=args.max_evaluations or None,
                             max_minutes=args.max_minutes),
         errors=args.errors, loss=args.loss, fast=FastConfig(),
         gap=GapSettings(lr=args.gap_lr, epochs=args.gap_epochs) if args.gap else None,
