@@ -1,8 +1,8 @@
 """DeepSparse timing table: the default (adaptive) protocol against the old one.
 
 Measures the same model's table twice in one process, nothing else in between: with the
-default protocol (one analysis call per level, more only where a level is off its
-neighbours' trend, fewer end-to-end engines) and with the old one (`--repeats 5`: five
+default protocol (two analysis calls per level a pass apart, more only where they
+disagree or a level is off its neighbours' trend, fewer end-to-end engines) and with the old one (`--repeats 5`: five
 calls per option, 3 engines for dense and for every calibration level). Writes
 bench/results/NAME.json and NAME.md (default NAME: deepsparse-table-speed-MODEL-bBATCH):
 the wall time of each, and per option the summed layer median of each side by side with

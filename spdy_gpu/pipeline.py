@@ -307,21 +307,19 @@ def prune(model: nn.Module, example: Any, *, speedup: float,
     fields (search=SearchConfig(...), gap=GapSettings(), exclude=..., options=...).
     """
     from .backends import get_backend
+    from .deploy import load_pruned
 
-    batches = list(calibration) if isinstance(calibration, Sequence) \
-        and not isinstance(calibration, str) else None
+    given = isinstance(calibration, Sequence) and not isinstance(calibration, str)
+    batches = list(calibration) if given else None
     entry = ModelEntry(name=name, description=f"notebook model {name}",
                        build=lambda _: (copy.deepcopy(model).eval(), example),
-                       calibration=(lambda _, samples: iter(batches)) if batches else None,
+                       calibration=(lambda _, samples: iter(batches)) if given else None,
                        loss=loss)
-    spec = settings.pop("calibration_spec", CalibrationSpec(
-        calib=None if batches is not None else calibration))
+    spec = CalibrationSpec(calib=None if given else calibration)
     backend = get_backend(backend) if isinstance(backend, str) else backend
     report = run(entry, ModelSetting(), backend,
                  RunSettings(speedup=speedup, calibration=spec, **settings), out_dir)
-    from .deploy import load_pruned
-    pruned = load_pruned(copy.deepcopy(model), Path(out_dir) / "pruned.safetensors")
-    return pruned, report
+    return load_pruned(copy.deepcopy(model), Path(out_dir) / "pruned.safetensors"), report
 
 
 # ---- stages --------------------------------------------------------------------------------

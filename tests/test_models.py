@@ -51,3 +51,14 @@ def test_unknown_models_are_named(spec, match):
 def test_a_function_must_return_model_and_example():
     with pytest.raises(SpdyError, match=r"must return \(torch.nn.Module, example_input\)"):
         load_model("tests.test_models:not_a_pair").build(ModelSetting())
+
+
+def raising_model():
+    raise RuntimeError("weights file not found\nsecond line")
+
+
+def test_a_model_function_that_raises_is_a_one_line_error():
+    entry = load_model("tests.test_models:raising_model")
+    with pytest.raises(SpdyError, match="raised RuntimeError: weights file not found;") as info:
+        entry.build(ModelSetting())
+    assert "\n" not in str(info.value)

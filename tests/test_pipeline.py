@@ -194,3 +194,19 @@ def test_uniform_baseline_is_the_least_sparse_level_that_fits():
     assert all(uniform_choices(planner, 1.6) != dict.fromkeys(planner.layers, o)
                for o in lower)
     assert uniform_choices(planner, 100.0) is None
+
+
+def test_prune_from_a_notebook_returns_the_pruned_copy(tmp_path):
+    from spdy_gpu import prune
+    model, example = build()
+    batches = list(calibration(ModelSetting(batch_size=16), 96))
+    pruned, report = prune(model, example, speedup=1.6, backend=FakeBackend(),
+                           calibration=batches, out_dir=tmp_path,
+                           measure_grid=tuple(option_grid("unstructured", 6)),
+                           search_samples=32,
+                           search=SearchConfig(seed=0, random_candidates=8, patience=5))
+    assert report.measured_speedup >= 1.6 * 0.97
+    assert all(float((p == 0).float().mean()) == 0 for p in model.parameters())  # untouched
+    zeros = sum(int((m.weight == 0).sum()) for m in pruned.modules()
+                if isinstance(m, nn.Linear))
+    assert zeros > 0

@@ -10,8 +10,9 @@ copy of the ONNX file (`sparsity_source="weights"`); on MiniLM b1 the per-level 
 layer times agree within -1.7..+6.0% (median layer difference 1.3-6.6%, 5 repeats;
 bench/results/deepsparse-imposed-vs-weights-minilm-b1.md), so the default is imposed.
 
-By default a table takes one analysis call per sparsity level and spends more calls only
-where a level lies off the smooth trend of its neighbours or its calls disagree
+By default a table takes two analysis calls per sparsity level, a whole pass over the
+levels apart, and spends more calls only where they disagree or a level lies off the
+smooth trend of its neighbours
 (`repeats=N` forces N calls per option instead).
 
 Whole-model time is measured at the default optimization level, as deployed, on freshly
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 TOTAL = "__total__"          # key of the analysis total in a sample
 CALIBRATION_LEVELS = (0.5, 0.8, 0.95)   # uniform levels whose end-to-end times fix fixed_ms
 FIXED_CALLS = 3              # adaptive protocol: calls for dense and options without a trend
+LEVEL_CALLS = 2              # adaptive protocol: calls per level, one full pass apart
 ADAPTIVE_PASSES = 3          # adaptive protocol: rounds of re-measuring
 
 
@@ -236,31 +238,35 @@ class DeepSparseBackend:
     def _adaptive_calls(self, store: _Checkpoint, options: list[SparsityOption],
                         names: list[str], measure: Callable[[SparsityOption], dict[str, float]],
                         bar: tqdm) -> None:
-        """The default protocol: one call per sparsity level, where a level's times follow
-        the smooth trend of its neighbours and disagree only where a call was disturbed.
+        """The default protocol: LEVEL_CALLS calls per sparsity level, made in passes over
+        all options, so a level's calls lie a whole pass apart in time. DeepSparse sometimes
+        runs 30-90% slower for a stretch of consecutive calls (measured on minilm b1: about
+        20 levels in a row), which a single pass cannot tell from the trend; two passes see
+        it as calls that disagree.
 
         Dense (the reference of every speedup) and options outside a chain of at least 3
-        levels get FIXED_CALLS calls. Then, for at most ADAPTIVE_PASSES passes: a level
-        measured once that lies off the trend (see off_trend) gets 2 more calls (its median
-        is then robust to one disturbed call), and an option whose calls disagree by more
-        than `tolerance` has its slowest call re-measured."""
+        levels get FIXED_CALLS calls. Then, for at most ADAPTIVE_PASSES passes: an option
+        whose calls disagree by more than `tolerance` has its slowest call re-measured, and
+        a level still off the trend of its neighbours (see off_trend) gets one more call (its
+        median is then robust to one disturbed call)."""
         chain = sorted((o for o in options if o.pattern == "unstructured"),
                        key=lambda o: o.sparsity)
         chain = chain if len(chain) >= 3 else []
         first = [(r, o) for r in range(FIXED_CALLS) for o in options
-                 if r == 0 or o not in chain]
+                 if r < LEVEL_CALLS or o not in chain]
         _run_calls(store, first, measure, bar)
         for _ in range(ADAPTIVE_PASSES):
+            disturbed = self._rerun_disturbed(store, options, measure, bar)
             times = [np.array([statistics.median(store.values(o, n)) for n in names])
                      for o in chain]
             suspects = [chain[i] for i in off_trend([o.density for o in chain], times,
                                                     self.tolerance)
-                        if store.calls(chain[i]) == 1]
+                        if store.calls(chain[i]) == LEVEL_CALLS]
             if suspects:
-                log.info("%d levels off the trend of their neighbours: 2 more calls each",
+                log.info("%d levels off the trend of their neighbours: one more call each",
                          len(suspects))
-            _run_calls(store, [(r, o) for r in (1, 2) for o in suspects], measure, bar)
-            if not self._rerun_disturbed(store, options, measure, bar) and not suspects:
+            _run_calls(store, [(LEVEL_CALLS, o) for o in suspects], measure, bar)
+            if not disturbed and not suspects:
                 break
         self._warn_noisy(store, options)
 
@@ -408,8 +414,9 @@ class DeepSparseBackend:
         layer_dense = sum(row.median_ms[0] for row in rows)
         analysis_dense = statistics.median(store.values(options[0], TOTAL))
         protocol = (f"{self.repeats} calls per option" if self.repeats else
-                    f"adaptive: 1 call per level ({FIXED_CALLS} for dense), 2 more for a "
-                    "level off its neighbours' trend, disturbed calls re-measured")
+                    f"adaptive: {LEVEL_CALLS} calls per level a pass apart ({FIXED_CALLS} for "
+                    "dense), disturbed calls re-measured, 1 more for a level off its "
+                    "neighbours' trend")
         return TimingTable(      # fixed_ms is set by measure_table after calibration
             fingerprint=fingerprint, options=tuple(options), layers=tuple(rows),
             dense_total_ms=dense.median_ms, fixed_ms=max(dense.median_ms - layer_dense, 0.0),

@@ -84,7 +84,15 @@ def _user_entry(spec: str) -> ModelEntry:
     accepted = set(inspect.signature(function).parameters)
 
     def build(setting: ModelSetting) -> tuple[nn.Module, Any]:
-        result = function(**_setting_kwargs(spec, setting, accepted))
+        kwargs = _setting_kwargs(spec, setting, accepted)
+        try:
+            result = function(**kwargs)
+        except SpdyError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's code failed, not ours
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise SpdyError(f"model function {spec} raised {type(e).__name__}: {first}; fix "
+                            "it so that it returns (model, example_input)") from None
         pair = isinstance(result, tuple) and len(result) == 2
         if not (pair and isinstance(result[0], nn.Module)):
             raise SpdyError(f"{spec} must return (torch.nn.Module, example_input), "
