@@ -54,7 +54,8 @@ def main() -> None:
             database=work / "database",
             search=SearchConfig(max_evaluations=args.max_evaluations,
                                 max_minutes=args.max_minutes),
-            gap=GapSettings(lr=args.gap_lr, epochs=args.gap_epochs) if args.gap else None)
+            gap=GapSettings(lr=args.gap_lr, epochs=args.gap_epochs) if args.gap else None,
+            overwrite=True)          # a rerun re-measures; table, database and search stay
         report = run(entry, setting, backend, settings, work / f"{target:g}x")
         row = report.to_json()
         row["in_band"] = (report.measured_speedup is not None

@@ -2,8 +2,9 @@
 
 Measures the same model's table twice in one process, nothing else in between: with the
 default protocol (two analysis calls per level a pass apart, more only where they
-disagree or a level is off its neighbours' trend, fewer end-to-end engines) and with the old one (`--repeats 5`: five
-calls per option, 3 engines for dense and for every calibration level). Writes
+disagree or a level is off its neighbours' trend, fewer end-to-end engines) and with the
+old one (`--repeats 5`: five calls per option, 3 engines for dense and for every
+calibration level). Writes
 bench/results/NAME.json and NAME.md (default NAME: deepsparse-table-speed-MODEL-bBATCH):
 the wall time of each, and per option the summed layer median of each side by side with
 the old protocol's repeat spread (min..max of its per-call sums) and whether the new median

@@ -248,11 +248,16 @@ class DeepSparseBackend:
         levels get FIXED_CALLS calls. Then, for at most ADAPTIVE_PASSES passes: an option
         whose calls disagree by more than `tolerance` has its slowest call re-measured, and
         a level still off the trend of its neighbours (see off_trend) gets one more call (its
-        median is then robust to one disturbed call)."""
+        median is then robust to one disturbed call).
+
+        Measured on minilm b1 (bench/results/deepsparse-table-speed-minilm-b1.md): with two
+        passes in the same order, 8 consecutive levels ran 27-41% slow in both passes, so
+        the second pass now runs backwards."""
         chain = sorted((o for o in options if o.pattern == "unstructured"),
                        key=lambda o: o.sparsity)
         chain = chain if len(chain) >= 3 else []
-        first = [(r, o) for r in range(FIXED_CALLS) for o in options
+        # Odd passes run backwards, so a level's calls sit at different places in a pass.
+        first = [(r, o) for r in range(FIXED_CALLS) for o in (options[::-1] if r % 2 else options)
                  if r < LEVEL_CALLS or o not in chain]
         _run_calls(store, first, measure, bar)
         for _ in range(ADAPTIVE_PASSES):
