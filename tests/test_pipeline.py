@@ -166,6 +166,21 @@ def test_a_dense_measurement_far_off_the_table_is_repeated(tmp_path):
     assert report.rounds[0]["dense_ms"] == pytest.approx(report.profile.dense_total_ms)
 
 
+def test_a_machine_stuck_slow_is_not_used_to_tighten_the_budget(tmp_path):
+    class AlwaysSlow(FakeBackend):
+        def latency(self, models, example):
+            result = super().latency(models, example)
+            return {name: SimpleNamespace(median_ms=t.median_ms * (1.3 if name == "dense"
+                                                                   else 1.6),
+                                          spread_ms=0.0, slow_engines=0)
+                    for name, t in result.items()}
+
+    report = run(ENTRY, ModelSetting(), AlwaysSlow(), settings(), tmp_path, progress=False)
+    assert len(report.rounds) == 1 and report.rounds[0]["machine_slow"]
+    assert any("slow state" in note for note in report.notes)
+    assert report.predicted_speedup == pytest.approx(report.rounds[0]["predicted_speedup"])
+
+
 def test_another_runs_directory_is_refused_unless_overwrite(tmp_path):
     run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
     with pytest.raises(SpdyError, match="holds another run"):
