@@ -115,28 +115,13 @@ def prune_(model: nn.Module, profile_or_choices: ProfileLike | Plan,
     weights of `database` (a Database or its directory) when given, else magnitude masks of
     the current (dense) weights. Returns the choices applied. On error nothing changes."""
     from .reconstruct import Database, stitch_
-    from .reconstruct.stitch import magnitude_weight
 
     choices = load_plan(profile_or_choices).choices
-    modules = dict(model.named_modules())
-    absent = [name for name in choices if not isinstance(
-        getattr(modules.get(name), "weight", None), nn.Parameter)]
-    if absent:
-        raise SpdyError(f"layer {absent[0]} of the profile is not a weighted layer of this "
-                        "model; pass the model the profile was planned for")
     if database is not None:
         if not isinstance(database, Database):
             database = Database.open(database)
         database.check_model(model)
         database.check_options(list(dict.fromkeys(choices.values())))
-    else:
-        for name, option in choices.items():
-            if option.pattern == "dense":
-                continue
-            try:        # the mask is cached, so stitch_ below does not build it again
-                magnitude_weight(modules[name].weight, option)
-            except SpdyError as e:
-                raise SpdyError(f"layer {name}: {e}") from None
     stitch_(model, choices, database)    # the backup it returns holds the dense weights: dropped
     return choices
 

@@ -77,7 +77,7 @@ def test_prune_from_a_database_stitches_its_weights(database):
 
 @pytest.mark.parametrize("choices, message", [
     ({}, "nothing to prune"),
-    ({"9": "unstructured@0.5"}, "layer 9 of the profile is not a weighted layer"),
+    ({"9": "unstructured@0.5"}, "layer 9 is not a weighted layer"),
     ({"0": "block64x64@0.5"}, "layer 0: block 64x64 is larger"),
 ])
 def test_prune_refuses_bad_choices_and_changes_nothing(choices, message):

@@ -70,7 +70,10 @@ def stitch_(model: nn.Module, choices: Mapping[str, SparsityOption],
                     continue                  # the model's own weight is the dense one
                 param = modules[name].weight
                 if database is None:
-                    new = magnitude_weight(param, option)
+                    try:
+                        new = magnitude_weight(param, option)
+                    except SpdyError as e:
+                        raise SpdyError(f"layer {name}: {e}") from None
                 else:
                     new = database.weight(name, option)
                 if new.shape != param.shape:
