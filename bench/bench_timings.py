@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     layers = discover_layers(model, example, entry.exclude)
     options = option_grid("unstructured", args.levels, args.min_sparsity, args.max_sparsity)
     runs = {}
-    for side, repeats in (("new", None), ("old", args.old_repeats)):
+    for side, repeats in (("new", 0), ("old", args.old_repeats)):
         backend = DeepSparseBackend(threads=args.threads, repeats=repeats)
         started = time.perf_counter()
         table = backend.measure_table(model, example, layers, options, model_name=entry.name)

@@ -227,7 +227,7 @@ def test_faster_than_trend_is_not_flagged_but_a_few_slow_layers_are():
 def adaptive():
     pytest.importorskip("deepsparse")
     from spdy_gpu.backends.deepsparse import DeepSparseBackend
-    return DeepSparseBackend(threads=1, iterations=3, warmup=1)
+    return DeepSparseBackend(threads=1, repeats=0, iterations=3, warmup=1)
 
 
 def test_adaptive_protocol_catches_a_slow_stretch_and_remeasures_only_it(adaptive,

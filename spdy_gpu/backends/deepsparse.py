@@ -10,10 +10,11 @@ copy of the ONNX file (`sparsity_source="weights"`); on MiniLM b1 the per-level 
 layer times agree within -1.7..+6.0% (median layer difference 1.3-6.6%, 5 repeats;
 bench/results/deepsparse-imposed-vs-weights-minilm-b1.md), so the default is imposed.
 
-By default a table takes two analysis calls per sparsity level, a whole pass over the
-levels apart, and spends more calls only where they disagree or a level lies off the
-smooth trend of its neighbours
-(`repeats=N` forces N calls per option instead).
+By default a table takes `repeats` (3) calls per option in interleaved passes and keeps
+their median. `repeats=0` selects an adaptive protocol (two calls per level, more only
+where they disagree or a level lies off the smooth trend of its neighbours): about 2.3x
+faster, but on minilm b1 it misread runs of consecutive levels by 27-125% in each of three
+runs (bench/results/deepsparse-table-speed-minilm-b1*.md), so it is not the default.
 
 Whole-model time is measured at the default optimization level, as deployed, on freshly
 compiled engines timed in interleaved rounds; an engine that settled in DeepSparse's slow
@@ -94,8 +95,10 @@ class DeepSparseBackend:
     """Times models with Neural Magic's DeepSparse engine on this CPU.
 
     threads: cores the engine uses (None: all available). repeats: analysis calls per
-    option (the table keeps the median and the max - min spread) and end-to-end rounds per
-    engine; None: the adaptive protocol (see _adaptive_calls) and 3 rounds. iterations / warmup:
+    option, made in interleaved passes (the table keeps the median and the max - min
+    spread), and end-to-end rounds per engine; 0: the adaptive protocol (see
+    _adaptive_calls) and 3 rounds, faster but unreliable on this machine kind (README).
+    iterations / warmup:
     timed and untimed runs inside each call. sparsity_source: "imposed" (engine imposes
     the kernel sparsity) or "weights" (magnitude-pruned weights in the ONNX file).
     tolerance: a call slower than the fastest of its option by more than this fraction
@@ -108,13 +111,14 @@ class DeepSparseBackend:
     default_pattern = "unstructured"
     cli_options = (
         CliOption("--threads", "cores to use (default: all available)", int),
-        CliOption("--repeats", "analysis calls per option and end-to-end rounds per engine; "
-                               "the table keeps median and spread (default: adaptive, one "
-                               "call per level and more where a level is off its "
-                               "neighbours' trend; 3 rounds)", int),
+        CliOption("--repeats", "analysis calls per option in interleaved passes and "
+                               "end-to-end rounds per engine; the table keeps median and "
+                               "spread (default 3; 0: the adaptive protocol, 2 calls per "
+                               "level, about 2.3x faster but it misread runs of levels by "
+                               "27-125%% in 3 of 3 runs here)", int),
     )
 
-    def __init__(self, threads: int | None = None, repeats: int | None = None,
+    def __init__(self, threads: int | None = None, repeats: int = 3,
                  iterations: int = 20,
                  warmup: int = 5, sparsity_source: str = "imposed",
                  optimization_level: int = 0, tolerance: float = 0.15,
@@ -125,14 +129,15 @@ class DeepSparseBackend:
         if threads is not None and not 1 <= threads <= available:
             raise SpdyError(f"--threads {threads} is not possible here: this machine has "
                             f"{available} available cores; pass 1..{available}")
-        if min(repeats or 1, iterations, engines) < 1 or warmup < 0:
+        if repeats < 0 or min(repeats or 1, iterations, engines) < 1 or warmup < 0:
             raise SpdyError(f"--repeats {repeats} is not possible: repeats, iterations and "
                             "engines must be >= 1, warmup >= 0")
         if sparsity_source not in ("imposed", "weights"):
             raise SpdyError(f"unknown sparsity source {sparsity_source!r}; "
                             "use 'imposed' or 'weights'")
         self.threads = threads or available
-        self.repeats, self.iterations, self.warmup = repeats, iterations, warmup
+        self.repeats = repeats or None          # None: the adaptive protocol
+        self.iterations, self.warmup = iterations, warmup
         self.sparsity_source = sparsity_source
         self.optimization_level = optimization_level
         self.tolerance = tolerance
@@ -250,14 +255,13 @@ class DeepSparseBackend:
         a level still off the trend of its neighbours (see off_trend) gets one more call (its
         median is then robust to one disturbed call).
 
-        Measured on minilm b1 (bench/results/deepsparse-table-speed-minilm-b1.md): with two
-        passes in the same order, 8 consecutive levels ran 27-41% slow in both passes, so
-        the second pass now runs backwards."""
+        Measured on minilm b1 (bench/results/deepsparse-table-speed-minilm-b1-*.md): even
+        so, 8 consecutive levels ran 27-41% slow in both passes (a backwards second pass was
+        worse), so this protocol is not the default."""
         chain = sorted((o for o in options if o.pattern == "unstructured"),
                        key=lambda o: o.sparsity)
         chain = chain if len(chain) >= 3 else []
-        # Odd passes run backwards, so a level's calls sit at different places in a pass.
-        first = [(r, o) for r in range(FIXED_CALLS) for o in (options[::-1] if r % 2 else options)
+        first = [(r, o) for r in range(FIXED_CALLS) for o in options
                  if r < LEVEL_CALLS or o not in chain]
         _run_calls(store, first, measure, bar)
         for _ in range(ADAPTIVE_PASSES):
