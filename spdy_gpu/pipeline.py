@@ -260,17 +260,20 @@ def run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
         fit, held_out = _calibration(entry, setting, example, settings)
         note["samples"] = {"database": fit.samples, "search": held_out.samples}
     with _stage(report, "timings") as note:
-        table = _timing_table(entry, model, example, backend, settings, out, note)
+        table = _timing_table(entry, model, example, backend, fingerprint, settings, out,
+                              note)
     planner = Planner(table, settings.exclude)
     planner.grid(settings.speedup)                     # an unreachable target fails here
     with _stage(report, "database") as note:
         database = _database(entry, model, planner, fit, settings, out, progress, note)
     scorer = HeldOutScorer(model, held_out.batches, database, settings.loss or entry.loss)
+    base = _base_errors(planner, database, settings)
     with _stage(report, "search") as note:
-        result = _search(planner, database, scorer, settings, out, progress)
+        result = _search(planner, database, base, scorer, settings, out, progress)
         report.search = _search_summary(result, scorer.loss_name)
         note.update(evaluations=result.evaluations, stopped=result.stopped)
-    costs = _scaled_errors(planner, database, settings, result.coefficients)
+    # the searched costs: each layer's base errors times its coefficient
+    costs = {name: result.coefficients[name] * base[name] for name in planner.layers}
     with _stage(report, "guarantee") as note:
         profile, pruned = _guarantee(backend, planner, database, costs, model, example,
                                      settings, report)
@@ -381,12 +384,12 @@ def _calibration(entry: ModelEntry, setting: ModelSetting, example: Any,
 
 
 def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: LatencyBackend,
-                  settings: RunSettings, out: Path, note: dict[str, Any]) -> TimingTable:
+                  fingerprint: Any, settings: RunSettings, out: Path,
+                  note: dict[str, Any]) -> TimingTable:
     """A table measured for this model on this backend setting: out/timings.json or one of
     settings.timings when one matches, else measured now (resumable) and saved there."""
     layers = discover_layers(model, example, entry.exclude)
     names = {layer.name for layer in layers}
-    fingerprint = backend.fingerprint(example)
     for path in (out / "timings.json", *settings.timings):
         if not Path(path).exists():
             continue
@@ -436,9 +439,9 @@ def _database(entry: ModelEntry, model: nn.Module, planner: Planner, fit: Calibr
                           fast=settings.fast, progress=progress)
 
 
-def _search(planner: Planner, database: Database, scorer: HeldOutScorer,
-            settings: RunSettings, out: Path, progress: bool) -> SearchResult:
-    errors = _base_errors(planner, database, settings)
+def _search(planner: Planner, database: Database, errors: Mapping[str, Any],
+            scorer: HeldOutScorer, settings: RunSettings, out: Path,
+            progress: bool) -> SearchResult:
     identity = {"database": database.fingerprint, "database_config": database.config,
                 "calibration": database.calibration, "loss": scorer.loss_name,
                 "search_samples": settings.search_samples}
@@ -453,13 +456,6 @@ def _base_errors(planner: Planner, database: Database,
         return planner.prior()
     matrix = database.errors_matrix(planner.layers, planner.options)
     return dict(zip(planner.layers, matrix))
-
-
-def _scaled_errors(planner: Planner, database: Database, settings: RunSettings,
-                   coefficients: Mapping[str, float]) -> dict[str, Any]:
-    """The searched costs: each layer's base errors times its coefficient."""
-    base = _base_errors(planner, database, settings)
-    return {name: coefficients[name] * base[name] for name in planner.layers}
 
 
 def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
@@ -484,7 +480,7 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
             return profile, pruned
         measured = _measure_checked(backend, dense, pruned, example, planner.table, report)
         met = measured.speedup >= target * (1 - settings.tolerance)
-        slow = measured.dense_ms > planner.table.dense_total_ms * (1 + DENSE_DRIFT)
+        slow = _dense_off_table(measured, planner.table)
         report.rounds.append({"round": round_, "solved_for": solve_for,
                               "predicted_speedup": profile.predicted_speedup,
                               **dataclasses.asdict(measured),
@@ -524,6 +520,11 @@ OVERSHOOT = 0.05        # measured above target by more than this: the budget is
 DENSE_DRIFT = 0.15      # measured dense slower than the table by more than this: suspect
 
 
+def _dense_off_table(measured: Measurement, table: TimingTable) -> bool:
+    """Dense ran far slower than the table says: the backend is likely in a slow state."""
+    return measured.dense_ms > table.dense_total_ms * (1 + DENSE_DRIFT)
+
+
 def _next_target(target: float, solved: float, measured: float,
                  short: tuple[float, float] | None,
                  over: tuple[float, float] | None) -> float:
@@ -540,7 +541,7 @@ def _measure_checked(backend: LatencyBackend, dense: nn.Module, pruned: nn.Modul
     says (every dense engine settled in a slow state would inflate the speedup); of the
     two, the measurement whose dense time is closer to the table's is kept."""
     measured = measure_speedup(backend, dense, pruned, example)
-    if measured.dense_ms > table.dense_total_ms * (1 + DENSE_DRIFT):
+    if _dense_off_table(measured, table):
         again = measure_speedup(backend, dense, pruned, example)
         report.notes.append(f"dense measured {measured.dense_ms:.4g} ms against the table's "
                             f"{table.dense_total_ms:.4g} ms: measured again "
