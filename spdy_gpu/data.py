@@ -51,9 +51,15 @@ class Calibration:
 
 def batch_samples(batch: Any) -> int:
     """Samples in a batch: the leading dimension of its (first) tensor."""
-    first = next(iter(batch.values())) if isinstance(batch, dict) else (
-        batch[0] if isinstance(batch, (tuple, list)) else batch)
+    first = _first(batch)
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+
+
+def _first(batch: Any) -> Any:
+    """The first value of a batch given as a tensor, a tuple/list or a dict."""
+    if isinstance(batch, dict):
+        return next(iter(batch.values()))
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 @dataclass(frozen=True)
@@ -118,8 +124,7 @@ def _file_batches(path: Path, samples: int, batch_size: int) -> Iterator[Any]:
 
 
 def _count(data: Any, file: Path) -> int:
-    first = next(iter(data.values())) if isinstance(data, dict) else (
-        data[0] if isinstance(data, (tuple, list)) else data)
+    first = _first(data)
     if not isinstance(first, torch.Tensor) or first.dim() == 0:
         raise SpdyError(f"--calib {file}: expected a tensor (or tuple/dict of tensors) whose "
                         "first dimension is samples")
