@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +75,33 @@ def _describe(inputs: Any) -> str:
     if isinstance(inputs, (tuple, list)):
         return "(" + ", ".join(_describe(v) for v in inputs) + ")"
     return type(inputs).__name__
+
+
+def example_shape(example: Any) -> tuple[int, str]:
+    """(batch size, input shape) of an example input for a fingerprint: the batch is the
+    leading dimension of its tensors, the shape a stable string of their names and shapes,
+    e.g. "attention_mask=1x128,input_ids=1x128" for a dict (sorted by name), "0=1x3x32x32"
+    for a tensor or the first of a tuple. Non-tensor entries are left out."""
+    if isinstance(example, Mapping):
+        named = sorted((str(k), v) for k, v in example.items())
+    elif isinstance(example, (tuple, list)):
+        named = [(str(i), v) for i, v in enumerate(example)]
+    else:
+        named = [("0", example)]
+    tensors = [(name, t) for name, t in named if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise SpdyError("the example input holds no tensor; the model function must return "
+                        "(model, tensor | tuple of tensors | dict of tensors)")
+    scalars = [name for name, t in tensors if t.dim() == 0]
+    if scalars:
+        raise SpdyError(f"example input {scalars[0]!r} is a scalar; every input tensor needs "
+                        "a leading batch dimension")
+    batches = {name: int(t.shape[0]) for name, t in tensors}
+    if len(set(batches.values())) > 1:
+        raise SpdyError(f"the example's tensors disagree on the batch (leading) dimension "
+                        f"{batches}; give every input the same batch size")
+    shape = ",".join(f"{name}={'x'.join(map(str, t.shape))}" for name, t in tensors)
+    return int(tensors[0][1].shape[0]), shape
 
 
 def prunable_modules(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import torch
 from torch import nn
 
 from ..errors import SpdyError
-from ..layers import LayerInfo
+from ..layers import LayerInfo, example_shape  # noqa: F401  (part of this seam)
 from ..options import SparsityOption
 from ..timing import Fingerprint, TimingTable
 
@@ -135,30 +134,3 @@ def get_backend(name: str, **config: Any) -> LatencyBackend:
     variants (triton: measured or estimated) picks one in its classmethod `create`."""
     cls = backend_class(name)
     return getattr(cls, "create", cls)(**config)
-
-
-def example_shape(example: Any) -> tuple[int, str]:
-    """(batch size, input shape) of an example input for a fingerprint: the batch is the
-    leading dimension of its tensors, the shape a stable string of their names and shapes,
-    e.g. "attention_mask=1x128,input_ids=1x128" for a dict (sorted by name), "0=1x3x32x32"
-    for a tensor or the first of a tuple. Non-tensor entries are left out."""
-    if isinstance(example, Mapping):
-        named = sorted((str(k), v) for k, v in example.items())
-    elif isinstance(example, (tuple, list)):
-        named = [(str(i), v) for i, v in enumerate(example)]
-    else:
-        named = [("0", example)]
-    tensors = [(name, t) for name, t in named if isinstance(t, torch.Tensor)]
-    if not tensors:
-        raise SpdyError("the example input holds no tensor; the model function must return "
-                        "(model, tensor | tuple of tensors | dict of tensors)")
-    scalars = [name for name, t in tensors if t.dim() == 0]
-    if scalars:
-        raise SpdyError(f"example input {scalars[0]!r} is a scalar; every input tensor needs "
-                        "a leading batch dimension")
-    batches = {name: int(t.shape[0]) for name, t in tensors}
-    if len(set(batches.values())) > 1:
-        raise SpdyError(f"the example's tensors disagree on the batch (leading) dimension "
-                        f"{batches}; give every input the same batch size")
-    shape = ",".join(f"{name}={'x'.join(map(str, t.shape))}" for name, t in tensors)
-    return int(tensors[0][1].shape[0]), shape
