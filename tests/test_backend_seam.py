@@ -116,7 +116,7 @@ def ignores_batch_model(batch_size: int = 1):
 def test_timings_refuses_an_example_of_another_batch(fake, tmp_path, capsys):
     assert main(["timings", "--model", "tests.test_backend_seam:ignores_batch_model",
                  "--backend", "fake", "--batch-size", "4", "--out", str(tmp_path / "t.json")]) == 2
-    assert "example input has batch 1, not --batch-size 4" in capsys.readouterr().err
+    assert "example input of batch 1, not --batch-size 4" in capsys.readouterr().err
 
 
 def test_example_shape_names_every_tensor_in_a_stable_order():

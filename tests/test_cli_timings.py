@@ -64,7 +64,20 @@ def test_batch_size_the_model_cannot_take(tmp_path, capsys):
     code = main(["timings", "--model", "tests.test_cli_timings:fixed_batch_model",
                  "--backend", "deepsparse", "--batch-size", "4", *FAST,
                  "--options", "dense", "--out", str(tmp_path / "t.json")])
-    assert code == 2 and "takes no batch_size keyword" in capsys.readouterr().err
+    assert code == 2 and "batch 1, not --batch-size 4" in capsys.readouterr().err
+
+
+def batch_four_model():
+    return toy_model(4)
+
+
+@pytest.mark.parametrize("extra", [[], ["--batch-size", "4"]])
+def test_a_model_without_batch_keyword_runs_at_its_examples_batch(extra, tmp_path):
+    out = tmp_path / "t.json"
+    assert main(["timings", "--model", "tests.test_cli_timings:batch_four_model",
+                 "--backend", "deepsparse", *extra, *FAST, "--options", "dense",
+                 "--out", str(out)]) == 0
+    assert TimingTable.load(out).fingerprint.batch_size == 4
 
 
 def test_unknown_backend_names_the_choices(capsys):

@@ -27,7 +27,6 @@ def test_the_setting_reaches_the_keywords_the_function_takes():
 
 
 @pytest.mark.parametrize("setting, option", [
-    (ModelSetting(batch_size=2), "--batch-size"),
     (ModelSetting(seq_len=64), "--seq-len"),
     (ModelSetting(image_size=32), "--image-size"),
 ])
@@ -36,6 +35,27 @@ def test_an_option_the_function_cannot_take_is_refused(setting, option):
     with pytest.raises(SpdyError, match=f"so {option} cannot apply"):
         entry.build(setting)
     assert entry.build(ModelSetting())[1].shape == (1, 8, 4)      # defaults are fine
+
+
+def batch_four_model():
+    return nn.Linear(4, 4).eval(), torch.randn(4, 8, 4)
+
+
+@pytest.mark.parametrize("batch_size, error", [
+    (None, None), (4, None), (2, "batch 4, not --batch-size 2"),
+])
+def test_a_function_without_batch_keyword_keeps_its_examples_batch(batch_size, error):
+    entry = load_model("tests.test_models:batch_four_model")
+    if error:
+        with pytest.raises(SpdyError, match=error):
+            entry.build(ModelSetting(batch_size=batch_size))
+    else:
+        assert entry.build(ModelSetting(batch_size=batch_size))[1].shape[0] == 4
+
+
+def test_a_function_with_batch_keyword_keeps_its_default_when_none_is_asked():
+    _, example = load_model("tests.test_models:sized_model").build(ModelSetting())
+    assert example.shape[0] == 1
 
 
 @pytest.mark.parametrize("spec, match", [

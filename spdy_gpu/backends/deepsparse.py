@@ -453,8 +453,10 @@ class DeepSparseBackend:
 def calibration_levels(options: list[SparsityOption]) -> list[SparsityOption]:
     """The unstructured levels nearest CALIBRATION_LEVELS, by sparsity."""
     levels = [o for o in options if o.pattern == "unstructured"]
+    if not levels:                 # a dense-only table: the fixed time comes from dense alone
+        return []
     picks = {min(levels, key=lambda o: abs(o.sparsity - s)) for s in CALIBRATION_LEVELS}
-    return sorted(picks, key=lambda o: o.sparsity) if levels else []
+    return sorted(picks, key=lambda o: o.sparsity)
 
 
 def fixed_calibration(table: TimingTable, measured: dict[str, float]) -> list[dict[str, Any]]:

@@ -23,7 +23,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default="minilm",
                        help="built-in name (minilm) or package.module:function returning "
                             "(model, example_input) (default: minilm)")
-    group.add_argument("--batch-size", type=int, default=1, help="inputs per forward (default 1)")
+    group.add_argument("--batch-size", type=int, default=None,
+                       help="inputs per forward (default: the model's own: 1 for built-ins, "
+                            "the example input's batch for a user function)")
     group.add_argument("--seq-len", type=int, default=128, help="tokens per input (default 128)")
     group.add_argument("--image-size", type=int, default=224, help="CNN input side (default 224)")
     group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",

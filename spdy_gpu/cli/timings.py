@@ -11,12 +11,10 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-from ..backends import LatencyBackend, example_shape
+from ..backends import LatencyBackend
 from ..errors import SpdyError
 from ..layers import LayerInfo, discover_layers
-from ..models import ModelSetting
 from ..options import SparsityOption
 from ..timing import TimingTable
 from .common import (
@@ -48,15 +46,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def check_example_batch(example: Any, setting: ModelSetting) -> None:
-    """The table's fingerprint records the example's batch: it must be the one asked for."""
-    batch, _ = example_shape(example)
-    if batch != setting.batch_size:
-        raise SpdyError(f"the model's example input has batch {batch}, not --batch-size "
-                        f"{setting.batch_size}; make the model function take batch_size (or "
-                        "pass the batch size it builds)")
-
-
 def searchable_layers(backend: LatencyBackend, layers: list[LayerInfo],
                       options: list[SparsityOption]) -> list[LayerInfo]:
     """The layers, refusing a model none of whose layers the backend can prune."""
@@ -76,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args, backend.default_pattern)
     started = time.perf_counter()
     model, example = entry.build(setting)
-    check_example_batch(example, setting)
     layers = discover_layers(model, example, exclude_patterns(args, entry))
     layers = searchable_layers(backend, layers, options)
     log.info("%s: %d prunable layers x %d options on %s", entry.name, len(layers),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import logging
@@ -12,21 +13,26 @@ from typing import Any
 from torch import nn
 
 from ..errors import SpdyError
+from ..layers import example_shape
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ModelSetting:
-    """Input geometry a model is built, measured and calibrated with."""
+    """Input geometry a model is built, measured and calibrated with.
 
-    batch_size: int = 1
+    batch_size None means the model's own: 1 for built-ins, the example's batch for a user
+    function (which then need not take a batch_size keyword)."""
+
+    batch_size: int | None = None
     seq_len: int = 128          # transformers
     image_size: int = 224       # CNNs
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "image_size"):
-            if getattr(self, name) < 1:
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 raise SpdyError(f"--{name.replace('_', '-')} must be >= 1")
 
 
@@ -67,11 +73,33 @@ def load_model(spec: str) -> ModelEntry:
     """A built-in name (see BUILTIN) or 'package.module:function' returning (model, example)."""
     _import_builtins()
     if spec in BUILTIN:
-        return BUILTIN[spec]()
+        return _batch_checked(_builtin_batch_default(BUILTIN[spec]()))
     if ":" not in spec:
         raise SpdyError(f"unknown model {spec!r}; use one of {sorted(BUILTIN)} "
                         "or 'package.module:function' returning (model, example_input)")
-    return _user_entry(spec)
+    return _batch_checked(_user_entry(spec))
+
+
+def _builtin_batch_default(entry: ModelEntry) -> ModelEntry:
+    """Built-ins build batch 1 unless asked otherwise: their functions always get a number."""
+    def build(setting: ModelSetting) -> tuple[nn.Module, Any]:
+        if setting.batch_size is None:
+            setting = dataclasses.replace(setting, batch_size=1)
+        return entry.build(setting)
+    return dataclasses.replace(entry, build=build)
+
+
+def _batch_checked(entry: ModelEntry) -> ModelEntry:
+    """The example must have the batch asked for: tables and calibration record it."""
+    def build(setting: ModelSetting) -> tuple[nn.Module, Any]:
+        model, example = entry.build(setting)
+        batch, _ = example_shape(example)
+        if setting.batch_size is not None and batch != setting.batch_size:
+            raise SpdyError(f"{entry.name} built an example input of batch {batch}, not "
+                            f"--batch-size {setting.batch_size}; drop --batch-size to use "
+                            f"batch {batch}, or make the function honour batch_size")
+        return model, example
+    return dataclasses.replace(entry, build=build)
 
 
 def _user_entry(spec: str) -> ModelEntry:
@@ -106,12 +134,15 @@ def _user_entry(spec: str) -> ModelEntry:
 
 def _setting_kwargs(spec: str, setting: ModelSetting, accepted: set[str]) -> dict[str, int]:
     """The setting's fields the user's function takes as keywords; a field it does not take
-    must keep its default, or the option would be silently ignored."""
+    must keep its default, or the option would be silently ignored. A batch size the
+    function cannot take is checked against its example's batch instead (_batch_checked)."""
     kwargs, default = {}, ModelSetting()
     for name in ("batch_size", "seq_len", "image_size"):
+        value = getattr(setting, name)
         if name in accepted:
-            kwargs[name] = getattr(setting, name)
-        elif getattr(setting, name) != getattr(default, name):
+            if value is not None:
+                kwargs[name] = value
+        elif name != "batch_size" and value != getattr(default, name):
             raise SpdyError(f"{spec} takes no {name} keyword, so --{name.replace('_', '-')} "
                             f"cannot apply; add `{name}` to its parameters or drop the option")
     return kwargs
