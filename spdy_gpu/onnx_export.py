@@ -1,12 +1,13 @@
 """ONNX export for inference engines, with every weighted layer mapped back to its torch module.
 
 The legacy TorchScript exporter names initialisers of Linear weights anonymously
-("onnx::MatMul_891", already transposed by constant folding), and node names follow scopes
-that a user's model may not have. So the mapping here does not rely on names: it matches
-the *values* of each graph initialiser against every prunable module's weight (as stored, or
-transposed for MatMul), then follows the initialiser to the MatMul / Gemm / Conv node that
-consumes it. Engines such as DeepSparse report layers by their ONNX output tensor names, so
-the result maps output tensor -> module name.
+("onnx::MatMul_891", already transposed by constant folding), folds each eval-mode
+BatchNorm into the Conv before it, and names nodes after scopes that a user's model may not
+have. So the mapping here does not rely on names: it matches the *values* of each graph
+initialiser against every prunable module's weight (as stored, transposed for MatMul, or
+scaled per output channel where a BatchNorm was folded in), then follows the initialiser to
+the MatMul / Gemm / Conv node that consumes it. Engines such as DeepSparse report layers by
+their ONNX output tensor names, so the result maps output tensor -> module name.
 
 Imports `onnx` lazily: `import spdy_gpu` must not load it.
 """
@@ -43,7 +44,9 @@ class OnnxLayer:
 
     initializer: name of the weight tensor; transposed: True when the initialiser holds
     W^T (MatMul of a Linear, [in, out]) rather than W as torch stores it; node/output: the
-    consuming MatMul/Gemm/Conv node and its output tensor (what engines report).
+    consuming MatMul/Gemm/Conv node and its output tensor (what engines report);
+    channel_scale: per-output-channel factors of a BatchNorm the exporter folded into the
+    weight (None: stored as the module holds it).
     """
 
     module: str
@@ -52,6 +55,17 @@ class OnnxLayer:
     transposed: bool
     node: str
     output: str
+    channel_scale: tuple[float, ...] | None = None
+
+    def unfolded(self, stored: torch.Tensor) -> torch.Tensor:
+        """The module's own weight (torch layout) behind the stored initialiser: pruning
+        decisions are made on it, so a folded and an unfolded export get the same mask."""
+        weight = stored.t() if self.transposed else stored
+        if self.channel_scale is None:
+            return weight
+        scale = torch.tensor(self.channel_scale, dtype=weight.dtype)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return weight / scale.view(-1, *[1] * (weight.dim() - 1))
 
 
 @dataclass(frozen=True)
@@ -151,44 +165,91 @@ def map_layers(model_proto: Any, modules: Mapping[str, nn.Module]) -> tuple[Onnx
 
     For each MatMul/Gemm/Conv in graph order, follows its weight input back through
     pass-through ops (Transpose, Identity, Cast) to an initialiser and matches its values to
-    the modules' weights (W for Gemm/Conv, W^T for MatMul). Modules with identical weights
-    are told apart by the node's scope name when it has one, else taken in module order.
-    Returns the layers in graph order.
+    the modules' weights (W for Gemm/Conv, W^T for MatMul). A weight the exporter folded a
+    BatchNorm into is the module's weight scaled per output channel: it is matched by that
+    relation and its scales are recorded. Modules with identical weights are told apart by
+    the node's scope name when it has one, else taken in module order. Returns the layers in
+    graph order; raises SpdyError naming every module it cannot locate and why.
     """
     from onnx import numpy_helper
 
+    weights = {name: module.weight.detach().float().cpu().numpy()
+               for name, module in modules.items()}
     by_digest: dict[str, list[tuple[str, bool]]] = defaultdict(list)
-    for name, module in modules.items():
-        weight = module.weight.detach().float().cpu()
-        by_digest[_digest(weight.numpy())].append((name, False))
-        if weight.dim() == 2:
-            by_digest[_digest(weight.t().numpy())].append((name, True))
+    by_shape: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for name, weight in weights.items():
+        by_digest[_digest(weight)].append((name, False))
+        if weight.ndim == 2:
+            by_digest[_digest(weight.T)].append((name, True))
+        by_shape[weight.shape].append(name)
 
     initializers = {init.name: init for init in model_proto.graph.initializer}
     producers = {out: node for node in model_proto.graph.node for out in node.output}
-    digests: dict[str, str] = {}
+    arrays: dict[str, np.ndarray] = {}
     found: dict[str, OnnxLayer] = {}
+    node_shapes: dict[tuple[int, ...], int] = defaultdict(int)   # for the error message
     for node in model_proto.graph.node:                 # graph order = execution order
         if node.op_type not in _WEIGHTED_OPS or len(node.input) < 2:
             continue
         source, flipped = _weight_source(node.input[1], producers, initializers)
         if source is None:
             continue
-        if source not in digests:
-            digests[source] = _digest(numpy_helper.to_array(initializers[source]))
+        if source not in arrays:
+            arrays[source] = numpy_helper.to_array(initializers[source])
         holds_wt = _wants_wt(node) != flipped           # the initialiser must hold W^T
-        candidates = by_digest.get(digests[source], [])
-        module = _pick([name for name, t in candidates if t == holds_wt], node, found)
+        stored = arrays[source].T if holds_wt else arrays[source]   # torch layout
+        node_shapes[stored.shape] += 1
+        exact = [name for name, t in by_digest.get(_digest(arrays[source]), []) if t == holds_wt]
+        module, scale = _pick(exact, node, found), None
+        if module is None:
+            scales = {name: s for name in by_shape.get(stored.shape, []) if name not in found
+                      and (s := folded_scale(stored, weights[name])) is not None}
+            module = _pick(list(scales), node, found)
+            scale = scales.get(module)
         if module is not None:
             found[module] = OnnxLayer(module=module, op_type=node.op_type, initializer=source,
                                       transposed=holds_wt, node=node.name,
-                                      output=node.output[0])
+                                      output=node.output[0], channel_scale=scale)
     missing = [name for name in modules if name not in found]
     if missing:
-        raise SpdyError(f"cannot locate {len(missing)} prunable layer(s) in the ONNX graph "
-                        f"(first: {missing[0]}); the exporter changed their weights (e.g. "
-                        "fused or quantised them); exclude them with --exclude")
+        raise SpdyError(_unmapped_message(missing, modules, node_shapes))
     return tuple(found.values())
+
+
+def folded_scale(stored: np.ndarray, weight: np.ndarray,
+                 rtol: float = 1e-4) -> tuple[float, ...] | None:
+    """Per-output-channel factors s with stored[i] = s[i] * weight[i] (a BatchNorm folded
+    into the layer by the exporter), or None if `stored` is not such a scaling. An all-zero
+    `stored` is no evidence of anything and matches nothing."""
+    if stored.shape != weight.shape:
+        return None
+    folded = stored.reshape(len(stored), -1).astype(np.float64)
+    original = weight.reshape(len(weight), -1).astype(np.float64)
+    power = np.square(original).sum(1)
+    scale = (folded * original).sum(1) / np.where(power > 0, power, 1.0)
+    residual = np.linalg.norm(folded - scale[:, None] * original, axis=1)
+    if not (scale != 0).any() or (residual > rtol * np.linalg.norm(folded, axis=1)).any():
+        return None
+    return tuple(scale.tolist())
+
+
+def _unmapped_message(missing: list[str], modules: Mapping[str, nn.Module],
+                      node_shapes: Mapping[tuple[int, ...], int]) -> str:
+    """One line: how many modules are missing, and for each its op, shape and why."""
+    reasons = []
+    for name in missing:
+        module = modules[name]
+        shape = tuple(module.weight.shape)
+        described = f"{type(module).__name__} {'x'.join(map(str, shape))}"
+        count = node_shapes.get(shape, 0)
+        why = (f"{count} MatMul/Gemm/Conv weight(s) of that shape, none equal to it up to a "
+               "per-channel scale (quantised or rewritten)" if count else
+               "no MatMul/Gemm/Conv has a weight of that shape (decomposed by the exporter, "
+               "or never called by forward)")
+        reasons.append(f"{name} ({described}: {why})")
+    shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more" if len(reasons) > 5 else "")
+    return (f"cannot locate {len(missing)} of {len(modules)} prunable layer(s) in the ONNX "
+            f"graph: {shown}; exclude them with --exclude")
 
 
 def _weight_source(tensor: str, producers: Mapping[str, Any],
@@ -233,7 +294,7 @@ def _pick(candidates: list[str], node: Any, taken: Mapping[str, OnnxLayer]) -> s
 def prune_onnx(export: OnnxExport, choices: Mapping[str, SparsityOption],
                path: str | os.PathLike) -> Path:
     """Write a copy of the exported model whose chosen layers carry magnitude-pruned weights
-    (masks from spdy_gpu.masks.build_mask on the torch weight layout)."""
+    (masks from spdy_gpu.masks.build_mask on the module's own weight, unfolded)."""
     onnx = require_onnx()
     from onnx import numpy_helper
 
@@ -247,9 +308,8 @@ def prune_onnx(export: OnnxExport, choices: Mapping[str, SparsityOption],
             continue
         init = initializers[layer.initializer]
         stored = torch.from_numpy(numpy_helper.to_array(init).copy())
-        weight = stored.t() if layer.transposed else stored
-        pruned = weight * build_mask(weight, option)
-        pruned = pruned.t() if layer.transposed else pruned
+        mask = build_mask(layer.unfolded(stored), option)
+        pruned = stored * (mask.t() if layer.transposed else mask)
         init.CopyFrom(numpy_helper.from_array(pruned.contiguous().numpy(), init.name))
     path = Path(path)
     onnx.save(proto, str(path))

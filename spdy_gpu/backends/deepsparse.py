@@ -419,7 +419,8 @@ class DeepSparseBackend:
                 spreads.append(max(values) - min(values) if values else None)
             rows.append(LayerTiming(name=layer.name, kind=layer.kind,
                                     gemm=(layer.n, layer.k, layer.m or 0),
-                                    median_ms=tuple(medians), spread_ms=tuple(spreads)))
+                                    median_ms=tuple(medians), spread_ms=tuple(spreads),
+                                    note=_speed_note(layer, options, medians)))
         layer_dense = sum(row.median_ms[0] for row in rows)
         analysis_dense = statistics.median(store.values(options[0], TOTAL))
         protocol = (f"{self.repeats} calls per option" if self.repeats else
@@ -448,6 +449,24 @@ class DeepSparseBackend:
                         "dense_slow_engines": dense.slow_engines,
                         "analysis_dense_total_ms": analysis_dense,
                         "prunable_dense_ms": layer_dense})
+
+
+def _speed_note(layer: LayerInfo, options: list[SparsityOption],
+                medians: list[float | None]) -> str:
+    """Says where pruning this layer does not pay on DeepSparse (the DP then keeps it dense
+    or picks a faster level): no sparse kernel, or sparse slower than dense."""
+    if layer.depthwise_or_grouped:
+        return "grouped/depthwise conv: DeepSparse has no sparse kernel for it; stays dense"
+    dense = medians[0]
+    sparse = [(o, ms) for o, ms in zip(options[1:], medians[1:]) if ms is not None]
+    slower = [o for o, ms in sparse if dense is not None and ms > dense]
+    if not slower:
+        return ""
+    if len(slower) == len(sparse):
+        return "sparse slower than dense at every level: the DP keeps it dense"
+    worst = max(o.sparsity for o in slower)
+    return (f"sparse slower than dense at {len(slower)} of {len(sparse)} levels "
+            f"(up to {worst:.0%} sparsity)")
 
 
 def calibration_levels(options: list[SparsityOption]) -> list[SparsityOption]:

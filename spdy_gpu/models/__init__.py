@@ -6,6 +6,8 @@ import dataclasses
 import importlib
 import inspect
 import logging
+import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +107,7 @@ def _batch_checked(entry: ModelEntry) -> ModelEntry:
 def _user_entry(spec: str) -> ModelEntry:
     module_name, _, function_name = spec.partition(":")
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
+        function = getattr(_import_user_module(module_name), function_name)
     except (ImportError, AttributeError) as e:
         raise SpdyError(f"cannot load model function {spec!r} ({e}); check that the module is "
                         "importable (on PYTHONPATH) and defines the function") from None
@@ -130,6 +132,15 @@ def _user_entry(spec: str) -> ModelEntry:
     # A user function names its own search loss with an attribute: `fn.spdy_loss = "kl"`.
     return ModelEntry(name=spec, description=f"user model {spec}", build=build,
                       loss=getattr(function, "spdy_loss", None))
+
+
+def _import_user_module(name: str) -> Any:
+    """Import the user's module as `python -m` would: the working directory is searched
+    too (a console script's sys.path does not hold it)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    return importlib.import_module(name)
 
 
 def _setting_kwargs(spec: str, setting: ModelSetting, accepted: set[str]) -> dict[str, int]:
