@@ -106,7 +106,8 @@ def quality(pruned: nn.Module, dense: nn.Module) -> dict[str, float]:
     """On gensim's lee.cor (50 documents, not in the calibration text): Pearson correlation
     of embedding cosine similarities with the human ratings of similarities0-1.txt (1,225
     pairs), for the pruned and the dense model, and the mean cosine between the pruned and
-    dense embeddings of each document."""
+    dense embeddings of each document; and the pruned embeddings' sentiment accuracy
+    (polarity_accuracy)."""
     batch = encode(_documents("lee.cor"), ModelSetting(batch_size=50, seq_len=128))
     with torch.inference_mode():
         pruned_emb, dense_emb = pruned(**batch), dense(**batch)
@@ -123,7 +124,47 @@ def quality(pruned: nn.Module, dense: nn.Module) -> dict[str, float]:
 
     return {"lee_pearson": pearson(pruned_emb), "lee_pearson_dense": pearson(dense_emb),
             "cosine_to_dense": float(torch.nn.functional.cosine_similarity(
-                pruned_emb, dense_emb, dim=1).mean())}
+                pruned_emb, dense_emb, dim=1).mean()),
+            "polarity_accuracy": polarity_accuracy(pruned)}
+
+
+def polarity_accuracy(model: nn.Module, folds: int = 10) -> float:
+    """Downstream use of the embeddings: % of gensim's pang_lee_polarity.cor sentences
+    (200, labelled positive / negative) classified right by an L2-regularised logistic
+    regression on them, `folds`-fold cross-validated (fixed interleaved folds)."""
+    lines = _documents("pang_lee_polarity.cor")
+    labels = torch.tensor([float(line.startswith("__label__pos")) for line in lines],
+                          dtype=torch.float64)
+    texts = [line.split(" ", 1)[1] for line in lines]
+    with torch.inference_mode():
+        embeddings = torch.cat([model(**encode(texts[i:i + 50], ModelSetting(batch_size=50,
+                                                                             seq_len=64)))
+                                for i in range(0, len(texts), 50)]).double()
+    correct = 0
+    for fold in range(folds):
+        test = torch.arange(len(texts)) % folds == fold
+        weights = _logistic_regression(embeddings[~test], labels[~test])
+        predicted = (embeddings[test] @ weights[:-1] + weights[-1]) > 0
+        correct += int((predicted == labels[test].bool()).sum())
+    return 100.0 * correct / len(texts)
+
+
+def _logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2) -> torch.Tensor:
+    """Weights and bias minimising mean logistic loss + l2 * ||w||^2 (LBFGS, float64)."""
+    with torch.enable_grad():
+        weights = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weights], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            logits = x @ weights[:-1] + weights[-1]
+            loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+                    + l2 * weights[:-1].square().sum())
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    return weights.detach()
 
 
 @register_model("minilm")
