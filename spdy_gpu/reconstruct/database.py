@@ -2,21 +2,26 @@
 
 Layout of a database directory:
 
-    manifest.json                       'spdy-gpu/reconstruction-db', version 1
-    entries/<layer>/<option>.safetensors  one tensor "weight" in the model's dtype
+    manifest.json                       'spdy-gpu/reconstruction-db', version 2
+    entries/<layer>/<option>.safetensors  one tensor "weight" in the model's dtype, metadata
+                                          {"layer": <layer>, "option": <option name>}
 
 Masks are stored implicitly: pruned weights are exact zeros (block and N:M structure
 survive). The manifest records the model fingerprint, the option grid, the calibration, the
-method and its settings, and per entry its file, byte size and relative layer error
-||X (W - W_dense)^T||^2 / ||Y_dense||^2. Entries are written atomically and the manifest is
-checkpointed while building, so an interrupted build resumes where it stopped.
+method and its settings, and per entry its file, byte size, blake2b content hash and
+relative layer error ||X (W - W_dense)^T||^2 / ||Y_dense||^2. An entry is used only when its
+bytes hash as recorded, its metadata names its layer and option and its values are finite.
+Entries are written atomically and the manifest after each of them, under an exclusive lock
+on the directory, so a killed build loses at most the entry in flight and resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SpdyError
 from ..jsonio import atomic_write_bytes, load_json, require, save_json
+from ..locks import LOCK_NAME, exclusive_directory, holder
 from ..masks import build_mask
 from ..options import SparsityOption
 from .adaprune import AdaPruneConfig, adaprune
@@ -39,7 +45,7 @@ from .fast import FastConfig, damped_gram, reconstruct_fast
 
 log = logging.getLogger(__name__)
 
-DB_FORMAT, DB_VERSION = "spdy-gpu/reconstruction-db", 1
+DB_FORMAT, DB_VERSION = "spdy-gpu/reconstruction-db", 2    # 2: entries carry a content hash
 MANIFEST = "manifest.json"
 METHODS = ("fast", "adaprune")
 
@@ -80,6 +86,74 @@ def _entry_file(layer: str, option: SparsityOption) -> str:
     return f"entries/{layer}/{option.name.replace(':', '-')}.safetensors"
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _load_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest document; a database of an older format is refused with the fix."""
+    manifest = directory / MANIFEST
+    try:
+        return load_json(manifest, DB_FORMAT, DB_VERSION)
+    except SpdyError:
+        old = _older_version(manifest)
+        if old is not None:
+            raise SpdyError(f"{directory}: a database of format version {old}, whose entries "
+                            "carry no content hash; delete it and rerun spdy-gpu database to "
+                            "rebuild it") from None
+        raise
+
+
+def _older_version(manifest: Path) -> int | None:
+    """The format version of a database manifest older than this one reads, else None."""
+    try:
+        document = json.loads(manifest.read_text())
+        kind, version = document.get("format"), document.get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    old = kind == DB_FORMAT and isinstance(version, int) and version < DB_VERSION
+    return version if old else None
+
+
+def _read_entry(directory: Path, layer: str, option: SparsityOption,
+                entry: Mapping[str, Any]) -> torch.Tensor:
+    """The weight stored for `layer` at `option`, read once and checked: the very bytes the
+    manifest hashed, a file written for this layer and option, every value finite."""
+    from safetensors.torch import load
+
+    file = directory / str(entry.get("file", ""))
+    where = f"{directory}: layer {layer}, option {option.name}: entry {file}"
+    fix = (f"rerun spdy-gpu database --out {directory} with the arguments it was built with: "
+           "it rebuilds the entry")
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise SpdyError(f"{where} cannot be read ({e.strerror or e}); {fix}") from None
+    if len(data) != entry.get("bytes"):
+        raise SpdyError(f"{where} is truncated ({len(data)} of {entry.get('bytes')} bytes); "
+                        f"{fix}")
+    if _digest(data) != entry.get("blake2b"):
+        raise SpdyError(f"{where} is corrupted (its content hash differs from the manifest's); "
+                        f"{fix}")
+    try:
+        meta, weight = _metadata(data), load(data)["weight"]
+    except Exception as e:  # safetensors raises its own error types for bad files
+        raise SpdyError(f"{where} cannot be read ({e}); {fix}") from None
+    if meta != {"layer": layer, "option": option.name}:
+        raise SpdyError(f"{where} holds layer {meta.get('layer')!r} at option "
+                        f"{meta.get('option')!r} (the manifest points at another entry's "
+                        f"file); {fix}")
+    if not weight.isfinite().all():
+        raise SpdyError(f"{where} holds non-finite weights; {fix}")
+    return weight
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """A safetensors file's metadata: an 8-byte header length, then a JSON header."""
+    length = int.from_bytes(data[:8], "little")
+    return dict(json.loads(data[8:8 + length]).get("__metadata__") or {})
+
+
 class Database:
     """A reconstruction database opened lazily: weights are read (memory-mapped) on demand."""
 
@@ -97,6 +171,9 @@ class Database:
         self.layer_hashes: dict[str, str] = require(document, "layer_sha256", dict, path)
         self._entries: dict[str, dict[str, Any]] = require(document, "entries", dict, path)
         self.timing_s: dict[str, float] = document.get("timing_s", {})   # capture, reconstruct
+        # (layer, option) -> (inode, mtime_ns, size) of the entry file when it was last checked:
+        # the search reads each entry many times, its bytes are hashed once while unchanged.
+        self._checked: dict[tuple[str, str], tuple[int, int, int]] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Database:
@@ -105,7 +182,7 @@ class Database:
         if not (path / MANIFEST).is_file():
             raise SpdyError(f"{path}: not a reconstruction database (no {MANIFEST}); build one "
                             "with: spdy-gpu database --out DIR")
-        db = cls(path, load_json(path / MANIFEST, DB_FORMAT, DB_VERSION))
+        db = cls(path, _load_manifest(path))
         for layer in db.layers:
             for option in db.options:
                 db._entry(layer, option)
@@ -115,32 +192,49 @@ class Database:
         if layer not in self.layer_shapes:
             raise SpdyError(f"layer {layer} is not in the database {self.path}; it was built "
                             "for other layers, rebuild it for this model")
+        self.check_options([option])
         entry = self._entries.get(layer, {}).get(option.name)
         if entry is None:
-            raise SpdyError(f"layer {layer}: option {option} is missing from {self.path}; the "
-                            "database is incomplete, rerun spdy-gpu database to resume it")
+            building = holder(self.path)
+            why = (f"it is being built ({building}); wait for that build to finish" if building
+                   else f"the build was interrupted; rerun spdy-gpu database --out {self.path}"
+                   " with the same arguments to resume it")
+            raise SpdyError(f"layer {layer}: option {option.name} is missing from {self.path}, "
+                            f"which is incomplete: {why}")
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                and isinstance(entry.get("bytes"), int)):
+            raise SpdyError(f"{self.path}: layer {layer}, option {option.name}: malformed "
+                            "manifest entry; delete the database and rebuild it")
         file = self.path / entry["file"]
         size = file.stat().st_size if file.is_file() else -1
         if size != entry["bytes"]:
             what = "missing" if size < 0 else f"truncated ({size} of {entry['bytes']} bytes)"
-            raise SpdyError(f"layer {layer}: entry {option} is {what} ({file}); rerun "
+            raise SpdyError(f"layer {layer}: entry {option.name} is {what} ({file}); rerun "
                             "spdy-gpu database on this directory to rebuild it")
         return entry
 
     def weight(self, layer: str, option: SparsityOption) -> torch.Tensor:
-        """The stored weight of `layer` at `option` (the model's shape and dtype)."""
-        from safetensors import safe_open
-        file = self.path / self._entry(layer, option)["file"]
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                return f.get_tensor("weight")
-        except Exception as e:  # safetensors raises its own error types for bad files
-            raise SpdyError(f"layer {layer}: entry {option} ({file}) cannot be read ({e}); "
-                            "delete it and rerun spdy-gpu database to rebuild it") from None
+        """The stored weight of `layer` at `option` (the model's shape and dtype), refused
+        when its file is not the one written for it (hash, layer and option, finite)."""
+        entry = self._entry(layer, option)
+        file = self.path / entry["file"]
+        stat = file.stat()
+        key, seen = (layer, option.name), (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if self._checked.get(key) == seen:
+            from safetensors.torch import load
+            return load(file.read_bytes())["weight"]
+        weight = _read_entry(self.path, layer, option, entry)
+        self._checked[key] = seen
+        return weight
 
     def error(self, layer: str, option: SparsityOption) -> float:
         """Relative layer error of the stored weight, on the calibration data."""
-        return float(self._entry(layer, option)["rel_error"])
+        error = self._entry(layer, option)["rel_error"]
+        if not (isinstance(error, (int, float)) and math.isfinite(error) and error >= 0):
+            raise SpdyError(f"{self.path}: layer {layer}, option {option.name}: relative error "
+                            f"{error!r} is not a finite number >= 0; the manifest is corrupted, "
+                            "delete the database and rebuild it")
+        return float(error)
 
     def errors_matrix(self, layer_names: Sequence[str],
                       options: Sequence[SparsityOption]) -> np.ndarray:
@@ -164,11 +258,14 @@ class Database:
                             "database for this model")
 
     def check_options(self, options: Sequence[SparsityOption]) -> None:
-        """Refuse an option grid the database does not cover."""
-        missing = [o.name for o in options if o not in self.options]
+        """Refuse options outside the grid the database was built for."""
+        missing = [o.name for o in dict.fromkeys(options) if o not in self.options]
         if missing:
-            raise SpdyError(f"{self.path} has no entries for options {missing}; it was built "
-                            "for another option grid, rebuild it with these options")
+            grid = " ".join(o.name for o in self.options)
+            raise SpdyError(f"{self.path} has no entries for options {', '.join(missing)}: it "
+                            f"was built for another option grid ({grid}); build a database "
+                            "with them (spdy-gpu database --options ..., e.g. the timing "
+                            "table's grid) into another --out")
 
 
 @dataclasses.dataclass
@@ -177,47 +274,58 @@ class _Build:
 
     path: Path
     document: dict[str, Any]
-    saved_at: float = 0.0
+    checked: set[tuple[str, str]] = dataclasses.field(default_factory=set)
 
     def done(self, layer: str, option: SparsityOption) -> bool:
+        """Whether the entry is on disk intact; a damaged one is rebuilt (with a warning)."""
         entry = self.document["entries"].get(layer, {}).get(option.name)
-        file = self.path / entry["file"] if entry else None
-        return bool(entry) and file.is_file() and file.stat().st_size == entry["bytes"]
+        if entry is None or (layer, option.name) in self.checked:
+            return entry is not None
+        try:
+            _read_entry(self.path, layer, option, entry)
+        except SpdyError as e:
+            log.warning("rebuilding a damaged entry: %s", e)
+            del self.document["entries"][layer][option.name]
+            return False
+        self.checked.add((layer, option.name))
+        return True
 
     def add(self, layer: str, option: SparsityOption, weight: torch.Tensor,
             rel_error: float) -> None:
         from safetensors.torch import save
+        if not (weight.isfinite().all() and math.isfinite(rel_error)):
+            raise SpdyError(f"layer {layer}: reconstruction at {option.name} gave non-finite "
+                            "weights; check the calibration data, or raise --damp")
         relative = _entry_file(layer, option)
         data = save({"weight": weight.detach().contiguous()},
                     metadata={"layer": layer, "option": option.name})
         atomic_write_bytes(self.path / relative, data)
         self.document["entries"].setdefault(layer, {})[option.name] = {
-            "file": relative, "bytes": len(data), "rel_error": rel_error}
-        if time.monotonic() - self.saved_at > 5.0 or not (self.path / MANIFEST).exists():
-            self.save()
+            "file": relative, "bytes": len(data), "blake2b": _digest(data),
+            "rel_error": rel_error}
+        self.checked.add((layer, option.name))
+        self.save()        # after every entry: a killed build loses only the one in flight
 
     def load(self, layer: str, option: SparsityOption) -> torch.Tensor:
-        from safetensors.torch import load_file
-        return load_file(str(self.path / self.document["entries"][layer][option.name]["file"]))[
-            "weight"]
+        return _read_entry(self.path, layer, option,
+                           self.document["entries"][layer][option.name])
 
     def save(self) -> None:
         body = {k: v for k, v in self.document.items() if k not in ("format", "version")}
         save_json(self.path / MANIFEST, DB_FORMAT, DB_VERSION, body)
-        self.saved_at = time.monotonic()
 
 
 def _start(out_dir: Path, header: dict[str, Any]) -> _Build:
     """A fresh build, or the interrupted one in out_dir if it was for the same work."""
     manifest = out_dir / MANIFEST
     if not manifest.exists():
-        if out_dir.exists() and any(out_dir.iterdir()):
+        if any(p.name != LOCK_NAME for p in out_dir.iterdir()):
             raise SpdyError(f"{out_dir} exists, is not empty and holds no database; choose an "
                             "empty or new --out directory")
         # Nothing is written until the first entry: a failed capture leaves no directory.
         return _Build(out_dir, {"format": DB_FORMAT, "version": DB_VERSION, **header,
-                                "entries": {}}, saved_at=time.monotonic())
-    document = load_json(manifest, DB_FORMAT, DB_VERSION)
+                                "entries": {}})
+    document = _load_manifest(out_dir)
     stored = document.get("layer_sha256", {})
     changed = next((n for n, h in header["layer_sha256"].items() if stored.get(n) != h), None)
     if changed is not None and document.get("layers") == header["layers"]:
@@ -277,32 +385,43 @@ def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[Sp
         "layers": {name: list(m.weight.shape) for name, m in modules.items()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out_dir = Path(out_dir)
-    build = _start(out_dir, header)
-    todo = {name: m for name, m in modules.items()
-            if not all(build.done(name, o) for o in options)}
-    if todo:
-        batches = list(calibration_batches)
-        began = time.perf_counter()
-        with tqdm(total=len(batches), desc="calibration", unit="batch",
-                  disable=not progress) as bar:
-            stats = capture_statistics(model, todo, batches, bar.update)
-        timing = build.document.setdefault("timing_s", {"capture": 0.0, "reconstruct": 0.0})
-        timing["capture"] += time.perf_counter() - began
-        began = time.perf_counter()
-        try:
-            with tqdm(total=len(todo) * len(options), desc=f"database ({method})",
-                      unit="entry", disable=not progress) as bar:
-                for group in _input_groups(todo, stats, method, max_input_bytes):
-                    samples = (capture_inputs(model, group, batches) if method == "adaprune"
-                               else {})
-                    for name, module in group.items():
-                        _build_layer(build, name, module, stats[name], options, chains, method,
-                                     fast, adaprune_config, samples.pop(name, None), bar)
-        finally:
-            timing["reconstruct"] += time.perf_counter() - began
-            build.save()    # what is done stays done, also when interrupted
-    return Database.open(out_dir)
+    with exclusive_directory(out_dir, "database directory") as out_dir:
+        build = _start(out_dir, header)
+        todo = {name: m for name, m in modules.items()
+                if not all([build.done(name, o) for o in options])}   # checks every entry
+        if todo:
+            _reconstruct(build, model, todo, options, chains, calibration_batches, method,
+                         fast, adaprune_config, max_input_bytes, progress)
+        return Database.open(out_dir)
+
+
+def _reconstruct(build: _Build, model: nn.Module, todo: dict[str, nn.Module],
+                 options: Sequence[SparsityOption], chains: list[list[SparsityOption]],
+                 calibration_batches: Iterable[Any], method: str, fast: FastConfig,
+                 adaprune_config: AdaPruneConfig, max_input_bytes: int,
+                 progress: bool) -> None:
+    """Capture the calibration statistics of the `todo` layers and build their entries."""
+    batches = list(calibration_batches)
+    began = time.perf_counter()
+    with tqdm(total=len(batches), desc="calibration", unit="batch",
+              disable=not progress) as bar:
+        stats = capture_statistics(model, todo, batches, bar.update)
+    timing = build.document.setdefault("timing_s", {"capture": 0.0, "reconstruct": 0.0})
+    timing["capture"] += time.perf_counter() - began
+    began = time.perf_counter()
+    try:
+        with tqdm(total=len(todo) * len(options), desc=f"database ({method})",
+                  unit="entry", disable=not progress) as bar:
+            for group in _input_groups(todo, stats, method, max_input_bytes):
+                samples = (capture_inputs(model, group, batches) if method == "adaprune"
+                           else {})
+                for name, module in group.items():
+                    _build_layer(build, name, module, stats[name], options, chains, method,
+                                 fast, adaprune_config, samples.pop(name, None), bar)
+    finally:
+        timing["reconstruct"] += time.perf_counter() - began
+        if build.document["entries"]:
+            build.save()    # the timing too; every entry is already in the manifest
 
 
 def _checked_modules(model: nn.Module, layers: Sequence[str],
