@@ -37,7 +37,7 @@ from torch import nn
 
 from .errors import SpdyError
 from .options import SparsityOption
-from .profile import Profile
+from .profile import Profile, check_for_model
 
 PRUNED_FORMAT = "spdy-gpu/pruned-weights"
 BLOCK_FORMAT = "spdy-gpu/block-sparse"
@@ -80,10 +80,9 @@ class DeployResult:
     block_sparse: int = 0
 
 
-def load_plan(profile_or_choices: ProfileLike | Plan, model_name: str | None = None,
-              exclude: Iterable[str] = ()) -> Plan:
-    """A profile (object or file) or a {layer: option} mapping as a Plan. A profile made for
-    another model than `model_name` is refused; layers matching `exclude` stay dense."""
+def load_plan(profile_or_choices: ProfileLike | Plan, exclude: Iterable[str] = ()) -> Plan:
+    """A profile (object or file) or a {layer: option} mapping as a Plan; layers matching
+    `exclude` stay dense. Whether it belongs to a model is check_for_model's to say."""
     if isinstance(profile_or_choices, Plan):
         plan = profile_or_choices
     elif isinstance(profile_or_choices, Profile):
@@ -94,10 +93,6 @@ def load_plan(profile_or_choices: ProfileLike | Plan, model_name: str | None = N
     else:
         plan = Plan({str(name): SparsityOption.parse(o) if isinstance(o, str) else o
                      for name, o in profile_or_choices.items()})
-    planned_for = plan.profile.model if plan.profile is not None else ""
-    if model_name and planned_for and planned_for != model_name:
-        raise SpdyError(f"the profile is for model {planned_for!r}, not {model_name!r}; "
-                        f"pass --model {planned_for}")
     patterns = list(exclude)
     kept = {name: o for name, o in plan.choices.items()
             if not any(fnmatchcase(name, p) for p in patterns)}
@@ -114,16 +109,24 @@ def prune_(model: nn.Module, profile_or_choices: ProfileLike | Plan,
     """Give every chosen layer its option's weights for good, in place: the reconstructed
     weights of `database` (a Database or its directory) when given, else magnitude masks of
     the current (dense) weights. Returns the choices applied. On error nothing changes."""
-    from .reconstruct import Database, stitch_
+    from .reconstruct import stitch_
 
     choices = load_plan(profile_or_choices).choices
+    database = _open_database(database)
     if database is not None:
-        if not isinstance(database, Database):
-            database = Database.open(database)
         database.check_model(model)
-        database.check_options(list(dict.fromkeys(choices.values())))
+        database.check_options(list(choices.values()))
     stitch_(model, choices, database)    # the backup it returns holds the dense weights: dropped
     return choices
+
+
+def _open_database(database: Any) -> Any:
+    """A Database from a Database or its directory (None stays None)."""
+    from .reconstruct import Database
+
+    if database is None or isinstance(database, Database):
+        return database
+    return Database.open(database)
 
 
 def _sparsity_of(model: nn.Module, layers: Iterable[str]) -> float:
@@ -348,7 +351,9 @@ def apply_profile(model: nn.Module, profile: ProfileLike, out: PathLike, *,
     """`spdy-gpu apply`: prune `model` to the profile (database weights or magnitude masks)
     and save its weights to `out`."""
     _output_path(out)                      # fail before any work on an unwritable target
-    plan = load_plan(profile, model_name, exclude)
+    plan = load_plan(profile, exclude)
+    database = _open_database(database)
+    check_for_model(model, model_name, plan.profile, database)
     prune_(model, plan, database)
     path = save_pruned(model, out, profile=plan)
     return DeployResult(path, len(plan.pruned), _sparsity_of(model, plan.pruned))
@@ -365,7 +370,9 @@ def export_profile(model: nn.Module, example: Any, profile: ProfileLike, out: Pa
     if database is not None and weights is not None:
         raise SpdyError("pass either a database or a weights file, not both")
     _output_path(out)
-    plan = load_plan(profile, model_name, exclude)
+    plan = load_plan(profile, exclude)
+    database = _open_database(database)
+    check_for_model(model, model_name, plan.profile, database)
     if weights is not None:
         load_pruned(model, weights)
         _check_pruned(model, plan, weights)

@@ -30,10 +30,18 @@ from .data import Calibration, CalibrationSpec
 from .errors import SpdyError
 from .jsonio import load_json, save_json
 from .layers import discover_layers
+from .locks import LOCK_NAME, exclusive_directory
 from .models import ModelEntry, ModelSetting
 from .options import SparsityOption, option_grid
-from .profile import Profile
-from .reconstruct import Database, FastConfig, GapReport, global_adaprune_, stitch_
+from .profile import Profile, check_for_model
+from .reconstruct import (
+    Database,
+    FastConfig,
+    GapReport,
+    global_adaprune_,
+    model_fingerprint,
+    stitch_,
+)
 from .scoring import HeldOutScorer
 from .search import SearchConfig, SearchResult, search
 from .solve import Planner
@@ -80,8 +88,7 @@ def global_adaprune_profile(entry: ModelEntry, setting: ModelSetting, database: 
 
     model, example = entry.build(setting)
     dense, _ = entry.build(setting)
-    database.check_model(model)
-    database.check_options(list(set(profile.choices.values())))
+    check_for_model(model, entry.name, profile, database)
     stitch_(model, profile.choices, database)
     batches = calibration.load(entry, setting, example).batches
     report = global_adaprune_(model, dense, masks_of(model, profile.choices), batches,
@@ -132,15 +139,13 @@ def verify_profile(entry: ModelEntry, setting: ModelSetting, backend: LatencyBac
     A profile of another model, or planned on timings from another setting (unless
     `force`), is refused. Returns the 'spdy-gpu/verify' record (time_error_pct =
     (predicted - measured) / measured pruned time)."""
-    if profile.model and profile.model != entry.name:
-        raise SpdyError(f"the profile is for model {profile.model!r}, not {entry.name!r}; "
-                        f"pass --model {profile.model}")
     if not any(o.pattern != "dense" for o in profile.choices.values()):
         raise SpdyError("the profile prunes no layer, so there is nothing to verify; pass a "
                         "profile made by spdy-gpu solve or run")
     if profile.estimated:
         log.warning("the profile was planned on ESTIMATED times")
     dense, example = entry.build(setting)
+    check_for_model(dense, entry.name, profile, database)
     differences = profile.fingerprint.mismatches(backend.fingerprint(example))
     if differences and not force:
         raise SpdyError("the profile was planned on timings from another setting ("
@@ -148,9 +153,6 @@ def verify_profile(entry: ModelEntry, setting: ModelSetting, backend: LatencyBac
                         "or pass --force")
     for difference in differences:
         log.warning("forced: profile and this machine differ in %s", difference)
-    if database is not None:
-        database.check_model(dense)
-        database.check_options(list(set(profile.choices.values())))
     pruned = copy.deepcopy(dense)
     stitch_(pruned, profile.choices, database)
     m = measure_speedup(backend, dense, pruned, example)
@@ -249,9 +251,15 @@ def run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
     """SPDY end to end: the pruned model in `out_dir` with its measured speedup and quality.
 
     Writes timings.json, database/, search-state.json (resume), profile.json,
-    pruned.safetensors, the backend's deployable model, report.{json,md,png}.
+    pruned.safetensors, the backend's deployable model, report.{json,md,png}, holding an
+    exclusive lock on `out_dir` meanwhile (a second run into it is refused).
     """
-    out = Path(out_dir)
+    with exclusive_directory(out_dir, "run directory") as out:
+        return _run(entry, setting, backend, settings, out, progress)
+
+
+def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
+         settings: RunSettings, out: Path, progress: bool) -> RunReport:
     model, example = entry.build(setting)
     fingerprint = backend.fingerprint(example)
     _claim(out, entry.name, fingerprint, settings)
@@ -278,6 +286,9 @@ def run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
         profile, pruned = _guarantee(backend, planner, database, costs, model, example,
                                      settings, report)
         note["rounds"] = len(report.rounds)
+    # made with the model at hand: consumers can check the profile belongs to it
+    profile = dataclasses.replace(
+        profile, model_fingerprint=model_fingerprint(model, list(profile.choices)))
     report.profile, report.predicted_speedup = profile, profile.predicted_speedup
     report.held_out_loss = _baselines(planner, database, scorer, settings, profile)
     if settings.gap is not None:
@@ -352,7 +363,7 @@ def _claim(out: Path, model: str, fingerprint: Any, settings: RunSettings) -> No
                                 "other settings); pass --overwrite to replace it or choose "
                                 "another --out")
             _remove(out, OUTPUTS if same_setting else OUTPUTS + MEASURED)
-    elif out.exists() and any(out.iterdir()):
+    elif any(p.name != LOCK_NAME for p in out.iterdir()):
         if not settings.overwrite:
             raise SpdyError(f"{out} exists and is not a spdy-gpu run directory; choose an "
                             "empty or new --out (or pass --overwrite to write into it)")
@@ -389,12 +400,12 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
     """A table measured for this model on this backend setting: out/timings.json or one of
     settings.timings when one matches, else measured now (resumable) and saved there."""
     layers = discover_layers(model, example, entry.exclude)
-    names = {layer.name for layer in layers}
+    shapes = {layer.name: (layer.n, layer.k) for layer in layers}
     for path in (out / "timings.json", *settings.timings):
         if not Path(path).exists():
             continue
         table = TimingTable.load(path)
-        why = _mismatch(table, entry.name, fingerprint, names, settings.options)
+        why = _mismatch(table, entry.name, fingerprint, shapes, settings.options)
         if why is None:
             note["reused"] = str(path)
             if Path(path) != out / "timings.json":
@@ -412,16 +423,22 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
     return table
 
 
-def _mismatch(table: TimingTable, model: str, fingerprint: Any, layers: set[str],
+def _mismatch(table: TimingTable, model: str, fingerprint: Any,
+              shapes: Mapping[str, tuple[int, int]],
               options: Sequence[SparsityOption] | None) -> str | None:
-    """Why `table` cannot stand for this run's measurements (None: it can)."""
+    """Why `table` cannot stand for this run's measurements (None: it can). `shapes`:
+    the model's prunable layers as {name: (N, K)} of their GEMMs."""
     if table.model != model:
         return f"it is for model {table.model!r}"
     differences = table.fingerprint.mismatches(fingerprint)
     if differences:
         return "measured in another setting (" + "; ".join(differences) + ")"
-    if set(table.layer_names) != layers:
+    if set(table.layer_names) != set(shapes):
         return "its layers differ from the model's"
+    resized = next((layer.name for layer in table.layers
+                    if tuple(layer.gemm[:2]) != shapes[layer.name]), None)
+    if resized is not None:
+        return f"its layer {resized} has another shape than the model's"
     if options is not None and list(table.options) != list(options):
         return "its option grid differs from the one asked for"
     return None

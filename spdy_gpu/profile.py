@@ -1,17 +1,25 @@
 """Profiles: the option chosen for every layer, what was asked and what is predicted.
-JSON form: 'spdy-gpu/profile', version 1 (documented in the README)."""
+JSON form: 'spdy-gpu/profile', version 1 (documented in the README).
+
+`check_for_model` is the one rule every command applies before it uses a profile or a
+database on a model: both must belong to that model (see there)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import SpdyError
 from .jsonio import load_json, located, require, save_json
 from .options import SparsityOption
 from .timing import Fingerprint
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .reconstruct import Database
 
 PROFILE_FORMAT, PROFILE_VERSION = "spdy-gpu/profile", 1
 
@@ -29,6 +37,9 @@ class Profile:
     excluded: tuple[str, ...] = ()
     estimated: bool = False                # planned on estimated (not measured) times
     provenance: dict[str, Any] = field(default_factory=dict)
+    # sha256 of the dense weights of the chosen layers (model_fingerprint over `choices`),
+    # recorded when the profile was made with the model at hand (run); "" when not (solve).
+    model_fingerprint: str = ""
 
     @property
     def predicted_speedup(self) -> float:
@@ -48,6 +59,7 @@ class Profile:
             "fingerprint": dataclasses.asdict(self.fingerprint),
             "provenance": self.provenance,
             "choices": {name: option.name for name, option in self.choices.items()},
+            **({"model_fingerprint": self.model_fingerprint} if self.model_fingerprint else {}),
         })
 
     @classmethod
@@ -68,10 +80,42 @@ class Profile:
                 fingerprint=Fingerprint.from_dict(require(doc, "fingerprint", dict, path), path),
                 excluded=tuple(doc.get("excluded", ())),
                 estimated=bool(doc.get("estimated", False)),
-                provenance=dict(doc.get("provenance", {})))
+                provenance=dict(doc.get("provenance", {})),
+                model_fingerprint=str(doc.get("model_fingerprint", "")))
         except (SpdyError, AttributeError, TypeError) as e:
             raise located(path, e) from None
         if not profile.predicted_ms > 0 or not profile.dense_total_ms > 0:
             raise SpdyError(f"{path}: predicted and dense times must be > 0; "
                             "regenerate the profile")
         return profile
+
+    def check_model(self, model_name: str | None, model: nn.Module) -> None:
+        """Refuse using this profile on another model: another model name, a chosen layer
+        that is not a weighted layer of `model`, or (when recorded) other dense weights."""
+        if model_name and self.model and self.model != model_name:
+            raise SpdyError(f"the profile is for model {self.model!r}, not {model_name!r}; "
+                            f"pass --model {self.model}")
+        modules = dict(model.named_modules())
+        absent = next((n for n in self.choices
+                       if getattr(modules.get(n), "weight", None) is None), None)
+        if absent is not None:
+            raise SpdyError(f"layer {absent} is not a weighted layer of this model: the "
+                            "profile belongs to another model; pass the --model it was made for")
+        from .reconstruct.database import model_fingerprint
+        if self.model_fingerprint and (model_fingerprint(model, list(self.choices))
+                                       != self.model_fingerprint):
+            raise SpdyError(f"the profile was made for other dense weights of {self.model!r} "
+                            "(its model fingerprint differs); pass the model it was made for")
+
+
+def check_for_model(model: nn.Module, model_name: str | None, profile: Profile | None = None,
+                    database: Database | None = None) -> None:
+    """The one rule before using a profile or database on `model` (dense, as built): the
+    profile's model, layers and (when recorded) fingerprint are the model's, the database
+    was built from the model's dense weights (fingerprint) and holds the profile's options."""
+    if profile is not None:
+        profile.check_model(model_name, model)
+    if database is not None:
+        database.check_model(model)
+        if profile is not None:
+            database.check_options(list(profile.choices.values()))

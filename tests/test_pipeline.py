@@ -14,6 +14,8 @@ from spdy_gpu.data import CalibrationSpec
 from spdy_gpu.models import ModelEntry, ModelSetting
 from spdy_gpu.options import option_grid
 from spdy_gpu.pipeline import RunSettings, run, uniform_choices
+from spdy_gpu.profile import Profile
+from spdy_gpu.reconstruct import model_fingerprint
 from spdy_gpu.search import SearchConfig
 from spdy_gpu.solve import Planner
 from spdy_gpu.timing import Fingerprint, LayerTiming, TimingTable
@@ -112,6 +114,8 @@ def test_run_writes_everything_and_meets_the_target(tmp_path):
     assert set(doc["held_out_loss"]) == {"spdy", "dp_database_errors", "uniform"}
     assert doc["held_out_loss"]["spdy"] <= doc["held_out_loss"]["uniform"]
     assert "Where the time went" in (out / "report.md").read_text()
+    saved = Profile.load(out / "profile.json")        # made with the model: says which
+    assert saved.model_fingerprint == model_fingerprint(build()[0], list(saved.choices))
 
 
 def test_a_second_run_reuses_every_stage_and_ends_the_same(tmp_path):
