@@ -265,7 +265,7 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
     _claim(out, entry.name, fingerprint, settings)
     report = RunReport(entry.name, backend.name, settings.speedup)
     with _stage(report, "calibration") as note:
-        fit, held_out = _calibration(entry, setting, example, settings)
+        fit, held_out = calibration_split(entry, setting, example, settings)
         note["samples"] = {"database": fit.samples, "search": held_out.samples}
     with _stage(report, "timings") as note:
         table = _timing_table(entry, model, example, backend, fingerprint, settings, out,
@@ -382,7 +382,7 @@ def _remove(out: Path, names: Sequence[str]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _calibration(entry: ModelEntry, setting: ModelSetting, example: Any,
+def calibration_split(entry: ModelEntry, setting: ModelSetting, example: Any,
                  settings: RunSettings) -> tuple[Calibration, Calibration]:
     """(data for the database, held-out data for the search). With nothing but the
     example input there is nothing to hold out: both use it, and the report says so."""
