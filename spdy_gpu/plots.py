@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from .jsonio import atomic_write_bytes
 from .profile import Profile
 from .timing import TimingTable
 
@@ -144,12 +146,61 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    """Write the figure (atomically: a half-written PNG never replaces a good one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
-    _pyplot().close(fig)
-    tmp.replace(path)
-    return path
+    """Write the figure atomically: a half-written PNG never replaces a good one, and a
+    failed write leaves no temporary file."""
+    buffer = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buffer, format="png", dpi=120)
+    finally:
+        _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def plot_comparison(report: dict, path: str | os.PathLike) -> Path:
+    """A comparison (spdy_gpu.compare): the model's headline measure against the measured
+    speedup, one line per method across targets, dense marked."""
+    from .compare import headline_metric, metric_of
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    metric = headline_metric(report)
+    targets = [t for t in report["targets"] if not t.get("unreachable")]
+    methods = list(dict.fromkeys(row["method"] for t in targets for row in t["rows"]))
+    for method in methods:
+        points = sorted((row["measured_speedup"], metric_of(row, metric))
+                        for t in targets for row in t["rows"]
+                        if row["method"] == method and metric_of(row, metric) is not None)
+        if not points:
+            continue
+        x, y = zip(*points)
+        if method == "dense":
+            ax.axhline(float(np.mean(y)), color="black", ls="--", lw=1, label="dense")
+            continue
+        style = "-" if not method.endswith("magnitude") else ":"
+        ax.plot(x, y, style, marker="o", ms=4, lw=2.2 if method.startswith("spdy") else 1.2,
+                label=method)
+    for t in targets:
+        ax.axvline(t["target"], color="grey", lw=0.6, alpha=0.5)
+    ax.set(xlabel="measured speedup over dense (x)", ylabel=metric,
+           title=f"{report['model']} on {report['backend']}: {metric} at measured speedup")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_profile_sparsity(profiles: dict[str, Profile], path: str | os.PathLike) -> Path:
+    """Per-layer sparsity of several profiles of one model (e.g. batch 1 against batch 16),
+    grouped bars in layer order."""
+    plt = _pyplot()
+    names = list(next(iter(profiles.values())).choices)
+    fig, ax = plt.subplots(figsize=(max(8, 0.25 * len(names)), 4.5))
+    width = 0.8 / len(profiles)
+    x = np.arange(len(names))
+    for i, (label, profile) in enumerate(profiles.items()):
+        ax.bar(x + i * width, [profile.choices[n].sparsity if n in profile.choices else 0.0
+                               for n in names], width, label=label)
+    ax.set_xticks(x + 0.4 - width / 2, _without_common_prefix(names), rotation=90, fontsize=6)
+    ax.set(ylabel="sparsity", ylim=(0, 1.05), title="per-layer sparsity by profile")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,341 @@
+"""SPDY against the obvious alternatives, at equal predicted latency, each measured end to
+end on the backend and scored by the model's own quality measures.
+
+Per target, SPDY runs first (`pipeline.run`: search and measured guarantee); every other
+method then gets the budget SPDY's guaranteed profile was solved for, so all methods are
+predicted to run equally fast, and one interleaved latency session times them all against
+the dense model. Methods (reconstructed from the shared database unless "magnitude"):
+
+- uniform: every layer at the least sparse level that meets the budget;
+- global-magnitude: one magnitude threshold over all layers (each layer snapped to the
+  nearest level), the lowest that meets the budget;
+- dp-database-errors: the DP on the database's per-layer errors, no search;
+- evolution: an EvoPress-style search (spdy_gpu.evolution) from the DP's profile, given as
+  many evaluations as SPDY's search used;
+- spdy, spdy+gap (global AdaPrune on top);
+- uniform-magnitude, spdy-magnitude: those profiles with magnitude masks on the dense
+  weights, no reconstruction (what reconstruction buys).
+
+Results go to DIR/compare.{json,md,png}; every finished target is saved, so a rerun
+resumes at the first unfinished one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from .backends import LatencyBackend
+from .errors import InfeasibleTargetError, SpdyError
+from .evolution import EvolutionConfig, evolve
+from .jsonio import atomic_write_bytes, load_json, save_json
+from .locks import exclusive_directory
+from .models import ModelEntry, ModelSetting
+from .options import SparsityOption
+from .pipeline import (
+    GapSettings,
+    RunSettings,
+    calibration_split,
+    masks_of,
+    run,
+    uniform_choices,
+)
+from .reconstruct import Database, global_adaprune_, stitch_
+from .scoring import HeldOutScorer
+from .solve import Planner
+from .timing import TimingTable
+
+log = logging.getLogger(__name__)
+
+COMPARE_FORMAT, COMPARE_VERSION = "spdy-gpu/compare", 1
+METHODS = ("uniform", "uniform-magnitude", "global-magnitude", "dp-database-errors",
+           "evolution", "spdy", "spdy-magnitude", "spdy+gap")
+RECONSTRUCTED = {"uniform", "global-magnitude", "dp-database-errors", "evolution", "spdy"}
+
+Choices = dict[str, SparsityOption]
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """The targets, and the run settings every SPDY run of the comparison uses (its
+    `speedup` is replaced per target, gAP is this comparison's own `gap`)."""
+
+    speedups: tuple[float, ...]
+    run: RunSettings
+    gap: GapSettings = GapSettings()
+    methods: tuple[str, ...] = METHODS
+
+    def __post_init__(self) -> None:
+        if not self.speedups:
+            raise SpdyError("give at least one target speedup, e.g. --speedups 1.5 2 3")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise SpdyError(f"unknown method {unknown[0]!r}; use some of {', '.join(METHODS)}")
+        if "spdy" not in self.methods:
+            raise SpdyError("the comparison needs the spdy method: every other method gets "
+                            "the budget of SPDY's guaranteed profile")
+
+    def identity(self) -> dict[str, Any]:
+        return json_ready({"run": self.run.identity() | {"speedup": None},
+                           "gap": dataclasses.asdict(self.gap), "methods": self.methods})
+
+
+@dataclass
+class CompareReport:
+    model: str
+    backend: str
+    setting: dict[str, Any]
+    targets: list[dict[str, Any]] = field(default_factory=list)   # one per finished target
+
+    def to_json(self) -> dict[str, Any]:
+        return json_ready(dataclasses.asdict(self))
+
+
+def compare(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
+            settings: CompareSettings, out_dir: str | os.PathLike, *,
+            progress: bool = True) -> CompareReport:
+    """Every method at every target: measured speedup, quality and held-out loss. SPDY's
+    runs go to DIR/spdy-<target>x (sharing DIR/timings.json and DIR/database)."""
+    with exclusive_directory(out_dir, "comparison directory") as out:
+        report = _resume(out, entry, backend, setting, settings)
+        done = {t["target"] for t in report.targets}
+        for target in settings.speedups:
+            if target in done:
+                log.info("target %gx: already compared, kept", target)
+                continue
+            report.targets.append(_compare_target(entry, setting, backend, settings, target,
+                                                  out, progress))
+            report.targets.sort(key=lambda t: t["target"])
+            _save(report, settings, out)
+        _save(report, settings, out)
+        return report
+
+
+def _resume(out: Path, entry: ModelEntry, backend: LatencyBackend, setting: ModelSetting,
+            settings: CompareSettings) -> CompareReport:
+    path = out / "compare.json"
+    fresh = CompareReport(entry.name, backend.name, json_ready(dataclasses.asdict(setting)))
+    if not path.exists():
+        return fresh
+    doc = load_json(path, COMPARE_FORMAT, COMPARE_VERSION)
+    if (doc.get("model"), doc.get("backend"), doc.get("identity")) != (
+            entry.name, backend.name, settings.identity()):
+        raise SpdyError(f"{path} holds a comparison of other settings (model "
+                        f"{doc.get('model')!r}, backend {doc.get('backend')!r}); choose "
+                        "another --out or delete it")
+    return CompareReport(entry.name, backend.name, doc.get("setting", fresh.setting),
+                         list(doc.get("targets", [])))
+
+
+def _compare_target(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
+                    settings: CompareSettings, target: float, out: Path,
+                    progress: bool) -> dict[str, Any]:
+    """One target: SPDY's run, then every other method at its budget, all measured."""
+    run_dir = out / f"spdy-{target:g}x"
+    shared_table = out / "timings.json"
+    run_settings = dataclasses.replace(
+        settings.run, speedup=target, gap=None, overwrite=True, database=out / "database",
+        timings=(shared_table, *settings.run.timings))
+    model, example = entry.build(setting)
+    try:
+        spdy = run(entry, setting, backend, run_settings, run_dir, progress=progress)
+    except InfeasibleTargetError as e:
+        log.warning("target %gx: %s", target, e)
+        return {"target": target, "unreachable": True, "max_speedup": e.max_speedup}
+    if not shared_table.exists():
+        shutil.copyfile(run_dir / "timings.json", shared_table)
+    table = TimingTable.load(run_dir / "timings.json")
+    planner = Planner(table, run_settings.exclude)
+    database = Database.open(out / "database")
+    fit, held_out = calibration_split(entry, setting, example, run_settings)
+    scorer = HeldOutScorer(model, held_out.batches, database, run_settings.loss or entry.loss)
+    budget_target = spdy.profile.dense_total_ms / spdy.profile.budget_ms
+    choices = _method_choices(planner, model, database, scorer, spdy, budget_target,
+                              settings, progress)
+    models = {method: _pruned(model, picks, database if method in RECONSTRUCTED else None)
+              for method, picks in choices.items() if picks is not None}
+    if "spdy+gap" in settings.methods:
+        models["spdy+gap"] = _with_gap(models["spdy"], model, choices["spdy"], fit.batches,
+                                       settings.gap, progress)
+        choices["spdy+gap"] = choices["spdy"]
+    log.info("target %gx: timing dense and %d pruned models, interleaved", target,
+             len(models))
+    latency = backend.latency({"dense": model, **models}, example)
+    dense_ms = latency["dense"].median_ms
+    rows = [_row("dense", None, planner, budget_target, latency["dense"], dense_ms,
+                 entry.quality(model, model) if entry.quality else {}, 0.0)]
+    for method in settings.methods:
+        picks = choices.get(method)
+        if picks is None:
+            rows.append({"method": method, "unreachable": True,
+                         "note": "no profile of this method meets the budget"})
+            continue
+        pruned = models[method]
+        rows.append(_row(method, picks, planner, budget_target, latency[method], dense_ms,
+                         entry.quality(pruned, model) if entry.quality else {},
+                         scorer.loss_of(pruned)))
+    return {"target": target, "solved_for": budget_target, "run_dir": str(run_dir),
+            "spdy_measured_speedup": spdy.measured_speedup,
+            "evaluations": spdy.search.get("evaluations"), "loss": scorer.loss_name,
+            "rows": rows}
+
+
+def _method_choices(planner: Planner, model: nn.Module, database: Database,
+                    scorer: HeldOutScorer, spdy: Any, target: float,
+                    settings: CompareSettings, progress: bool) -> dict[str, Choices | None]:
+    """Each method's profile at the budget of `target` (None: none meets it)."""
+    errors = dict(zip(planner.layers, database.errors_matrix(planner.layers, planner.options)))
+    chosen: dict[str, Choices | None] = {
+        "spdy": {name: spdy.profile.choices[name] for name in planner.layers}}
+    chosen["spdy-magnitude"] = chosen["spdy"]
+    chosen["uniform"] = chosen["uniform-magnitude"] = uniform_choices(planner, target)
+    chosen["global-magnitude"] = global_magnitude_choices(planner, model, target)
+    chosen["dp-database-errors"] = planner.choose(target, errors)
+    if "evolution" in settings.methods:
+        config = EvolutionConfig(seed=settings.run.search.seed,
+                                 max_evaluations=max(1, int(spdy.search["evaluations"])))
+        chosen["evolution"] = evolve(planner, target, scorer, chosen["dp-database-errors"],
+                                     config=config, progress=progress).choices
+    return {m: chosen[m] for m in settings.methods if m in chosen}
+
+
+def global_magnitude_choices(planner: Planner, model: nn.Module,
+                             speedup: float) -> Choices | None:
+    """One magnitude threshold over every searched layer that can be pruned: each layer
+    takes the level nearest the share of its weights under the threshold, and the lowest
+    threshold whose profile's predicted time meets the target wins (None: none does)."""
+    modules = dict(model.named_modules())
+    prunable = [i for i, name in enumerate(planner.layers)
+                if np.isfinite(planner.times[i, 1:]).any()]
+    magnitudes = [np.sort(modules[planner.layers[i]].weight.detach().abs().flatten().numpy())
+                  for i in prunable]
+    pooled = np.sort(np.concatenate(magnitudes)) if magnitudes else np.zeros(0)
+    budget = planner.table.dense_total_ms / speedup
+    for share in np.linspace(0.0, 0.995, 400):
+        threshold = pooled[int(share * (len(pooled) - 1))] if len(pooled) else 0.0
+        choices = {name: SparsityOption.dense() for name in planner.layers}
+        for i, sorted_weights in zip(prunable, magnitudes):
+            below = np.searchsorted(sorted_weights, threshold) / len(sorted_weights)
+            choices[planner.layers[i]] = _nearest_level(planner, i, below)
+        if planner.profile(speedup, choices).predicted_ms <= budget:
+            return choices
+    return None
+
+
+def _nearest_level(planner: Planner, row: int, sparsity: float) -> SparsityOption:
+    usable = [o for j, o in enumerate(planner.options) if math.isfinite(planner.times[row, j])]
+    return min(usable, key=lambda o: (abs(o.sparsity - sparsity), o.sparsity))
+
+
+def _pruned(dense: nn.Module, choices: Choices, database: Database | None) -> nn.Module:
+    model = copy.deepcopy(dense)
+    stitch_(model, choices, database)
+    return model
+
+
+def _with_gap(pruned: nn.Module, dense: nn.Module, choices: Choices, batches: Sequence[Any],
+              gap: GapSettings, progress: bool) -> nn.Module:
+    model = copy.deepcopy(pruned)
+    global_adaprune_(model, dense, masks_of(model, choices), batches, lr=gap.lr,
+                     epochs=gap.epochs, patience=gap.patience, only_pruned=gap.only_pruned,
+                     progress=progress)
+    return model
+
+
+def _row(method: str, choices: Choices | None, planner: Planner, target: float,
+         latency: Any, dense_ms: float, quality: Mapping[str, float],
+         loss: float) -> dict[str, Any]:
+    predicted = 1.0 if choices is None else planner.profile(target, choices).predicted_speedup
+    sparsities = [o.sparsity for o in (choices or {}).values()]
+    return {"method": method, "predicted_speedup": predicted,
+            "measured_speedup": dense_ms / latency.median_ms, "ms": latency.median_ms,
+            "spread_ms": latency.spread_ms, "quality": dict(quality), "held_out_loss": loss,
+            "layers_pruned": sum(s > 0 for s in sparsities),
+            "mean_sparsity": float(np.mean(sparsities)) if sparsities else 0.0}
+
+
+# ---- outputs ---------------------------------------------------------------------------
+
+def _save(report: CompareReport, settings: CompareSettings, out: Path) -> None:
+    from .plots import plot_comparison
+
+    save_json(out / "compare.json", COMPARE_FORMAT, COMPARE_VERSION,
+              {**report.to_json(), "identity": settings.identity(),
+               "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    atomic_write_bytes(out / "compare.md", format_comparison(report).encode())
+    if any(not t.get("unreachable") for t in report.targets):
+        plot_comparison(report.to_json(), out / "compare.png")
+
+
+def headline_metric(report: Mapping[str, Any]) -> str:
+    """The measure a comparison is plotted by: the first quality measure the model
+    reports, else the held-out loss."""
+    for target in report["targets"]:
+        for row in target.get("rows", []):
+            if row.get("quality"):
+                return next(iter(row["quality"]))
+    return "held_out_loss"
+
+
+def metric_of(row: Mapping[str, Any], metric: str) -> float | None:
+    if row.get("unreachable"):
+        return None
+    return row["held_out_loss"] if metric == "held_out_loss" else row["quality"].get(metric)
+
+
+def format_comparison(report: CompareReport) -> str:
+    doc = report.to_json()
+    lines = [f"# spdy-gpu compare: {report.model} on {report.backend}", ""]
+    for target in doc["targets"]:
+        if target.get("unreachable"):
+            lines += [f"## {target['target']:g}x: unreachable (largest reachable "
+                      f"{target['max_speedup']:.3f}x)", ""]
+            continue
+        metrics = _metric_names(target)
+        lines += [f"## {target['target']:g}x (every method solved for "
+                  f"{target['solved_for']:.3f}x, SPDY's guaranteed budget; evolution given "
+                  f"{target['evaluations']} evaluations like SPDY; loss: {target['loss']})", "",
+                  "| method | predicted | measured (spread ms) | "
+                  + " | ".join(metrics) + " | held-out loss | layers pruned | mean sparsity |",
+                  "|---" * (6 + len(metrics)) + "|"]
+        for row in target["rows"]:
+            if row.get("unreachable"):
+                lines.append(f"| {row['method']} | unreachable | | "
+                             + " | ".join("" for _ in metrics) + " | | | |")
+                continue
+            values = " | ".join(_number(row["quality"].get(m)) for m in metrics)
+            lines.append(f"| {row['method']} | {row['predicted_speedup']:.3f}x | "
+                         f"{row['measured_speedup']:.3f}x ({row['spread_ms']:.2g}) | {values} | "
+                         f"{row['held_out_loss']:.4g} | {row['layers_pruned']} | "
+                         f"{row['mean_sparsity']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _metric_names(target: Mapping[str, Any]) -> list[str]:
+    names: list[str] = []
+    for row in target["rows"]:
+        names += [k for k in row.get("quality", {}) if k not in names]
+    return names
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def json_ready(value: Any) -> Any:
+    import json
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist")
+                                 else str(v)))

@@ -1,0 +1,92 @@
+"""`compare`: every method at SPDY's guaranteed budget, measured together, resumable, with
+unreachable targets reported (a fake backend whose time follows the weights' sparsity)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from spdy_gpu.compare import METHODS, CompareSettings, compare, global_magnitude_choices
+from spdy_gpu.models import ModelEntry, ModelSetting
+from spdy_gpu.pipeline import GapSettings
+from spdy_gpu.solve import Planner
+
+from .test_pipeline import ENTRY, FakeBackend, build, settings
+
+
+def agreement(pruned, dense):
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        same = pruned(x).argmax(1) == dense(x).argmax(1)
+    return {"agreement": 100.0 * float(same.float().mean())}
+
+
+QUALITY_ENTRY = ModelEntry(ENTRY.name, ENTRY.description, build=ENTRY.build,
+                           calibration=ENTRY.calibration, quality=agreement)
+
+
+def compare_settings(*speedups, **changes):
+    from spdy_gpu.search import SearchConfig
+    run = settings(search=SearchConfig(seed=0, random_candidates=6, patience=4,
+                                       max_evaluations=12))
+    return CompareSettings(speedups=speedups, run=run, gap=GapSettings(lr=1e-4, epochs=1),
+                           **changes)
+
+
+def test_every_method_is_measured_at_spdys_budget(tmp_path):
+    backend = FakeBackend()
+    report = compare(QUALITY_ENTRY, ModelSetting(), backend, compare_settings(1.4, 1.8),
+                     tmp_path, progress=False)
+    assert [t["target"] for t in report.targets] == [1.4, 1.8]
+    for target in report.targets:
+        rows = {row["method"]: row for row in target["rows"]}
+        assert list(rows) == ["dense", *METHODS]
+        assert rows["dense"]["measured_speedup"] == pytest.approx(1.0)
+        for method in METHODS:
+            row = rows[method]
+            assert row["predicted_speedup"] >= target["solved_for"] * (1 - 1e-9)
+            assert row["measured_speedup"] > 1.0 and "agreement" in row["quality"]
+            assert np.isfinite(row["held_out_loss"])
+        assert rows["spdy"]["held_out_loss"] <= rows["spdy-magnitude"]["held_out_loss"] * 1.5
+    doc = json.loads((tmp_path / "compare.json").read_text())
+    assert doc["format"] == "spdy-gpu/compare" and len(doc["targets"]) == 2
+    assert "| spdy+gap |" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    assert (tmp_path / "spdy-1.4x" / "profile.json").exists()
+
+
+def test_a_rerun_resumes_and_an_unreachable_target_is_reported(tmp_path):
+    backend = FakeBackend()
+    compare(QUALITY_ENTRY, ModelSetting(), backend, compare_settings(1.4), tmp_path,
+            progress=False)
+    calls = backend.latency_calls
+    report = compare(QUALITY_ENTRY, ModelSetting(), backend, compare_settings(1.4, 50.0),
+                     tmp_path, progress=False)
+    assert backend.latency_calls == calls          # 1.4x kept; 50x fails before measuring
+    unreachable = report.targets[-1]
+    assert unreachable["target"] == 50.0 and unreachable["unreachable"]
+    assert 1.0 < unreachable["max_speedup"] < 50.0
+    assert "50x: unreachable (largest reachable" in (tmp_path / "compare.md").read_text()
+
+
+def test_global_magnitude_uses_one_threshold_and_meets_the_budget(tmp_path):
+    backend = FakeBackend()
+    model, example = build()
+    from spdy_gpu.layers import discover_layers
+    from spdy_gpu.options import option_grid
+    table = backend.measure_table(model, example, discover_layers(model, example),
+                                  option_grid("unstructured", 11), model_name="toy")
+    planner = Planner(table)
+    choices = global_magnitude_choices(planner, model, 1.5)
+    profile = planner.profile(1.5, choices)
+    assert profile.predicted_ms <= profile.budget_ms
+    assert global_magnitude_choices(planner, model, 1.0) == {
+        name: choices[name].dense() for name in planner.layers}
+    assert global_magnitude_choices(planner, model, planner.max_speedup * 1.01) is None
+
+
+def test_a_comparison_without_spdy_is_refused():
+    from spdy_gpu import SpdyError
+    with pytest.raises(SpdyError, match="needs the spdy method"):
+        compare_settings(1.5, methods=("uniform",))
