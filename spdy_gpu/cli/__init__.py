@@ -8,8 +8,11 @@ import importlib
 import logging
 import pkgutil
 import sys
+import traceback
 
 from ..errors import SpdyError
+
+DEBUG_HELP = "on an error, also print the full traceback (with the original cause)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,11 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spdy-gpu",
         description="Prune a network to a guaranteed speedup on its inference backend (SPDY).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
         module = importlib.import_module(f"{__name__}.{info.name}")
         if hasattr(module, "add_parser"):
             module.add_parser(subparsers)
+    for command in subparsers.choices.values():     # also after the command: CMD ... --debug
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help=DEBUG_HELP)
     return parser
 
 
@@ -33,13 +40,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except SpdyError as e:
+        if args.debug:
+            print_traceback(e)
         print(f"spdy-gpu {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"spdy-gpu {args.command}: interrupted; run the same command again to resume",
               file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug of ours (or of a library): say so in one line
+        if args.debug:
+            print_traceback(e)
+        print(f"spdy-gpu {args.command}: internal error: {type(e).__name__}: {first_line(e)}"
+              f"{'' if args.debug else ' (rerun with --debug for the traceback)'}",
+              file=sys.stderr)
+        return 1
 
+
+def print_traceback(error: BaseException) -> None:
+    """The traceback of `error` with every exception it came from, also those a one-line
+    message hid with `raise ... from None` (the user's own code failing, for instance)."""
+    cause, seen = error, set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        cause.__suppress_context__ = False
+        cause = cause.__cause__ or cause.__context__
+    traceback.print_exception(error, file=sys.stderr)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 if __name__ == "__main__":
     sys.exit(main())
