@@ -76,27 +76,48 @@ class CalibrationSpec:
             raise SpdyError("--samples and --calib-batch-size must be >= 1")
 
     def load(self, entry: ModelEntry, setting: ModelSetting, example: Any) -> Calibration:
-        """The batches, and a description for the records."""
-        calib_setting = ModelSetting(self.batch_size, setting.seq_len, setting.image_size)
-        if self.calib:
-            batches = list(_file_batches(Path(self.calib), self.samples, self.batch_size))
-            source = f"file:{self.calib}"
-        elif entry.calibration is not None:
-            batches = list(entry.calibration(calib_setting, self.samples))
-            source = f"model:{entry.name}"
-        else:
-            log.warning("no calibration data for %s: using its example input; pass --calib "
-                        "with real data for a much better database", entry.name)
-            batches, source = [example], "example-input"
-        calibration = Calibration(batches, {"source": source, "batch_size": self.batch_size,
-                                            "seq_len": setting.seq_len,
-                                            "image_size": setting.image_size})
-        found = calibration.samples          # what was really loaded, not what was asked
+        """The batches, and a description of what was really loaded for the records."""
+        batches, source = self._batches(entry, setting, example)
+        if not batches:
+            raise SpdyError(f"{source} gave no calibration batches; pass --calib FILE")
+        counts = [batch_samples(batch) for batch in batches]
+        found = sum(counts)                   # what was really loaded, not what was asked
         if found < self.samples and source != "example-input":
             log.warning("%s holds %d calibration samples, fewer than the %d asked for; using "
                         "%d", source, found, self.samples, found)
-        return Calibration(batches, {**calibration.description, "samples": found,
-                                     "requested": self.samples})
+        return Calibration(batches, {"source": source, "samples": found,
+                                     "requested": self.samples, "batch_size": max(counts),
+                                     "seq_len": setting.seq_len,
+                                     "image_size": setting.image_size})
+
+    def _batches(self, entry: ModelEntry, setting: ModelSetting,
+                 example: Any) -> tuple[list[Any], str]:
+        """(batches, source): the user's files, the model's own data, or its example input."""
+        if self.calib:
+            batches = _file_batches(Path(self.calib), self.samples, self.batch_size)
+            return list(batches), f"file:{self.calib}"
+        if entry.calibration is not None:
+            calib_setting = ModelSetting(self.batch_size, setting.seq_len, setting.image_size)
+            return _model_batches(entry, calib_setting, self.samples), f"model:{entry.name}"
+        log.warning("no calibration data for %s: using its example input; pass --calib "
+                    "with real data for a much better database", entry.name)
+        return [example], "example-input"
+
+
+def _model_batches(entry: ModelEntry, setting: ModelSetting, samples: int) -> list[Any]:
+    """The model entry's own calibration batches. Its function is the user's code: a failure
+    is one line naming it (the traceback is kept as the cause, printed with --debug)."""
+    function = entry.calibration
+    try:
+        return list(function(setting, samples))
+    except SpdyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the user's calibration function
+        name = f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', '?')}"
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SpdyError(f"the calibration function {name} of model {entry.name} failed "
+                        f"({type(e).__name__}: {message}); fix it, or pass --calib FILE "
+                        "instead") from e
 
 
 def _file_batches(path: Path, samples: int, batch_size: int) -> Iterator[Any]:

@@ -12,19 +12,64 @@ from .errors import SpdyError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the new one, never half."""
+    """Write `data` to `path` so that a reader sees the old file or the new one, never half;
+    no temporary file is left behind, whatever happens."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _cannot_write(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as e:
+        raise _cannot_write(path, e) from e
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def _cannot_write(path: Path, error: OSError) -> SpdyError:
+    return SpdyError(f"cannot write {path} ({error.strerror or error}); choose a writable "
+                     "location with free space")
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """`path` as a file this process can write, refused before any work: a directory, a
+    location under a file or one with no write permission is a one-line error naming `flag`."""
+    path = Path(path)
+    if path.is_dir():
+        raise SpdyError(f"{flag} {path} is a directory; give the path of a file to write")
+    _check_can_create_in(path.parent, path, flag)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """`path` as a directory this process can create or write into, checked before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SpdyError(f"{flag} {path} is a file, not a directory; give a directory path")
+    _check_can_create_in(path, path, flag)
+    return path
+
+
+def _check_can_create_in(directory: Path, path: Path, flag: str) -> None:
+    """Files can be created in `directory` (made later if missing): its nearest existing
+    ancestor is a directory we can create a file in. A real file is tried, since permission
+    bits do not tell (root ignores them; /proc refuses anyway)."""
+    existing = next(p for p in (directory, *directory.parents, Path(".")) if p.exists())
+    if not existing.is_dir():
+        raise SpdyError(f"{flag} {path}: {existing} is a file, not a directory; choose "
+                        "another location")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise SpdyError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e}); "
+                        "choose a writable location") from None
 
 
 def save_json(path: str | os.PathLike, kind: str, version: int, body: dict[str, Any]) -> None:

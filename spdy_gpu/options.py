@@ -49,8 +49,11 @@ class SparsityOption:
         else:
             ok = False
         if not ok:
-            raise SpdyError(f"invalid sparsity option {self!r}; sparsity must lie in (0, 1), "
-                            "blocks need two positive sizes, N:M needs 0 < N < M")
+            shape = {"block": f", block {self.block}",
+                     "nm": f", {self.n}:{self.m}"}.get(self.pattern, "")
+            raise SpdyError(f"invalid {self.pattern} sparsity option (sparsity "
+                            f"{self.sparsity:g}{shape}); sparsity must lie in (0, 1), blocks "
+                            "need two positive sizes, N:M needs 0 < N < M")
 
     @classmethod
     def dense(cls) -> SparsityOption:

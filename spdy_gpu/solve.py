@@ -42,12 +42,7 @@ class Planner:
     """
 
     def __init__(self, table: TimingTable, exclude: Sequence[str] = (), buckets: int = 10_000):
-        if not table.dense_total_ms > 0:
-            raise SpdyError(f"the timing table's dense_total_ms is {table.dense_total_ms}; it "
-                            "must be > 0, re-measure the table")
-        if not table.layers:
-            raise SpdyError("the timing table has no layers; re-measure it on a model with "
-                            "prunable layers")
+        # A TimingTable always has layers and a positive dense total (TimingTable.validate).
         excluded = [name for name in table.layer_names
                     if any(fnmatch.fnmatchcase(name, p) for p in exclude)]
         if len(excluded) == len(table.layers):

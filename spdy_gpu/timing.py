@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,13 @@ from .jsonio import load_json, located, require, save_json
 from .options import SparsityOption, parse_options
 
 TABLE_FORMAT, TABLE_VERSION = "spdy-gpu/timing-table", 1
+
+
+def checkpoint_path(table_path: str | os.PathLike) -> Path:
+    """Where the measurement of the table `table_path` keeps its progress until the table is
+    saved: TABLE.partial, next to it."""
+    table_path = Path(table_path)
+    return table_path.with_name(table_path.name + ".partial")
 
 
 @dataclass(frozen=True)
@@ -98,9 +107,16 @@ class TimingTable:
         names = self.layer_names
         if len(set(names)) != len(names):
             raise SpdyError("duplicate layer names; regenerate the table")
-        for value, what in ((self.dense_total_ms, "dense_total_ms"), (self.fixed_ms, "fixed_ms")):
-            if not (math.isfinite(value) and value >= 0):
-                raise SpdyError(f"{what} = {value} must be finite and >= 0")
+        if not self.layers:
+            raise SpdyError("the timing table has no layers; re-measure it on a model with "
+                            "prunable layers")
+        # Every speedup divides by the dense total: it must be a real, positive time.
+        if not (math.isfinite(self.dense_total_ms) and self.dense_total_ms > 0):
+            raise SpdyError(f"dense_total_ms = {self.dense_total_ms} must be finite and > 0; "
+                            "re-measure the table")
+        if not (math.isfinite(self.fixed_ms) and self.fixed_ms >= 0):
+            raise SpdyError(f"fixed_ms = {self.fixed_ms} must be finite and >= 0; "
+                            "re-measure the table")
         for layer in self.layers:
             if {len(layer.median_ms), len(layer.spread_ms)} != {len(self.options)}:
                 raise SpdyError(f"layer {layer.name!r} has {len(layer.median_ms)} times "
@@ -122,6 +138,8 @@ class TimingTable:
                             + "); re-measure here or pass --force")
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the table; its measurement checkpoint (`checkpoint_path`) is removed only
+        then, so no measurement is lost when the write fails."""
         save_json(path, TABLE_FORMAT, TABLE_VERSION, {
             "model": self.model,
             "estimated": self.estimated,
@@ -134,6 +152,7 @@ class TimingTable:
                         "median_ms": list(l.median_ms), "spread_ms": list(l.spread_ms),
                         "note": l.note} for l in self.layers],
         })
+        checkpoint_path(path).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TimingTable:
@@ -159,3 +178,27 @@ class TimingTable:
                 provenance=dict(doc.get("provenance", {})))
         except SpdyError as e:
             raise located(path, e) from None
+
+
+def check_options_supported(backend: Any, layers: Sequence[Any],
+                            options: Sequence[SparsityOption]) -> None:
+    """Refuse sparse options `backend` runs on no layer of the model: their column of the
+    table would be all null, a measurement that silently measured nothing."""
+    sparse = [o for o in options if o.pattern != "dense"]
+    unsupported = [o.name for o in sparse if not any(backend.supports(x, o) for x in layers)]
+    if not unsupported:
+        return
+    supported = [o.name for o in sparse if o.name not in unsupported]
+    kinds = ", ".join(sorted({x.kind for x in layers}))
+    if not supported:
+        raise SpdyError(f"backend {backend.name} supports none of the options "
+                        f"{_listed(unsupported)} on this model's layers ({kinds}); pick "
+                        "another --pattern, --options or backend")
+    raise SpdyError(f"backend {backend.name} runs {_listed(unsupported)} on no layer of this "
+                    f"model ({kinds}); it runs {_listed(supported)}: drop the others from "
+                    "--options")
+
+
+def _listed(names: Sequence[str], shown: int = 3) -> str:
+    more = f"... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

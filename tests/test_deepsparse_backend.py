@@ -11,7 +11,6 @@ from torch import nn
 from spdy_gpu.errors import MissingDependencyError, SpdyError
 from spdy_gpu.layers import LayerInfo, discover_layers
 from spdy_gpu.options import SparsityOption
-from tests.conftest import fingerprint
 
 OPTIONS = [SparsityOption.dense(), SparsityOption.unstructured(0.5),
            SparsityOption.unstructured(0.9)]
@@ -40,19 +39,21 @@ def test_attribute_layers_sums_per_module_and_refuses_fusion():
         attribute_layers(info[:2], to_module)
 
 
-def test_checkpoint_resumes_only_the_same_setting(tmp_path):
+def test_checkpoint_resumes_only_the_same_key(tmp_path, caplog):
     from spdy_gpu.backends.deepsparse import _Checkpoint
     path = tmp_path / "t.json.partial"
-    store = _Checkpoint(path, fingerprint(), OPTIONS, ["a"], "toy")
+    key = {"model": "toy", "layers": [["a", [8, 8], 1, 4]], "protocol": {"repeats": 3}}
+    store = _Checkpoint(path, key)
     store.add(0, OPTIONS[1], {"a": 1.0})
     store.add(1, OPTIONS[1], {"a": 3.0})
-    again = _Checkpoint(path, fingerprint(), OPTIONS, ["a"], "toy")
+    again = _Checkpoint(path, key)
     assert again.done == 2 and again.has(1, OPTIONS[1]) and not again.has(0, OPTIONS[0])
     assert sorted(again.values(OPTIONS[1], "a")) == [1.0, 3.0]
-    other = _Checkpoint(path, fingerprint(threads=1), OPTIONS, ["a"], "toy")
-    assert other.done == 0
+    with caplog.at_level("WARNING"):
+        assert _Checkpoint(path, {**key, "protocol": {"repeats": 5}}).done == 0
+    assert "other protocol" in caplog.text
     path.write_text('{"key": ')                               # truncated file
-    assert _Checkpoint(path, fingerprint(), OPTIONS, ["a"], "toy").done == 0
+    assert _Checkpoint(path, key).done == 0
 
 
 def test_supports_unstructured_but_not_grouped_convs():
@@ -106,6 +107,8 @@ def test_measure_table_resumes_after_interruption(backend, tmp_path, monkeypatch
     assert checkpoint.exists() and len(calls) == 3
     monkeypatch.setattr(type(backend), "analyse", real)
     table = backend.measure_table(model, example, layers, OPTIONS, **kwargs)
+    assert checkpoint.exists(), "kept until the table is saved"
+    table.save(tmp_path / "t.json")
     assert not checkpoint.exists()
     assert table.layer_names == ["up", "down"]
     assert table.layers[0].gemm == (512, 128, 64)

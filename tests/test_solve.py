@@ -93,10 +93,12 @@ def test_infeasible_fields_mean_the_whole_model(toy_table):
 
 def test_planner_refuses_tables_it_cannot_plan_on(toy_table):
     import dataclasses
-    with pytest.raises(SpdyError, match="dense_total_ms is 0"):
+    with pytest.raises(SpdyError, match="dense_total_ms = 0.0 must be finite and > 0"):
         Planner(dataclasses.replace(toy_table, dense_total_ms=0.0))
-    with pytest.raises(SpdyError, match="no layers"):
+    with pytest.raises(SpdyError, match="the timing table has no layers"):
         Planner(dataclasses.replace(toy_table, layers=()))
+    with pytest.raises(SpdyError, match="every layer is excluded"):
+        Planner(toy_table, exclude=["layer*"])
 
 
 @pytest.mark.parametrize("seed", range(20))

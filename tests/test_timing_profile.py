@@ -36,7 +36,9 @@ def _corrupt(path, edit):
     (lambda d: d.update(version=99), "version 99 is not supported"),
     (lambda d: d.pop("fixed_ms"), "missing field 'fixed_ms'"),
     (lambda d: d.update(fixed_ms="1"), "field 'fixed_ms' has type str"),
-    (lambda d: d.update(dense_total_ms=-1), "must be finite and >= 0"),
+    (lambda d: d.update(dense_total_ms=-1), "must be finite and > 0"),
+    (lambda d: d.update(dense_total_ms=0), "must be finite and > 0"),
+    (lambda d: d.update(layers=[]), "has no layers"),
     (lambda d: d["layers"][0]["median_ms"].pop(), "has 3 times for 4 options"),
     (lambda d: d["layers"][0]["median_ms"].__setitem__(1, -2.0), "finite and >= 0"),
     (lambda d: d["layers"][0]["median_ms"].__setitem__(0, None), "no dense time"),
@@ -79,7 +81,7 @@ def test_saving_is_atomic(tmp_path, toy_table, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
     monkeypatch.setattr("os.fsync", explode)
-    with pytest.raises(OSError):
+    with pytest.raises(SpdyError, match=r"cannot write .* \(disk full\)"):
         toy_table.save(path)
     assert path.read_text() == before
     assert list(tmp_path.iterdir()) == [path], "no temporary file left behind"

@@ -215,12 +215,13 @@ def test_measured_spec_round_trips_and_bad_files_are_refused(tmp_path):
 
 def test_cache_key_names_everything_a_time_depends_on():
     base = dict(device="NVIDIA H100", software={"torch": "2.13", "triton": "3.9"},
-                dtype="bf16", gemm=(384, 384, 128), option=block(0.5))
+                dtype="bf16", gemm=(384, 384, 128), option=block(0.5), repeats=3)
     variants = [base, {**base, "device": "NVIDIA A100"},
                 {**base, "software": {"torch": "2.13", "triton": "3.8"}},
                 {**base, "dtype": "fp16"}, {**base, "gemm": (384, 384, 4096)},
                 {**base, "gemm": (1536, 384, 128)}, {**base, "option": block(0.6)},
-                {**base, "option": block(0.5, 64)}, {**base, "option": DENSE}]
+                {**base, "option": block(0.5, 64)}, {**base, "option": DENSE},
+                {**base, "repeats": 5}]
     keys = {cache_key(**v) for v in variants}
     assert len(keys) == len(variants)
     assert cache_key(**base) == cache_key(**{**base, "software": {"triton": "3.9",
@@ -241,7 +242,7 @@ def test_cache_persists_merges_and_writes_atomically(tmp_path, monkeypatch, capl
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(SpdyError, match=r"cannot write .* \(disk full\)"):
         TimingCache(path).put("c", 3.0, 0.0)
     assert path.read_bytes() == before                          # old file intact, no half file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]
@@ -376,9 +377,10 @@ def test_interrupted_measurement_resumes_from_checkpoint(tmp_path):
                 TwoLayer(), options, checkpoint=checkpoint)
     assert len(TimingCache(checkpoint).entries) == 2
     resumed = InterpretedBackend(cache_dir=tmp_path / "c2")   # empty cache: only the checkpoint
-    measure(resumed, TwoLayer(), options, checkpoint=checkpoint)
+    table = measure(resumed, TwoLayer(), options, checkpoint=checkpoint)
     assert resumed.calls == 2 + 1                             # 2 options left + the whole model
-    assert not checkpoint.exists()                            # removed once complete
+    table.save(tmp_path / "run")
+    assert not checkpoint.exists()                            # removed once the table is saved
 
 
 def test_conv_layers_stay_dense_with_a_note(tmp_path):

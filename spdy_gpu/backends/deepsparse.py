@@ -187,7 +187,8 @@ class DeepSparseBackend:
         fingerprint = self.fingerprint(example)
         batch = fingerprint.batch_size
         names = [layer.name for layer in layers]
-        store = _Checkpoint(checkpoint, fingerprint, options, names, model_name)
+        store = _Checkpoint(checkpoint, self._checkpoint_key(fingerprint, options, layers,
+                                                             model_name))
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="spdy-deepsparse-") as tmp:
             export = self._export(model, example, layers, Path(tmp) / "model.onnx")
@@ -223,8 +224,19 @@ class DeepSparseBackend:
                           calibration_engines=engines,
                           collection_s=round(time.perf_counter() - started, 1)
                           + store.previous_seconds)
-        store.remove()
+        # The checkpoint stays until the caller has saved the table (TimingTable.save).
         return dataclasses.replace(table, fixed_ms=max(fixed, 0.0), provenance=provenance)
+
+    def _checkpoint_key(self, fingerprint: Fingerprint, options: list[SparsityOption],
+                        layers: list[LayerInfo], model_name: str) -> dict[str, Any]:
+        """Everything a stored analysis call depends on: a rerun resumes only when all of it
+        is the same (a changed layer shape, grid or protocol starts afresh)."""
+        return {"model": model_name, "fingerprint": dataclasses.asdict(fingerprint),
+                "options": [o.name for o in options],
+                "layers": [[x.name, list(x.weight_shape), x.groups, x.m] for x in layers],
+                "protocol": {"repeats": self.repeats, "iterations": self.iterations,
+                             "warmup": self.warmup, "sparsity_source": self.sparsity_source,
+                             "optimization_level": self.optimization_level}}
 
     def _repeated_calls(self, store: _Checkpoint, options: list[SparsityOption],
                         measure: Callable[[SparsityOption], dict[str, float]],
@@ -614,14 +626,12 @@ def _quiet_fd() -> Iterator[None]:
 class _Checkpoint:
     """Analysis samples of an interrupted `measure_table`, in a JSON file next to the output.
 
-    Resumes only a run of the same fingerprint, options, layers and model; anything else in
-    the file is discarded with a warning."""
+    Resumes only a run of the same key (see DeepSparseBackend._checkpoint_key); anything
+    else in the file is discarded with a warning naming what changed."""
 
-    def __init__(self, path: Path | None, fingerprint: Fingerprint,
-                 options: list[SparsityOption], layers: list[str], model: str) -> None:
+    def __init__(self, path: Path | None, key: dict[str, Any]) -> None:
         self.path = path
-        self.key = {"fingerprint": dataclasses.asdict(fingerprint),
-                    "options": [o.name for o in options], "layers": layers, "model": model}
+        self.key = json.loads(json.dumps(key))          # as it reads back from the file
         self.samples: dict[str, dict[str, float]] = {}
         self.previous_seconds = 0.0
         self.started = time.perf_counter()
@@ -631,16 +641,19 @@ class _Checkpoint:
     def _resume(self, path: Path) -> None:
         try:
             document = json.loads(path.read_text())
-            same = document["key"] == json.loads(json.dumps(self.key))
-            samples = document["samples"] if same else {}
-            self.previous_seconds = float(document.get("seconds", 0.0)) if same else 0.0
-        except (OSError, ValueError, KeyError, TypeError):
+            stored = document["key"]
+            changed = [name for name in self.key if stored.get(name) != self.key[name]]
+            samples = {k: {n: float(v) for n, v in s.items()}
+                       for k, s in document["samples"].items()}
+            seconds = float(document.get("seconds", 0.0))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             log.warning("%s is unreadable; starting the measurement afresh", path)
             return
-        if not same:
-            log.warning("%s belongs to another setting; starting afresh", path)
+        if changed:
+            log.warning("%s was measured with other %s; starting afresh", path,
+                        ", ".join(changed))
             return
-        self.samples = {k: {n: float(v) for n, v in s.items()} for k, s in samples.items()}
+        self.samples, self.previous_seconds = samples, seconds
         log.info("resuming from %s: %d analysis calls already done", path, len(self.samples))
 
     @property
@@ -684,7 +697,3 @@ class _Checkpoint:
     def samples_of(self, option: SparsityOption) -> list[dict[str, float]]:
         return [sample for slot, sample in sorted(self.samples.items())
                 if slot.split(":", 1)[1] == option.name]
-
-    def remove(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)

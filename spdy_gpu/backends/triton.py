@@ -103,12 +103,13 @@ def _timing_pair(value: Any) -> tuple[float, float]:
 
 
 def cache_key(device: str, software: dict[str, str], dtype: str, gemm: tuple[int, int, int],
-              option: SparsityOption, geometry: str = "") -> str:
-    """One string naming everything a kernel time depends on. gemm: (N, K, M); geometry:
-    whatever else shapes the work (a conv's input shape, stride, padding)."""
+              option: SparsityOption, repeats: int, geometry: str = "") -> str:
+    """One string naming everything a kernel time depends on. gemm: (N, K, M); repeats:
+    do_bench calls it is the median of (a table records it); geometry: whatever else shapes
+    the work (a conv's input shape, stride, padding)."""
     versions = ",".join(f"{name}={version}" for name, version in sorted(software.items()))
     n, k, m = gemm
-    return f"{device}|{versions}|{dtype}|{n}x{k}x{m}{geometry}|{option.name}"
+    return f"{device}|{versions}|{dtype}|{n}x{k}x{m}{geometry}|{option.name}|x{repeats}"
 
 
 # ---- the backend ----------------------------------------------------------------------------
@@ -159,7 +160,7 @@ class TritonTables:
                       checkpoint: Path | None = None) -> TimingTable:
         """Per-layer times for every option, dense end-to-end time, fixed time. With
         `checkpoint`, every new time is also saved there (and in the cache) so an interrupted
-        run resumes; the checkpoint is removed once the table is complete."""
+        run resumes; it stays until the table is saved (TimingTable.save removes it)."""
         if not options or options[0].pattern != "dense":
             raise SpdyError("the option list must start with dense; add 'dense' first")
         missing = [layer.name for layer in layers if layer.m is None]
@@ -283,7 +284,7 @@ class TritonBackend(TritonTables):
             if layer.kind == "conv2d":
                 geometry = _conv_geometry(module, conv_shapes[layer.name])
             key = cache_key(device, software, self.dtype, (layer.n, layer.k, layer.m), option,
-                            geometry)
+                            self.repeats, geometry)
             timing = cache.get(key) or partial.get(key)
             hits += timing is not None
             if timing is None:
@@ -293,8 +294,6 @@ class TritonBackend(TritonTables):
                 partial.put(key, *timing)
             times[(layer.name, option)] = timing
         dense_total = self._interleaved({"model": gpu_model}, inputs)["model"].median_ms
-        if checkpoint is not None:
-            Path(checkpoint).unlink(missing_ok=True)     # complete: the cache keeps the times
         provenance = {"method": f"triton.testing.do_bench median, L2 flushed, x{self.repeats}",
                       "masks": "block_mask on each layer's weights; same-shape layers share "
                                "cached times",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..jsonio import check_output_file
 from .common import add_model_args, exclude_patterns, model_from_args
 
 
@@ -26,6 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..deploy import apply_profile
 
+    check_output_file(args.out)
     entry, setting = model_from_args(args)
     model, _ = entry.build(setting)
     result = apply_profile(model, args.profile, args.out, database=args.database,

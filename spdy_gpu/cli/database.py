@@ -9,6 +9,7 @@ import time
 
 from ..data import CalibrationSpec
 from ..errors import SpdyError
+from ..jsonio import check_output_dir, check_output_file
 from ..layers import prunable_modules
 from .common import (
     add_model_args,
@@ -72,6 +73,7 @@ def calibration_from_args(args: argparse.Namespace) -> CalibrationSpec:
 
 def run(args: argparse.Namespace) -> int:
     from ..reconstruct import AdaPruneConfig, FastConfig, build_database
+    check_output_dir(args.out)
     entry, setting = model_from_args(args)
     model, example = entry.build(setting)
     layers = list(prunable_modules(model, exclude_patterns(args, entry)))
@@ -118,6 +120,7 @@ def run_gap(args: argparse.Namespace) -> int:
     from ..pipeline import GapSettings, global_adaprune_profile
     from ..profile import Profile
     from ..reconstruct import Database
+    check_output_file(args.out)
     entry, setting = model_from_args(args)
     database = Database.open(args.database)
     profile = Profile.load(args.profile)

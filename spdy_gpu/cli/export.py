@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..jsonio import check_output_file
 from .common import add_model_args, exclude_patterns, model_from_args
 
 
@@ -32,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..deploy import export_profile
 
+    check_output_file(args.out)
     entry, setting = model_from_args(args)
     model, example = entry.build(setting)
     result = export_profile(model, example, args.profile, args.out, format=args.format,

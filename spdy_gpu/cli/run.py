@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..jsonio import check_output_dir
 from ..pipeline import GapSettings, RunReport, RunSettings, run
 from ..reconstruct import FastConfig
 from ..search import SearchConfig
@@ -80,6 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    check_output_dir(args.out)
+    if args.database is not None:
+        check_output_dir(args.database, "--database")
     entry, setting = model_from_args(args)
     backend = backend_from_args(args)
     settings = RunSettings(

@@ -8,6 +8,7 @@ import shlex
 import sys
 from datetime import datetime, timezone
 
+from ..jsonio import check_output_file
 from ..profile import Profile
 from ..solve import Planner, load_errors
 from ..timing import TimingTable
@@ -37,6 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.out)
+    if args.plot:
+        check_output_file(args.plot, "--plot")
     table = TimingTable.load(args.timings)
     planner = Planner(table, args.exclude, args.buckets)
     errors = None if args.errors is None else load_errors(args.errors, table.options)

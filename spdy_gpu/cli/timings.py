@@ -12,11 +12,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..backends import LatencyBackend
-from ..errors import SpdyError
-from ..layers import LayerInfo, discover_layers
-from ..options import SparsityOption
-from ..timing import TimingTable
+from ..jsonio import check_output_file
+from ..layers import discover_layers
+from ..timing import TimingTable, check_options_supported, checkpoint_path
 from .common import (
     add_backend_args,
     add_model_args,
@@ -46,31 +44,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def searchable_layers(backend: LatencyBackend, layers: list[LayerInfo],
-                      options: list[SparsityOption]) -> list[LayerInfo]:
-    """The layers, refusing a model none of whose layers the backend can prune."""
-    sparse = [o for o in options if o.pattern != "dense"]
-    if sparse and not any(backend.supports(layer, o) for layer in layers for o in sparse):
-        kinds = sorted({layer.kind for layer in layers})
-        raise SpdyError(f"backend {backend.name} supports none of the options "
-                        f"{[o.name for o in sparse[:2]]}... on this model's layers ({kinds}); "
-                        "pick another --pattern or backend")
-    return layers
-
-
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = check_output_file(args.out)
+    if args.plot:
+        check_output_file(args.plot, "--plot")
     entry, setting = model_from_args(args)
     backend = backend_from_args(args)
     options = options_from_args(args, backend.default_pattern)
     started = time.perf_counter()
     model, example = entry.build(setting)
     layers = discover_layers(model, example, exclude_patterns(args, entry))
-    layers = searchable_layers(backend, layers, options)
+    check_options_supported(backend, layers, options)
     log.info("%s: %d prunable layers x %d options on %s", entry.name, len(layers),
              len(options), args.backend)
     table = backend.measure_table(model, example, layers, options, model_name=entry.name,
-                                  checkpoint=out.with_name(out.name + ".partial"))
+                                  checkpoint=checkpoint_path(out))
     table = dataclasses.replace(table, provenance={
         **table.provenance,
         "command": shlex.join(["spdy-gpu", *sys.argv[1:]]),

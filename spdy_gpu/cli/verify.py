@@ -8,7 +8,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from ..jsonio import save_json
+from ..jsonio import check_output_file, save_json
 from ..pipeline import verify_profile
 from ..profile import Profile
 from .common import add_backend_args, add_model_args, backend_from_args, model_from_args
@@ -36,6 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out:
+        check_output_file(args.out)
     profile = Profile.load(args.profile)
     entry, setting = model_from_args(args)
     backend = backend_from_args(args, for_latency=True)
