@@ -45,7 +45,7 @@ from .reconstruct import (
 from .scoring import HeldOutScorer
 from .search import SearchConfig, SearchResult, search
 from .solve import Planner
-from .timing import TimingTable
+from .timing import TimingTable, check_options_supported
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ def _remove(out: Path, names: Sequence[str]) -> None:
 
 
 def calibration_split(entry: ModelEntry, setting: ModelSetting, example: Any,
-                 settings: RunSettings) -> tuple[Calibration, Calibration]:
+                      settings: RunSettings) -> tuple[Calibration, Calibration]:
     """(data for the database, held-out data for the search). With nothing but the
     example input there is nothing to hold out: both use it, and the report says so."""
     calibration = settings.calibration.load(entry, setting, example)
@@ -414,6 +414,7 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
         log.warning("not reusing %s: %s", path, why)
     options = list(settings.options or settings.measure_grid
                    or option_grid(backend.default_pattern))
+    check_options_supported(backend, layers, options)
     log.info("measuring the timing table: %d layers x %d options on %s", len(layers),
              len(options), backend.name)
     table = backend.measure_table(model, example, layers, options, model_name=entry.name,
