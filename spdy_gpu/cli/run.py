@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..backends import LatencyBackend
 from ..jsonio import check_output_dir
+from ..models import ModelEntry
 from ..pipeline import GapSettings, RunReport, RunSettings, run
 from ..reconstruct import FastConfig
 from ..search import SearchConfig
@@ -32,21 +34,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "re-solving while it falls short), optionally run global AdaPrune, and "
                     "write the profile, pruned weights, deployable model and a report to "
                     "DIR. Rerunning the same command resumes or reuses every stage.")
+    parser.add_argument("--speedup", required=True, type=float, metavar="X",
+                        help="target speedup over the dense model, e.g. 2.0")
+    parser.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    add_method_args(parser)
+    parser.add_argument("--gap", action="store_true", help="fine-tune the pruned model (gAP)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace another run's files in DIR (matching measurements stay)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run_command)
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    """Everything that says how SPDY runs (model, backend, options, calibration, search,
+    guarantee, gAP settings): shared by `run` and `compare`."""
     add_model_args(parser)
     add_backend_args(parser)
     add_option_args(parser)
     add_calibration_args(parser)
-    parser.add_argument("--speedup", required=True, type=float, metavar="X",
-                        help="target speedup over the dense model, e.g. 2.0")
-    parser.add_argument("--out", required=True, metavar="DIR", help="run directory")
     parser.add_argument("--timings", action="append", default=[], metavar="T.json",
                         help="a timing table to reuse when it matches this model and backend "
                              "setting (repeatable; otherwise the table is measured)")
     parser.add_argument("--database", metavar="DIR", type=Path, default=None,
                         help="reconstruction database to build, resume or reuse (default: "
                              "DIR/database); share one between runs of several targets")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace another run's files in DIR (matching measurements stay)")
     group = parser.add_argument_group("search")
     group.add_argument("--search-samples", type=int, default=32,
                        help="calibration samples held out from the database and scored by the "
@@ -73,11 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--max-rounds", type=int, default=3,
                        help="measure / tighten / re-solve rounds at most (3)")
     group = parser.add_argument_group("global AdaPrune")
-    group.add_argument("--gap", action="store_true", help="fine-tune the pruned model (gAP)")
     group.add_argument("--gap-lr", type=float, default=1e-5, help="Adam lr (1e-5)")
     group.add_argument("--gap-epochs", type=int, default=10, help="epochs at most (10)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(run=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -86,8 +94,20 @@ def run_command(args: argparse.Namespace) -> int:
         check_output_dir(args.database, "--database")
     entry, setting = model_from_args(args)
     backend = backend_from_args(args)
-    settings = RunSettings(
-        speedup=args.speedup,
+    settings = run_settings_from_args(args, entry, backend, args.speedup,
+                                      GapSettings(lr=args.gap_lr, epochs=args.gap_epochs)
+                                      if args.gap else None)
+    report = run(entry, setting, backend, settings, args.out, progress=not args.quiet)
+    print(summary(report))
+    return 0
+
+
+def run_settings_from_args(args: argparse.Namespace, entry: ModelEntry,
+                           backend: LatencyBackend, speedup: float,
+                           gap: GapSettings | None) -> RunSettings:
+    """The RunSettings the arguments of add_method_args describe, for one target."""
+    return RunSettings(
+        speedup=speedup,
         options=None if args.options is None else tuple(options_from_args(args, "")),
         measure_grid=tuple(options_from_args(args, backend.default_pattern)),
         exclude=tuple(exclude_patterns(args, entry)),
@@ -99,11 +119,9 @@ def run_command(args: argparse.Namespace) -> int:
                             max_evaluations=args.max_evaluations or None,
                             max_minutes=args.max_minutes),
         errors=args.errors, loss=args.loss, fast=FastConfig(),
-        gap=GapSettings(lr=args.gap_lr, epochs=args.gap_epochs) if args.gap else None,
-        tolerance=args.tolerance, max_rounds=args.max_rounds, overwrite=args.overwrite)
-    report = run(entry, setting, backend, settings, args.out, progress=not args.quiet)
-    print(summary(report))
-    return 0
+        gap=gap,
+        tolerance=args.tolerance, max_rounds=args.max_rounds,
+        overwrite=getattr(args, "overwrite", False))
 
 
 def summary(report: RunReport) -> str:
