@@ -107,7 +107,8 @@ def compare(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
             settings: CompareSettings, out_dir: str | os.PathLike, *,
             progress: bool = True) -> CompareReport:
     """Every method at every target: measured speedup, quality and held-out loss. SPDY's
-    runs go to DIR/spdy-<target>x (sharing DIR/timings.json and DIR/database)."""
+    runs go to DIR/spdy-<target>x (sharing DIR/timings.json and the database, by default
+    DIR/database)."""
     with exclusive_directory(out_dir, "comparison directory") as out:
         report = _resume(out, entry, backend, setting, settings)
         done = {t["target"] for t in report.targets}
@@ -145,8 +146,9 @@ def _compare_target(entry: ModelEntry, setting: ModelSetting, backend: LatencyBa
     """One target: SPDY's run, then every other method at its budget, all measured."""
     run_dir = out / f"spdy-{target:g}x"
     shared_table = out / "timings.json"
+    database_dir = settings.run.database or out / "database"
     run_settings = dataclasses.replace(
-        settings.run, speedup=target, gap=None, overwrite=True, database=out / "database",
+        settings.run, speedup=target, gap=None, overwrite=True, database=database_dir,
         timings=(shared_table, *settings.run.timings))
     model, example = entry.build(setting)
     try:
@@ -158,7 +160,7 @@ def _compare_target(entry: ModelEntry, setting: ModelSetting, backend: LatencyBa
         shutil.copyfile(run_dir / "timings.json", shared_table)
     table = TimingTable.load(run_dir / "timings.json")
     planner = Planner(table, run_settings.exclude)
-    database = Database.open(out / "database")
+    database = Database.open(database_dir)
     fit, held_out = calibration_split(entry, setting, example, run_settings)
     scorer = HeldOutScorer(model, held_out.batches, database, run_settings.loss or entry.loss)
     budget_target = spdy.profile.dense_total_ms / spdy.profile.budget_ms

@@ -90,3 +90,25 @@ def test_a_comparison_without_spdy_is_refused():
     from spdy_gpu import SpdyError
     with pytest.raises(SpdyError, match="needs the spdy method"):
         compare_settings(1.5, methods=("uniform",))
+
+
+@pytest.mark.slow
+def test_compare_command_on_deepsparse(tmp_path, capsys):
+    pytest.importorskip("deepsparse")
+    from spdy_gpu.cli import main
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.randn(32, 64, 256), calib)
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", "tests.test_cli_run:mlp", "--backend", "deepsparse",
+            "--threads", "1", "--repeats", "1", "--options", "dense", "unstructured@0.5",
+            "unstructured@0.9", "--calib", str(calib), "--search-samples", "8", "--samples",
+            "24", "--calib-batch-size", "8", "--random-candidates", "3", "--patience", "2",
+            "--max-evaluations", "4", "--speedups", "1.3", "--methods", "uniform", "spdy",
+            "evolution", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "1.3x: dense" in printed and "spdy" in printed and "evolution" in printed
+    doc = json.loads((out / "compare.json").read_text())
+    assert [row["method"] for row in doc["targets"][0]["rows"]] == [
+        "dense", "uniform", "spdy", "evolution"]
+    assert (out / "compare.png").exists() and (out / "spdy-1.3x" / "model.onnx").exists()
