@@ -3,7 +3,9 @@
 A loss is `loss(pruned_output, dense_output, batch) -> scalar tensor`, lower is better.
 Built-in, by name: "nmse" (normalised squared error of the outputs, the default), "cosine"
 (1 - mean cosine similarity per sample: embeddings), "kl" (KL divergence of the pruned
-model's softmax from the dense one's: classifiers). A model entry may name one of these or
+model's softmax from the dense one's: classifiers), "cross_entropy" (the pruned model's
+cross-entropy against the dense model's soft predictions: classifiers; KL plus the dense
+entropy, so the same minimiser). A model entry may name one of these or
 bring its own callable (e.g. a task loss against labels).
 """
 
@@ -39,7 +41,16 @@ def kl(pruned: torch.Tensor, dense: torch.Tensor, batch: Any = None) -> torch.Te
     return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
 
 
-LOSSES: dict[str, Loss] = {"nmse": nmse, "cosine": cosine, "kl": kl}
+def cross_entropy(pruned: torch.Tensor, dense: torch.Tensor, batch: Any = None) -> torch.Tensor:
+    """Mean over samples of -sum softmax(dense) * log_softmax(pruned) over the last
+    dimension."""
+    log_p = F.log_softmax(pruned.double(), dim=-1).flatten(0, -2)
+    q = F.softmax(dense.double(), dim=-1).flatten(0, -2)
+    return -(q * log_p).sum(-1).mean()
+
+
+LOSSES: dict[str, Loss] = {"nmse": nmse, "cosine": cosine, "kl": kl,
+                           "cross_entropy": cross_entropy}
 
 
 def get_loss(loss: str | Loss | None) -> tuple[str, Loss]:

@@ -160,4 +160,4 @@ def _setting_kwargs(spec: str, setting: ModelSetting, accepted: set[str]) -> dic
 
 
 def _import_builtins() -> None:
-    from . import minilm  # noqa: F401  (registers itself)
+    from . import minilm, resnet_fmnist  # noqa: F401  (they register themselves)
