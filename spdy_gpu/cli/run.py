@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..backends import LatencyBackend
 from ..jsonio import check_output_dir
+from ..losses import LOSSES
 from ..models import ModelEntry
 from ..pipeline import GapSettings, RunReport, RunSettings, run
 from ..reconstruct import FastConfig
@@ -65,7 +66,7 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--errors", choices=["prior", "database"], default="prior",
                        help="per-option errors the coefficients scale: SPDY's squared-rank "
                             "prior (default) or the database's per-layer errors")
-    group.add_argument("--loss", choices=["nmse", "cosine", "kl"], default=None,
+    group.add_argument("--loss", choices=sorted(LOSSES), default=None,
                        help="model-level loss against the dense outputs (default: the "
                             "model's own, else nmse)")
     group.add_argument("--seed", type=int, default=0, help="search seed (0)")
