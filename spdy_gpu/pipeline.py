@@ -188,7 +188,7 @@ class RunSettings:
     fast: FastConfig = FastConfig()
     gap: GapSettings | None = None
     tolerance: float = 0.03               # measured may fall short of the target by this
-    max_rounds: int = 3                   # measure / tighten / re-solve, at most
+    max_rounds: int = 5                   # measure / tighten / re-solve, at most
     overwrite: bool = False
 
     def __post_init__(self) -> None:

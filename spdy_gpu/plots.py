@@ -27,7 +27,8 @@ def speedup_curves(table: TimingTable) -> tuple[np.ndarray, np.ndarray]:
     sparsities = np.array([o.sparsity for o in table.options[1:]])
     with np.errstate(divide="ignore", invalid="ignore"):
         speedup = times[:, :1] / times[:, 1:]
-    speedup[~np.isfinite(times[:, 1:]) | ~np.isfinite(speedup)] = np.nan
+    # a layer too small for the engine's clock (0 ms) has no meaningful speedup
+    speedup[~np.isfinite(times[:, 1:]) | ~np.isfinite(speedup) | (speedup <= 0)] = np.nan
     return sparsities, speedup
 
 

@@ -82,8 +82,8 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tolerance", type=float, default=0.03,
                        help="how far the measured speedup may fall short of the target "
                             "before the budget is tightened (0.03)")
-    group.add_argument("--max-rounds", type=int, default=3,
-                       help="measure / tighten / re-solve rounds at most (3)")
+    group.add_argument("--max-rounds", type=int, default=5,
+                       help="measure / tighten / re-solve rounds at most (5)")
     group = parser.add_argument_group("global AdaPrune")
     group.add_argument("--gap-lr", type=float, default=1e-5, help="Adam lr (1e-5)")
     group.add_argument("--gap-epochs", type=int, default=10, help="epochs at most (10)")
