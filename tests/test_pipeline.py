@@ -179,10 +179,30 @@ def test_a_machine_stuck_slow_is_not_used_to_tighten_the_budget(tmp_path):
                                           spread_ms=0.0, slow_engines=0)
                     for name, t in result.items()}
 
-    report = run(ENTRY, ModelSetting(), AlwaysSlow(), settings(), tmp_path, progress=False)
-    assert len(report.rounds) == 1 and report.rounds[0]["machine_slow"]
+    report = run(ENTRY, ModelSetting(), AlwaysSlow(), settings(max_rounds=3), tmp_path,
+                 progress=False)
+    assert len(report.rounds) == 3 and all(r["machine_slow"] for r in report.rounds)
+    assert {r["solved_for"] for r in report.rounds} == {1.6}      # never tightened on it
     assert any("slow state" in note for note in report.notes)
     assert report.predicted_speedup == pytest.approx(report.rounds[0]["predicted_speedup"])
+
+
+def test_a_slow_round_is_measured_again_at_the_same_budget(tmp_path):
+    class SlowAtFirst(FakeBackend):
+        def latency(self, models, example):
+            result = super().latency(models, example)
+            if self.latency_calls > 2:              # both first measurements were slow
+                return result
+            return {name: SimpleNamespace(median_ms=t.median_ms * (1.3 if name == "dense"
+                                                                   else 1.6),
+                                          spread_ms=0.0, slow_engines=0)
+                    for name, t in result.items()}
+
+    report = run(ENTRY, ModelSetting(), SlowAtFirst(), settings(), tmp_path, progress=False)
+    first, second = report.rounds[:2]
+    assert first["machine_slow"] and not second["machine_slow"]
+    assert second["solved_for"] == first["solved_for"] and second["met"]
+    assert not any("slow state" in note for note in report.notes)
 
 
 def test_another_runs_directory_is_refused_unless_overwrite(tmp_path):
