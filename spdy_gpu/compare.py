@@ -177,7 +177,7 @@ def _compare_target(entry: ModelEntry, setting: ModelSetting, backend: LatencyBa
     latency = backend.latency({"dense": model, **models}, example)
     dense_ms = latency["dense"].median_ms
     rows = [_row("dense", None, planner, budget_target, latency["dense"], dense_ms,
-                 entry.quality(model, model) if entry.quality else {}, 0.0)]
+                 entry.quality_of(model, model), 0.0)]
     for method in settings.methods:
         picks = choices.get(method)
         if picks is None:
@@ -186,7 +186,7 @@ def _compare_target(entry: ModelEntry, setting: ModelSetting, backend: LatencyBa
             continue
         pruned = models[method]
         rows.append(_row(method, picks, planner, budget_target, latency[method], dense_ms,
-                         entry.quality(pruned, model) if entry.quality else {},
+                         entry.quality_of(pruned, model),
                          scorer.loss_of(pruned)))
     return {"target": target, "solved_for": budget_target, "run_dir": str(run_dir),
             "spdy_measured_speedup": spdy.measured_speedup,

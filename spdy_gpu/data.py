@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import SpdyError
+from .errors import SpdyError, function_name, user_code
 from .models import ModelEntry, ModelSetting
 
 log = logging.getLogger(__name__)
@@ -107,17 +107,9 @@ class CalibrationSpec:
 def _model_batches(entry: ModelEntry, setting: ModelSetting, samples: int) -> list[Any]:
     """The model entry's own calibration batches. Its function is the user's code: a failure
     is one line naming it (the traceback is kept as the cause, printed with --debug)."""
-    function = entry.calibration
-    try:
-        return list(function(setting, samples))
-    except SpdyError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure of the user's calibration function
-        name = f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', '?')}"
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise SpdyError(f"the calibration function {name} of model {entry.name} failed "
-                        f"({type(e).__name__}: {message}); fix it, or pass --calib FILE "
-                        "instead") from e
+    with user_code(f"the calibration function {function_name(entry.calibration)} of model "
+                   f"{entry.name}", "fix it, or pass --calib FILE instead"):
+        return list(entry.calibration(setting, samples))
 
 
 def _file_batches(path: Path, samples: int, batch_size: int) -> Iterator[Any]:

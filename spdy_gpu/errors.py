@@ -1,5 +1,10 @@
 """User-facing errors: each carries a one-line message naming the problem and the fix."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class SpdyError(ValueError):
     """Bad input or an impossible request. The CLI prints the message and exits with 2."""
@@ -21,3 +26,23 @@ class MissingDependencyError(SpdyError):
         super().__init__(
             f"{package} is not installed; install it with: pip install 'spdy-gpu[{extra}]'"
         )
+
+
+@contextmanager
+def user_code(what: str, fix: str) -> Iterator[None]:
+    """A failure of the user's code in the block (a model function, its forward, a loss,
+    a calibration or quality function) becomes one line naming `what`, the exception and
+    `fix`; the original exception stays as the cause, which `--debug` prints."""
+    try:
+        yield
+    except SpdyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything the user's code raises
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SpdyError(f"{what} raised {type(e).__name__}: {first}; {fix}") from e
+
+
+def function_name(function: object) -> str:
+    """module.qualname of a function, for messages."""
+    return (f"{getattr(function, '__module__', '?')}."
+            f"{getattr(function, '__qualname__', type(function).__name__)}")

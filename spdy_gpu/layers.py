@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SpdyError
+from .errors import SpdyError, user_code
 
 
 @dataclass(frozen=True)
@@ -52,19 +52,14 @@ class LayerInfo:
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """Run `model` on an input given as a tensor, a tuple of tensors or a dict. A model that
     fails on its input is a bad input (wrong shape, dtype or keys), reported in one line."""
-    try:
+    with user_code("the model failed on its input: its forward",
+                   "check that the example or calibration input (--calib) has the shape, "
+                   f"dtype and keys the model takes (got {_describe(inputs)})"):
         if isinstance(inputs, dict):
             return model(**inputs)
         if isinstance(inputs, (tuple, list)):
             return model(*inputs)
         return model(inputs)
-    except SpdyError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure of the user's forward
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise SpdyError(f"the model failed on its input ({type(e).__name__}: {first}); check "
-                        "that the example or calibration input (--calib) has the shape, "
-                        f"dtype and keys the model takes (got {_describe(inputs)})") from None
 
 
 def _describe(inputs: Any) -> str:

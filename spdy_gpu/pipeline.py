@@ -301,8 +301,7 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
             note.update(loss_before=gap.loss_before, loss_after=gap.loss_after)
             report.held_out_loss["spdy+gap"] = scorer.loss_of(pruned)
     with _stage(report, "quality"):
-        if entry.quality is not None:
-            report.quality = entry.quality(pruned, model)
+        report.quality = entry.quality_of(pruned, model)
     with _stage(report, "export"):
         report.outputs = _export(backend, pruned, example, profile, out)
     _write_report(report, table, planner, costs, out)

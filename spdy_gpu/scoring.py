@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import user_code
 from .layers import call_model
 from .losses import Loss, get_loss, output_tensor
 from .options import SparsityOption
@@ -39,7 +40,8 @@ class HeldOutScorer:
 
     def loss_of(self, model: nn.Module) -> float:
         """Mean loss of `model` (e.g. a pruned copy after gAP) against the dense outputs."""
-        with torch.inference_mode():
+        with torch.inference_mode(), user_code(f"the loss {self.loss_name}",
+                                               "fix the model's loss function"):
             losses = [float(self.loss(self._forward(batch, model), dense, batch))
                       for batch, dense in zip(self.batches, self.dense_outputs)]
         return sum(losses) / len(losses)

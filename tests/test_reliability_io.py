@@ -248,7 +248,7 @@ def test_a_failing_calibration_function_is_one_line_naming_it():
         raise KeyError("tokenizer")
     entry = ModelEntry("toy", "", tiny, calibration=broken_calibration)
     with pytest.raises(SpdyError, match=r"the calibration function .*broken_calibration of "
-                                        r"model toy failed \(KeyError: 'tokenizer'\)") as error:
+                                        r"model toy raised KeyError: 'tokenizer'") as error:
         CalibrationSpec().load(entry, ModelSetting(), None)
     assert isinstance(error.value.__cause__, KeyError), "the original kept for --debug"
 
@@ -279,3 +279,24 @@ def test_unexpected_errors_are_one_line_internal_errors(table_file, tmp_path, ca
     assert main(["--debug", *argv]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "in bug" in err
+
+
+def test_a_failing_loss_or_quality_function_is_one_line_naming_it():
+    from spdy_gpu.scoring import HeldOutScorer
+
+    def broken_loss(pruned, dense, batch):
+        raise ZeroDivisionError("labels missing")
+
+    def broken_quality(pruned, dense):
+        raise OSError("test set not found")
+
+    model, example = tiny()
+    scorer = HeldOutScorer(model, [example], None, broken_loss)
+    with pytest.raises(SpdyError, match="the loss broken_loss raised ZeroDivisionError: "
+                                        "labels missing; fix") as error:
+        scorer.loss_of(model)
+    assert isinstance(error.value.__cause__, ZeroDivisionError)
+    entry = ModelEntry("toy", "", tiny, quality=broken_quality)
+    with pytest.raises(SpdyError, match="quality function of model toy raised OSError"):
+        entry.quality_of(model, model)
+    assert ModelEntry("toy", "", tiny).quality_of(model, model) == {}

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import SpdyError
+from ..errors import SpdyError, user_code
 from ..layers import example_shape
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,14 @@ class ModelEntry:
     exclude: tuple[str, ...] = ()
     loss: str | Callable[..., Any] | None = None
     quality: Callable[[nn.Module, nn.Module], dict[str, float]] | None = None
+
+    def quality_of(self, pruned: nn.Module, dense: nn.Module) -> dict[str, float]:
+        """The entry's quality measures of `pruned` against `dense` ({} when it has none)."""
+        if self.quality is None:
+            return {}
+        with user_code(f"the quality function of model {self.name}",
+                       "fix it so that it returns {measure: number}"):
+            return {str(k): float(v) for k, v in self.quality(pruned, dense).items()}
 
 
 BUILTIN: dict[str, Callable[[], ModelEntry]] = {}
@@ -115,14 +123,9 @@ def _user_entry(spec: str) -> ModelEntry:
 
     def build(setting: ModelSetting) -> tuple[nn.Module, Any]:
         kwargs = _setting_kwargs(spec, setting, accepted)
-        try:
+        with user_code(f"model function {spec}", "fix it so that it returns "
+                                                  "(model, example_input)"):
             result = function(**kwargs)
-        except SpdyError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the user's code failed, not ours
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise SpdyError(f"model function {spec} raised {type(e).__name__}: {first}; fix "
-                            "it so that it returns (model, example_input)") from None
         pair = isinstance(result, tuple) and len(result) == 2
         if not (pair and isinstance(result[0], nn.Module)):
             raise SpdyError(f"{spec} must return (torch.nn.Module, example_input), "
