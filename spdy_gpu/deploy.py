@@ -24,9 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch
 from torch import nn
 
 from .errors import SpdyError
+from .jsonio import check_output_file, replacing
 from .options import SparsityOption
 from .profile import Profile, check_for_model
 
@@ -160,13 +159,13 @@ def save_pruned(model: nn.Module, path: PathLike, *, profile: ProfileLike | Plan
     The profile's path, model and choices go into the file's metadata, with `metadata`."""
     from safetensors.torch import save_model
 
-    path = _output_path(path)
+    path = check_output_file(path)
     meta = {"format": PRUNED_FORMAT, "version": ARTIFACT_VERSION}
     if profile is not None:
         meta |= load_plan(profile).metadata()
     meta |= {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in
              (metadata or {}).items()}
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         save_model(model, str(tmp), metadata=meta, force_contiguous=True)
     return path
 
@@ -235,8 +234,8 @@ def export_onnx_pruned(model: nn.Module, example: Any, path: PathLike, *,
     matching `exclude` must be found in the graph by its exact values: its zeros survived."""
     from .onnx_export import export_onnx
 
-    path = _output_path(path)
-    with _replacing(path) as tmp:
+    path = check_output_file(path)
+    with replacing(path) as tmp:
         try:
             export_onnx(model.eval(), example, tmp, exclude=exclude)
         except SpdyError:
@@ -269,7 +268,7 @@ def save_block_sparse(model: nn.Module, profile_or_choices: ProfileLike | Plan,
     from .sparse_linear import sparsify_
 
     plan = load_plan(profile_or_choices)
-    path = _output_path(path)
+    path = check_output_file(path)
     deployed = copy.deepcopy(model)
     prune_(deployed, plan)
     swap = _block_layers(deployed, plan.choices)
@@ -282,7 +281,7 @@ def save_block_sparse(model: nn.Module, profile_or_choices: ProfileLike | Plan,
                         "shape": [layer.out_features, layer.in_features]}
     meta = {"format": BLOCK_FORMAT, "version": ARTIFACT_VERSION, **plan.metadata(),
             "layers": json.dumps(layout)}
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         save_model(deployed, str(tmp), metadata=meta, force_contiguous=True)
     return layout
 
@@ -350,7 +349,7 @@ def apply_profile(model: nn.Module, profile: ProfileLike, out: PathLike, *,
                   exclude: Iterable[str] = ()) -> DeployResult:
     """`spdy-gpu apply`: prune `model` to the profile (database weights or magnitude masks)
     and save its weights to `out`."""
-    _output_path(out)                      # fail before any work on an unwritable target
+    check_output_file(out)                      # fail before any work on an unwritable target
     plan = load_plan(profile, exclude)
     database = _open_database(database)
     check_for_model(model, model_name, plan.profile, database)
@@ -369,7 +368,7 @@ def export_profile(model: nn.Module, example: Any, profile: ProfileLike, out: Pa
         raise SpdyError(f"unknown export format {format!r}; use one of {FORMATS}")
     if database is not None and weights is not None:
         raise SpdyError("pass either a database or a weights file, not both")
-    _output_path(out)
+    check_output_file(out)
     plan = load_plan(profile, exclude)
     database = _open_database(database)
     check_for_model(model, model_name, plan.profile, database)
@@ -384,43 +383,3 @@ def export_profile(model: nn.Module, example: Any, profile: ProfileLike, out: Pa
         return DeployResult(path, len(plan.pruned), sparsity)
     layout = save_block_sparse(model, plan, out)
     return DeployResult(Path(out), len(plan.pruned), sparsity, len(layout))
-
-
-# ---- atomic output --------------------------------------------------------------------------
-
-def _output_path(path: PathLike) -> Path:
-    """`path` as a file that can be written, checked before any work is done."""
-    path = Path(path)
-    if path.is_dir():
-        raise SpdyError(f"{path} is a directory; pass a file path to write to")
-    existing = next((p for p in path.parents if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise SpdyError(f"cannot write {path}: {existing} is a file, not a directory; "
-                        "choose another output path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SpdyError(f"cannot write {path}: {existing} is not writable; choose another "
-                        "output path")
-    return path
-
-
-@contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary file next to `path` that becomes `path` when the with-block succeeds and
-    is removed otherwise, so a reader sees the old file or the whole new one, never half."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as e:
-        raise SpdyError(f"cannot write {path} ({e.strerror or e}); choose a writable "
-                        "output path") from None
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:      # on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise SpdyError(f"cannot write {path} ({e.strerror or e}); choose a writable "
-                        "output path") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)

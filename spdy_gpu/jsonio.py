@@ -5,31 +5,41 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .errors import SpdyError
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the new one, never half;
-    no temporary file is left behind, whatever happens."""
+@contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file next to `path`, for a writer that wants a file name: it becomes
+    `path` when the with-block succeeds (a reader sees the old file or the whole new one,
+    never half) and is removed whatever happens."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
     except OSError as e:
         raise _cannot_write(path, e) from e
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:      # on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         raise _cannot_write(path, e) from e
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (see replacing)."""
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _cannot_write(path: Path, error: OSError) -> SpdyError:
