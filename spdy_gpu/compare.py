@@ -63,6 +63,7 @@ COMPARE_FORMAT, COMPARE_VERSION = "spdy-gpu/compare", 1
 METHODS = ("uniform", "uniform-magnitude", "global-magnitude", "dp-database-errors",
            "evolution", "spdy", "spdy-magnitude", "spdy+gap")
 RECONSTRUCTED = {"uniform", "global-magnitude", "dp-database-errors", "evolution", "spdy"}
+NOT_RECONSTRUCTED = {"uniform-magnitude", "spdy-magnitude"}      # magnitude masks only
 
 Choices = dict[str, SparsityOption]
 

@@ -161,32 +161,38 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 def plot_comparison(report: dict, path: str | os.PathLike) -> Path:
     """A comparison (spdy_gpu.compare): the model's headline measure against the measured
-    speedup, one line per method across targets, dense marked."""
-    from .compare import headline_metric, metric_of
+    speedup, one line per method across targets, dense marked; (left) every method, (right)
+    the reconstructed ones, zoomed in."""
+    from .compare import NOT_RECONSTRUCTED, headline_metric, metric_of
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, panels = plt.subplots(1, 2, figsize=(14, 5))
     metric = headline_metric(report)
     targets = [t for t in report["targets"] if not t.get("unreachable")]
     methods = list(dict.fromkeys(row["method"] for t in targets for row in t["rows"]))
-    for method in methods:
-        points = sorted((row["measured_speedup"], metric_of(row, metric))
-                        for t in targets for row in t["rows"]
-                        if row["method"] == method and metric_of(row, metric) is not None)
-        if not points:
-            continue
-        x, y = zip(*points)
-        if method == "dense":
-            ax.axhline(float(np.mean(y)), color="black", ls="--", lw=1, label="dense")
-            continue
-        style = "-" if not method.endswith("magnitude") else ":"
-        ax.plot(x, y, style, marker="o", ms=4, lw=2.2 if method.startswith("spdy") else 1.2,
-                label=method)
-    for t in targets:
-        ax.axvline(t["target"], color="grey", lw=0.6, alpha=0.5)
-    ax.set(xlabel="measured speedup over dense (x)", ylabel=metric,
-           title=f"{report['model']} on {report['backend']}: {metric} at measured speedup")
-    ax.legend(fontsize=8)
+    lines = {method: sorted((row["measured_speedup"], metric_of(row, metric))
+                            for t in targets for row in t["rows"]
+                            if row["method"] == method and metric_of(row, metric) is not None)
+             for method in methods}
+    for panel, shown in zip(panels, (methods, [m for m in methods
+                                               if m not in NOT_RECONSTRUCTED])):
+        for number, method in enumerate(methods):
+            if method not in shown or not lines[method]:
+                continue
+            x, y = zip(*lines[method])
+            if method == "dense":
+                panel.axhline(float(np.mean(y)), color="black", ls="--", lw=1, label="dense")
+                continue
+            panel.plot(x, y, ":" if method in NOT_RECONSTRUCTED else "-", marker="o", ms=4,
+                       color=f"C{number % 10}",
+                       lw=2.2 if method.startswith("spdy") else 1.2, label=method)
+        for t in targets:
+            panel.axvline(t["target"], color="grey", lw=0.6, alpha=0.5)
+        panel.set(xlabel="measured speedup over dense (x)", ylabel=metric)
+        panel.legend(fontsize=8)
+    panels[0].set_title("every method (dotted: magnitude masks, no reconstruction)")
+    panels[1].set_title("reconstructed methods")
+    fig.suptitle(f"{report['model']} on {report['backend']}: {metric} at measured speedup")
     return _save(fig, path)
 
 
