@@ -27,7 +27,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -132,13 +131,12 @@ def _resume(out: Path, entry: ModelEntry, backend: LatencyBackend, setting: Mode
     if not path.exists():
         return fresh
     doc = load_json(path, COMPARE_FORMAT, COMPARE_VERSION)
-    if (doc.get("model"), doc.get("backend"), doc.get("identity")) != (
-            entry.name, backend.name, settings.identity()):
+    if (doc.get("model"), doc.get("backend"), doc.get("setting"), doc.get("identity")) != (
+            entry.name, backend.name, fresh.setting, settings.identity()):
         raise SpdyError(f"{path} holds a comparison of other settings (model "
-                        f"{doc.get('model')!r}, backend {doc.get('backend')!r}); choose "
-                        "another --out or delete it")
-    return CompareReport(entry.name, backend.name, doc.get("setting", fresh.setting),
-                         list(doc.get("targets", [])))
+                        f"{doc.get('model')!r}, backend {doc.get('backend')!r}, input "
+                        f"{doc.get('setting')}); choose another --out or delete it")
+    return CompareReport(entry.name, backend.name, fresh.setting, list(doc.get("targets", [])))
 
 
 def _compare_target(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
@@ -157,9 +155,9 @@ def _compare_target(entry: ModelEntry, setting: ModelSetting, backend: LatencyBa
     except InfeasibleTargetError as e:
         log.warning("target %gx: %s", target, e)
         return {"target": target, "unreachable": True, "max_speedup": e.max_speedup}
-    if not shared_table.exists():
-        shutil.copyfile(run_dir / "timings.json", shared_table)
     table = TimingTable.load(run_dir / "timings.json")
+    if not shared_table.exists():
+        table.save(shared_table)                     # the next targets reuse it
     planner = Planner(table, run_settings.exclude)
     database = Database.open(database_dir)
     fit, held_out = calibration_split(entry, setting, example, run_settings)

@@ -112,3 +112,15 @@ def test_compare_command_on_deepsparse(tmp_path, capsys):
     assert [row["method"] for row in doc["targets"][0]["rows"]] == [
         "dense", "uniform", "spdy", "evolution"]
     assert (out / "compare.png").exists() and (out / "spdy-1.3x" / "model.onnx").exists()
+
+
+def test_a_comparison_of_other_settings_is_refused(tmp_path):
+    from spdy_gpu import SpdyError
+    compare(QUALITY_ENTRY, ModelSetting(), FakeBackend(), compare_settings(1.4), tmp_path,
+            progress=False)
+    with pytest.raises(SpdyError, match="holds a comparison of other settings"):
+        compare(QUALITY_ENTRY, ModelSetting(batch_size=8), FakeBackend(),
+                compare_settings(1.4), tmp_path, progress=False)
+    with pytest.raises(SpdyError, match="holds a comparison of other settings"):
+        compare(QUALITY_ENTRY, ModelSetting(), FakeBackend(),
+                compare_settings(1.4, methods=("uniform", "spdy")), tmp_path, progress=False)
