@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SpdyError
+from .errors import SpdyError, first_line
 from .jsonio import check_output_file, replacing
 from .options import SparsityOption
 from .profile import Profile, check_for_model
@@ -241,7 +241,7 @@ def export_onnx_pruned(model: nn.Module, example: Any, path: PathLike, *,
         except SpdyError:
             raise
         except (RuntimeError, TypeError, ValueError) as e:     # the exporter's own failures
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e) or type(e).__name__
             raise SpdyError(f"torch.onnx.export failed ({first}); exclude or rewrite the "
                             "layer it names") from None
     return path

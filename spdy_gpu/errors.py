@@ -38,8 +38,13 @@ def user_code(what: str, fix: str) -> Iterator[None]:
     except SpdyError:
         raise
     except Exception as e:  # noqa: BLE001 - anything the user's code raises
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise SpdyError(f"{what} raised {type(e).__name__}: {first}; {fix}") from e
+        raise SpdyError(f"{what} raised {type(e).__name__}: {first_line(e)}; {fix}") from e
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def function_name(function: object) -> str:

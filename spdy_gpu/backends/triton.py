@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..bsr import BSRWeight, kernel_block
-from ..errors import MissingDependencyError, SpdyError
+from ..errors import MissingDependencyError, SpdyError, first_line
 from ..gpu_specs import GPU_SPECS, GpuSpec
 from ..jsonio import load_json, save_json
 from ..layers import LayerInfo, call_model, hooks_attached
@@ -413,7 +413,7 @@ def _cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any] | None:
             fn()
     except Exception as e:  # noqa: BLE001 - any capture failure means "time it eagerly"
         log.info("CUDA-graph capture failed (%s); timing eager execution only",
-                 str(e).splitlines()[0] if str(e) else type(e).__name__)
+                 first_line(e) or type(e).__name__)
         torch.cuda.synchronize()
         return None
     return graph.replay

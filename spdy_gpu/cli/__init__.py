@@ -10,7 +10,7 @@ import pkgutil
 import sys
 import traceback
 
-from ..errors import SpdyError
+from ..errors import SpdyError, first_line
 
 DEBUG_HELP = "on an error, also print the full traceback (with the original cause)"
 
@@ -67,10 +67,6 @@ def print_traceback(error: BaseException) -> None:
         cause = cause.__cause__ or cause.__context__
     traceback.print_exception(error, file=sys.stderr)
 
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 if __name__ == "__main__":
     sys.exit(main())

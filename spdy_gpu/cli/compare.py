@@ -14,10 +14,9 @@ from ..compare import (
     headline_metric,
     metric_of,
 )
-from ..jsonio import check_output_dir
 from ..pipeline import GapSettings
 from .common import backend_from_args, model_from_args
-from .run import add_method_args, run_settings_from_args
+from .run import add_method_args, check_method_outputs, run_settings_from_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,9 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    check_output_dir(args.out)
-    if args.database is not None:
-        check_output_dir(args.database, "--database")
+    check_method_outputs(args)
     entry, setting = model_from_args(args)
     backend = backend_from_args(args, for_latency=True)
     settings = CompareSettings(

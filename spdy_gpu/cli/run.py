@@ -90,9 +90,7 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    check_output_dir(args.out)
-    if args.database is not None:
-        check_output_dir(args.database, "--database")
+    check_method_outputs(args)
     entry, setting = model_from_args(args)
     backend = backend_from_args(args)
     settings = run_settings_from_args(args, entry, backend, args.speedup,
@@ -101,6 +99,13 @@ def run_command(args: argparse.Namespace) -> int:
     report = run(entry, setting, backend, settings, args.out, progress=not args.quiet)
     print(summary(report))
     return 0
+
+
+def check_method_outputs(args: argparse.Namespace) -> None:
+    """--out and --database must be writable directories, checked before any work."""
+    check_output_dir(args.out)
+    if args.database is not None:
+        check_output_dir(args.database, "--database")
 
 
 def run_settings_from_args(args: argparse.Namespace, entry: ModelEntry,
