@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from .backends import LatencyBackend
+from .backends import LatencyBackend, check_options_supported
 from .data import Calibration, CalibrationSpec
 from .errors import SpdyError
 from .jsonio import load_json, save_json
@@ -45,7 +45,7 @@ from .reconstruct import (
 from .scoring import HeldOutScorer
 from .search import SearchConfig, SearchResult, search
 from .solve import Planner
-from .timing import TimingTable, check_options_supported
+from .timing import TimingTable
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,27 +177,3 @@ class TimingTable:
                 provenance=dict(doc.get("provenance", {})))
         except SpdyError as e:
             raise located(path, e) from None
-
-
-def check_options_supported(backend: Any, layers: Sequence[Any],
-                            options: Sequence[SparsityOption]) -> None:
-    """Refuse sparse options `backend` runs on no layer of the model: their column of the
-    table would be all null, a measurement that silently measured nothing."""
-    sparse = [o for o in options if o.pattern != "dense"]
-    unsupported = [o.name for o in sparse if not any(backend.supports(x, o) for x in layers)]
-    if not unsupported:
-        return
-    supported = [o.name for o in sparse if o.name not in unsupported]
-    kinds = ", ".join(sorted({x.kind for x in layers}))
-    if not supported:
-        raise SpdyError(f"backend {backend.name} supports none of the options "
-                        f"{_listed(unsupported)} on this model's layers ({kinds}); pick "
-                        "another --pattern, --options or backend")
-    raise SpdyError(f"backend {backend.name} runs {_listed(unsupported)} on no layer of this "
-                    f"model ({kinds}); it runs {_listed(supported)}: drop the others from "
-                    "--options")
-
-
-def _listed(names: Sequence[str], shown: int = 3) -> str:
-    more = f"... ({len(names)} in all)" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more

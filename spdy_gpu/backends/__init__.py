@@ -10,7 +10,7 @@ class declares its command-line options (`cli_options`) and its natural option f
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -134,3 +134,27 @@ def get_backend(name: str, **config: Any) -> LatencyBackend:
     variants (triton: measured or estimated) picks one in its classmethod `create`."""
     cls = backend_class(name)
     return getattr(cls, "create", cls)(**config)
+
+
+def check_options_supported(backend: LatencyBackend, layers: Sequence[LayerInfo],
+                            options: Sequence[SparsityOption]) -> None:
+    """Refuse sparse options `backend` runs on no layer of the model: their column of the
+    table would be all null, a measurement that silently measured nothing."""
+    sparse = [o for o in options if o.pattern != "dense"]
+    unsupported = [o.name for o in sparse if not any(backend.supports(x, o) for x in layers)]
+    if not unsupported:
+        return
+    supported = [o.name for o in sparse if o.name not in unsupported]
+    kinds = ", ".join(sorted({x.kind for x in layers}))
+    if not supported:
+        raise SpdyError(f"backend {backend.name} supports none of the options "
+                        f"{_listed(unsupported)} on this model's layers ({kinds}); pick "
+                        "another --pattern, --options or backend")
+    raise SpdyError(f"backend {backend.name} runs {_listed(unsupported)} on no layer of this "
+                    f"model ({kinds}); it runs {_listed(supported)}: drop the others from "
+                    "--options")
+
+
+def _listed(names: Sequence[str], shown: int = 3) -> str:
+    more = f"... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

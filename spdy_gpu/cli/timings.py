@@ -12,9 +12,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..backends import check_options_supported
 from ..jsonio import check_output_file
 from ..layers import discover_layers
-from ..timing import TimingTable, check_options_supported, checkpoint_path
+from ..timing import TimingTable, checkpoint_path
 from .common import (
     add_backend_args,
     add_model_args,
