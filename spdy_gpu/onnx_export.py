@@ -185,7 +185,7 @@ def map_layers(model_proto: Any, modules: Mapping[str, nn.Module]) -> tuple[Onnx
 
     initializers = {init.name: init for init in model_proto.graph.initializer}
     producers = {out: node for node in model_proto.graph.node for out in node.output}
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, tuple[np.ndarray, str]] = {}     # initialiser -> (values, digest)
     found: dict[str, OnnxLayer] = {}
     node_shapes: dict[tuple[int, ...], int] = defaultdict(int)   # for the error message
     for node in model_proto.graph.node:                 # graph order = execution order
@@ -195,11 +195,13 @@ def map_layers(model_proto: Any, modules: Mapping[str, nn.Module]) -> tuple[Onnx
         if source is None:
             continue
         if source not in arrays:
-            arrays[source] = numpy_helper.to_array(initializers[source])
+            values = numpy_helper.to_array(initializers[source])
+            arrays[source] = values, _digest(values)
+        values, digest = arrays[source]
         holds_wt = _wants_wt(node) != flipped           # the initialiser must hold W^T
-        stored = arrays[source].T if holds_wt else arrays[source]   # torch layout
+        stored = values.T if holds_wt else values       # torch layout
         node_shapes[stored.shape] += 1
-        exact = [name for name, t in by_digest.get(_digest(arrays[source]), []) if t == holds_wt]
+        exact = [name for name, t in by_digest.get(digest, []) if t == holds_wt]
         module, scale = _pick(exact, node, found), None
         if module is None:
             scales = {name: s for name in by_shape.get(stored.shape, []) if name not in found
