@@ -54,8 +54,7 @@ def main() -> None:
     for target in args.targets:
         profiles = {}
         for planner in planners:
-            errors = dict(zip(planner.layers, database.errors_matrix(planner.layers,
-                                                                     planner.options)))
+            errors = database.errors_by_layer(planner.layers, planner.options)
             profiles[label(planner.table)] = planner.solve(target, errors)
         (a, pa), (b, pb) = profiles.items()
         differ = [name for name in pa.choices if pa.choices[name] != pb.choices[name]]

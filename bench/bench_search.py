@@ -57,8 +57,7 @@ def main() -> None:
                               calibration=fit.description)
     database_s = time.perf_counter() - began
     scorer = HeldOutScorer(model, held_out.batches, database, entry.loss)
-    db_errors = dict(zip(planner.layers, database.errors_matrix(planner.layers,
-                                                                planner.options)))
+    db_errors = database.errors_by_layer(planner.layers, planner.options)
     rows = []
     for target in args.targets:
         config = SearchConfig(seed=args.seed, max_evaluations=args.max_evaluations,

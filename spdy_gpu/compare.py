@@ -197,7 +197,7 @@ def _method_choices(planner: Planner, model: nn.Module, database: Database,
                     scorer: HeldOutScorer, spdy: Any, target: float,
                     settings: CompareSettings, progress: bool) -> dict[str, Choices | None]:
     """Each method's profile at the budget of `target` (None: none meets it)."""
-    errors = dict(zip(planner.layers, database.errors_matrix(planner.layers, planner.options)))
+    errors = database.errors_by_layer(planner.layers, planner.options)
     chosen: dict[str, Choices | None] = {
         "spdy": {name: spdy.profile.choices[name] for name in planner.layers}}
     chosen["spdy-magnitude"] = chosen["spdy"]

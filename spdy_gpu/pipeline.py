@@ -471,8 +471,7 @@ def _base_errors(planner: Planner, database: Database,
                  settings: RunSettings) -> dict[str, Any]:
     if settings.errors == "prior":
         return planner.prior()
-    matrix = database.errors_matrix(planner.layers, planner.options)
-    return dict(zip(planner.layers, matrix))
+    return database.errors_by_layer(planner.layers, planner.options)
 
 
 def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
@@ -575,8 +574,7 @@ def _baselines(planner: Planner, database: Database, scorer: HeldOutScorer,
     the database's per-layer errors and of uniform sparsity (None: unreachable)."""
     target = profile.dense_total_ms / profile.budget_ms
     chosen = {name: profile.choices[name] for name in planner.layers}
-    errors = dict(zip(planner.layers, database.errors_matrix(planner.layers,
-                                                             planner.options)))
+    errors = database.errors_by_layer(planner.layers, planner.options)
     losses: dict[str, float | None] = {"spdy": scorer(chosen),
                                        "dp_database_errors": scorer(planner.choose(target,
                                                                                    errors))}

@@ -242,6 +242,11 @@ class Database:
         return np.array([[self.error(layer, option) for option in options]
                          for layer in layer_names], dtype=np.float64)
 
+    def errors_by_layer(self, layer_names: Sequence[str],
+                        options: Sequence[SparsityOption]) -> dict[str, np.ndarray]:
+        """{layer: [relative error per option]}: the keyed form the DP takes."""
+        return dict(zip(layer_names, self.errors_matrix(layer_names, options)))
+
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model whose layers or dense weights are not the ones the database saw."""
         modules = dict(model.named_modules())
