@@ -163,4 +163,4 @@ def _setting_kwargs(spec: str, setting: ModelSetting, accepted: set[str]) -> dic
 
 
 def _import_builtins() -> None:
-    from . import minilm, resnet_fmnist  # noqa: F401  (they register themselves)
+    from . import llama_decode, minilm, resnet_fmnist  # noqa: F401  (they register themselves)
