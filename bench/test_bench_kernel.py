@@ -51,8 +51,10 @@ def test_bsr_linear(benchmark, shape, m, block, density):
     from spdy_kernels.bsr_matmul import bsr_linear
     x, _, packed = _layer(*shape, m, block, density)
     benchmark.group = f"{shape[0]}x{shape[1]} M={m}"
-    _time(benchmark, lambda: bsr_linear(x, packed), kernel="bsr_linear", block=block,
-          density=packed.density)
+    _time(benchmark, lambda: bsr_linear(x, packed.values, packed.crow_indices,
+                                        packed.col_indices, packed.shape,
+                                        indices=packed.indices),
+          kernel="bsr_linear", block=block, density=packed.density)
 
 
 @pytest.mark.parametrize("m", MS)

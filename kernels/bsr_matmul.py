@@ -1,26 +1,34 @@
 """Triton block-sparse linear: Y[M, N] = act(X[M, K] @ W[N, K]^T + bias), W block-sparse.
 
-One program computes a [BLOCK_M, rows] tile of Y: one block-row of W against one tile of
-X rows, looping over that block-row's stored blocks with fp32 accumulation. Block-rows are
-visited heaviest first (BSRWeight.row_order), so the long rows do not finish last.
+Raw tensors in (this package imports nothing from spdy_gpu): W is given in block-sparse
+row form, `values` [nnz, BN, BK] (blocks block-row by block-row), `crow_indices` [R + 1],
+`col_indices` [nnz], plus three index arrays a packer computes once per weight
+(layout.layout_indices): `row_order` (block-rows heaviest first), `block_rows` (the
+block-row of each stored block) and `empty_rows` (block-rows without blocks).
 
-Two paths, chosen per call:
-- direct (large M, or enough block-rows to fill the GPU): bias and activation fused into
-  the epilogue, one launch.
-- split-K (M <= 64 with too few block-rows to keep every SM busy, the decode case): each
-  block-row's blocks are split into `n_split` chunks (enough for SPLIT_WAVES programs per
-  SM, a tuned parameter), programs atomically add fp32 partials into a zeroed buffer, and
-  a small second kernel adds bias, applies the activation and casts. fp32 atomics make
-  this path's rounding order nondeterministic.
+The weight block sits on the MMA's M side and a tile of BLOCK_T tokens on its N side:
+a program accumulates acc[BN, BLOCK_T] += W_block[BN, BK] @ X^T[BK, BLOCK_T], so on Hopper
+a 64-row block is one wgmma of N = BLOCK_T (up to 256) instead of N = block width. Loads
+go through TMA descriptors where the layout allows (Hopper, X with unit column stride and
+16-byte aligned rows) and through pointers otherwise. Two schedules, chosen per call:
 
-On CUDA the launch configuration (BLOCK_M, warps, stages) is autotuned per shape bucket
-(M rounded up to a power of two, N, K, block shape, dtype); Triton caches the choice in
-memory and on disk, so a model pays the tuning once. On a CPU the same kernels run under
-Triton's interpreter with one fixed configuration (correctness only; slow). bf16 `tl.dot`
-is wrong in the interpreter (triton 3.9), so there the bf16 operands are upcast to fp32.
-The kernels call only Triton builtins, no `@triton.jit` library helpers (tl.cdiv, tl.zeros,
-tl.sigmoid): that lets them run under the interpreter even when TRITON_INTERPRET was unset
-when Triton was imported.
+- direct (M > 64): one program per (token tile, block-row); bias and activation in the
+  epilogue. Block-rows are visited heaviest first, GROUP_T token tiles per block-row in a
+  row so its blocks come from L2 after the first read.
+- stream-K (M <= 64, the decode case: too few block-rows to fill the GPU): P programs
+  (a few per SM) split the stored blocks evenly, crossing block-row boundaries. A program
+  that owns a whole block-row finishes it itself; partial rows are added into an fp32
+  workspace, and the program that arrives last at a row (a per-row counter) reads the sum,
+  applies the epilogue, writes Y and zeroes the workspace and counter again. One launch,
+  no memset: the workspace is self-cleaning. fp32 atomics make the order of the partial
+  sums, and so the last bits of stream-K results, nondeterministic.
+
+On CUDA the launch configuration is autotuned per (M bucket, N, K, block, density bucket,
+dtype) and cached by Triton. On a CPU the same kernel runs under Triton's interpreter
+with one fixed configuration (correctness only, slow). bf16 `tl.dot` is wrong in the
+interpreter (triton 3.9): there bf16 operands are upcast to fp32. The kernel calls only
+Triton builtins, no `@triton.jit` library helpers (tl.cdiv, tl.zeros...), so it also runs
+under the interpreter when TRITON_INTERPRET was unset at import.
 """
 
 from __future__ import annotations
@@ -32,192 +40,216 @@ import torch
 import triton
 import triton.language as tl
 
-from spdy_gpu.bsr import KERNEL_BLOCK_SIDES, BSRWeight
-from spdy_gpu.errors import SpdyError
+from .layout import BLOCK_SIDES, DTYPES, KernelInputError, LayoutIndices, layout_indices
+
+__all__ = ["ACTIVATIONS", "BLOCK_SIDES", "DTYPES", "KernelInputError", "LayoutIndices",
+           "bsr_linear", "layout_indices"]
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
-SMALL_M = 64                # the split-K path is considered up to this many rows of X
+SMALL_M = 64                # stream-K up to this many rows of X (one token tile)
 INTERPRET_SMS = 4           # nominal "SM count" under the interpreter (keeps grids small)
+WORKSPACE_COLS = SMALL_M    # the stream-K workspace holds [N, 64] fp32 partial sums
 # Globals a kernel reads must be tl.constexpr (Triton 3 refuses plain Python globals).
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
 _SQRT_2_OVER_PI_X2 = tl.constexpr(1.5957691216057308)    # 2 * sqrt(2 / pi)
+_WS_COLS = tl.constexpr(WORKSPACE_COLS)
 
 
 def _bsr_linear_kernel(
-    # pointers
-    x_ptr, values_ptr, crow_ptr, col_ptr, order_ptr, bias_ptr, y_ptr,
+    # operands: x_desc / w_desc are TMA descriptors when USE_TMA, else unused tensors
+    x_ptr, x_desc, w_ptr, w_desc, bias_ptr, y_ptr,
+    # layout
+    crow_ptr, col_ptr, order_ptr, block_row_ptr, empty_ptr,
+    # stream-K workspace: [n_rows * BLOCK_N, _WS_COLS] fp32 and [n_rows] int32, both zero
+    ws_ptr, count_ptr,
     # sizes
-    M, N, K, n_rows,
-    M_BUCKET,               # autotuning key only: M rounded up to a power of two
-    # strides, in elements
+    M, N, K, n_rows, nnz, n_empty,
+    M_BUCKET, DENSITY_BUCKET,       # autotuning key only
     stride_xm, stride_xk, stride_ym, stride_yn,
     # compile-time
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,       # the weight's block shape
-    BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr,       # tuned
-    SPLIT_WAVES: tl.constexpr,      # tuned, read by the launch grid only: split-K programs per SM
-    SPLIT: tl.constexpr,            # True: atomically add fp32 partials into y (no epilogue)
+    BLOCK_T: tl.constexpr, GROUP_T: tl.constexpr,       # tuned (stream-K: BLOCK_T >= M)
+    WAVES: tl.constexpr,            # tuned, read by the launch grid only: stream-K programs per SM
+    STREAM_K: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     EVEN_K: tl.constexpr,           # K % BLOCK_K == 0: no column mask on X
     UPCAST: tl.constexpr,           # interpreter only: run the dot in fp32
     INPUT_PRECISION: tl.constexpr,  # fp32 operands: "ieee" (exact) or "tf32" (Tensor Cores)
 ):
-    """x: [M, K]; values: [nnz, BLOCK_N, BLOCK_K]; crow: [n_rows + 1]; col: [nnz];
-    order: [n_rows]; bias: [N]; y: [M, N] (fp32 when SPLIT). Grid: (n_rows * cdiv(M,
-    BLOCK_M), n_split); program (p, s) takes chunk s of its block-row's blocks."""
-    # Program -> (m tile, block-row). GROUP_M m-tiles sweep a block-row one after the other,
-    # so its blocks come from L2 after the first read; rows start heaviest first.
+    """Grid: direct (n_rows * cdiv(M, BLOCK_T),); stream-K (P,) with P <= max(nnz, 1)."""
     pid = tl.program_id(0)
-    num_m = (M + BLOCK_M - 1) // BLOCK_M
-    width = GROUP_M * n_rows
-    first_m = (pid // width) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    row = tl.load(order_ptr + (pid % width) // group_m)
-    start = tl.load(crow_ptr + row)
-    end = tl.load(crow_ptr + row + 1)
-    if SPLIT:
-        n_split = tl.num_programs(1)
-        chunk = (end - start + n_split - 1) // n_split
-        start = tl.minimum(start + tl.program_id(1) * chunk, end)
-        end = tl.minimum(end, start + chunk)
+    if STREAM_K:
+        n_prog = tl.num_programs(0)
+        t0 = 0
+        lo = (pid.to(tl.int64) * nnz // n_prog).to(tl.int32)
+        hi = ((pid.to(tl.int64) + 1) * nnz // n_prog).to(tl.int32)
+        empty_next = pid                # this program's share of the empty rows: pid, pid + P...
+    else:
+        # Program -> (token tile, block-row): GROUP_T tiles sweep a block-row one after the
+        # other, so its blocks come from L2 after the first read; rows start heaviest first.
+        num_t = (M + BLOCK_T - 1) // BLOCK_T
+        width = GROUP_T * n_rows
+        first_t = (pid // width) * GROUP_T
+        group_t = tl.minimum(num_t - first_t, GROUP_T)
+        t0 = (first_t + (pid % width) % group_t) * BLOCK_T
+        row = tl.load(order_ptr + (pid % width) // group_t)
+        lo = tl.load(crow_ptr + row)
+        hi = tl.load(crow_ptr + row + 1)
+        empty_next = n_empty            # direct programs write their own (maybe empty) row
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_bn = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_n = row * BLOCK_N + offs_bn
-    m_ok = offs_m[:, None] < M
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm                   # [BM, 1]
-    # A stored block is [BLOCK_N, BLOCK_K] row-major; read it as W^T: [BLOCK_K, BLOCK_N].
-    w_ptrs = (values_ptr + start.to(tl.int64) * (BLOCK_N * BLOCK_K)
-              + offs_k[:, None] + offs_bn[None, :] * BLOCK_K)
-    col_ptrs = col_ptr + start
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    t_ok = offs_t[None, :] < M
+    x_cols = x_ptr + offs_t.to(tl.int64)[None, :] * stride_xm                # [1, BT]
 
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for _ in range(0, end - start):
-        k_idx = tl.load(col_ptrs) * BLOCK_K + offs_k
-        if EVEN_K:
-            x = tl.load(x_rows + k_idx[None, :] * stride_xk, mask=m_ok, other=0.0)
-        else:
-            x = tl.load(x_rows + k_idx[None, :] * stride_xk,
-                        mask=m_ok & (k_idx[None, :] < K), other=0.0)
-        w = tl.load(w_ptrs)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        w_ptrs += BLOCK_N * BLOCK_K
-        col_ptrs += 1
-
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    y_mask = m_ok & (offs_n[None, :] < N)
-    if SPLIT:
-        if start < end:
-            tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")   # only atomicity needed
+    # Each pass of this loop finishes one segment: the blocks [seg_lo, seg_hi) of one row.
+    seg_lo = lo
+    if STREAM_K:
+        go = (lo < hi) | (empty_next < n_empty)
     else:
-        # Epilogue (kept in step with _bias_act_kernel).
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        if ACTIVATION == "relu":
-            acc = tl.maximum(acc, 0.0)
-        elif ACTIVATION == "gelu":
-            acc = 0.5 * acc * (1.0 + tl.erf(acc * _INV_SQRT2))
-        elif ACTIVATION == "gelu_tanh":
-            # 0.5 (1 + tanh(u)) = sigmoid(2 u), from exp(-|2 u|) so nothing overflows
-            z = _SQRT_2_OVER_PI_X2 * (acc + 0.044715 * acc * acc * acc)
-            e = tl.exp(-tl.abs(z))
-            acc = acc * tl.where(z >= 0, 1.0, e) / (1.0 + e)
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        go = lo <= hi                   # one pass, also for an empty row
+    while go:
+        if STREAM_K:
+            if seg_lo < hi:
+                row = tl.load(block_row_ptr + seg_lo)
+            else:                       # an empty row: no blocks, the epilogue of zeros
+                row = tl.load(empty_ptr + empty_next)
+                empty_next += n_prog
+        row_lo = tl.load(crow_ptr + row)
+        row_hi = tl.load(crow_ptr + row + 1)
+        seg_hi = tl.minimum(row_hi, hi)
+        partial = False
+        if STREAM_K:
+            if seg_lo < hi:
+                partial = (seg_lo > row_lo) | (seg_hi < row_hi)
+            else:
+                seg_hi = seg_lo         # an empty row: no blocks to visit
+
+        acc = tl.full((BLOCK_N, BLOCK_T), 0.0, tl.float32)
+        w_ptrs = (w_ptr + seg_lo.to(tl.int64) * (BLOCK_N * BLOCK_K)
+                  + offs_bn[:, None] * BLOCK_K + offs_k[None, :])            # [BN, BK]
+        col_ptrs = col_ptr + seg_lo
+        for b in range(seg_lo, seg_hi):
+            col = tl.load(col_ptrs)
+            if USE_TMA:
+                w = w_desc.load([b * BLOCK_N, 0])                            # [BN, BK]
+                xt = tl.trans(x_desc.load([t0, col * BLOCK_K]))              # [BK, BT]
+            else:
+                w = tl.load(w_ptrs)
+                k_idx = col.to(tl.int64) * BLOCK_K + offs_k
+                x_ptrs = x_cols + k_idx[:, None] * stride_xk
+                if EVEN_K:
+                    xt = tl.load(x_ptrs, mask=t_ok, other=0.0)
+                else:
+                    xt = tl.load(x_ptrs, mask=t_ok & (k_idx[:, None] < K), other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+                xt = xt.to(tl.float32)
+            acc = tl.dot(w, xt, acc, input_precision=INPUT_PRECISION)
+            w_ptrs += BLOCK_N * BLOCK_K
+            col_ptrs += 1
+
+        offs_n = row * BLOCK_N + offs_bn
+        finish = True
+        if STREAM_K:
+            if partial:
+                # A partial row: add it in; the last of the row's programs finishes it.
+                ws_ptrs = (ws_ptr + offs_n.to(tl.int64)[:, None] * _WS_COLS
+                           + tl.arange(0, BLOCK_T)[None, :])
+                tl.atomic_add(ws_ptrs, acc, sem="relaxed")
+                tl.debug_barrier()          # every thread's partial is in before the count
+                arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
+                first = ((row_lo.to(tl.int64) + 1) * n_prog - 1) // nnz    # owner of row_lo
+                last = (row_hi.to(tl.int64) * n_prog - 1) // nnz           # owner of row_hi - 1
+                finish = arrived == last - first
+                if finish:
+                    acc = tl.load(ws_ptrs, cache_modifier=".cg")          # L2: atomics live there
+                    tl.store(ws_ptrs, tl.full((BLOCK_N, BLOCK_T), 0.0, tl.float32))
+                    tl.atomic_xchg(count_ptr + row, 0)
+        if finish:
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+                acc += bias.to(tl.float32)[:, None]
+            if ACTIVATION == "relu":
+                acc = tl.maximum(acc, 0.0)
+            elif ACTIVATION == "gelu":
+                acc = 0.5 * acc * (1.0 + tl.erf(acc * _INV_SQRT2))
+            elif ACTIVATION == "gelu_tanh":
+                # 0.5 (1 + tanh(u)) = sigmoid(2 u), from exp(-|2 u|) so nothing overflows
+                z = _SQRT_2_OVER_PI_X2 * (acc + 0.044715 * acc * acc * acc)
+                e = tl.exp(-tl.abs(z))
+                acc = acc * tl.where(z >= 0, 1.0, e) / (1.0 + e)
+            y_ptrs = (y_ptr + offs_t.to(tl.int64)[None, :] * stride_ym
+                      + offs_n.to(tl.int64)[:, None] * stride_yn)
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_ok & (offs_n[:, None] < N))
+        seg_lo = seg_hi
+        if STREAM_K:
+            go = (seg_lo < hi) | (empty_next < n_empty)
+        else:
+            go = seg_lo > hi
 
 
-def _bias_act_kernel(
-    acc_ptr, bias_ptr, y_ptr,
-    M, N,
-    stride_am, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Split-K epilogue: y = act(acc + bias) cast to y's dtype. acc: [M, N] fp32 (unit
-    column stride); y: [M, N]. Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    acc = tl.load(acc_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_n[None, :],
-                  mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    if ACTIVATION == "relu":
-        acc = tl.maximum(acc, 0.0)
-    elif ACTIVATION == "gelu":
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * _INV_SQRT2))
-    elif ACTIVATION == "gelu_tanh":
-        z = _SQRT_2_OVER_PI_X2 * (acc + 0.044715 * acc * acc * acc)
-        e = tl.exp(-tl.abs(z))
-        acc = acc * tl.where(z >= 0, 1.0, e) / (1.0 + e)
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-_MAIN = triton.jit(_bsr_linear_kernel)
-_FINISH = triton.jit(_bias_act_kernel)
+_KERNEL = triton.jit(_bsr_linear_kernel)
 
 
 # ---- launch configurations ----------------------------------------------------------------
 
-# BLOCK_M -> (num_warps, num_stages) candidates. Small tiles serve M <= 64, large ones the
-# rest. Stage counts are high on purpose: X's address depends on a loaded column index, and
-# Triton 3.9's pipeliner spends stages on that indirection (num_stages 3-4 single- or
-# double-buffers the tiles, 5-6 adds a buffer, 7 another; see _pipeline_buffers).
-_CANDIDATES = {16: [(4, 5), (4, 7), (2, 5)], 32: [(4, 5), (4, 7)], 64: [(4, 5), (4, 7), (8, 5)],
-               128: [(4, 5), (8, 5), (8, 3)], 256: [(8, 5), (8, 3)]}
-# Split-K: fewer tiles, times how many programs per SM to aim for (memory parallelism).
-_SPLIT_CANDIDATES = {16: [(4, 5), (4, 7)], 32: [(4, 5)], 64: [(4, 5)]}
-_SPLIT_WAVES = (2, 4, 8)
-_TUNE_KEY = ["M_BUCKET", "N", "K", "BLOCK_N", "BLOCK_K"]   # Triton adds the tensors' dtypes
+# direct: BLOCK_T -> (num_warps, num_stages) candidates; stream-K tiles are fixed by M.
+_DIRECT = {64: [(4, 3), (4, 4)], 128: [(4, 3), (4, 4), (8, 3)], 256: [(8, 3), (8, 4)]}
+_STREAM = [(4, 3), (4, 4), (8, 3)]
+_WAVES = (1, 2, 4)
+_TUNE_KEY = ["M_BUCKET", "N", "K", "BLOCK_N", "BLOCK_K", "DENSITY_BUCKET"]  # + dtypes (Triton)
+_ACC_PER_THREAD = 128       # fp32 accumulators per thread at most (a 128 x 256 tile on 8 warps)
 
 
-def _configs(split: bool = False) -> list[triton.Config]:
-    if split:
-        return [triton.Config({"BLOCK_M": bm, "GROUP_M": 8, "SPLIT_WAVES": waves},
-                              num_warps=w, num_stages=s)
-                for bm, options in _SPLIT_CANDIDATES.items() for w, s in options
-                for waves in _SPLIT_WAVES]
-    return [triton.Config({"BLOCK_M": bm, "GROUP_M": 8, "SPLIT_WAVES": 1}, num_warps=w,
-                          num_stages=s)
-            for bm, options in _CANDIDATES.items() for w, s in options]
+def _configs(stream_k: bool) -> list[triton.Config]:
+    if stream_k:
+        return [triton.Config({"BLOCK_T": 0, "GROUP_T": 1, "WAVES": waves}, num_warps=w,
+                              num_stages=s, pre_hook=_set_boxes)
+                for w, s in _STREAM for waves in _WAVES]
+    return [triton.Config({"BLOCK_T": bt, "GROUP_T": 8, "WAVES": 1}, num_warps=w, num_stages=s,
+                          pre_hook=_set_boxes)
+            for bt, options in _DIRECT.items() for w, s in options]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep the tiles that suit the M bucket, keep their accumulators in registers and fit
-    their pipeline in shared memory; where none fits (fp32 with 128-wide blocks), the
-    smallest tile with as many stages as fit."""
+    """Stream-K: the token tile is M's bucket. Direct: tiles no taller than the M bucket whose
+    accumulators fit in registers and whose pipeline fits in shared memory; where none fits,
+    the smallest tile with as many stages as fit."""
     args = {**named_args, **kwargs}
     bucket, bn, bk = args["M_BUCKET"], args["BLOCK_N"], args["BLOCK_K"]
     item = args["x_ptr"].element_size()
     budget = _smem_bytes(args["x_ptr"].device)
-    tiles = {16, 32, 64} if bucket <= SMALL_M else {64, 128, 256}
-    # <= 64 fp32 accumulators per thread: more spilled registers in sm_90 builds.
-    suited = [c for c in configs if c.kwargs["BLOCK_M"] in tiles and c.kwargs["BLOCK_M"] <= bucket
-              and c.kwargs["BLOCK_M"] * bn <= 64 * 32 * c.num_warps] or configs
+    if args["STREAM_K"]:
+        configs = [triton.Config({**c.kwargs, "BLOCK_T": bucket}, num_warps=c.num_warps,
+                                 num_stages=c.num_stages, pre_hook=c.pre_hook) for c in configs]
+    suited = [c for c in configs if (args["STREAM_K"] or c.kwargs["BLOCK_T"] <= max(bucket, 64))
+              and bn * c.kwargs["BLOCK_T"] <= _ACC_PER_THREAD * 32 * c.num_warps] or configs
 
-    def stage_bytes(c: triton.Config) -> int:
-        return (c.kwargs["BLOCK_M"] * bk + bk * bn) * item
+    def smem(c: triton.Config, stages: int) -> int:
+        return _shared_bytes(bn, bk, c.kwargs["BLOCK_T"], item, stages)
 
-    def smem(c: triton.Config) -> int:
-        return _pipeline_buffers(c.num_stages) * stage_bytes(c)
-
-    fitting = [c for c in suited if smem(c) <= budget]
+    fitting = [c for c in suited if smem(c, c.num_stages) <= budget]
     if fitting:
         return fitting
-    small = min(suited, key=lambda c: (stage_bytes(c), smem(c)))
-    stages = max([s for s in range(1, small.num_stages + 1)
-                  if _pipeline_buffers(s) * stage_bytes(small) <= budget], default=1)
-    return [triton.Config(dict(small.kwargs), num_warps=small.num_warps, num_stages=stages)]
+    small = min(suited, key=lambda c: smem(c, 1))
+    stages = max([s for s in range(1, small.num_stages + 1) if smem(small, s) <= budget],
+                 default=1)
+    return [triton.Config(dict(small.kwargs), num_warps=small.num_warps, num_stages=stages,
+                          pre_hook=small.pre_hook)]
+
+
+def _shared_bytes(bn: int, bk: int, block_t: int, item: int, num_stages: int) -> int:
+    """Shared memory of a launch: the pipelined W and X tiles, or the fp32 tile the epilogue
+    transposes through, whichever is larger (read off compiled sm_90 kernels, Triton 3.9)."""
+    return max(_pipeline_buffers(num_stages) * (bn + block_t) * bk * item, bn * block_t * 4)
 
 
 def _pipeline_buffers(num_stages: int) -> int:
-    """Tile buffers Triton 3.9 allocates for this kernel (one level of load indirection),
-    an upper bound read off compiled sm_90 kernels: 3-4 stages -> 2, 5-6 -> 3, 7 -> 4."""
-    return (num_stages - 1) // 2 + 1
+    """Tile buffers Triton 3.9 allocates for this kernel: one per stage but the last, read
+    off compiled sm_90 kernels (TMA and cp.async alike)."""
+    return max(num_stages - 1, 1)
 
 
 def _bench(fn, quantiles):
@@ -226,18 +258,18 @@ def _bench(fn, quantiles):
 
 
 @functools.cache
-def _tuned(split: bool) -> triton.runtime.Autotuner:
-    return triton.autotune(configs=_configs(split), key=_TUNE_KEY,
+def _tuned(stream_k: bool) -> triton.runtime.Autotuner:
+    # The workspace needs no reset between tuning runs: every run leaves it zeroed.
+    return triton.autotune(configs=_configs(stream_k), key=_TUNE_KEY,
                            prune_configs_by={"early_config_prune": _prune},
-                           reset_to_zero=["y_ptr"] if split else None,
-                           do_bench=_bench, cache_results=True)(_MAIN)
+                           do_bench=_bench, cache_results=True)(_KERNEL)
 
 
 @functools.cache
-def _interpreted(kernel) -> object:
+def _interpreted() -> object:
     """The kernel run by Triton's CPU interpreter, whatever TRITON_INTERPRET said at import."""
     from triton.runtime.interpreter import InterpretedFunction
-    return InterpretedFunction(kernel)
+    return InterpretedFunction(_bsr_linear_kernel)
 
 
 def _interpret_env() -> bool:
@@ -245,142 +277,201 @@ def _interpret_env() -> bool:
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@functools.cache
-def _smem_limit(index: int) -> int:
+def _device_props(index: int) -> tuple[int, int, tuple[int, int]]:
     props = torch.cuda.get_device_properties(index)
-    return int(getattr(props, "shared_memory_per_block_optin", 160 * 1024))
+    smem = int(getattr(props, "shared_memory_per_block_optin", 160 * 1024))
+    return props.multi_processor_count, smem, (props.major, props.minor)
+
+
+def _sms(device: torch.device) -> int:
+    return _device_props(device.index or 0)[0] if device.type == "cuda" else INTERPRET_SMS
 
 
 def _smem_bytes(device: torch.device) -> int:
-    return _smem_limit(device.index or 0) if device.type == "cuda" else 160 * 1024
+    return _device_props(device.index or 0)[1] if device.type == "cuda" else 160 * 1024
 
 
 def _m_bucket(m: int) -> int:
     return max(16, min(triton.next_power_of_2(m), 4096))
 
 
-def _use_split(weight: BSRWeight, m: int, device: torch.device, split_k: int | None) -> bool:
-    """Split-K where M <= 64 and the block-rows give fewer than two programs per SM."""
-    if split_k is not None:
-        return split_k > 1
-    return m <= SMALL_M and weight.n_block_rows < 2 * _sms(device)
+def _density_bucket(nnz: int, n_rows: int, n_cols: int) -> int:
+    """Density in steps of 1/8 (0 = empty .. 8 = dense): the autotune key's density."""
+    return round(8 * nnz / max(n_rows * n_cols, 1))
 
 
-def _split_count(weight: BSRWeight, programs: int, device: torch.device,
-                 split_k: int | None, waves: int) -> int:
-    """Chunks per block-row: enough for `waves` programs per SM, at most one block each."""
-    most = max(weight.max_row_blocks, 1)
-    wanted = split_k if split_k is not None else triton.cdiv(waves * _sms(device), programs)
-    return max(1, min(int(wanted), most))
+def _use_stream_k(m: int, stream_k: int | None) -> bool:
+    return m <= SMALL_M if stream_k is None else stream_k > 0
 
 
-def _sms(device: torch.device) -> int:
-    return _sm_count(device.index or 0) if device.type == "cuda" else INTERPRET_SMS
+def _stream_programs(nnz: int, device: torch.device, stream_k: int | None, waves: int) -> int:
+    """Stream-K programs: `waves` per SM (or `stream_k`), never more than the stored blocks."""
+    wanted = stream_k if stream_k else waves * _sms(device)
+    return max(1, min(int(wanted), nnz))
+
+
+def _tma_layout_ok(x2: torch.Tensor, values: torch.Tensor) -> bool:
+    """TMA descriptors need unit inner strides and 16-byte aligned bases and rows."""
+    item = x2.element_size()
+    return (x2.stride(1) == 1 and (x2.stride(0) * item) % 16 == 0 and x2.data_ptr() % 16 == 0
+            and values.is_contiguous() and values.data_ptr() % 16 == 0)
+
+
+def _tma_ok(x2: torch.Tensor, values: torch.Tensor) -> bool:
+    """TMA where the hardware has it (Hopper or newer) and the layout allows."""
+    return (x2.device.type == "cuda" and not _interpret_env()
+            and _device_props(x2.device.index or 0)[2] >= (9, 0) and _tma_layout_ok(x2, values))
+
+
+# ---- the stream-K workspace ---------------------------------------------------------------
+
+_WORKSPACES: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, rows: int,
+               block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed fp32 [rows, 64] partial sums and int32 [block_rows] counters, shared by every
+    call on this device and stream (each stream-K launch leaves them zeroed). Grown on
+    demand: make one warm-up call before capturing a CUDA graph."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    ws, counts = _WORKSPACES.get((device, stream), (None, None))
+    if ws is None or ws.shape[0] < rows:
+        ws = torch.zeros(rows, WORKSPACE_COLS, device=device, dtype=torch.float32)
+    if counts is None or counts.numel() < block_rows:
+        counts = torch.zeros(block_rows, device=device, dtype=torch.int32)
+    _WORKSPACES[(device, stream)] = ws, counts
+    return ws, counts
 
 
 # ---- the launcher -------------------------------------------------------------------------
 
-def bsr_linear(x: torch.Tensor, weight: BSRWeight, bias: torch.Tensor | None = None,
-               activation: str | None = None, *, allow_tf32: bool | None = None,
-               split_k: int | None = None, block_m: int | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """act(x @ W^T + bias) with W block-sparse.
+def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
+               col_indices: torch.Tensor, shape: tuple[int, int],
+               bias: torch.Tensor | None = None, activation: str | None = None, *,
+               indices: LayoutIndices | None = None, allow_tf32: bool | None = None,
+               stream_k: int | None = None, block_t: int | None = None,
+               tma: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x @ W^T + bias) with W [N, K] = `shape` block-sparse.
 
-    x: [..., K] in the weight's dtype (fp32, fp16 or bf16), on the weight's device;
-    bias: [N] (any float dtype) or None; activation: None, "relu", "gelu" (erf) or
-    "gelu_tanh". Returns [..., N] in x's dtype; accumulation is fp32.
+    x: [..., K] in the values' dtype (fp32, fp16 or bf16), on their device; values
+    [nnz, BN, BK] with block sides in BLOCK_SIDES; crow_indices [ceil(N / BN) + 1] and
+    col_indices [nnz] int32; bias [N] (any float dtype) or None; activation: None, "relu",
+    "gelu" (erf) or "gelu_tanh". Returns [..., N] in x's dtype; accumulation is fp32.
+    indices: layout_indices(crow_indices), computed once per weight (None: computed now).
     allow_tf32: fp32 inputs only; None follows torch.backends.cuda.matmul.allow_tf32.
-    split_k: force the split count (1 = direct path); None chooses (split-K for M <= 64
-    when block-rows are too few to fill the GPU).
-    block_m: force the M tile (16..256, a power of two) instead of autotuning.
+    stream_k: None chooses (stream-K for M <= 64), 0 forces the direct schedule, n > 0
+    runs stream-K with n programs (M <= 64 only).
+    block_t: the direct schedule's token tile (16..256, a power of two) instead of tuning.
+    tma: None uses TMA descriptors where the layout allows (Hopper and newer); False forces
+    pointer loads; True forces descriptors (the interpreter emulates them).
     out: optional contiguous [..., N] result tensor in x's dtype (written, and returned).
-    A CPU tensor runs the kernels under Triton's interpreter (slow; meant for tests).
+    A CPU tensor runs under Triton's interpreter (slow; meant for tests).
     """
-    _check(x, weight, bias, activation, block_m, out)
-    n, k = weight.shape
+    n, k = int(shape[0]), int(shape[1])
+    _check(x, values, crow_indices, col_indices, (n, k), bias, activation, stream_k, block_t,
+           out)
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype) if out is None else out.view(m, n)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
+    indices = indices or layout_indices(crow_indices)
     interpret = x.device.type != "cuda" or _interpret_env()
-    split = _use_split(weight, m, x.device, split_k)
-    # The split path accumulates in fp32: straight into y when y is fp32 with no epilogue.
-    in_place = x.dtype == torch.float32 and bias is None and activation is None
-    acc_buf = y if not split or in_place else torch.empty_like(y, dtype=torch.float32)
-    if split:
-        acc_buf.zero_()
-
-    bn, bk = weight.block
-    values, cols = weight.values, weight.col_indices
-    if weight.nnz_blocks == 0:          # never read, but Triton needs real pointers
-        values, cols = values.new_zeros(1, bn, bk), cols.new_zeros(1)
+    use_stream = _use_stream_k(m, stream_k)
+    bn, bk = int(values.shape[1]), int(values.shape[2])
+    n_rows, nnz = crow_indices.numel() - 1, int(values.shape[0])
+    n_empty = int(indices.empty_rows.numel())
+    cols, block_rows, empty = col_indices, indices.block_rows, indices.empty_rows
+    if nnz == 0:                        # never read, but Triton needs real pointers
+        values, cols, block_rows = values.new_zeros(1, bn, bk), crow_indices, crow_indices
+    if n_empty == 0:
+        empty = crow_indices
+    ws, counts = _workspace(x.device, n_rows * bn, n_rows) if use_stream else (y, crow_indices)
     if allow_tf32 is None:
         allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     # "ieee" keeps fp32 exact; 16-bit operands ignore the setting (Triton's default is "tf32").
     precision = "ieee" if x.dtype == torch.float32 and not allow_tf32 else "tf32"
-    args = (x2, values, weight.crow_indices, cols, weight.row_order,
-            bias if bias is not None else y, acc_buf,
-            m, n, k, weight.n_block_rows, _m_bucket(m),
-            x2.stride(0), x2.stride(1), acc_buf.stride(0), acc_buf.stride(1))
-    meta = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, HAS_BIAS=bias is not None,
-                ACTIVATION=activation, EVEN_K=k % bk == 0,
+    use_tma = _tma_ok(x2, values) if tma is None else tma
+    if use_tma and not _tma_layout_ok(x2, values):
+        raise KernelInputError("bsr_linear: tma=True needs x with unit column stride and "
+                               "16-byte aligned rows; pass tma=None to fall back to pointers")
+    x_desc, w_desc = x2, values
+    if use_tma:     # boxes are set per launch configuration (_set_boxes)
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        x_desc = TensorDescriptor.from_tensor(x2, [16, bk])
+        w_desc = TensorDescriptor.from_tensor(values.view(-1, bk), [bn, bk])
+    args = (x2, x_desc, values, w_desc, bias if bias is not None else y, y,
+            crow_indices, cols, indices.row_order, block_rows, empty, ws, counts,
+            m, n, k, n_rows, nnz, n_empty, _m_bucket(m),
+            _density_bucket(nnz, n_rows, -(-k // bk)),
+            x2.stride(0), x2.stride(1), y.stride(0), y.stride(1))
+    meta = dict(BLOCK_N=bn, BLOCK_K=bk, STREAM_K=use_stream, USE_TMA=use_tma,
+                HAS_BIAS=bias is not None, ACTIVATION=activation, EVEN_K=k % bk == 0,
                 UPCAST=interpret and x.dtype == torch.bfloat16, INPUT_PRECISION=precision)
 
-    def grid(cfg: dict) -> tuple[int, int]:
-        programs = weight.n_block_rows * triton.cdiv(m, cfg["BLOCK_M"])
-        if not split:
-            return programs, 1
-        return programs, _split_count(weight, programs, x.device, split_k, cfg["SPLIT_WAVES"])
+    def grid(cfg: dict) -> tuple[int]:
+        if use_stream:
+            return (_stream_programs(nnz, x.device, stream_k, cfg["WAVES"]),)
+        return (n_rows * triton.cdiv(m, cfg["BLOCK_T"]),)
 
+    tile = _m_bucket(m) if use_stream else block_t
     if interpret:
-        fixed = dict(BLOCK_M=block_m or min(64, _m_bucket(m)), GROUP_M=4, SPLIT_WAVES=2)
-        _interpreted(_bsr_linear_kernel)[grid](*args, **meta, **fixed)
-    elif block_m is not None:
-        _MAIN[grid](*args, **meta, BLOCK_M=block_m, GROUP_M=8, SPLIT_WAVES=4, num_warps=4,
-                    num_stages=5)
+        fixed = dict(BLOCK_T=tile or min(64, _m_bucket(m)), GROUP_T=4, WAVES=2)
+        _set_boxes({**dict(zip(_KERNEL.arg_names, args)), **meta, **fixed})
+        _interpreted()[grid](*args, **meta, **fixed)
+    elif block_t is not None:
+        fixed = dict(BLOCK_T=block_t, GROUP_T=8, WAVES=2)
+        _set_boxes({**dict(zip(_KERNEL.arg_names, args)), **meta, **fixed})
+        _KERNEL[grid](*args, **meta, **fixed, num_warps=8 if bn * block_t > 8192 else 4,
+                      num_stages=3)
     else:
-        _tuned(split)[grid](*args, **meta)
-
-    if acc_buf is not y:
-        finish = _interpreted(_bias_act_kernel) if interpret else _FINISH
-        bm_f, bn_f = 32, 128
-        finish[(triton.cdiv(m, bm_f), triton.cdiv(n, bn_f))](
-            acc_buf, bias if bias is not None else acc_buf, y, m, n,
-            acc_buf.stride(0), y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, ACTIVATION=activation, BLOCK_M=bm_f, BLOCK_N=bn_f)
+        _tuned(use_stream)[grid](*args, **meta)
     return y.reshape(*x.shape[:-1], n)
 
 
-def _check(x: torch.Tensor, weight: BSRWeight, bias: torch.Tensor | None,
-           activation: str | None, block_m: int | None, out: torch.Tensor | None) -> None:
-    n, k = weight.shape
+def _set_boxes(nargs: dict) -> None:
+    """TMA boxes follow the launch configuration's tiles (an autotuning pre-hook)."""
+    if nargs["USE_TMA"]:
+        nargs["x_desc"].block_shape = [nargs["BLOCK_T"], nargs["BLOCK_K"]]
+        nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _check(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+           shape: tuple[int, int], bias: torch.Tensor | None, activation: str | None,
+           stream_k: int | None, block_t: int | None, out: torch.Tensor | None) -> None:
+    n, k = shape
     problem = None
-    if x.dtype != weight.dtype:
-        problem = (f"input dtype {x.dtype} differs from the weight's {weight.dtype}; "
-                   "cast one of them (x.to(dtype) or weight.to(dtype=...))")
+    if values.dim() != 3 or values.dtype not in DTYPES:
+        problem = (f"values must be [nnz, rows, cols] in float32, float16 or bfloat16, got "
+                   f"{values.dtype} {tuple(values.shape)}")
+    elif any(int(side) not in BLOCK_SIDES for side in values.shape[1:]):
+        problem = (f"block {tuple(values.shape[1:])} is not supported (sides must be in "
+                   f"{BLOCK_SIDES}); repack the weight with one of them")
+    elif x.dtype != values.dtype:
+        problem = (f"input dtype {x.dtype} differs from the weight's {values.dtype}; cast one "
+                   "of them")
     elif x.dim() < 1 or x.shape[-1] != k:
         problem = f"input of shape {tuple(x.shape)} does not end in K={k}; pass [..., {k}]"
-    elif x.device != weight.device or (bias is not None and bias.device != x.device):
+    elif (crow.dtype != torch.int32 or col.dtype != torch.int32
+          or crow.numel() != -(-n // values.shape[1]) + 1 or col.numel() != values.shape[0]):
+        problem = (f"crow_indices must be int32 of length ceil(N / {values.shape[1]}) + 1 and "
+                   "col_indices int32, one per block; repack the weight")
+    elif any(t.device != x.device for t in (values, crow, col)) or (
+            bias is not None and bias.device != x.device):
         problem = "input, weight and bias must be on one device; move them with .to(device)"
     elif x.device.type not in ("cuda", "cpu"):
         problem = f"device {x.device} is not supported; use CUDA (or the CPU interpreter)"
-    elif any(side not in KERNEL_BLOCK_SIDES for side in weight.block):
-        problem = (f"block {weight.block} is not supported by the kernel (sides must be in "
-                   f"{KERNEL_BLOCK_SIDES}); repack with block=spdy_gpu.bsr.kernel_block(...)")
     elif bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
         problem = f"bias must be a float tensor of shape ({n},), got {tuple(bias.shape)}"
     elif activation not in ACTIVATIONS:
         problem = f"unknown activation {activation!r}; use one of {ACTIVATIONS}"
-    elif block_m is not None and block_m not in (16, 32, 64, 128, 256):
-        problem = f"block_m={block_m} must be a power of two in 16..256"
+    elif stream_k is not None and (stream_k < 0 or stream_k > 0 and x.numel() > SMALL_M * k):
+        problem = f"stream_k={stream_k} needs M <= {SMALL_M} rows and a count >= 0"
+    elif block_t is not None and block_t not in (16, 32, 64, 128, 256):
+        problem = f"block_t={block_t} must be a power of two in 16..256"
     elif out is not None and (out.shape != (*x.shape[:-1], n) or out.dtype != x.dtype
                               or out.device != x.device or not out.is_contiguous()):
         problem = (f"out must be a contiguous {x.dtype} tensor of shape {(*x.shape[:-1], n)} "
                    f"on {x.device}; got {out.dtype} {tuple(out.shape)}")
     if problem is not None:
-        raise SpdyError(f"bsr_linear: {problem}")
+        raise KernelInputError(f"bsr_linear: {problem}")

@@ -4,7 +4,8 @@ A weight W[N, K] (the GEMM view of a layer, Y = X @ W^T) is cut into blocks of
 `block = (rows, cols)`; a block is stored when it holds a kept weight. Packing pads N and K
 up to whole blocks with zeros, so any shape packs; the kernel never reads or writes past the
 real [N, K]. Any mask packs at any block size, exactly: a kept block keeps its masked-out
-entries as zeros. Pure torch: importing this module loads no Triton.
+entries as zeros. Pure torch: importing this module loads no Triton (the kernel's layout
+facts come from spdy_kernels.layout, which is pure torch too).
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from spdy_kernels.layout import BLOCK_SIDES, DTYPES, LayoutIndices, layout_indices
 
 from .errors import SpdyError
 from .masks import build_mask, gemm_view
 from .options import SparsityOption
 
-KERNEL_BLOCK_SIDES = (16, 32, 64, 128)
+KERNEL_BLOCK_SIDES = BLOCK_SIDES
 """Block sides the Triton kernel supports (any pair of them: square or rectangular)."""
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = DTYPES
 
 
 @dataclass
@@ -42,13 +44,13 @@ class BSRWeight:
     col_indices: torch.Tensor
     row_order: torch.Tensor
     shape: tuple[int, int]
-    max_row_blocks: int = field(init=False, repr=False)   # stored blocks in the fullest row
+    indices: LayoutIndices = field(init=False, repr=False)   # what the kernel reads besides
 
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
         self.validate()
-        counts = torch.diff(self.crow_indices)
-        self.max_row_blocks = int(counts.max()) if counts.numel() else 0
+        derived = layout_indices(self.crow_indices)
+        self.indices = LayoutIndices(self.row_order, derived.block_rows, derived.empty_rows)
 
     # ---- construction -------------------------------------------------------------------
 
@@ -89,7 +91,7 @@ class BSRWeight:
         return cls(values=blocks[kept].contiguous(),
                    crow_indices=crow.to(torch.int32),
                    col_indices=kept.nonzero()[:, 1].to(torch.int32),
-                   row_order=balanced_row_order(counts),
+                   row_order=layout_indices(crow).row_order,
                    shape=(n, k))
 
     @classmethod
@@ -198,11 +200,6 @@ class BSRWeight:
     def __repr__(self) -> str:
         return (f"BSRWeight(shape={self.shape}, block={self.block}, nnz_blocks={self.nnz_blocks}, "
                 f"density={self.density:.3f}, dtype={self.dtype}, device={self.device})")
-
-
-def balanced_row_order(counts: torch.Tensor) -> torch.Tensor:
-    """Block-rows by decreasing block count (ties by index), as int32: heavy rows start first."""
-    return torch.argsort(-counts.long(), stable=True).to(torch.int32)
 
 
 def kernel_block(block: int | tuple[int, int] | None) -> tuple[int, int]:

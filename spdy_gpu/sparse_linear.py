@@ -49,6 +49,7 @@ class BlockSparseLinear(nn.Module):
         self.values = nn.Parameter(weight.values.detach().clone(), requires_grad=False)
         for name in _INDEX_BUFFERS:
             self.register_buffer(name, getattr(weight, name).clone())
+        self._set_derived_indices(weight)
         self.register_buffer("shape", torch.tensor(weight.shape, dtype=torch.int64))
         self.bias = (None if bias is None else
                      nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False))
@@ -88,10 +89,10 @@ class BlockSparseLinear(nn.Module):
                          (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in_features] -> [..., out_features]
-        if x.is_cuda or _interpret_env():
-            from spdy_kernels.bsr_matmul import bsr_linear
-            return bsr_linear(x, self._packed(), self.bias, self.activation)
+        # x: [..., in_features] -> [..., out_features]. Traced (torch.compile / export), the
+        # kernel is always the op: the graph holds what deploys.
+        if x.is_cuda or _interpret_env() or torch.compiler.is_compiling():
+            return self._kernel(x)
         return _activate(F.linear(x, self._dense_weight(), self.bias), self.activation)
 
     def to_dense(self) -> nn.Linear:
@@ -116,6 +117,25 @@ class BlockSparseLinear(nn.Module):
                 f"activation={self.activation}")
 
     # ---- internals ----------------------------------------------------------------------
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The torch op spdy_kernels::bsr_linear (traceable: it reads only this module's
+        tensors); a call it cannot run is a SpdyError naming the fix."""
+        import spdy_kernels.ops  # noqa: F401  (registers the op)
+        from spdy_kernels.layout import KernelInputError
+
+        try:
+            return torch.ops.spdy_kernels.bsr_linear(
+                x, self.values, self.crow_indices, self.col_indices, self.row_order,
+                self.block_rows, self.empty_rows, self.out_features, self.in_features,
+                self.bias, self.activation)
+        except KernelInputError as e:
+            raise SpdyError(str(e)) from None
+
+    def _set_derived_indices(self, weight: BSRWeight) -> None:
+        # Derived from crow_indices, so not saved; buffers so that .to(device) moves them.
+        self.register_buffer("block_rows", weight.indices.block_rows.clone(), persistent=False)
+        self.register_buffer("empty_rows", weight.indices.empty_rows.clone(), persistent=False)
 
     def _packed(self) -> BSRWeight:
         # Validation syncs the device: build it once per storage and reuse it.
@@ -149,7 +169,7 @@ class BlockSparseLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._packed_cache = None
         self._dense_cache = None
-        self._packed()  # validate what was loaded
+        self._set_derived_indices(self._packed())     # validates what was loaded
 
 
 def candidate_blocks() -> list[tuple[int, int]]:

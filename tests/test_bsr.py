@@ -5,9 +5,10 @@ import sys
 
 import pytest
 import torch
+from spdy_kernels.layout import layout_indices
 
 from spdy_gpu import SparsityOption, SpdyError
-from spdy_gpu.bsr import BSRWeight, balanced_row_order, kernel_block
+from spdy_gpu.bsr import BSRWeight, kernel_block
 from spdy_gpu.masks import build_mask
 from spdy_gpu.roofline import roofline_ms, roofline_speedup
 
@@ -66,12 +67,14 @@ def test_empty_rows_and_empty_matrix():
     empty = BSRWeight.from_dense(w, torch.zeros_like(mask), 32)
     assert empty.nnz_blocks == 0 and empty.values.shape == (0, 32, 32)
     assert torch.equal(empty.to_dense(), torch.zeros_like(w))
-    assert empty.max_row_blocks == 0 and empty.density == 0.0
+    assert empty.density == 0.0 and empty.indices.empty_rows.tolist() == [0, 1, 2]
 
 
 def test_row_order_balances_without_changing_the_matrix():
-    counts = torch.tensor([1, 3, 0, 3, 2])
-    assert balanced_row_order(counts).tolist() == [1, 3, 4, 0, 2]   # ties keep index order
+    crow = torch.tensor([0, 1, 4, 4, 7, 9], dtype=torch.int32)      # rows of 1, 3, 0, 3, 2
+    order, block_rows, empty_rows = layout_indices(crow)
+    assert order.tolist() == [1, 3, 4, 0, 2]                        # ties keep index order
+    assert block_rows.tolist() == [0, 1, 1, 1, 3, 3, 3, 4, 4] and empty_rows.tolist() == [2]
     w = _weight((160, 96))
     packed = BSRWeight.from_dense(w, _block_mask(w.shape, 32, 0.5, seed=5), 32)
     per_row = torch.diff(packed.crow_indices)[packed.row_order.long()]

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from spdy_kernels import bsr_matmul  # noqa: E402
-from spdy_kernels.bsr_matmul import bsr_linear  # noqa: E402
+from spdy_kernels.layout import KernelInputError  # noqa: E402
 
-from spdy_gpu import SpdyError  # noqa: E402
 from spdy_gpu.bsr import BSRWeight  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -58,6 +57,12 @@ def _reference(x, packed, bias, activation):
     return y
 
 
+def bsr_linear(x, packed, bias=None, activation=None, **kwargs):
+    """The raw kernel on a packed weight."""
+    return bsr_matmul.bsr_linear(x, packed.values, packed.crow_indices, packed.col_indices,
+                                 packed.shape, bias, activation, indices=packed.indices, **kwargs)
+
+
 def _check(x, packed, bias=None, activation=None, **kwargs):
     """Run into a NaN-poisoned output and compare with the float64 reference."""
     out = torch.full((*x.shape[:-1], packed.shape[0]), math.nan, dtype=x.dtype, device=x.device)
@@ -72,7 +77,7 @@ def _check(x, packed, bias=None, activation=None, **kwargs):
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("m", [5, 80])     # split-K (M <= 64) and direct with 2 M tiles
+@pytest.mark.parametrize("m", [5, 80])     # stream-K (M <= 64) and direct with 2 token tiles
 def test_every_block_size_and_dtype(block, dtype, m):
     rows, cols = _pair(block)
     n, k = 2 * rows + 5, 3 * cols - 7        # ragged N and K
@@ -83,16 +88,16 @@ def test_every_block_size_and_dtype(block, dtype, m):
 
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("stream_k", [0, 3])
 @pytest.mark.parametrize("dtype", [F32, F16])
-def test_bias_and_activation_epilogues(activation, with_bias, split_k, dtype):
+def test_bias_and_activation_epilogues(activation, with_bias, stream_k, dtype):
     packed = _case(100, 90, 32, 0.5, dtype, seed=7)
     x, bias = _inputs((24, 90), 100, dtype, seed=3)
-    _check(x, packed, bias if with_bias else None, activation, split_k=split_k)
+    _check(x, packed, bias if with_bias else None, activation, stream_k=stream_k)
 
 
 @pytest.mark.parametrize("m", [1, 15, 16, 17, 63, 64, 65, 130])
-def test_ragged_m_on_both_paths(m):
+def test_ragged_m_on_both_schedules(m):
     packed = _case(70, 100, 32, 0.5, F16, seed=m)
     x, bias = _inputs((m, 100), 70, F16, seed=m)
     _check(x, packed, bias, "relu")
@@ -101,7 +106,7 @@ def test_ragged_m_on_both_paths(m):
 @pytest.mark.parametrize("m", [4, 90])
 def test_empty_block_rows_and_empty_matrix(m):
     packed = _case(160, 64, 32, 0.7, F16, seed=2, empty_rows=(0, 3))
-    assert torch.diff(packed.crow_indices)[[0, 3]].tolist() == [0, 0]
+    assert packed.indices.empty_rows.tolist() == [0, 3]
     x, bias = _inputs((m, 64), 160, F16, seed=4)
     y = _check(x, packed, bias, "relu")
     assert torch.equal(y[:, :32], F.relu(bias[:32]).half().expand(m, 32))   # bias only
@@ -112,89 +117,122 @@ def test_empty_block_rows_and_empty_matrix(m):
     assert not bsr_linear(x[:, :40].contiguous(), empty).any()
 
 
-def test_split_counts_and_row_order_do_not_change_the_result():
-    packed = _case(96, 160, 32, 0.8, F32, seed=9)
+def test_stream_k_splits_agree_with_direct_and_leave_the_workspace_clean():
+    packed = _case(96, 160, 32, 0.8, F32, seed=9, empty_rows=(1,))
     x, bias = _inputs((8, 160), 96, F32, seed=9)
-    results = [_check(x, packed, bias, "gelu", split_k=s) for s in (1, 2, 3, 5, 100)]
-    for y in results[1:]:
-        torch.testing.assert_close(y, results[0], rtol=1e-5, atol=1e-5)
+    direct = _check(x, packed, bias, "gelu", stream_k=0)
+    # 1 program, programs ending mid-row, one per block, more programs than blocks
+    for programs in (1, 2, 3, 5, packed.nnz_blocks, 100):
+        torch.testing.assert_close(_check(x, packed, bias, "gelu", stream_k=programs), direct,
+                                   rtol=1e-5, atol=1e-5)
+    for ws, counts in bsr_matmul._WORKSPACES.values():
+        assert not ws.any() and not counts.any(), "stream-K left partial sums behind"
     reordered = BSRWeight(packed.values, packed.crow_indices, packed.col_indices,
                           packed.row_order.flip(0), packed.shape)
-    assert torch.equal(bsr_linear(x, reordered, bias, split_k=1),
-                       bsr_linear(x, packed, bias, split_k=1))
+    assert torch.equal(bsr_linear(x, reordered, bias, stream_k=0),
+                       bsr_linear(x, packed, bias, stream_k=0))
 
 
-@pytest.mark.parametrize("block_m", [16, 32, 128])
-def test_forced_m_tiles(block_m):
-    packed = _case(64, 64, 16, 0.5, F16, seed=block_m)
-    x, bias = _inputs((50, 64), 64, F16, seed=block_m)
-    _check(x, packed, bias, split_k=1, block_m=block_m)
+@pytest.mark.parametrize("block_t", [16, 32, 128])
+def test_forced_token_tiles(block_t):
+    packed = _case(64, 64, 16, 0.5, F16, seed=block_t)
+    x, bias = _inputs((50, 64), 64, F16, seed=block_t)
+    _check(x, packed, bias, stream_k=0, block_t=block_t)
 
 
-def test_batched_and_strided_inputs():
+@pytest.mark.parametrize("m", [6, 70])
+@pytest.mark.parametrize("dtype", [F16, F32])
+def test_tma_descriptor_loads(m, dtype):
+    """The TMA path (emulated by the interpreter) equals the reference, ragged edges included:
+    a descriptor zero-fills the rows past M and the columns past K."""
+    packed = _case(72, 80, (64, 16), 0.6, dtype, seed=m)       # K = 80: 16-byte aligned rows
+    x, bias = _inputs((m, 80), 72, dtype, seed=m)
+    _check(x, packed, bias, "gelu_tanh", tma=True)
+    _check(x, packed, bias, "gelu_tanh", tma=False)
+
+
+def test_batched_strided_and_transposed_inputs():
     packed = _case(48, 64, 16, 0.6, F16, seed=11)
     x, bias = _inputs((2, 3, 64), 48, F16, seed=11)
     assert bsr_linear(x, packed, bias).shape == (2, 3, 48)
     _check(x, packed, bias)
     wide, _ = _inputs((20, 128), 48, F16, seed=12)
-    _check(wide[:, ::2], packed, bias, split_k=1)                 # column stride 2
+    _check(wide[:, ::2], packed, bias, stream_k=0)               # column stride 2
     tall, _ = _inputs((64, 20), 48, F16, seed=13)
-    _check(tall.t(), packed, bias, split_k=2)                     # transposed view
+    _check(tall.t(), packed, bias, stream_k=2)                   # transposed view
+    misaligned = torch.randn(20 * 64 + 1, dtype=F16)[1:].view(20, 64)
+    _check(misaligned, packed, bias)                             # falls back to pointers
     assert bsr_linear(x[:0], packed).shape == (0, 3, 48)
 
 
 def test_bad_calls_raise_one_line_errors():
     packed = _case(32, 32, 16, 0.5, F16)
     x = torch.randn(4, 32).half()
-    with pytest.raises(SpdyError, match="dtype"):
-        bsr_linear(x.float(), packed)
-    with pytest.raises(SpdyError, match="does not end in K=32"):
-        bsr_linear(torch.randn(4, 31).half(), packed)
-    with pytest.raises(SpdyError, match="not supported by the kernel"):
-        bsr_linear(x, BSRWeight.from_dense(torch.randn(32, 32), block=8, dtype=F16))
-    with pytest.raises(SpdyError, match="activation"):
-        bsr_linear(x, packed, activation="tanh")
-    with pytest.raises(SpdyError, match="bias"):
-        bsr_linear(x, packed, torch.randn(31))
-    with pytest.raises(SpdyError, match="out must be"):
-        bsr_linear(x, packed, out=torch.empty(4, 32))
+    cases = [
+        (lambda: bsr_linear(x.float(), packed), "dtype"),
+        (lambda: bsr_linear(torch.randn(4, 31).half(), packed), "does not end in K=32"),
+        (lambda: bsr_linear(x, BSRWeight.from_dense(torch.randn(32, 32), block=8, dtype=F16)),
+         "not supported"),
+        (lambda: bsr_linear(x, packed, activation="tanh"), "activation"),
+        (lambda: bsr_linear(x, packed, torch.randn(31)), "bias"),
+        (lambda: bsr_linear(x, packed, out=torch.empty(4, 32)), "out must be"),
+        (lambda: bsr_linear(torch.randn(100, 32).half(), packed, stream_k=2), "stream_k"),
+        (lambda: bsr_linear(x, packed, block_t=48), "block_t"),
+        (lambda: bsr_linear(torch.randn(32, 4).half().t(), packed, tma=True), "tma=True"),
+        (lambda: bsr_matmul.bsr_linear(x, packed.values, packed.crow_indices.long(),
+                                       packed.col_indices, packed.shape), "int32"),
+    ]
+    for call, match in cases:
+        with pytest.raises(KernelInputError, match=match) as error:
+            call()
+        assert "\n" not in str(error.value)
 
 
 def test_launch_configurations_fit_the_shape_bucket():
-    configs = bsr_matmul._configs()
+    direct, stream = bsr_matmul._configs(False), bsr_matmul._configs(True)
     x16, x32 = torch.empty(1, dtype=F16), torch.empty(1, dtype=F32)
 
-    def tiles(bucket, block, x):
+    def tiles(configs, bucket, block, x, stream_k=False):
         kept = bsr_matmul._prune(configs, {"x_ptr": x, "M_BUCKET": bucket},
-                                 BLOCK_N=block, BLOCK_K=block)
-        return sorted({c.kwargs["BLOCK_M"] for c in kept})
+                                 BLOCK_N=block, BLOCK_K=block, STREAM_K=stream_k)
+        return sorted({c.kwargs["BLOCK_T"] for c in kept})
 
-    assert tiles(16, 64, x16) == [16]
-    assert tiles(64, 64, x16) == [16, 32, 64]
-    assert tiles(4096, 64, x16) == [64, 128, 256]
-    assert tiles(4096, 128, x16) == [64, 128]                   # 256 x 128 would spill
-    # fp32 128x128 blocks overflow the (CPU-nominal, 160 KiB) budget: a single buffer of 64 rows
-    kept = bsr_matmul._prune(configs, {"x_ptr": x32, "M_BUCKET": 4096}, BLOCK_N=128, BLOCK_K=128)
-    assert [(c.kwargs["BLOCK_M"], c.num_stages) for c in kept] == [(64, 2)]
+    assert tiles(stream, 16, 64, x16, True) == [16]               # stream-K: the M bucket
+    assert tiles(stream, 64, 128, x16, True) == [64]
+    assert tiles(direct, 128, 64, x16) == [64, 128]
+    assert tiles(direct, 4096, 64, x16) == [64, 128, 256]
+    assert tiles(direct, 4096, 128, x16) == [64, 128]   # 256: 2 x 96 KiB > 160 KiB nominal
+    # fp32 128x128 blocks: only what fits the (CPU-nominal, 160 KiB) shared memory
+    kept = bsr_matmul._prune(direct, {"x_ptr": x32, "M_BUCKET": 4096}, BLOCK_N=128,
+                             BLOCK_K=128, STREAM_K=False)
+    assert kept and all(bsr_matmul._shared_bytes(128, 128, c.kwargs["BLOCK_T"], 4, c.num_stages)
+                        <= 160 * 1024 for c in kept)
     assert [bsr_matmul._m_bucket(m) for m in (1, 17, 64, 65, 10**6)] == [16, 32, 64, 128, 4096]
+    assert [bsr_matmul._density_bucket(nnz, 4, 4) for nnz in (0, 1, 8, 16)] == [0, 0, 4, 8]
 
 
-def test_split_k_only_for_small_m_with_few_block_rows():
-    few = _case(64, 256, 32, 1.0, F16)       # 2 block-rows of 8 blocks
-    many = _case(640, 64, 32, 1.0, F16)      # 20 block-rows of 2 blocks
+def test_stream_k_for_small_m_and_program_counts():
     cpu = torch.device("cpu")
+    assert bsr_matmul._use_stream_k(bsr_matmul.SMALL_M, None)
+    assert not bsr_matmul._use_stream_k(bsr_matmul.SMALL_M + 1, None)
+    assert not bsr_matmul._use_stream_k(1, 0) and bsr_matmul._use_stream_k(1, 3)
     sms = bsr_matmul.INTERPRET_SMS
-    assert bsr_matmul._use_split(few, 16, cpu, None)
-    assert not bsr_matmul._use_split(few, bsr_matmul.SMALL_M + 1, cpu, None)
-    assert not bsr_matmul._use_split(many, 1, cpu, None)       # 20 rows >= 2 programs per SM
-    assert bsr_matmul._use_split(many, 1000, cpu, 2) and not bsr_matmul._use_split(few, 1, cpu, 1)
-    assert bsr_matmul._split_count(few, 2, cpu, None, waves=2) == sms      # 2 * sms / 2 rows
-    assert bsr_matmul._split_count(few, 2, cpu, None, waves=8) == 8        # one block per chunk
-    assert bsr_matmul._split_count(few, 2, cpu, 100, waves=2) == 8
-    assert bsr_matmul._split_count(_case(32, 32, 16, 0.0, F16), 2, cpu, None, waves=2) == 1
+    assert bsr_matmul._stream_programs(1000, cpu, None, waves=2) == 2 * sms
+    assert bsr_matmul._stream_programs(3, cpu, None, waves=2) == 3       # <= stored blocks
+    assert bsr_matmul._stream_programs(0, cpu, None, waves=2) == 1
+    assert bsr_matmul._stream_programs(1000, cpu, 7, waves=2) == 7
 
 
-def _compile_sm90(kernel, dtypes, constexprs, config):
+def test_the_kernel_package_imports_nothing_from_spdy_gpu():
+    import subprocess
+    import sys
+
+    code = ("import sys, spdy_kernels.bsr_matmul, spdy_kernels.ops; "
+            "assert not [m for m in sys.modules if m.startswith('spdy_gpu')]")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _compile_sm90(kernel, types, constexprs, config):
     """Compile for an H100 (sm_90) without a GPU, specialised as a launch would be: 16-byte
     aligned pointers, unit strides folded, sizes divisible by 16."""
     from triton.backends.compiler import GPUTarget
@@ -206,10 +244,11 @@ def _compile_sm90(kernel, dtypes, constexprs, config):
     for i, name in enumerate(names):
         if name in constexprs:
             signature[name] = "constexpr"
-        else:
-            signature[name] = dtypes.get(name, "i32")
-            if name in dtypes or name in ("N", "K", "stride_xm", "stride_ym", "stride_am"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
+            continue
+        signature[name] = types.get(name, "i32")
+        if (name in types and not types[name].startswith("tensordesc")) or name in (
+                "N", "K", "stride_xm", "stride_ym"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constexprs.items()},
                        attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
@@ -217,46 +256,49 @@ def _compile_sm90(kernel, dtypes, constexprs, config):
                                    "num_stages": config.num_stages})
 
 
-@pytest.mark.parametrize("dtype,block,split,block_m,warps,stages", [
-    ("bf16", 64, False, 128, 8, 5), ("bf16", 32, True, 16, 4, 7), ("fp16", 128, False, 64, 4, 5),
-    ("fp32", 64, False, 64, 4, 5)])
-def test_kernels_compile_for_hopper_with_pipelined_loads(dtype, block, split, block_m, warps,
-                                                         stages):
+@pytest.mark.parametrize("dtype,block,stream_k,block_t,warps,tma", [
+    ("bf16", (64, 64), False, 256, 8, True), ("bf16", (64, 64), False, 128, 4, False),
+    ("fp16", (128, 128), False, 128, 8, True), ("bf16", (64, 32), True, 16, 4, True),
+    ("bf16", (64, 16), True, 64, 4, False), ("fp32", (64, 64), False, 64, 4, False)])
+def test_kernel_compiles_for_hopper_with_wgmma_and_tma(dtype, block, stream_k, block_t, warps,
+                                                       tma):
     pytest.importorskip("triton.backends.nvidia")
-    pointers = {"x_ptr": dtype, "values_ptr": dtype, "bias_ptr": dtype,
-                "y_ptr": "fp32" if split else dtype,
-                "crow_ptr": "i32", "col_ptr": "i32", "order_ptr": "i32"}
-    config = triton.Config({"BLOCK_M": block_m, "GROUP_M": 8, "SPLIT_WAVES": 4},
-                           num_warps=warps, num_stages=stages)
+    bn, bk = block
+    pointer = "*" + dtype
+    types = {name: pointer for name in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")}
+    types |= {name: "*i32" for name in ("crow_ptr", "col_ptr", "order_ptr", "block_row_ptr",
+                                        "empty_ptr", "count_ptr")}
+    types |= {"ws_ptr": "*fp32",
+              "x_desc": f"tensordesc<{dtype}[{block_t}, {bk}]>" if tma else pointer,
+              "w_desc": f"tensordesc<{dtype}[{bn}, {bk}]>" if tma else pointer}
+    config = triton.Config({"BLOCK_T": block_t, "GROUP_T": 8, "WAVES": 2}, num_warps=warps,
+                           num_stages=3)
     compiled = _compile_sm90(
-        bsr_matmul._MAIN, {k: "*" + v for k, v in pointers.items()},
-        dict(BLOCK_N=block, BLOCK_K=block, SPLIT=split, HAS_BIAS=True, ACTIVATION="gelu",
-             EVEN_K=True, UPCAST=False, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-             stride_xk=1, stride_yn=1), config)
+        bsr_matmul._KERNEL, types,
+        dict(BLOCK_N=bn, BLOCK_K=bk, STREAM_K=stream_k, USE_TMA=tma, HAS_BIAS=True,
+             ACTIVATION="gelu", EVEN_K=True, UPCAST=False,
+             INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", stride_xk=1, stride_yn=1),
+        config)
     ttgir = compiled.asm["ttgir"]
-    assert "async_copy_global_to_local" in ttgir                 # loads are pipelined
-    if dtype != "fp32" and block_m >= 64:
-        assert "warp_group_dot" in ttgir                         # Hopper wgmma
+    if dtype != "fp32":
+        assert "warp_group_dot" in ttgir                          # Hopper wgmma, block on M
+    if tma:
+        assert "async_tma_copy_global_to_local" in ttgir          # TMA loads
+    else:
+        assert "async_copy_global_to_local" in ttgir              # cp.async, pipelined
     item = 4 if dtype == "fp32" else 2
-    stage_bytes = (block_m * block + block * block) * item
-    assert compiled.metadata.shared <= bsr_matmul._pipeline_buffers(stages) * stage_bytes + 64
-    if not split:
-        return
-    finish = _compile_sm90(bsr_matmul._FINISH, {"acc_ptr": "*fp32", "bias_ptr": "*" + dtype,
-                                                "y_ptr": "*" + dtype},
-                           dict(HAS_BIAS=True, ACTIVATION="gelu_tanh", stride_yn=1),
-                           triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4))
-    assert "cubin" in finish.asm
+    assert compiled.metadata.shared <= bsr_matmul._shared_bytes(bn, bk, block_t, item, 3) + 1024
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("m", [1, 16, 300])
 def test_cuda_autotuned_kernel_matches_reference(dtype, m):
-    packed = _case(1000, 770, 64, 0.3, dtype, seed=m, device="cuda")
-    x, bias = _inputs((m, 770), 1000, dtype, seed=m, device="cuda")
+    packed = _case(1000, 776, 64, 0.3, dtype, seed=m, device="cuda")
+    x, bias = _inputs((m, 776), 1000, dtype, seed=m, device="cuda")
     _check(x, packed, bias, "gelu")
-    _check(x, packed, None, None, split_k=4)
+    _check(x, packed, None, None, stream_k=0)
+    _check(x, packed, bias, None, tma=False)
     if dtype == F32:
         torch.testing.assert_close(bsr_linear(x, packed, allow_tf32=True),
                                    bsr_linear(x, packed), rtol=1e-2, atol=1e-2)

@@ -75,6 +75,39 @@ def test_half_precision_layer_on_the_interpreter(dtype, monkeypatch):
     assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("mode", ["export", "compile-aot-eager", "compile-inductor"])
+def test_block_sparse_model_traces_as_one_op_per_layer(mode, monkeypatch):
+    """torch.export and torch.compile see the kernel as the op spdy_kernels::bsr_linear (its
+    fake implementation gives the shapes), and the traced model computes the same values."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    sparse = _mlp()
+    sparsify_(sparse, OPTIONS)
+    x = torch.randn(2, 9, 70)
+    with torch.no_grad():
+        expected = sparse(x)
+        if mode == "export":
+            program = torch.export.export(sparse, (x,))
+            ops = [str(node.target) for node in program.graph.nodes
+                   if node.op == "call_function"]
+            assert ops.count("spdy_kernels.bsr_linear.default") == 2
+            traced = program.module()
+        else:
+            traced = torch.compile(sparse, fullgraph=True,
+                                   backend="aot_eager" if mode == "compile-aot-eager"
+                                   else "inductor")
+        torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_call_the_kernel_cannot_run_is_a_one_line_spdy_error(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layer = BlockSparseLinear.from_linear(_mlp()[0], option="block16x16@0.5")
+    with pytest.raises(SpdyError, match="differs from the weight") as error:
+        layer(torch.randn(3, 70, dtype=torch.float64))
+    assert "\n" not in str(error.value)
+
+
 def test_state_dict_round_trip_adopts_the_saved_pattern():
     model = _mlp()
     sparse = copy.deepcopy(model)

@@ -32,14 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..bsr import BSRWeight, kernel_block
+from ..bsr import kernel_block
 from ..errors import MissingDependencyError, SpdyError, first_line
 from ..gpu_specs import GPU_SPECS, GpuSpec
 from ..jsonio import load_json, save_json
 from ..layers import LayerInfo, call_model, hooks_attached
 from ..masks import block_mask
 from ..options import SparsityOption
-from ..sparse_linear import sparsify_
+from ..sparse_linear import BlockSparseLinear, sparsify_
 from ..timing import Fingerprint, LayerTiming, TimingTable
 from . import CliOption, Latency, NoDeviceError, example_shape, register_backend
 
@@ -225,7 +225,7 @@ class TritonBackend(TritonTables):
         self.device = torch.device("cuda")
         if not self._has_device():
             raise NoDeviceError(NO_DEVICE, latency=NO_DEVICE_LATENCY)
-        _kernel()
+        _check_triton()
 
     @classmethod
     def create(cls, estimate: str | GpuSpec | None = None, dtype: str = "bf16",
@@ -312,10 +312,9 @@ class TritonBackend(TritonTables):
         bias = None if module.bias is None else module.bias.detach()
         if option.pattern == "dense":
             return lambda: F.linear(x, weight, bias)
-        bsr_linear = _kernel()
         mask = block_mask(weight, option.block, option.sparsity)
-        packed = BSRWeight.from_dense(weight, mask, kernel_block(option.block))
-        return lambda: bsr_linear(x, packed, bias)
+        sparse = BlockSparseLinear.from_linear(module, mask=mask, block=kernel_block(option.block))
+        return lambda: sparse(x)            # as deployed: the torch op, autotuned kernel
 
     def _bench_ms(self, fn: Callable[[], Any]) -> tuple[float, float]:
         """(median, max - min) over `repeats` do_bench medians (each flushes L2 per run)."""
@@ -389,14 +388,11 @@ class TritonBackend(TritonTables):
         return {"torch": torch.__version__, "triton": triton.__version__,
                 "cuda": str(torch.version.cuda), "spdy-gpu": package_version()}
 
-def _kernel() -> Callable[..., torch.Tensor]:
+def _check_triton() -> None:
     try:
         import triton  # noqa: F401
     except ImportError:
         raise MissingDependencyError("triton", "gpu") from None
-    from spdy_kernels.bsr_matmul import bsr_linear
-
-    return bsr_linear
 
 
 def _cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any] | None:
