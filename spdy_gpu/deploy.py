@@ -10,11 +10,13 @@ Artifacts (each written atomically: a temporary file next to the target, then a 
   prunable layer is located in the graph by its exact values, so its zeros survived export.
 - block-sparse (`save_block_sparse` / `load_block_sparse`, the Triton deployment): ONE
   safetensors file (one rename makes it appear whole, and it moves as one) holding the
-  state dict of the model whose block-pruned nn.Linear layers are BlockSparseLinear.
+  state dict of the model whose block-pruned nn.Linear layers are BlockSparseLinear and
+  whose 2:4 ones are SemiStructuredLinear (an nn.Linear state: the masked weight).
   Metadata: "format" "spdy-gpu/block-sparse", "version" "1", "layers" (JSON {layer:
-  {"option", "block": [rows, cols], "shape": [out, in]}}: the layers to swap before loading
-  the state dict) and the profile fields above. Unstructured and N:M choices, block choices
-  on anything but a plain nn.Linear, and dense layers stay dense (masked) modules.
+  {"option", "block": [rows, cols] (block options only), "shape": [out, in]}}: the layers
+  to swap before loading the state dict) and the profile fields above. Unstructured and
+  other N:M choices, sparse choices on anything but a plain nn.Linear, and dense layers
+  stay dense (masked) modules.
 
 `apply_profile` and `export_profile` are what `spdy-gpu apply` and `spdy-gpu export` run.
 """
@@ -37,6 +39,7 @@ from .errors import SpdyError, first_line
 from .jsonio import check_output_file, replacing
 from .options import SparsityOption
 from .profile import Profile, check_for_model
+from .semi_structured import SEMI_STRUCTURED, SemiStructuredLinear
 
 PRUNED_FORMAT = "spdy-gpu/pruned-weights"
 BLOCK_FORMAT = "spdy-gpu/block-sparse"
@@ -250,11 +253,13 @@ def export_onnx_pruned(model: nn.Module, example: Any, path: PathLike, *,
 # ---- block-sparse artifact (Triton) ---------------------------------------------------------
 
 def _block_layers(model: nn.Module, choices: Mapping[str, SparsityOption]) -> dict[str, str]:
-    """The chosen layers that become BlockSparseLinear: block options on plain nn.Linear
-    (subclasses such as attention projections are read as tensors by their owners)."""
+    """The chosen layers that become BlockSparseLinear (block options) or SemiStructuredLinear
+    (2:4), on plain nn.Linear only (subclasses such as attention projections are read as
+    tensors by their owners)."""
     modules = dict(model.named_modules())
     return {name: o.name for name, o in choices.items()
-            if o.pattern == "block" and type(modules.get(name)) is nn.Linear}
+            if (o.pattern == "block" or o == SEMI_STRUCTURED)
+            and type(modules.get(name)) is nn.Linear}
 
 
 def save_block_sparse(model: nn.Module, profile_or_choices: ProfileLike | Plan,
@@ -265,7 +270,7 @@ def save_block_sparse(model: nn.Module, profile_or_choices: ProfileLike | Plan,
     "shape"}} of the layers stored block-sparse."""
     from safetensors.torch import save_model
 
-    from .sparse_linear import sparsify_
+    from .sparse_linear import BlockSparseLinear, sparsify_
 
     plan = load_plan(profile_or_choices)
     path = check_output_file(path)
@@ -277,8 +282,9 @@ def save_block_sparse(model: nn.Module, profile_or_choices: ProfileLike | Plan,
     layout = {}
     for name, option in swap.items():
         layer = deployed.get_submodule(name)
-        layout[name] = {"option": option, "block": list(layer.values.shape[1:]),
-                        "shape": [layer.out_features, layer.in_features]}
+        layout[name] = {"option": option, "shape": [layer.out_features, layer.in_features]}
+        if isinstance(layer, BlockSparseLinear):
+            layout[name]["block"] = list(layer.values.shape[1:])
     meta = {"format": BLOCK_FORMAT, "version": ARTIFACT_VERSION, **plan.metadata(),
             "layers": json.dumps(layout)}
     with replacing(path) as tmp:
@@ -308,6 +314,9 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
     try:
         for name, entry in layout.items():
             linear = originals[name] = modules[name]
+            if "block" not in entry:        # 2:4: the file brings the masked weight
+                _set_module(model, name, SemiStructuredLinear.from_linear(linear))
+                continue
             empty = torch.zeros_like(linear.weight, dtype=torch.bool)  # the file brings blocks
             _set_module(model, name, BlockSparseLinear.from_linear(
                 linear, mask=empty, block=tuple(entry["block"])))
@@ -330,7 +339,9 @@ def _read_layout(meta: Mapping[str, str], path: PathLike) -> dict[str, dict[str,
     try:
         layout = json.loads(meta["layers"])
         for entry in layout.values():
-            entry["block"], entry["shape"] = [int(v) for v in entry["block"]], list(entry["shape"])
+            entry["shape"] = list(entry["shape"])
+            if "block" in entry or SparsityOption.parse(entry["option"]) != SEMI_STRUCTURED:
+                entry["block"] = [int(v) for v in entry["block"]]
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise SpdyError(f"{path}: malformed layer layout in its metadata ({e}); export it "
                         "again") from None

@@ -126,21 +126,36 @@ def geometric_levels(count: int = 41, min_sparsity: float = 0.40,
     return [round(float(s), 6) for s in 1.0 - d0 * (d1 / d0) ** k]
 
 
-def option_grid(pattern: Pattern = "unstructured", count: int = 41, min_sparsity: float = 0.40,
-                max_sparsity: float = 0.99, block: int | tuple[int, int] = 32,
+def option_grid(pattern: str = "unstructured", count: int = 41, min_sparsity: float = 0.40,
+                max_sparsity: float = 0.99,
+                block: int | tuple[int, int] | list[int | tuple[int, int]] = 32,
                 nm: tuple[int, int] = (2, 4)) -> list[SparsityOption]:
-    """Dense followed by the levels of one pattern. Dense is always option 0."""
+    """Dense followed by the levels of a pattern, or of several joined by "+" ("block+nm":
+    the block levels, then N:M), so one profile can mix them per layer. Dense is always
+    option 0. block: one side, one (rows, cols) pair, or a list of them (levels for each)."""
+    options = [SparsityOption.dense()]
+    for family in pattern.split("+"):
+        options += [o for o in _family(family, count, min_sparsity, max_sparsity, block, nm)
+                    if o not in options]
+    return options
+
+
+def _family(pattern: str, count: int, min_sparsity: float, max_sparsity: float,
+            block: int | tuple[int, int] | list[int | tuple[int, int]],
+            nm: tuple[int, int]) -> list[SparsityOption]:
     if pattern == "dense":
-        return [SparsityOption.dense()]
+        return []
     if pattern == "nm":
-        return [SparsityOption.dense(), SparsityOption.n_of_m(*nm)]
+        return [SparsityOption.n_of_m(*nm)]
     levels = geometric_levels(count, min_sparsity, max_sparsity)
     if pattern == "unstructured":
-        return [SparsityOption.dense()] + [SparsityOption.unstructured(s) for s in levels]
+        return [SparsityOption.unstructured(s) for s in levels]
     if pattern == "block":
-        rows, cols = (block, block) if isinstance(block, int) else block
-        return [SparsityOption.dense()] + [SparsityOption.blocked(s, rows, cols) for s in levels]
-    raise SpdyError(f"unknown sparsity pattern {pattern!r}; use unstructured, block or nm")
+        blocks = block if isinstance(block, list) else [block]
+        pairs = [(b, b) if isinstance(b, int) else tuple(b) for b in blocks]
+        return [SparsityOption.blocked(s, rows, cols) for rows, cols in pairs for s in levels]
+    raise SpdyError(f"unknown sparsity pattern {pattern!r}; use unstructured, block or nm, or "
+                    "several joined by '+' (e.g. block+nm)")
 
 
 def parse_options(names: list[str]) -> list[SparsityOption]:

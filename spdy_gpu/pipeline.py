@@ -413,7 +413,7 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
         log.warning("not reusing %s: %s", path, why)
     options = list(settings.options or settings.measure_grid
                    or option_grid(backend.default_pattern))
-    check_options_supported(backend, layers, options)
+    options = check_options_supported(backend, layers, options, grid=not settings.options)
     log.info("measuring the timing table: %d layers x %d options on %s", len(layers),
              len(options), backend.name)
     table = backend.measure_table(model, example, layers, options, model_name=entry.name,

@@ -28,6 +28,16 @@ def roofline_ms(n: int, k: int, m: int, density: float = 1.0,
     return 1e3 * max(flops / peak_flops, moved / bandwidth)
 
 
+def semi_structured_ms(n: int, k: int, m: int, dtype_bytes: int = 2, *, peak_flops: float,
+                       bandwidth: float) -> float:
+    """Lower bound of a 2:4 layer on sparse tensor cores: half the values plus 2 bits of
+    position per kept value (N K / 8 bytes), and half the FLOPs at the dense peak (sparse
+    tensor cores double the throughput of the multiplies they keep)."""
+    weight_bytes = n * k * dtype_bytes / 2 + n * k / 8
+    moved = weight_bytes + dtype_bytes * (k * m + n * m)
+    return 1e3 * max(n * k * m / peak_flops, moved / bandwidth)
+
+
 def roofline_speedup(n: int, k: int, m: int, density: float, block: int | tuple[int, int],
                      dtype_bytes: int = 2, *, peak_flops: float, bandwidth: float) -> float:
     """Ideal speedup of the block-sparse layer over the dense one (ratio of the two floors)."""

@@ -21,6 +21,8 @@ from .bsr import KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
 from .errors import SpdyError
 from .masks import build_mask, gemm_view
 from .options import SparsityOption
+from .semi_structured import SEMI_STRUCTURED, SemiStructuredLinear, is_2_4
+from .semi_structured import fits as semi_structured_fits
 
 log = logging.getLogger(__name__)
 
@@ -203,25 +205,36 @@ def sparsify_(model: nn.Module,
               choices: Mapping[str, torch.Tensor | SparsityOption | str] | None = None, *,
               block: int | tuple[int, int] | None = None,
               dtype: torch.dtype | None = None) -> list[str]:
-    """Swap Linears of `model` for BlockSparseLinear, in place; returns the names swapped.
+    """Swap Linears of `model` for BlockSparseLinear (block-sparse kernel) or, for 2:4,
+    SemiStructuredLinear (sparse tensor cores), in place; returns the names swapped.
 
-    choices: layer name -> bool mask of its weight, or a SparsityOption (or its name, e.g.
-    "block32x32@0.7") to prune it to; dense entries are left alone. None: every nn.Linear
-    whose weight was already pruned in blocks (see detect_block) keeps its zeros and runs
-    block-sparse, as a model stitched from a profile is deployed.
+    choices: layer name -> bool mask of its weight (packed block-sparse), or a SparsityOption
+    (or its name, e.g. "block32x32@0.7", "nm2:4") to prune it to; dense entries are left
+    alone. None: every nn.Linear whose weight was already pruned in blocks (see
+    detect_block) keeps its zeros and runs block-sparse, and every one pruned 2:4 with a
+    shape that suits it runs 2:4, as a model stitched from a profile is deployed.
     block: packing block for every layer (default: the option's, the detected one, or 32).
     """
     if choices is None:
         targets = {name: {"mask": module.weight != 0, "block": block or found}
                    for name, module in model.named_modules()
                    if type(module) is nn.Linear and (found := detect_block(module.weight))}
+        targets |= {name: {"option": SEMI_STRUCTURED, "mask": module.weight != 0}
+                    for name, module in model.named_modules()
+                    if type(module) is nn.Linear and name not in targets
+                    and semi_structured_fits(*module.weight.shape, module.weight.dtype)
+                    and is_2_4(module.weight)}
     else:
         targets = _chosen(model, choices, block)
     for name, kwargs in targets.items():
-        layer = BlockSparseLinear.from_linear(model.get_submodule(name), dtype=dtype, **kwargs)
+        linear = model.get_submodule(name)
+        if kwargs.get("option") == SEMI_STRUCTURED:
+            layer = SemiStructuredLinear.from_linear(linear, kwargs.get("mask"), dtype=dtype)
+        else:
+            layer = BlockSparseLinear.from_linear(linear, dtype=dtype, **kwargs)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-    log.info("sparsify_: %d Linear layers now block-sparse", len(targets))
+    log.info("sparsify_: %d Linear layers now sparse (block-sparse or 2:4)", len(targets))
     return list(targets)
 
 

@@ -90,8 +90,43 @@ def test_timings_command_with_estimate_writes_an_estimated_table(tmp_path, capsy
     table = TimingTable.load(out)
     assert table.estimated and table.fingerprint.device == "NVIDIA L4 (ESTIMATED)"
     assert table.fingerprint.dtype == "float16"
-    assert [o.pattern for o in table.options] == ["dense", "block", "block", "block"]
+    # the default grid mixes block levels and 2:4 (64 x 64 fp16 suits semi-structured)
+    assert [o.pattern for o in table.options] == ["dense", "block", "block", "block", "nm"]
+    assert all(0 < row.median_ms[-1] <= row.median_ms[0] for row in table.layers)
     assert "[ESTIMATED]" in capsys.readouterr().out
+
+
+def odd_mlp(batch_size: int = 1):
+    """Layers no 2:4 storage fits (K = 70 and N = 40 are not multiples of 64 and 32)."""
+    return nn.Sequential(nn.Linear(70, 40), nn.ReLU(), nn.Linear(40, 40)).eval(), \
+        torch.randn(batch_size, 70)
+
+
+def test_a_grid_family_no_layer_runs_is_left_out_but_an_explicit_option_is_refused(tmp_path):
+    from spdy_gpu.cli import main
+    out = tmp_path / "est.json"
+    args = ["timings", "--model", "tests.test_triton_backend:odd_mlp", "--backend", "triton",
+            "--estimate", "h100-sxm", "--levels", "2", "--block", "16", "32", "--out", str(out)]
+    assert main(args) == 0
+    names = [o.name for o in TimingTable.load(out).options]
+    assert names == ["dense", "block16x16@0.4", "block16x16@0.99", "block32x32@0.4",
+                     "block32x32@0.99"]                         # nm2:4 dropped: no layer fits
+    assert main([*args[:-2], "--options", "dense", "nm2:4", "--out", str(out)]) == 2
+
+
+def test_semi_structured_support_and_estimate():
+    backend = get_backend("triton", estimate="h100-sxm")
+    two_four = SparsityOption.parse("nm2:4")
+    assert backend.supports(LayerInfo("fc", "linear", (4096, 4096), m=16), two_four)
+    assert not backend.supports(LayerInfo("fc", "linear", (4096, 4100), m=16), two_four)
+    assert not backend.supports(LayerInfo("fc", "linear", (96, 64), m=16),
+                                SparsityOption.parse("nm1:4"))
+    assert not backend.supports(LayerInfo("c", "conv2d", (64, 576), m=16), two_four)
+    # memory-bound: half the values, 1 bit of metadata per weight, dense activations
+    layer = LayerInfo("fc", "linear", (4096, 4096), m=16)
+    moved = 4096 * 4096 * (1 + 1 / 8) + 2 * (2 * 4096 * 16)
+    assert estimate_layer_ms(layer, two_four, H100, "bf16") == pytest.approx(
+        moved / 3.35e12 * 1e3)
 
 
 def test_roofline_estimate_matches_hand_computed_h100_figure():
@@ -273,7 +308,8 @@ def test_supports_block_options_on_linears_that_fit_them():
     assert not backend.supports(narrow, block(0.5, 64))       # 64 > N = 48
     assert backend.supports(narrow, block(0.5, 32))
     assert not backend.supports(linear, SparsityOption.unstructured(0.5))
-    assert not backend.supports(linear, SparsityOption.n_of_m(2, 4))
+    assert backend.supports(linear, SparsityOption.n_of_m(2, 4))     # 384 x 1536 suits 2:4
+    assert not backend.supports(narrow, SparsityOption.n_of_m(2, 4))  # 48 rows: not 32-aligned
 
 
 def test_a_model_with_nothing_the_kernel_runs_is_refused():

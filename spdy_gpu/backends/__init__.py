@@ -10,6 +10,7 @@ class declares its command-line options (`cli_options`) and its natural option f
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from ..errors import SpdyError
 from ..layers import LayerInfo, example_shape  # noqa: F401  (part of this seam)
 from ..options import SparsityOption
 from ..timing import Fingerprint, TimingTable
+
+log = logging.getLogger(__name__)
 
 # name -> module that defines (and registers) the backend
 _MODULES = {
@@ -137,14 +140,21 @@ def get_backend(name: str, **config: Any) -> LatencyBackend:
 
 
 def check_options_supported(backend: LatencyBackend, layers: Sequence[LayerInfo],
-                            options: Sequence[SparsityOption]) -> None:
-    """Refuse sparse options `backend` runs on no layer of the model: their column of the
-    table would be all null, a measurement that silently measured nothing."""
+                            options: Sequence[SparsityOption],
+                            grid: bool = False) -> list[SparsityOption]:
+    """The options to measure. Sparse options `backend` runs on no layer of the model would
+    make an all-null column, a measurement that silently measured nothing: a list the user
+    gave is refused for them; a grid (grid=True, e.g. block+nm on a model without 2:4-sized
+    layers) drops them, with a log line, unless nothing sparse would remain."""
     sparse = [o for o in options if o.pattern != "dense"]
     unsupported = [o.name for o in sparse if not any(backend.supports(x, o) for x in layers)]
     if not unsupported:
-        return
+        return list(options)
     supported = [o.name for o in sparse if o.name not in unsupported]
+    if grid and supported:
+        log.info("%s runs %s on no layer of this model: left out of the grid", backend.name,
+                 _listed(unsupported))
+        return [o for o in options if o.name not in unsupported]
     kinds = ", ".join(sorted({x.kind for x in layers}))
     if not supported:
         raise SpdyError(f"backend {backend.name} supports none of the options "

@@ -39,6 +39,8 @@ from ..jsonio import load_json, save_json
 from ..layers import LayerInfo, call_model, hooks_attached
 from ..masks import block_mask
 from ..options import SparsityOption
+from ..semi_structured import SEMI_STRUCTURED, SemiStructuredLinear
+from ..semi_structured import fits as semi_structured_fits
 from ..sparse_linear import BlockSparseLinear, sparsify_
 from ..timing import Fingerprint, LayerTiming, TimingTable
 from . import CliOption, Latency, NoDeviceError, example_shape, register_backend
@@ -120,8 +122,9 @@ class TritonTables:
     `_times` (per (layer, option) (median, spread), dense end-to-end time, provenance)."""
 
     name = "triton"
-    default_pattern = "block"
-    summary = "NVIDIA GPU, Triton BSR kernel; default grid: 41 levels of 32x32 blocks"
+    default_pattern = "block+nm"
+    summary = ("NVIDIA GPU, Triton BSR kernel and 2:4 sparse tensor cores; default grid: 41 "
+               "levels of 32x32 blocks plus nm2:4")
     cli_options = (
         CliOption("--repeats", "do_bench calls per kernel (default 3)", int),
         CliOption("--dtype", "weight/activation dtype (default bf16)", str,
@@ -148,12 +151,18 @@ class TritonTables:
         self.torch_dtype = DTYPES[dtype]
 
     def supports(self, layer: LayerInfo, option: SparsityOption) -> bool:
-        """Dense always; block options on Linear layers the block fits in (the kernel packs
-        any block into its own 16..128 sides); nothing else (no conv, unstructured or N:M)."""
+        """Dense always. On Linear layers: block options whose block fits in the layer (the
+        kernel packs any block into its own 16..128 sides), and 2:4 (sparse tensor cores)
+        where the weight's shape suits semi-structured storage. No conv, unstructured or
+        other N:M."""
         if option.pattern == "dense":
             return True
-        return (option.pattern == "block" and layer.kind == "linear"
-                and option.block[0] <= layer.n and option.block[1] <= layer.k)
+        if layer.kind != "linear":
+            return False
+        if option.pattern == "block":
+            return option.block[0] <= layer.n and option.block[1] <= layer.k
+        return option == SEMI_STRUCTURED and semi_structured_fits(layer.n, layer.k,
+                                                                 self.torch_dtype)
 
     def measure_table(self, model: nn.Module, example: Any, layers: list[LayerInfo],
                       options: list[SparsityOption], *, model_name: str,
@@ -197,8 +206,10 @@ class TritonTables:
              times: dict[tuple[str, SparsityOption], tuple[float, float]]) -> LayerTiming:
         pairs = [times.get((layer.name, option), (None, None)) for option in options]
         note = CONV_NOTE if layer.kind == "conv2d" else ""
-        if layer.kind == "linear" and any(p[0] is None for p in pairs):
-            note = "blocks larger than the layer are unsupported"
+        unsupported = [o.name for o, p in zip(options, pairs) if p[0] is None]
+        if layer.kind == "linear" and unsupported:
+            note = f"unsupported for this shape: {', '.join(unsupported[:3])}" + (
+                f" (+{len(unsupported) - 3})" if len(unsupported) > 3 else "")
         if self.estimated:
             note = "ESTIMATED" + (f"; {note}" if note else "")
         return LayerTiming(name=layer.name, kind=layer.kind, gemm=(layer.n, layer.k, layer.m),
@@ -312,6 +323,9 @@ class TritonBackend(TritonTables):
         bias = None if module.bias is None else module.bias.detach()
         if option.pattern == "dense":
             return lambda: F.linear(x, weight, bias)
+        if option == SEMI_STRUCTURED:
+            two_four = SemiStructuredLinear.from_linear(module)
+            return lambda: two_four(x)      # as deployed: PyTorch's semi-structured tensor
         mask = block_mask(weight, option.block, option.sparsity)
         sparse = BlockSparseLinear.from_linear(module, mask=mask, block=kernel_block(option.block))
         return lambda: sparse(x)            # as deployed: the torch op, autotuned kernel

@@ -25,7 +25,7 @@ from ..errors import SpdyError
 from ..gpu_specs import GpuSpec, gpu_spec
 from ..layers import LayerInfo, call_model, hooks_attached
 from ..options import SparsityOption
-from ..roofline import roofline_ms
+from ..roofline import roofline_ms, semi_structured_ms
 from ..timing import Fingerprint
 from . import Latency
 from .triton import DTYPES, TritonTables, package_version
@@ -116,7 +116,11 @@ def op_time_ms(flops: float, moved: float, spec: GpuSpec, dtype: str) -> float:
 def estimate_layer_ms(layer: LayerInfo, option: SparsityOption, spec: GpuSpec,
                       dtype: str) -> float:
     """Roofline time of a layer's GEMM under `option` (block options packed into the kernel's
-    block), never under the kernel floor."""
+    block; 2:4 on sparse tensor cores), never under the kernel floor."""
+    if option.pattern == "nm":
+        ideal = semi_structured_ms(layer.n, layer.k, layer.m, DTYPES[dtype].itemsize,
+                                   peak_flops=spec.peak(dtype), bandwidth=spec.bandwidth)
+        return max(ideal, spec.kernel_floor_ms)
     block = kernel_block(option.block) if option.pattern == "block" else None
     ideal = roofline_ms(layer.n, layer.k, layer.m, option.density if block else 1.0, block,
                         DTYPES[dtype].itemsize, peak_flops=spec.peak(dtype),

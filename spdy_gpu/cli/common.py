@@ -46,12 +46,15 @@ def exclude_patterns(args: argparse.Namespace, entry: ModelEntry) -> list[str]:
 
 def add_option_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sparsity options")
-    group.add_argument("--pattern", choices=["unstructured", "block", "nm"], default=None,
-                       help="option family (default: the backend's natural one)")
+    group.add_argument("--pattern", default=None,
+                       choices=["unstructured", "block", "nm", "block+nm", "unstructured+nm"],
+                       help="option family, or families mixed per layer (default: the "
+                            "backend's natural one: deepsparse unstructured, triton block+nm)")
     group.add_argument("--levels", type=int, default=41, help="number of sparsity levels (41)")
     group.add_argument("--min-sparsity", type=float, default=0.40, help="lowest level (0.40)")
     group.add_argument("--max-sparsity", type=float, default=0.99, help="highest level (0.99)")
-    group.add_argument("--block", type=int, default=32, help="square block size (32)")
+    group.add_argument("--block", type=int, nargs="+", default=[32], metavar="SIDE",
+                       help="square block size(s): levels for each (32)")
     group.add_argument("--options", nargs="+", metavar="OPTION", default=None,
                        help="explicit option list instead of a grid, e.g. dense "
                             "unstructured@0.5 block64x64@0.75 nm2:4")

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model, example = entry.build(setting)
     layers = discover_layers(model, example, exclude_patterns(args, entry))
-    check_options_supported(backend, layers, options)
+    options = check_options_supported(backend, layers, options, grid=not args.options)
     log.info("%s: %d prunable layers x %d options on %s", entry.name, len(layers),
              len(options), args.backend)
     table = backend.measure_table(model, example, layers, options, model_name=entry.name,
