@@ -35,6 +35,9 @@ __version__ = "0.1.0"
 # Heavier parts, imported on first use: name -> module.
 _LAZY = {
     "BlockSparseLinear": "sparse_linear",
+    "SemiStructuredLinear": "semi_structured",
+    "sparsify_": "sparse_linear",
+    "cuda_graphed": "deploy",
     "get_backend": "backends",
     "Database": "reconstruct",
     "build_database": "reconstruct",
@@ -71,12 +74,14 @@ __all__ = [
     "RunSettings",
     "SearchConfig",
     "SearchResult",
+    "SemiStructuredLinear",
     "SparsityOption",
     "SpdyError",
     "TimeGrid",
     "TimingTable",
     "build_database",
     "build_mask",
+    "cuda_graphed",
     "discover_layers",
     "dp_frontier",
     "export_onnx_pruned",
@@ -94,6 +99,7 @@ __all__ = [
     "search",
     "solve_dp",
     "solve_profile",
+    "sparsify_",
     "verify_profile",
 ]
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from .jsonio import check_output_file, replacing
 from .options import SparsityOption
 from .profile import Profile, check_for_model
 from .semi_structured import SEMI_STRUCTURED, SemiStructuredLinear
+
+log = logging.getLogger(__name__)
 
 PRUNED_FORMAT = "spdy-gpu/pruned-weights"
 BLOCK_FORMAT = "spdy-gpu/block-sparse"
@@ -351,6 +354,61 @@ def _read_layout(meta: Mapping[str, str], path: PathLike) -> dict[str, dict[str,
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# ---- CUDA graphs (small batches) -------------------------------------------------------------
+
+def capture_cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any] | None:
+    """`fn` captured in a CUDA graph (its replay), or None where capture fails (host
+    synchronisation, data-dependent shapes). `fn` runs once on a side stream first, so
+    autotuning and the kernel's workspace happen outside the capture."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # noqa: BLE001 - any capture failure means "run it eagerly"
+        log.info("CUDA-graph capture failed (%s); running eagerly",
+                 first_line(e) or type(e).__name__)
+        torch.cuda.synchronize()
+        return None
+    return graph.replay
+
+
+def cuda_graphed(model: nn.Module, example: Any) -> Callable[..., Any]:
+    """`model` replayed from a CUDA graph for inputs shaped like `example` (tensor, tuple or
+    dict on the GPU), as small-batch (decode) deployments run: launch overhead dominates
+    there. A call copies its inputs into the captured ones, replays, and returns the captured
+    output, which the next call overwrites (clone it to keep it). Inputs of another shape,
+    or a model that cannot be captured, run eagerly."""
+    from torch.utils._pytree import tree_flatten
+
+    from .layers import call_model
+
+    static, _ = tree_flatten(example)
+    if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in static):
+        raise SpdyError("cuda_graphed needs the model and its example input on a CUDA device; "
+                        "move them with .cuda() first")
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in static]
+    output: list[Any] = []
+    with torch.inference_mode():
+        replay = capture_cuda_graph(lambda: output.append(call_model(model, example)))
+
+    def run(inputs: Any) -> Any:
+        flat, _ = tree_flatten(inputs)
+        same = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in flat] == shapes
+        if replay is None or not same:
+            return call_model(model, inputs)
+        for target, value in zip(static, flat):
+            if isinstance(target, torch.Tensor):
+                target.copy_(value)
+        replay()
+        return output[-1]
+    return run
 
 
 # ---- the CLI's steps ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ masked weight), so a pruned model runs anywhere. Inference only: no backward.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -95,6 +96,7 @@ class BlockSparseLinear(nn.Module):
         # kernel is always the op: the graph holds what deploys.
         if x.is_cuda or _interpret_env() or torch.compiler.is_compiling():
             return self._kernel(x)
+        _note_fallback()
         return _activate(F.linear(x, self._dense_weight(), self.bias), self.activation)
 
     def to_dense(self) -> nn.Linear:
@@ -265,6 +267,12 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation == "gelu_tanh":
         return F.gelu(y, approximate="tanh")
     return y
+
+
+@functools.cache
+def _note_fallback() -> None:
+    log.info("BlockSparseLinear on a CPU without TRITON_INTERPRET=1: running the exact dense "
+             "fallback (masked weight, F.linear); set TRITON_INTERPRET=1 to run the kernel")
 
 
 def _interpret_env() -> bool:

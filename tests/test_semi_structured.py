@@ -87,3 +87,23 @@ def test_cuda_runs_on_sparse_tensor_cores_and_matches():
     x = torch.randn(64, 256, device="cuda", dtype=torch.half)
     expected = nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
     torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_graphed_needs_a_cuda_model():
+    from spdy_gpu import cuda_graphed
+    with pytest.raises(SpdyError, match="CUDA device"):
+        cuda_graphed(_mlp(), torch.randn(2, 128))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_a_sparse_model_and_runs_other_shapes_eagerly():
+    from spdy_gpu import cuda_graphed
+    model = _mlp().cuda().half()
+    sparsify_(model, {"0": "nm2:4", "2": "block16x16@0.5"})
+    x = torch.randn(4, 128, device="cuda", dtype=torch.half)
+    run = cuda_graphed(model, x.clone())
+    for _ in range(2):
+        fresh = torch.randn_like(x)
+        torch.testing.assert_close(run(fresh).clone(), model(fresh), rtol=1e-2, atol=1e-2)
+    odd = torch.randn(3, 128, device="cuda", dtype=torch.half)
+    torch.testing.assert_close(run(odd), model(odd))

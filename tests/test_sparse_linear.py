@@ -193,3 +193,14 @@ def test_pruned_minilm_matches_the_masked_dense_model(minilm, backend):
     with torch.no_grad():
         expected = _masked(model, options)(**inputs)
         torch.testing.assert_close(sparse(**inputs), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_fallback_is_said_once_in_the_log(monkeypatch, caplog):
+    from spdy_gpu import sparse_linear
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    sparse_linear._note_fallback.cache_clear()
+    layer = BlockSparseLinear.from_linear(_mlp()[0], option="block16x16@0.5")
+    with caplog.at_level("INFO", logger="spdy_gpu.sparse_linear"), torch.no_grad():
+        layer(torch.randn(2, 70))
+        layer(torch.randn(2, 70))
+    assert sum("exact dense fallback" in r.message for r in caplog.records) == 1

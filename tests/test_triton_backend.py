@@ -504,3 +504,17 @@ def test_gpu_swap_matches_the_masked_dense_model():
         assert sparsify_(model) == ["fc1"]
         got = model(x).float()
     assert ((got - expected).norm() / expected.norm()) < 1e-2
+
+
+def test_compile_is_a_switch_of_the_triton_backend():
+    from spdy_gpu.cli import build_parser
+    from spdy_gpu.cli.common import backend_config
+
+    base = ["timings", "--model", "minilm", "--backend", "triton", "--out", "t.json"]
+    assert backend_config(build_parser().parse_args([*base, "--compile"])) == {"compile": True}
+    assert backend_config(build_parser().parse_args(base)) == {}
+    estimate = get_backend("triton", estimate="h100-sxm", compile=True)   # logged, ignored
+    assert estimate.estimated
+    if not torch.cuda.is_available():
+        with pytest.raises(SpdyError, match="no CUDA device"):
+            get_backend("triton", compile=True)

@@ -37,11 +37,12 @@ _REGISTRY: dict[str, type] = {}
 class CliOption:
     """One command-line option of a backend: `flag` sets the constructor keyword `key` (the
     flag without dashes). Left off the command line, the backend's own default applies. A
-    flag several backends declare (e.g. --repeats) must have the same type and choices."""
+    flag several backends declare (e.g. --repeats) must have the same type and choices.
+    type None: a switch taking no value (given: True)."""
 
     flag: str
     help: str
-    type: Callable[[str], Any] = str
+    type: Callable[[str], Any] | None = str
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
 

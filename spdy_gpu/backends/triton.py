@@ -33,7 +33,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..bsr import kernel_block
-from ..errors import MissingDependencyError, SpdyError, first_line
+from ..deploy import capture_cuda_graph
+from ..errors import MissingDependencyError, SpdyError
 from ..gpu_specs import GPU_SPECS, GpuSpec
 from ..jsonio import load_json, save_json
 from ..layers import LayerInfo, call_model, hooks_attached
@@ -129,6 +130,8 @@ class TritonTables:
         CliOption("--repeats", "do_bench calls per kernel (default 3)", int),
         CliOption("--dtype", "weight/activation dtype (default bf16)", str,
                   tuple(DTYPES)),
+        CliOption("--compile", "time the whole model (dense time, fixed time, end-to-end "
+                               "latency) under torch.compile, as it is deployed", None),
         CliOption("--estimate", "without a GPU: analytic roofline estimate for a named GPU "
                                 f"({', '.join(sorted(GPU_SPECS))}) or a measured spec .json "
                                 "(the table is marked ESTIMATED)", metavar="GPU"),
@@ -227,11 +230,13 @@ class TritonBackend(TritonTables):
     the roofline estimate instead (TritonEstimateBackend).
     """
 
-    def __init__(self, dtype: str = "bf16", repeats: int = 3, cache_dir: Path | None = None):
+    def __init__(self, dtype: str = "bf16", repeats: int = 3, cache_dir: Path | None = None,
+                 compile: bool = False):
         super().__init__(dtype)
         if repeats < 1:
             raise SpdyError(f"--repeats must be >= 1, got {repeats}")
         self.repeats = repeats
+        self.compile = compile
         self.cache_path = Path(cache_dir or default_cache_dir()) / "triton-timings.json"
         self.device = torch.device("cuda")
         if not self._has_device():
@@ -364,15 +369,20 @@ class TritonBackend(TritonTables):
         return results
 
     def _modes(self, model: nn.Module, inputs: Any) -> dict[str, Callable[[], Any]]:
-        """The ways to run `model`: eagerly, and replaying a CUDA graph where capture works."""
+        """The ways to run `model`: eagerly (compiled with --compile: torch.compile fuses the
+        non-GEMM ops; the kernel stays one op), and replaying a CUDA graph of that where
+        capture works."""
+        runnable = torch.compile(model, dynamic=False) if self.compile else model
+
         def eager() -> Any:
-            return call_model(model, inputs)
+            return call_model(runnable, inputs)
 
         for _ in range(3):              # autotuning and lazy initialisation happen here
             eager()
-        modes = {"eager": eager}
-        if self.device.type == "cuda" and (replay := _cuda_graph(eager)) is not None:
-            modes["cuda-graph"] = replay
+        name = "compiled" if self.compile else "eager"
+        modes = {name: eager}
+        if self.device.type == "cuda" and (replay := capture_cuda_graph(eager)) is not None:
+            modes[f"{name}+cuda-graph"] = replay
         return modes
 
     def _to_device(self, model: nn.Module) -> nn.Module:
@@ -399,34 +409,17 @@ class TritonBackend(TritonTables):
     def _software(self) -> dict[str, str]:
         import triton
 
-        return {"torch": torch.__version__, "triton": triton.__version__,
-                "cuda": str(torch.version.cuda), "spdy-gpu": package_version()}
+        software = {"torch": torch.__version__, "triton": triton.__version__,
+                    "cuda": str(torch.version.cuda), "spdy-gpu": package_version()}
+        if self.compile:        # a compiled model's fixed time differs: never mix the tables
+            software["execution"] = "torch.compile"
+        return software
 
 def _check_triton() -> None:
     try:
         import triton  # noqa: F401
     except ImportError:
         raise MissingDependencyError("triton", "gpu") from None
-
-
-def _cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any] | None:
-    """`fn` captured in a CUDA graph (its replay), or None where capture fails (host
-    synchronisation, data-dependent shapes): then the model is timed eagerly only."""
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-    except Exception as e:  # noqa: BLE001 - any capture failure means "time it eagerly"
-        log.info("CUDA-graph capture failed (%s); timing eager execution only",
-                 first_line(e) or type(e).__name__)
-        torch.cuda.synchronize()
-        return None
-    return graph.replay
 
 
 def _capture_input_shapes(model: nn.Module, inputs: Any,

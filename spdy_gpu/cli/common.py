@@ -80,9 +80,12 @@ def add_backend_args(parser: argparse.ArgumentParser, required: bool = True) -> 
             users.setdefault(option.flag, []).append((name, option))
     for flag, pairs in users.items():
         first = pairs[0][1]
-        group.add_argument(flag, type=first.type, choices=first.choices, metavar=first.metavar,
-                           default=None,
-                           help="; ".join(f"{name}: {option.help}" for name, option in pairs))
+        helps = "; ".join(f"{name}: {option.help}" for name, option in pairs)
+        if first.type is None:
+            group.add_argument(flag, action="store_const", const=True, default=None, help=helps)
+        else:
+            group.add_argument(flag, type=first.type, choices=first.choices,
+                               metavar=first.metavar, default=None, help=helps)
 
 
 def backend_config(args: argparse.Namespace) -> dict[str, Any]:
