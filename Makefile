@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export NM_DISABLE_ANALYTICS := 1
 DEMO_EVALUATIONS ?= 200
 
-.PHONY: setup demo test lint bench clean resnet-fmnist
+.PHONY: setup demo test lint bench bench-gpu clean resnet-fmnist
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/pytest bench/ --benchmark-only
+
+# The GPU benchmarks (NVIDIA GPU): the kernel suite, then SPDY end to end on the Triton
+# backend (llama-decode b1/b16 at 1.5/2/3x, BERT-base under torch.compile); results in
+# bench/results/. Without a GPU it says so and plans llama-decode from the H100 estimate.
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks

@@ -1,0 +1,268 @@
+"""The GPU benchmarks in one command (`make bench-gpu`): the kernel suite, then SPDY end to end
+on the Triton backend, each run's measured speedup against its target.
+
+    python bench/bench_gpu.py [--parts suite llama bert] [--quick] [--out bench/results]
+
+Parts (default all three, in this order; split them over several calls where one call has a
+time limit, results of the same day are merged):
+- suite: `python bench/gpu_suite.py [--quick] --out OUT` (about 6 minutes on an H100).
+- llama: `spdy-gpu run --model llama-decode --backend triton --batch-size B --speedup X`
+  for B in 1 and 16 and X in 1.5, 2, 3 into runs/bench-gpu/llama-decode-bB-X; the runs of
+  one batch share one timing table and one reconstruction database. Small --levels,
+  --samples and --max-evaluations keep each run to a few minutes.
+- bert: BERT-base (bench.models:bert_base, batch 32 x 128 tokens): its Triton timing table
+  first, then `spdy-gpu run ... --compile` (end-to-end and fixed time under torch.compile,
+  where this spdy-gpu has the option) at the largest target the table allows:
+  0.95 x spdy_gpu.solve.max_speedup, rounded down to 0.01.
+Writes OUT/bench-gpu-<gpu>-<date>.{json,md} (format spdy-gpu/bench-gpu v1) after every run:
+per run the command, exit status, seconds, target / predicted / measured speedup from its
+report.json and whether measured lies within 5% of the target; the suite's target lines.
+
+Without a CUDA device: one line saying so, then the plan from the H100 estimate:
+`spdy-gpu timings --model llama-decode --backend triton --estimate h100-sxm` into
+runs/bench-gpu/llama-decode.estimate.timings.json and `spdy-gpu solve` on it at 1.5/2/3x,
+printing each profile's summary; exit status 0 unless the timing table cannot be built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+FORMAT, VERSION = "spdy-gpu/bench-gpu", 1
+TARGETS = (1.5, 2.0, 3.0)
+LLAMA_BATCHES = (1, 16)
+BERT = "bench.models:bert_base"
+BAND = 0.05                     # measured within 5% of the target
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"no CUDA device: nothing measured; planning {args.model} from the "
+              f"{args.estimate} estimate instead")
+        return plan_without_gpu(args)
+    device = torch.cuda.get_device_name()
+    doc = load_or_new(results_stem(args.out, device), device)
+    for part in args.parts:
+        {"suite": run_suite, "llama": run_llama, "bert": run_bert}[part](args, doc)
+    print(markdown(doc))
+    return 0 if all(r["rc"] == 0 for r in doc["runs"]) else 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", nargs="+", choices=("suite", "llama", "bert"),
+                        default=["suite", "llama", "bert"])
+    parser.add_argument("--quick", action="store_true", help="the suite's --quick subset")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--work", default="runs/bench-gpu", help="run directories")
+    parser.add_argument("--model", default="llama-decode", help="the decode model (built-in)")
+    parser.add_argument("--levels", type=int, default=6, help="block sparsity levels (6)")
+    parser.add_argument("--block", type=int, default=64, help="square block (64)")
+    parser.add_argument("--samples", type=int, default=64, help="calibration samples (64)")
+    parser.add_argument("--max-evaluations", type=int, default=30,
+                        help="profiles the search scores at most (30)")
+    parser.add_argument("--max-minutes", type=float, default=1.0, help="search minutes (1)")
+    parser.add_argument("--estimate", default="h100-sxm", help="without a GPU: the spec")
+    return parser.parse_args(argv)
+
+
+# ---- running commands ---------------------------------------------------------------------
+
+def cli(*args: Any) -> list[str]:
+    """`spdy-gpu ARGS` through this interpreter (the console script may not be on PATH)."""
+    return [sys.executable, "-c", "import sys; from spdy_gpu.cli import main; sys.exit(main())",
+            *map(str, args)]
+
+
+def run_command(command: list[str]) -> tuple[int, float]:
+    """Run in the repository root (so bench.models imports), output shown as it comes."""
+    print(f"$ {shown(command)}", flush=True)
+    started = time.perf_counter()
+    rc = subprocess.run(command, cwd=REPO).returncode
+    return rc, round(time.perf_counter() - started, 1)
+
+
+def shown(command: list[str]) -> str:
+    """The command as a person would type it."""
+    if command[1:2] == ["-c"]:
+        return shlex.join(["spdy-gpu", *command[3:]])
+    return shlex.join(command)
+
+
+def search_flags(args: argparse.Namespace) -> list[str]:
+    """The option grid and search budget every run shares (small: minutes, not hours)."""
+    return ["--levels", str(args.levels), "--block", str(args.block),
+            "--samples", str(args.samples), "--search-samples", "16",
+            "--random-candidates", "10", "--max-evaluations", str(args.max_evaluations),
+            "--max-minutes", str(args.max_minutes), "--overwrite", "--quiet"]
+
+
+# ---- the parts (GPU) ----------------------------------------------------------------------
+
+def run_suite(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    command = [sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--out", args.out,
+               *(["--quick"] if args.quick else [])]
+    rc, seconds = run_command(command)
+    found = sorted(Path(args.out).glob("gpu-suite-*.json"), key=lambda p: p.stat().st_mtime)
+    suite = json.loads(found[-1].read_text()) if found else {}
+    record(doc, {"name": "kernel suite", "command": shown(command), "rc": rc,
+                 "seconds": seconds, "file": str(found[-1]) if found else None,
+                 "targets": [{k: t[k] for k in ("name", "status", "summary")}
+                             for t in suite.get("targets", [])]}, args)
+
+
+def run_llama(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    work = REPO / args.work
+    for batch in LLAMA_BATCHES:
+        first = work / f"{args.model}-b{batch}-{TARGETS[0]:g}"
+        for target in TARGETS:
+            out = work / f"{args.model}-b{batch}-{target:g}"
+            table = first / "timings.json"
+            reuse = ["--timings", str(table)] if out != first and table.is_file() else []
+            command = cli("run", "--model", args.model, "--backend", "triton",
+                          "--batch-size", batch, "--speedup", target, "--out", out,
+                          "--database", work / f"{args.model}-b{batch}-database", *reuse,
+                          *search_flags(args))
+            run_and_record(doc, f"{args.model} b{batch} {target:g}x", command, out, args)
+
+
+def run_bert(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    work = REPO / args.work
+    table = work / "bert-base.timings.json"
+    grid = ["--levels", str(args.levels), "--block", str(args.block)]
+    compiled = ["--compile"] if has_flag("run", "--compile") else []
+    timings_compiled = ["--compile"] if has_flag("timings", "--compile") else []
+    rc, seconds = run_command(cli("timings", "--model", BERT, "--backend", "triton", *grid,
+                                  *timings_compiled, "--out", table))
+    target = bert_target(table) if rc == 0 else None
+    if target is None:
+        record(doc, {"name": "bert-base timings", "rc": rc or 1, "seconds": seconds,
+                     "error": "no timing table, or no target above 1.05x on it"}, args)
+        return
+    out = work / f"bert-base-{target:g}"
+    command = cli("run", "--model", BERT, "--backend", "triton", "--speedup", target,
+                  "--timings", table, "--out", out, *compiled, *search_flags(args))
+    run_and_record(doc, f"bert-base {target:g}x" + (" compiled" if compiled else ""),
+                   command, out, args)
+
+
+def bert_target(table_path: Path) -> float | None:
+    """0.95 x the table's largest reachable speedup, rounded down to 0.01 (None below 1.05)."""
+    from spdy_gpu.solve import max_speedup
+    from spdy_gpu.timing import TimingTable
+
+    target = math.floor(95 * max_speedup(TimingTable.load(table_path))) / 100
+    return target if target >= 1.05 else None
+
+
+def has_flag(subcommand: str, flag: str) -> bool:
+    """Whether this spdy-gpu's SUBCOMMAND takes FLAG (options still being added)."""
+    shown = subprocess.run(cli(subcommand, "--help"), capture_output=True, text=True, cwd=REPO)
+    return re.search(rf"{re.escape(flag)}\b", shown.stdout) is not None
+
+
+def run_and_record(doc: dict[str, Any], name: str, command: list[str], out: Path,
+                   args: argparse.Namespace) -> None:
+    (out / "report.json").unlink(missing_ok=True)       # never read an older run's report
+    rc, seconds = run_command(command)
+    record(doc, {"name": name, "command": shown(command), "rc": rc, "seconds": seconds,
+                 "out": str(out), **speedups(out / "report.json")}, args)
+
+
+def speedups(report_path: Path) -> dict[str, Any]:
+    """Target / predicted / measured speedup from a run's report.json, and the 5% band."""
+    if not report_path.is_file():
+        return {"error": f"no {report_path.name} (the run failed before its report)"}
+    report = json.loads(report_path.read_text())
+    target, measured = report.get("target_speedup"), report.get("measured_speedup")
+    within = None if not (target and measured) else abs(measured / target - 1) <= BAND
+    return {"target": target, "predicted": report.get("predicted_speedup"),
+            "measured": measured, "within_5pct": within}
+
+
+# ---- results ------------------------------------------------------------------------------
+
+def results_stem(out: str, device: str) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "gpu"
+    return Path(out) / f"bench-gpu-{slug}-{datetime.now(timezone.utc):%Y-%m-%d}"
+
+
+def load_or_new(stem: Path, device: str) -> dict[str, Any]:
+    """Today's results file for this GPU (runs of another call kept), or a new one."""
+    path = stem.with_suffix(".json")
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        doc = {"device": device, "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "runs": []}
+    doc.pop("format", None)
+    doc.pop("version", None)
+    doc["stem"] = str(stem)
+    return doc
+
+
+def record(doc: dict[str, Any], run: dict[str, Any], args: argparse.Namespace) -> None:
+    """Add (or replace, by name) one run and rewrite both files atomically."""
+    from spdy_gpu.jsonio import atomic_write_bytes, save_json
+
+    doc["runs"] = [r for r in doc["runs"] if r["name"] != run["name"]] + [run]
+    doc["settings"] = {k: v for k, v in vars(args).items() if k not in ("parts",)}
+    stem = Path(doc["stem"])
+    save_json(stem.with_suffix(".json"), FORMAT, VERSION,
+              {k: v for k, v in doc.items() if k != "stem"})
+    atomic_write_bytes(stem.with_suffix(".md"), markdown(doc).encode())
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [f"# GPU benchmarks: {doc['device']}, {doc['date']}", "",
+             "| run | exit | seconds | target | predicted | measured | within 5% |",
+             "|---|---|---|---|---|---|---|"]
+    for r in doc["runs"]:
+        within = {True: "yes", False: "NO", None: "n/a"}[r.get("within_5pct")]
+        lines.append(f"| {r['name']} | {r['rc']} | {r['seconds']} | {_x(r.get('target'))} | "
+                     f"{_x(r.get('predicted'))} | {_x(r.get('measured'))} | {within} |")
+    for r in doc["runs"]:
+        if r.get("error"):
+            lines.append(f"\n{r['name']}: {r['error']}")
+        if r.get("targets"):
+            lines += ["", f"Kernel suite targets ({r.get('file')}):", ""]
+            lines += [f"- **{t['status'].upper()}** {t['name']}: {t['summary']}"
+                      for t in r["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}x"
+
+
+# ---- without a GPU ------------------------------------------------------------------------
+
+def plan_without_gpu(args: argparse.Namespace) -> int:
+    """The estimate's timing table and the DP's profiles at each target (no measurement)."""
+    work = REPO / args.work
+    table = work / f"{args.model}.estimate.timings.json"
+    rc, _ = run_command(cli("timings", "--model", args.model, "--backend", "triton",
+                            "--estimate", args.estimate, "--levels", args.levels,
+                            "--block", args.block, "--out", table))
+    if rc != 0:
+        return rc
+    for target in TARGETS:
+        run_command(cli("solve", "--timings", table, "--speedup", target, "--quiet",
+                        "--out", work / f"{args.model}.estimate.{target:g}x.profile.json"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
