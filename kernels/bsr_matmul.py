@@ -326,19 +326,27 @@ def _tma_ok(x2: torch.Tensor, values: torch.Tensor) -> bool:
 # ---- the stream-K workspace ---------------------------------------------------------------
 
 _WORKSPACES: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED: list[torch.Tensor] = []   # outgrown workspaces: a captured CUDA graph may use them
 
 
 def _workspace(device: torch.device, rows: int,
                block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed fp32 [rows, 64] partial sums and int32 [block_rows] counters, shared by every
     call on this device and stream (each stream-K launch leaves them zeroed). Grown on
-    demand: make one warm-up call before capturing a CUDA graph."""
+    demand, at least doubling; an outgrown one is kept alive, since a CUDA graph captured
+    earlier still points at it."""
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     ws, counts = _WORKSPACES.get((device, stream), (None, None))
     if ws is None or ws.shape[0] < rows:
-        ws = torch.zeros(rows, WORKSPACE_COLS, device=device, dtype=torch.float32)
+        if ws is not None:
+            _RETIRED.append(ws)
+        grown = rows if ws is None else max(rows, 2 * ws.shape[0])
+        ws = torch.zeros(grown, WORKSPACE_COLS, device=device, dtype=torch.float32)
     if counts is None or counts.numel() < block_rows:
-        counts = torch.zeros(block_rows, device=device, dtype=torch.int32)
+        if counts is not None:
+            _RETIRED.append(counts)
+        grown = block_rows if counts is None else max(block_rows, 2 * counts.numel())
+        counts = torch.zeros(grown, device=device, dtype=torch.int32)
     _WORKSPACES[(device, stream)] = ws, counts
     return ws, counts
 
