@@ -6,20 +6,22 @@ on the Triton backend, each run's measured speedup against its target.
 Parts (default all three, in this order; split them over several calls where one call has a
 time limit, results of the same day are merged):
 - suite: `python bench/gpu_suite.py [--quick] --out OUT` (about 6 minutes on an H100).
-- llama: `spdy-gpu run --model llama-decode --backend triton --batch-size B --speedup X`
-  for B in 1 and 16 and X in 1.5, 2, 3 into runs/bench-gpu/llama-decode-bB-X; the runs of
+- llama: `spdy-gpu run --model llama-decode --backend triton --batch-size B --speedup X
+  --compile` (decode as deployed: torch.compile fuses the norms, rotary and SwiGLU glue,
+  CUDA graphs replay it) for B in 1 and 16 and X in 1.5, 2, 3 into
+  runs/bench-gpu/llama-decode-bB-X; the runs of
   one batch share one timing table and one reconstruction database. Small --levels,
   --samples and --max-evaluations keep each run to a few minutes.
 - bert: BERT-base (bench.models:bert_base, batch 32 x 128 tokens): its Triton timing table
-  first, then `spdy-gpu run ... --compile` (end-to-end and fixed time under torch.compile,
-  where this spdy-gpu has the option) at the largest target the table allows:
+  under --compile first, then `spdy-gpu run ... --compile` (end-to-end and fixed time under
+  torch.compile) at the largest target the table allows:
   0.95 x spdy_gpu.solve.max_speedup, rounded down to 0.01.
 Writes OUT/bench-gpu-<gpu>-<date>.{json,md} (format spdy-gpu/bench-gpu v1) after every run:
 per run the command, exit status, seconds, target / predicted / measured speedup from its
 report.json and whether measured lies within 5% of the target; the suite's target lines.
 
 Without a CUDA device: one line saying so, then the plan from the H100 estimate:
-`spdy-gpu timings --model llama-decode --backend triton --estimate h100-sxm` into
+`spdy-gpu timings --model llama-decode --backend triton --estimate h100-sxm --compile` into
 runs/bench-gpu/llama-decode.estimate.timings.json and `spdy-gpu solve` on it at 1.5/2/3x,
 printing each profile's summary; exit status 0 unless the timing table cannot be built.
 """
@@ -136,7 +138,7 @@ def run_llama(args: argparse.Namespace, doc: dict[str, Any]) -> None:
             command = cli("run", "--model", args.model, "--backend", "triton",
                           "--batch-size", batch, "--speedup", target, "--out", out,
                           "--database", work / f"{args.model}-b{batch}-database", *reuse,
-                          *search_flags(args))
+                          "--compile", *search_flags(args))
             run_and_record(doc, f"{args.model} b{batch} {target:g}x", command, out, args)
 
 
@@ -144,10 +146,8 @@ def run_bert(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     work = REPO / args.work
     table = work / "bert-base.timings.json"
     grid = ["--levels", str(args.levels), "--block", str(args.block)]
-    compiled = ["--compile"] if has_flag("run", "--compile") else []
-    timings_compiled = ["--compile"] if has_flag("timings", "--compile") else []
     rc, seconds = run_command(cli("timings", "--model", BERT, "--backend", "triton", *grid,
-                                  *timings_compiled, "--out", table))
+                                  "--compile", "--out", table))
     target = bert_target(table) if rc == 0 else None
     if target is None:
         record(doc, {"name": "bert-base timings", "rc": rc or 1, "seconds": seconds,
@@ -155,9 +155,8 @@ def run_bert(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         return
     out = work / f"bert-base-{target:g}"
     command = cli("run", "--model", BERT, "--backend", "triton", "--speedup", target,
-                  "--timings", table, "--out", out, *compiled, *search_flags(args))
-    run_and_record(doc, f"bert-base {target:g}x" + (" compiled" if compiled else ""),
-                   command, out, args)
+                  "--timings", table, "--out", out, "--compile", *search_flags(args))
+    run_and_record(doc, f"bert-base {target:g}x compiled", command, out, args)
 
 
 def bert_target(table_path: Path) -> float | None:
@@ -167,12 +166,6 @@ def bert_target(table_path: Path) -> float | None:
 
     target = math.floor(95 * max_speedup(TimingTable.load(table_path))) / 100
     return target if target >= 1.05 else None
-
-
-def has_flag(subcommand: str, flag: str) -> bool:
-    """Whether this spdy-gpu's SUBCOMMAND takes FLAG (options still being added)."""
-    shown = subprocess.run(cli(subcommand, "--help"), capture_output=True, text=True, cwd=REPO)
-    return re.search(rf"{re.escape(flag)}\b", shown.stdout) is not None
 
 
 def run_and_record(doc: dict[str, Any], name: str, command: list[str], out: Path,
@@ -254,7 +247,7 @@ def plan_without_gpu(args: argparse.Namespace) -> int:
     work = REPO / args.work
     table = work / f"{args.model}.estimate.timings.json"
     rc, _ = run_command(cli("timings", "--model", args.model, "--backend", "triton",
-                            "--estimate", args.estimate, "--levels", args.levels,
+                            "--estimate", args.estimate, "--compile", "--levels", args.levels,
                             "--block", args.block, "--out", table))
     if rc != 0:
         return rc

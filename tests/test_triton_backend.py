@@ -19,8 +19,10 @@ from spdy_gpu.backends.triton import (
     cache_key,
 )
 from spdy_gpu.backends.triton_estimate import (
+    OpCost,
     TritonEstimateBackend,
     estimate_layer_ms,
+    fixed_ms,
     non_gemm_costs,
 )
 from spdy_gpu.errors import SpdyError
@@ -513,8 +515,28 @@ def test_compile_is_a_switch_of_the_triton_backend():
     base = ["timings", "--model", "minilm", "--backend", "triton", "--out", "t.json"]
     assert backend_config(build_parser().parse_args([*base, "--compile"])) == {"compile": True}
     assert backend_config(build_parser().parse_args(base)) == {}
-    estimate = get_backend("triton", estimate="h100-sxm", compile=True)   # logged, ignored
-    assert estimate.estimated
+    estimate = get_backend("triton", estimate="h100-sxm", compile=True)
+    assert estimate.estimated and estimate.compile
     if not torch.cuda.is_available():
         with pytest.raises(SpdyError, match="no CUDA device"):
             get_backend("triton", compile=True)
+
+
+def test_compiled_estimate_fuses_the_ops_between_two_gemms():
+    """Eager: every non-GEMM op costs at least a kernel floor; compiled: the ops between two
+    GEMMs are one kernel, so the fixed time shrinks and the dense GEMM times stay."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 64))
+    example = torch.randn(4, 64)
+    layers = discover_layers(model.eval(), example)
+    options = option_grid("block", 2, block=16)
+    eager = get_backend("triton", estimate="h100-sxm").measure_table(
+        model, example, layers, options, model_name="toy")
+    fused = get_backend("triton", estimate="h100-sxm", compile=True).measure_table(
+        model, example, layers, options, model_name="toy")
+    assert [r.median_ms for r in fused.layers] == [r.median_ms for r in eager.layers]
+    assert fused.fixed_ms < eager.fixed_ms
+    assert fused.fingerprint.software["execution"] == "torch.compile"
+    costs = [OpCost("a", 0.0, 8.0, 0), OpCost("b", 0.0, 8.0, 0), OpCost("c", 0.0, 8.0, 1)]
+    floor = H100.kernel_floor_ms
+    assert fixed_ms(costs, H100, "bf16", fused=False) == pytest.approx(3 * floor)
+    assert fixed_ms(costs, H100, "bf16", fused=True) == pytest.approx(2 * floor)

@@ -247,14 +247,16 @@ class TritonBackend(TritonTables):
     def create(cls, estimate: str | GpuSpec | None = None, dtype: str = "bf16",
                **measuring: Any) -> TritonTables:
         """The measuring backend, or with `estimate` the roofline estimate for that GPU
-        (which has nothing to repeat or cache: those settings are ignored)."""
+        (which has nothing to repeat or cache: those settings are ignored; `compile` fuses
+        the non-GEMM ops between two GEMMs into one kernel)."""
         if estimate is None:
             return cls(dtype=dtype, **measuring)
         from .triton_estimate import TritonEstimateBackend
 
+        compile = bool(measuring.pop("compile", False))
         if measuring:
             log.info("--estimate ignores %s", ", ".join(sorted(measuring)))
-        return TritonEstimateBackend(estimate, dtype=dtype)
+        return TritonEstimateBackend(estimate, dtype=dtype, compile=compile)
 
     def fingerprint(self, example: Any) -> Fingerprint:
         props = torch.cuda.get_device_properties(self.device)

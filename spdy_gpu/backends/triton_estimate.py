@@ -41,6 +41,7 @@ class OpCost:
     op: str
     flops: float
     bytes: float
+    region: int = 0         # how many prunable layers ran before it (its gap between GEMMs)
 
 
 _GATHERS = {"embedding", "index_select", "index", "gather"}   # read only what they output
@@ -53,6 +54,7 @@ class _OpRecorder(TorchDispatchMode):
         super().__init__()
         self.dtype_bytes = dtype_bytes
         self.inside_prunable = 0
+        self.region = 0
         self.costs: list[OpCost] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -72,7 +74,7 @@ class _OpRecorder(TorchDispatchMode):
             inputs = inputs[1:] + outputs              # the table: only the gathered rows
         unique = {id(t): t for t in inputs}.values()
         moved = sum(self._bytes(t) for t in (*unique, *outputs))
-        return OpCost(name, _flops(func, args, kwargs, out), moved)
+        return OpCost(name, _flops(func, args, kwargs, out), moved, self.region)
 
     def _bytes(self, t: torch.Tensor) -> float:
         size = self.dtype_bytes if t.is_floating_point() else t.element_size()
@@ -94,6 +96,7 @@ def non_gemm_costs(model: nn.Module, example: Any, prunable: list[str],
 
     def enter(*_: Any) -> None:
         recorder.inside_prunable += 1
+        recorder.region += 1
 
     def leave(*_: Any) -> None:
         recorder.inside_prunable -= 1
@@ -111,6 +114,18 @@ def op_time_ms(flops: float, moved: float, spec: GpuSpec, dtype: str) -> float:
     """Roofline time of one kernel, never under the spec's kernel floor."""
     ideal = 1e3 * max(flops / spec.peak(dtype), moved / spec.bandwidth)
     return max(ideal, spec.kernel_floor_ms)
+
+
+def fixed_ms(costs: list[OpCost], spec: GpuSpec, dtype: str, fused: bool) -> float:
+    """The non-GEMM ops' time: each op one kernel (eager), or, fused (torch.compile), the
+    ops between two GEMMs one kernel whose floor is their summed traffic and FLOPs."""
+    if not fused:
+        return math.fsum(op_time_ms(c.flops, c.bytes, spec, dtype) for c in costs)
+    regions: dict[int, list[OpCost]] = {}
+    for cost in costs:
+        regions.setdefault(cost.region, []).append(cost)
+    return math.fsum(op_time_ms(math.fsum(c.flops for c in ops), math.fsum(c.bytes for c in ops),
+                                spec, dtype) for ops in regions.values())
 
 
 def estimate_layer_ms(layer: LayerInfo, option: SparsityOption, spec: GpuSpec,
@@ -135,16 +150,18 @@ class TritonEstimateBackend(TritonTables):
 
     estimated = True
 
-    def __init__(self, spec: str | GpuSpec, dtype: str = "bf16"):
+    def __init__(self, spec: str | GpuSpec, dtype: str = "bf16", compile: bool = False):
         super().__init__(dtype)
         self.spec = spec if isinstance(spec, GpuSpec) else gpu_spec(spec)
+        self.compile = compile
 
     def fingerprint(self, example: Any) -> Fingerprint:
+        software = {"estimate": self.spec.source, "spdy-gpu": package_version()}
+        if self.compile:
+            software["execution"] = "torch.compile"
         return Fingerprint(backend_version=f"roofline-estimate/{package_version()}",
                            device=f"{self.spec.name} (ESTIMATED)", isa=self.spec.arch,
-                           threads=self.spec.sm_count,
-                           software={"estimate": self.spec.source,
-                                     "spdy-gpu": package_version()},
+                           threads=self.spec.sm_count, software=software,
                            **self._fingerprint_fields(example))
 
     def latency(self, models: Mapping[str, nn.Module], example: Any) -> dict[str, Latency]:
@@ -159,7 +176,7 @@ class TritonEstimateBackend(TritonTables):
                  for layer in layers for option in options if self.supports(layer, option)}
         costs = non_gemm_costs(model, example, [layer.name for layer in layers],
                                self.torch_dtype.itemsize)
-        fixed = math.fsum(op_time_ms(c.flops, c.bytes, spec, self.dtype) for c in costs)
+        fixed = fixed_ms(costs, spec, self.dtype, fused=self.compile)
         dense_total = fixed + math.fsum(times[(layer.name, options[0])][0] for layer in layers)
         log.warning("ESTIMATED timing table for %s: roofline of every GEMM and of %d other ops, "
                     "no measurement", spec.name, len(costs))
@@ -168,5 +185,8 @@ class TritonEstimateBackend(TritonTables):
                       "spec": spec.name, "spec_source": spec.source,
                       "peak_flops": spec.peak(self.dtype),
                       "bandwidth": spec.bandwidth, "kernel_floor_ms": spec.kernel_floor_ms,
-                      "fixed": f"{len(costs)} non-GEMM ops, each at its memory/compute floor"}
+                      "fixed": (f"{len(costs)} non-GEMM ops, those between two GEMMs fused "
+                                "into one kernel (torch.compile) at their summed floor"
+                                if self.compile else
+                                f"{len(costs)} non-GEMM ops, each at its memory/compute floor")}
         return times, dense_total, provenance
