@@ -274,3 +274,27 @@ def test_prune_from_a_notebook_returns_the_pruned_copy(tmp_path):
     zeros = sum(int((m.weight == 0).sum()) for m in pruned.modules()
                 if isinstance(m, nn.Linear))
     assert zeros > 0
+
+
+def test_run_mixes_block_sizes_and_two_four_in_one_profile(tmp_path):
+    """A grid of several families (block 4x4 and 8x8 levels plus 2:4): the database, the DP
+    and the search treat them as one option list, each layer gets one, and the pruned
+    weights have the chosen structure."""
+    grid = tuple(option_grid("block+nm", 4, block=[4, 8]))
+    assert [o.name for o in grid][-1] == "nm2:4" and len(grid) == 1 + 4 + 4 + 1
+    report = run(ENTRY, ModelSetting(), FakeBackend(), settings(measure_grid=grid, speedup=1.3),
+                 tmp_path / "run", progress=False)
+    assert report.measured_speedup >= 1.3 * 0.97
+    profile = Profile.load(tmp_path / "run" / "profile.json")
+    assert set(profile.choices.values()) <= set(grid)
+    model, _ = build()
+    from spdy_gpu.deploy import load_pruned
+    load_pruned(model, tmp_path / "run" / "pruned.safetensors")
+    for name, option in profile.choices.items():
+        weight = model.get_submodule(name).weight
+        if option.pattern == "nm":
+            assert ((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all()
+        elif option.pattern == "block":
+            rows, cols = option.block
+            tiles = (weight != 0).reshape(weight.shape[0] // rows, rows, -1, cols).any(3).any(1)
+            assert abs((1 - tiles.float().mean()) - option.sparsity) < 0.2
