@@ -62,6 +62,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from spdy_gpu import errors
+from spdy_gpu.masks import build_mask
+from spdy_gpu.roofline import gemm_cost
+from spdy_gpu.semi_structured import SEMI_STRUCTURED
+
 SUITE_FORMAT, SUITE_VERSION = "spdy-gpu/kernel-suite", 2
 QUANTILES = (0.1, 0.5, 0.9)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -307,8 +312,8 @@ def guarded(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def first_line(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    """"Type: first line of the message", for records."""
+    return f"{type(error).__name__}: {errors.first_line(error)}"[:300]
 
 
 # ---- weights, inputs, references ----------------------------------------------------------
@@ -598,7 +603,7 @@ def measure_semi(x: torch.Tensor, weight: torch.Tensor, env: Env) -> dict[str, A
     """2:4 semi-structured (cuSPARSELt or CUTLASS through torch) on a 2:4 magnitude mask."""
     from torch.sparse import to_sparse_semi_structured
 
-    pruned = weight * two_four_mask(weight)
+    pruned = weight * build_mask(weight, SEMI_STRUCTURED)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sparse = to_sparse_semi_structured(pruned)
@@ -609,15 +614,6 @@ def measure_semi(x: torch.Tensor, weight: torch.Tensor, env: Env) -> dict[str, A
         err = rel_err(call(), F.linear(x.double(), pruned.double()))
         result = env.timer.measure(call)
     return {**result, "rel_err": _finite(err)}
-
-
-def two_four_mask(weight: torch.Tensor) -> torch.Tensor:
-    """Keep the 2 largest of every 4 consecutive weights of a row."""
-    n, k = weight.shape
-    groups = weight.abs().reshape(n, k // 4, 4)
-    keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(-1, groups.topk(2, dim=-1).indices, True)
-    return keep.reshape(n, k)
 
 
 # ---- ceilings -----------------------------------------------------------------------------
@@ -674,15 +670,6 @@ def median(timing: dict[str, Any] | None, kind: str = "plain") -> float | None:
     if not timing or not timing.get(kind):
         return None
     return timing[kind][1]
-
-
-def gemm_cost(n: int, k: int, m: int, density: float = 1.0,
-              block: tuple[int, int] | None = None, item: int = 2) -> tuple[float, float]:
-    """(FLOPs, bytes) of Y = X W^T; block-sparse: stored blocks plus an int32 per block."""
-    if block is None:
-        return 2.0 * n * k * m, item * (n * k + k * m + n * m)
-    weight = density * n * k * (item + 4 / (block[0] * block[1]))
-    return 2.0 * density * n * k * m, weight + item * (k * m + n * m)
 
 
 def derive(row: dict[str, Any], ceilings: dict[str, Any]) -> dict[str, Any]:

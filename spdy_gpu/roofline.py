@@ -13,18 +13,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-def roofline_ms(n: int, k: int, m: int, density: float = 1.0,
-                block: int | tuple[int, int] | None = None, dtype_bytes: int = 2, *,
-                peak_flops: float, bandwidth: float) -> float:
-    """Lower bound in milliseconds of one layer's GEMM; block=None means a dense weight."""
+def gemm_cost(n: int, k: int, m: int, density: float = 1.0,
+              block: int | tuple[int, int] | None = None,
+              dtype_bytes: int = 2) -> tuple[float, float]:
+    """(FLOPs, bytes moved) of one layer's GEMM; block=None means a dense weight."""
     if block is None:
         weight_bytes = dtype_bytes * n * k
         density = 1.0
     else:
         rows, cols = (block, block) if isinstance(block, int) else block
         weight_bytes = density * n * k * (dtype_bytes + 4 / (rows * cols))
-    flops = 2.0 * density * n * k * m
-    moved = weight_bytes + dtype_bytes * (k * m + n * m)
+    return 2.0 * density * n * k * m, weight_bytes + dtype_bytes * (k * m + n * m)
+
+
+def roofline_ms(n: int, k: int, m: int, density: float = 1.0,
+                block: int | tuple[int, int] | None = None, dtype_bytes: int = 2, *,
+                peak_flops: float, bandwidth: float) -> float:
+    """Lower bound in milliseconds of one layer's GEMM; block=None means a dense weight."""
+    flops, moved = gemm_cost(n, k, m, density, block, dtype_bytes)
     return 1e3 * max(flops / peak_flops, moved / bandwidth)
 
 
