@@ -165,6 +165,33 @@ def test_batched_strided_and_transposed_inputs():
     assert bsr_linear(x[:0], packed).shape == (0, 3, 48)
 
 
+_PAST_INT32 = """
+import sys, torch
+sys.path.insert(0, "tests")
+from test_bsr_kernel import _case, _check
+packed = _case(64, 64, 32, 0.6, torch.float16, seed=1)
+# (rows, row stride, column stride): row 2 starts past 2^31; column 63 lies past 2^31
+for rows, row_stride, col_stride in ((3, 2**30 + 64, 1), (2, 64, 2**25 + 2**20)):
+    size = (rows - 1) * row_stride + 63 * col_stride + 1
+    x = torch.empty(size, dtype=torch.float16).as_strided((rows, 64), (row_stride, col_stride))
+    x.copy_(torch.randn(rows, 64).half())           # touches only the elements used
+    for stream_k in (None, 0):
+        _check(x, packed, stream_k=stream_k)
+"""
+
+
+def test_inputs_whose_offsets_pass_int32():
+    """X rows 2^30 elements apart (offsets past 2^31 from the third row) and a transposed-like
+    X whose column offsets pass 2^31: the kernel's 64-bit offsets read the right elements
+    (4-8 GiB of address space, a few KiB touched; a 32-bit offset would read elsewhere or
+    crash, so it runs in a child process)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PAST_INT32], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_bad_calls_raise_one_line_errors():
     packed = _case(32, 32, 16, 0.5, F16)
     x = torch.randn(4, 32).half()
