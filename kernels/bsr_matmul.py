@@ -196,8 +196,10 @@ _KERNEL = triton.jit(_bsr_linear_kernel)
 # ---- launch configurations ----------------------------------------------------------------
 
 # direct: BLOCK_T -> (num_warps, num_stages) candidates; stream-K tiles are fixed by M.
-_DIRECT = {64: [(4, 3), (4, 4)], 128: [(4, 3), (4, 4), (8, 3)], 256: [(8, 3), (8, 4)]}
-_STREAM = [(4, 3), (4, 4), (8, 3)]
+# Stages 4-5 keep 3-4 tiles in flight (Triton allocates stages - 1 buffers); 3 where the
+# tiles are large.
+_DIRECT = {64: [(4, 4), (4, 5)], 128: [(4, 3), (4, 4), (8, 4)], 256: [(8, 3), (8, 4)]}
+_STREAM = [(4, 4), (4, 5), (8, 4)]
 _WAVES = (1, 2, 4)
 _TUNE_KEY = ["M_BUCKET", "N", "K", "BLOCK_N", "BLOCK_K", "DENSITY_BUCKET"]  # + dtypes (Triton)
 _ACC_PER_THREAD = 128       # fp32 accumulators per thread at most (a 128 x 256 tile on 8 warps)
@@ -431,7 +433,7 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor
         fixed = dict(BLOCK_T=block_t, GROUP_T=8, WAVES=2)
         _set_boxes({**dict(zip(_KERNEL.arg_names, args)), **meta, **fixed})
         _KERNEL[grid](*args, **meta, **fixed, num_warps=8 if bn * block_t > 8192 else 4,
-                      num_stages=3)
+                      num_stages=3 if bn * block_t > 8192 else 4)
     else:
         _tuned(use_stream)[grid](*args, **meta)
     return y.reshape(*x.shape[:-1], n)
