@@ -325,6 +325,48 @@ def _tma_ok(x2: torch.Tensor, values: torch.Tensor) -> bool:
             and _device_props(x2.device.index or 0)[2] >= (9, 0) and _tma_layout_ok(x2, values))
 
 
+# ---- ahead-of-time compilation (no GPU needed) ---------------------------------------------
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_for(config: triton.Config, dtype: torch.dtype, block: tuple[int, int],
+                stream_k: bool, tma: bool, arch: int = 90):
+    """The kernel compiled for CUDA compute capability `arch` (e.g. 90 = H100) without a GPU,
+    specialised as a launch would be (16-byte aligned pointers, unit inner strides, N, K and
+    row strides divisible by 16, bias and GELU): read its `.asm` and `.metadata.shared`."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bn, bk = block
+    name = _TRITON_TYPES[dtype]
+    types = {arg: "*" + name for arg in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")}
+    types |= {arg: "*i32" for arg in ("crow_ptr", "col_ptr", "order_ptr", "block_row_ptr",
+                                      "empty_ptr", "count_ptr")}
+    types |= {"ws_ptr": "*fp32",
+              "x_desc": f"tensordesc<{name}[{config.kwargs['BLOCK_T']}, {bk}]>" if tma
+              else "*" + name,
+              "w_desc": f"tensordesc<{name}[{bn}, {bk}]>" if tma else "*" + name}
+    constants = dict(BLOCK_N=bn, BLOCK_K=bk, STREAM_K=stream_k, USE_TMA=tma, HAS_BIAS=True,
+                     ACTIVATION="gelu", EVEN_K=True, UPCAST=False,
+                     INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                     stride_xk=1, stride_yn=1, **config.kwargs)
+    names = _KERNEL.arg_names
+    signature, attrs = {}, {}
+    for i, arg in enumerate(names):
+        if arg in constants:
+            signature[arg] = "constexpr"
+            continue
+        signature[arg] = types.get(arg, "i32")
+        if signature[arg].startswith("*") or arg in ("N", "K", "stride_xm", "stride_ym"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(_KERNEL, signature,
+                       {(names.index(k),): v for k, v in constants.items()}, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": config.num_warps,
+                                   "num_stages": config.num_stages})
+
+
 # ---- the stream-K workspace ---------------------------------------------------------------
 
 _WORKSPACES: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}

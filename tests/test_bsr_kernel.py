@@ -259,30 +259,6 @@ def test_the_kernel_package_imports_nothing_from_spdy_gpu():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def _compile_sm90(kernel, types, constexprs, config):
-    """Compile for an H100 (sm_90) without a GPU, specialised as a launch would be: 16-byte
-    aligned pointers, unit strides folded, sizes divisible by 16."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = kernel.arg_names
-    constexprs = {**constexprs, **config.kwargs}
-    signature, attrs = {}, {}
-    for i, name in enumerate(names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = types.get(name, "i32")
-        if (name in types and not types[name].startswith("tensordesc")) or name in (
-                "N", "K", "stride_xm", "stride_ym"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constexprs.items()},
-                       attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": config.num_warps,
-                                   "num_stages": config.num_stages})
-
-
 @pytest.mark.parametrize("dtype,block,stream_k,block_t,warps,tma", [
     ("bf16", (64, 64), False, 256, 8, True), ("bf16", (64, 64), False, 128, 4, False),
     ("fp16", (128, 128), False, 128, 8, True), ("bf16", (64, 32), True, 16, 4, True),
@@ -291,21 +267,10 @@ def test_kernel_compiles_for_hopper_with_wgmma_and_tma(dtype, block, stream_k, b
                                                        tma):
     pytest.importorskip("triton.backends.nvidia")
     bn, bk = block
-    pointer = "*" + dtype
-    types = {name: pointer for name in ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")}
-    types |= {name: "*i32" for name in ("crow_ptr", "col_ptr", "order_ptr", "block_row_ptr",
-                                        "empty_ptr", "count_ptr")}
-    types |= {"ws_ptr": "*fp32",
-              "x_desc": f"tensordesc<{dtype}[{block_t}, {bk}]>" if tma else pointer,
-              "w_desc": f"tensordesc<{dtype}[{bn}, {bk}]>" if tma else pointer}
+    torch_dtype = {"bf16": BF16, "fp16": F16, "fp32": F32}[dtype]
     config = triton.Config({"BLOCK_T": block_t, "GROUP_T": 8, "WAVES": 2}, num_warps=warps,
                            num_stages=4 if block_t <= 64 else 3)     # 3 or 2 tiles in flight
-    compiled = _compile_sm90(
-        bsr_matmul._KERNEL, types,
-        dict(BLOCK_N=bn, BLOCK_K=bk, STREAM_K=stream_k, USE_TMA=tma, HAS_BIAS=True,
-             ACTIVATION="gelu", EVEN_K=True, UPCAST=False,
-             INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", stride_xk=1, stride_yn=1),
-        config)
+    compiled = bsr_matmul.compile_for(config, torch_dtype, block, stream_k, tma)
     ttgir = compiled.asm["ttgir"]
     if dtype != "fp32":
         assert "warp_group_dot" in ttgir                          # Hopper wgmma, block on M

@@ -387,6 +387,18 @@ def test_measuring_loop_shares_times_by_shape_and_across_models(tmp_path):
     assert other.layers == table.layers
 
 
+def test_measuring_loop_times_two_four_beside_blocks_under_torch_compile(tmp_path, caplog):
+    """A grid mixing blocks and 2:4, the whole model compiled: every option gets a time (2:4
+    through SemiStructuredLinear, here its CPU path) and the model runs compiled."""
+    options = [DENSE, block(0.5, 16), SparsityOption.n_of_m(2, 4)]
+    backend = InterpretedBackend(cache_dir=tmp_path, compile=True)
+    with caplog.at_level(logging.INFO, logger="spdy_gpu.backends.triton"):
+        table = measure(backend, TwoLayer(), options)
+    assert all(None not in row.median_ms for row in table.layers)
+    assert backend.calls == 3 + 1
+    assert "model end to end: compiled" in caplog.text
+
+
 def test_fixed_time_is_the_unattributed_rest_and_clamps_at_zero(tmp_path, caplog):
     options = [DENSE, block(0.5, 16)]
     fast_model = InterpretedBackend(cache_dir=tmp_path / "a",
