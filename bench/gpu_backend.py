@@ -35,7 +35,7 @@ import torch
 from spdy_gpu.backends.triton import TritonBackend
 from spdy_gpu.backends.triton_estimate import TritonEstimateBackend
 from spdy_gpu.errors import InfeasibleTargetError
-from spdy_gpu.gpu_specs import GPU_SPECS, GpuSpec
+from spdy_gpu.gpu_specs import GPU_SPECS, GpuSpec, datasheet_for
 from spdy_gpu.jsonio import atomic_write_bytes, save_json
 from spdy_gpu.layers import discover_layers
 from spdy_gpu.masks import block_mask
@@ -64,7 +64,7 @@ def main() -> int:
     measured_spec = measure_spec(device, today)
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     measured_spec.save(out / f"{slug}-spec.json")
-    datasheet = args.datasheet or guess_datasheet(device)
+    datasheet = args.datasheet or datasheet_for(device)
 
     runs = []
     for batch in args.batch_sizes:
@@ -110,17 +110,6 @@ def measure_spec(device: str, today: datetime) -> GpuSpec:
                    source=f"measured by bench/gpu_backend.py on {today:%Y-%m-%d} "
                           "(8192^3 bf16 matmul, 1 GiB copy, 1-element add)",
                    kernel_floor_ms=floor_ms)
-
-
-def guess_datasheet(device: str) -> str | None:
-    name = device.lower()
-    for key, needles in (("h200-sxm", ("h200",)), ("h100-pcie", ("h100", "pcie")),
-                         ("h100-sxm", ("h100",)), ("a100-pcie", ("a100", "pcie")),
-                         ("a100-sxm", ("a100",)), ("l40s", ("l40s",)), ("l4", ("l4",)),
-                         ("a10", ("a10",))):
-        if all(n in name for n in needles):
-            return key
-    return None
 
 
 def run_batch(batch: int, args: argparse.Namespace, out: Path, measured_spec: GpuSpec,

@@ -620,16 +620,10 @@ def measure_semi(x: torch.Tensor, weight: torch.Tensor, env: Env) -> dict[str, A
 
 def guess_spec(device: str) -> Any:
     """The datasheet spec (spdy_gpu.gpu_specs) this device name matches, or None."""
-    from spdy_gpu.gpu_specs import GPU_SPECS
+    from spdy_gpu.gpu_specs import GPU_SPECS, datasheet_for
 
-    name = device.lower()
-    for key, needles in (("h200-sxm", ("h200",)), ("h100-pcie", ("h100", "pcie")),
-                         ("h100-sxm", ("h100",)), ("a100-pcie", ("a100", "pcie")),
-                         ("a100-sxm", ("a100",)), ("l40s", ("l40s",)), ("l4", ("l4",)),
-                         ("a10", ("a10",))):
-        if all(needle in name for needle in needles):
-            return GPU_SPECS[key]
-    return None
+    key = datasheet_for(device)
+    return None if key is None else GPU_SPECS[key]
 
 
 def spec_ceilings(spec: Any) -> dict[str, Any] | None:

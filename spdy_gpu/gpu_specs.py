@@ -78,6 +78,18 @@ GPU_SPECS: dict[str, GpuSpec] = {
 }
 
 
+# Words of a CUDA device name that pick its datasheet entry, most specific first.
+_NAME_WORDS = (("h200-sxm", ("h200",)), ("h100-pcie", ("h100", "pcie")), ("h100-sxm", ("h100",)),
+               ("a100-pcie", ("a100", "pcie")), ("a100-sxm", ("a100",)), ("l40s", ("l40s",)),
+               ("l4", ("l4",)), ("a10", ("a10",)))
+
+
+def datasheet_for(device_name: str) -> str | None:
+    """The GPU_SPECS key of a CUDA device name (torch.cuda.get_device_name), or None."""
+    name = device_name.lower()
+    return next((key for key, words in _NAME_WORDS if all(w in name for w in words)), None)
+
+
 def gpu_spec(name_or_path: str) -> GpuSpec:
     """A named datasheet spec (see GPU_SPECS) or a spec file saved by `GpuSpec.save`."""
     key = name_or_path.strip().lower()

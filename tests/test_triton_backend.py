@@ -552,3 +552,11 @@ def test_compiled_estimate_fuses_the_ops_between_two_gemms():
     floor = H100.kernel_floor_ms
     assert fixed_ms(costs, H100, "bf16", fused=False) == pytest.approx(3 * floor)
     assert fixed_ms(costs, H100, "bf16", fused=True) == pytest.approx(2 * floor)
+
+
+def test_device_names_pick_their_datasheet():
+    from spdy_gpu.gpu_specs import datasheet_for
+    names = {"NVIDIA H100 80GB HBM3": "h100-sxm", "NVIDIA H100 PCIe": "h100-pcie",
+             "NVIDIA A100-SXM4-80GB": "a100-sxm", "NVIDIA A10": "a10", "NVIDIA L40S": "l40s",
+             "NVIDIA H200": "h200-sxm", "Tesla T4": None}
+    assert {name: datasheet_for(name) for name in names} == names
