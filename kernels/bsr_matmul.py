@@ -24,7 +24,8 @@ go through TMA descriptors where the layout allows (Hopper, X with unit column s
   sums, and so the last bits of stream-K results, nondeterministic.
 
 On CUDA the launch configuration is autotuned per (M bucket, N, K, block, density bucket,
-dtype) and cached by Triton. On a CPU the same kernel runs under Triton's interpreter
+dtype) and kept for the process (a pre-hook sets the TMA boxes per configuration, which
+keeps the choice off Triton's disk cache: each process tunes once per bucket). On a CPU the same kernel runs under Triton's interpreter
 with one fixed configuration (correctness only, slow). bf16 `tl.dot` is wrong in the
 interpreter (triton 3.9): there bf16 operands are upcast to fp32. The kernel calls only
 Triton builtins, no `@triton.jit` library helpers (tl.cdiv, tl.zeros...), so it also runs
@@ -43,7 +44,7 @@ import triton.language as tl
 from .layout import BLOCK_SIDES, DTYPES, KernelInputError, LayoutIndices, layout_indices
 
 __all__ = ["ACTIVATIONS", "BLOCK_SIDES", "DTYPES", "KernelInputError", "LayoutIndices",
-           "bsr_linear", "layout_indices"]
+           "bsr_linear", "compile_for", "layout_indices"]
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
 SMALL_M = 64                # stream-K up to this many rows of X (one token tile)
