@@ -48,8 +48,9 @@ class SemiStructuredLinear(nn.Linear):
     """An nn.Linear whose weight is 2:4 sparse and runs on sparse tensor cores on CUDA.
 
     Same parameters and state dict as nn.Linear (the masked dense weight), so a pruned
-    checkpoint loads into it unchanged. The semi-structured copy is built on the first CUDA
-    forward and rebuilt when the weight changes device, dtype or values."""
+    checkpoint loads into it unchanged. The semi-structured copy is built on the first eager
+    CUDA forward and rebuilt when the weight changes device, dtype or values; run the model
+    once eagerly before torch.compile so that the compiled graph uses it."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None,
@@ -78,11 +79,15 @@ class SemiStructuredLinear(nn.Linear):
         self._sparse: tuple[tuple, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda or torch.compiler.is_compiling():
+        if not x.is_cuda:
             return F.linear(x, self.weight, self.bias)
         return F.linear(x, self._semi_structured(), self.bias)
 
     def _semi_structured(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Traced (torch.compile): the copy an eager call built, which the tracer takes as
+            # a constant; a model compiled before any eager call runs its dense weight.
+            return self.weight if self._sparse is None else self._sparse[1]
         w = self.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._sparse is None or self._sparse[0] != key:

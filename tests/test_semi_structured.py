@@ -87,6 +87,9 @@ def test_cuda_runs_on_sparse_tensor_cores_and_matches():
     x = torch.randn(64, 256, device="cuda", dtype=torch.half)
     expected = nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
     torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+    assert layer._sparse is not None                      # the eager call built the copy
+    compiled = torch.compile(layer)                       # ... which the traced graph uses
+    torch.testing.assert_close(compiled(x).float(), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_cuda_graphed_needs_a_cuda_model():
