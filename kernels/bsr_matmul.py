@@ -25,8 +25,9 @@ go through TMA descriptors where the layout allows (Hopper, X with unit column s
 
 On CUDA the launch configuration is autotuned per (M bucket, N, K, block, density bucket,
 dtype) and kept for the process (a pre-hook sets the TMA boxes per configuration, which
-keeps the choice off Triton's disk cache: each process tunes once per bucket). On a CPU the same kernel runs under Triton's interpreter
-with one fixed configuration (correctness only, slow). bf16 `tl.dot` is wrong in the
+keeps the choice off Triton's disk cache: each process tunes once per bucket). On a CPU
+the same kernel runs under Triton's interpreter with one fixed configuration (correctness
+only, slow). bf16 `tl.dot` is wrong in the
 interpreter (triton 3.9): there bf16 operands are upcast to fp32. The kernel calls only
 Triton builtins, no `@triton.jit` library helpers (tl.cdiv, tl.zeros...), so it also runs
 under the interpreter when TRITON_INTERPRET was unset at import.
