@@ -49,7 +49,7 @@ def add_option_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pattern", default=None,
                        choices=["unstructured", "block", "nm", "block+nm", "unstructured+nm"],
                        help="option family, or families mixed per layer (default: the "
-                            "backend's natural one: deepsparse unstructured, triton block+nm)")
+                            "backend's own; --backend's help names it)")
     group.add_argument("--levels", type=int, default=41, help="number of sparsity levels (41)")
     group.add_argument("--min-sparsity", type=float, default=0.40, help="lowest level (0.40)")
     group.add_argument("--max-sparsity", type=float, default=0.99, help="highest level (0.99)")
