@@ -44,8 +44,19 @@ bench: $(STAMP)
 # The GPU benchmarks (NVIDIA GPU): the kernel suite, then SPDY end to end on the Triton
 # backend (llama-decode b1/b16 at 1.5/2/3x, BERT-base under torch.compile); results in
 # bench/results/. Without a GPU it says so and plans llama-decode from the H100 estimate.
+# On a GPU machine whose own Python holds CUDA torch and Triton (no network, so no venv):
+# `make bench-gpu GPU_PYTHON=python3` installs this package into it (no dependencies).
+# BENCH_GPU_ARGS passes options, e.g. "--parts suite --out DIR" (one part per call).
+GPU_PYTHON ?=
+BENCH_GPU_ARGS ?=
+ifeq ($(GPU_PYTHON),)
 bench-gpu: $(STAMP)
-	$(BIN)/python bench/bench_gpu.py
+	$(BIN)/python bench/bench_gpu.py $(BENCH_GPU_ARGS)
+else
+bench-gpu:
+	$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation --ignore-requires-python -e .
+	$(GPU_PYTHON) bench/bench_gpu.py $(BENCH_GPU_ARGS)
+endif
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks
