@@ -43,7 +43,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 FORMAT, VERSION = "spdy-gpu/bench-gpu", 1
 TARGETS = (1.5, 2.0, 3.0)
-LLAMA_BATCHES = (1, 16)
 BERT = "bench.models:bert_base"
 BAND = 0.05                     # measured within 5% of the target
 
@@ -72,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--work", default="runs/bench-gpu", help="run directories")
     parser.add_argument("--model", default="llama-decode", help="the decode model (built-in)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16],
+                        help="decode batch sizes (1 16); one per call where calls are short")
     parser.add_argument("--levels", type=int, default=6, help="block sparsity levels (6)")
     parser.add_argument("--block", type=int, default=64, help="square block (64)")
     parser.add_argument("--samples", type=int, default=64, help="calibration samples (64)")
@@ -129,7 +130,7 @@ def run_suite(args: argparse.Namespace, doc: dict[str, Any]) -> None:
 
 def run_llama(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     work = REPO / args.work
-    for batch in LLAMA_BATCHES:
+    for batch in args.batches:
         first = work / f"{args.model}-b{batch}-{TARGETS[0]:g}"
         for target in TARGETS:
             out = work / f"{args.model}-b{batch}-{target:g}"
