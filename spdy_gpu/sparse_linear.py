@@ -224,7 +224,8 @@ def sparsify_(model: nn.Module,
         targets |= {name: {"option": SEMI_STRUCTURED, "mask": module.weight != 0}
                     for name, module in model.named_modules()
                     if type(module) is nn.Linear and name not in targets
-                    and semi_structured_fits(*module.weight.shape, module.weight.dtype)
+                    # 16-bit constraints: the layer may be cast to half after the swap
+                    and semi_structured_fits(*module.weight.shape, torch.float16)
                     and is_2_4(module.weight)}
     else:
         targets = _chosen(model, choices, block)
