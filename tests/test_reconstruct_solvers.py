@@ -93,3 +93,18 @@ def test_grouped_conv_weights_keep_their_shape():
     out = reconstruct_fast(stats, dense, mask)
     assert out.shape == dense.shape and out.dtype == dense.dtype
     assert stats.relative_error(out, dense, None) < stats.relative_error(dense * mask, dense, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_solver_on_cuda_matches_the_cpu():
+    """Where there is a GPU the solver runs there (solver_device); the answer is the same."""
+    from spdy_gpu.reconstruct.fast import solve_masked, solver_device
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 96, dtype=torch.float64)
+    hessian = (x.T @ x)[None]
+    dense, mask = torch.randn(1, 48, 96), torch.rand(1, 48, 96) < 0.5
+    assert solver_device().type == "cuda"
+    cpu = solve_masked(hessian.float(), dense, mask)
+    gpu = solve_masked(hessian.float().cuda(), dense.cuda(), mask.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-4)

@@ -41,7 +41,7 @@ from ..masks import build_mask
 from ..options import SparsityOption
 from .adaprune import AdaPruneConfig, adaprune
 from .capture import LayerStats, capture_inputs, capture_statistics
-from .fast import FastConfig, damped_gram, reconstruct_fast
+from .fast import FastConfig, damped_gram, reconstruct_fast, solver_device
 
 log = logging.getLogger(__name__)
 
@@ -475,7 +475,8 @@ def _build_layer(build: _Build, name: str, module: nn.Module, stats: LayerStats,
     if not build.done(name, dense_option):
         build.add(name, dense_option, dense, 0.0)
     bar.update(1)
-    hessian = damped_gram(stats, fast.damp, fast.dtype) if method == "fast" else None
+    hessian = (damped_gram(stats, fast.damp, fast.dtype, solver_device()) if method == "fast"
+               else None)
     for chain in chains:
         previous = dense
         for i, option in enumerate(chain):

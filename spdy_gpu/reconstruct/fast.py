@@ -45,11 +45,18 @@ class FastConfig:
                             "damp >= 0 and max_iters >= 1")
 
 
-def damped_gram(stats: LayerStats, damp: float, dtype: torch.dtype) -> torch.Tensor:
-    """[G, Kg, Kg] H + damp * mean(diag) * I per group."""
-    gram = stats.gram.to(dtype)
+def solver_device() -> torch.device:
+    """Where the solver runs: a CUDA device where there is one (its [N, K] x [K, K] products
+    dominate: minutes on a few CPU cores for a 4096 x 11008 layer, seconds on a GPU)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def damped_gram(stats: LayerStats, damp: float, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """[G, Kg, Kg] H + damp * mean(diag) * I per group, on `device`."""
+    gram = stats.gram.to(device=device, dtype=dtype)
     diag = gram.diagonal(dim1=1, dim2=2)                                  # [G, Kg]
-    eye = torch.eye(gram.shape[-1], dtype=dtype)
+    eye = torch.eye(gram.shape[-1], dtype=dtype, device=gram.device)
     return gram + damp * diag.mean(-1).clamp_min(1e-12)[:, None, None] * eye
 
 
@@ -97,8 +104,9 @@ def solve_masked_exact(hessian: torch.Tensor, dense: torch.Tensor, mask: torch.T
     to the chunk's largest count (identity on the padding), within `budget_bytes`.
     """
     g, ng, kg = dense.shape
+    device = hessian.device
     rhs = torch.bmm(dense.to(hessian.dtype), hessian)                      # [G, Ng, Kg]
-    out = torch.zeros(g, ng, kg, dtype=hessian.dtype)
+    out = torch.zeros(g, ng, kg, dtype=hessian.dtype, device=device)
     counts = mask.sum(-1)                                                  # [G, Ng]
     chunk = max(1, budget_bytes // (kg * kg * hessian.element_size()))
     for group in range(g):
@@ -110,13 +118,13 @@ def solve_masked_exact(hessian: torch.Tensor, dense: torch.Tensor, mask: torch.T
             if size == 0:
                 continue
             index = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :size]
-            valid = torch.arange(size) < count[:, None]                    # [R, S]
+            valid = torch.arange(size, device=device) < count[:, None]     # [R, S]
             square = valid[:, :, None] & valid[:, None, :]
             h = hessian[group][index[:, :, None], index[:, None, :]]       # [R, S, S]
-            h = torch.where(square, h, torch.eye(size, dtype=h.dtype).expand_as(h))
+            h = torch.where(square, h, torch.eye(size, dtype=h.dtype, device=device).expand_as(h))
             b = torch.where(valid, rhs[group, rows].gather(1, index), 0.0)
             x = torch.cholesky_solve(b[..., None], torch.linalg.cholesky(h))[..., 0]
-            solved = torch.zeros(len(rows), kg, dtype=h.dtype)
+            solved = torch.zeros(len(rows), kg, dtype=h.dtype, device=device)
             out[group, rows] = solved.scatter_(1, index, torch.where(valid, x, 0.0))
     return out
 
@@ -128,14 +136,15 @@ def reconstruct_fast(stats: LayerStats, dense_weight: torch.Tensor, mask: torch.
     """Reconstructed weight of one layer (shape and dtype of `dense_weight`).
 
     dense_weight, mask, start: the layer's own weight shape [N, ...]; `hessian` lets a caller
-    reuse damped_gram(stats) across the levels of one layer.
+    reuse damped_gram(stats) across the levels of one layer, and the solve runs on its device
+    (default: solver_device()).
     """
     g = stats.groups
     if hessian is None:
-        hessian = damped_gram(stats, config.damp, config.dtype)
+        hessian = damped_gram(stats, config.damp, config.dtype, solver_device())
 
     def grouped(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(g, t.shape[0] // g, -1)
+        return t.reshape(g, t.shape[0] // g, -1).to(hessian.device)
 
     if config.solver == "cholesky":
         solved = solve_masked_exact(hessian, grouped(dense_weight.detach()), grouped(mask))
@@ -143,4 +152,4 @@ def reconstruct_fast(stats: LayerStats, dense_weight: torch.Tensor, mask: torch.
         solved = solve_masked(hessian, grouped(dense_weight.detach()), grouped(mask),
                               None if start is None else grouped(start.detach()),
                               config.max_iters, config.tol)
-    return solved.reshape(dense_weight.shape).to(dense_weight.dtype)
+    return solved.reshape(dense_weight.shape).to(dense_weight.device, dense_weight.dtype)
