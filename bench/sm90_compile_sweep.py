@@ -93,7 +93,8 @@ def main() -> int:
     rows = [compile_one(*job) for job in tqdm(jobs(), desc="sm_90 compiles", unit="config")]
     text = summary(rows, time.perf_counter() - started)
     stem = Path(args.out) / f"sm90-compile-sweep-{date.today()}"
-    atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(rows, indent=1) + "\n").encode())
+    rows_text = "[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n"  # a row a line
+    atomic_write_bytes(stem.with_suffix(".json"), rows_text.encode())
     atomic_write_bytes(stem.with_suffix(".md"), text.encode())
     print(text)
     return 1 if any("error" in r for r in rows) else 0
