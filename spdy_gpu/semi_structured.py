@@ -23,9 +23,9 @@ from .options import SparsityOption
 log = logging.getLogger(__name__)
 
 SEMI_STRUCTURED = SparsityOption.n_of_m(2, 4)
-# Weight [N, K] multiples PyTorch's CUTLASS path needs (cuSPARSELt needs less): 16-bit (32, 64),
-# fp32 (32, 32).
-_MULTIPLES = {torch.float16: (32, 64), torch.bfloat16: (32, 64), torch.float32: (32, 32)}
+# Weight [N, K] multiples PyTorch's CUTLASS path needs (cuSPARSELt, its default, needs less).
+# 16-bit only: cuSPARSELt has no fp32, and the CUTLASS fp32 path is not the default.
+_MULTIPLES = {torch.float16: (32, 64), torch.bfloat16: (32, 64)}
 
 
 def fits(n: int, k: int, dtype: torch.dtype) -> bool:

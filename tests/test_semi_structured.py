@@ -25,7 +25,7 @@ def _mlp():
 def test_shapes_that_suit_semi_structured_storage():
     assert fits(64, 128, torch.float16) and fits(32, 64, torch.bfloat16)
     assert not fits(48, 128, torch.float16) and not fits(64, 96, torch.float16)
-    assert fits(32, 32, torch.float32) and not fits(32, 64, torch.float64)
+    assert not fits(64, 128, torch.float32) and not fits(32, 64, torch.float64)
 
 
 def test_layer_keeps_two_of_four_and_matches_the_masked_dense_layer():

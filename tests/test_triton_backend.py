@@ -329,10 +329,10 @@ class InterpretedBackend(TritonBackend):
     """The real measuring loop on a CPU: kernels run under Triton's interpreter and are
     checked against the masked dense layer; a stand-in clock returns distinct times."""
 
-    def __init__(self, *args, clock=None, repeats=1, **kwargs):
+    def __init__(self, *args, clock=None, repeats=1, dtype="fp32", **kwargs):
         self.calls = 0
         self.clock = clock or (lambda call: (0.01 * call, 0.001))
-        super().__init__(*args, dtype="fp32", repeats=repeats, **kwargs)
+        super().__init__(*args, dtype=dtype, repeats=repeats, **kwargs)
         self.device = torch.device("cpu")
 
     def _has_device(self):
@@ -391,7 +391,7 @@ def test_measuring_loop_times_two_four_beside_blocks_under_torch_compile(tmp_pat
     """A grid mixing blocks and 2:4, the whole model compiled: every option gets a time (2:4
     through SemiStructuredLinear, here its CPU path) and the model runs compiled."""
     options = [DENSE, block(0.5, 16), SparsityOption.n_of_m(2, 4)]
-    backend = InterpretedBackend(cache_dir=tmp_path, compile=True)
+    backend = InterpretedBackend(cache_dir=tmp_path, compile=True, dtype="fp16")   # 2:4: 16-bit
     with caplog.at_level(logging.INFO, logger="spdy_gpu.backends.triton"):
         table = measure(backend, TwoLayer(), options)
     assert all(None not in row.median_ms for row in table.layers)

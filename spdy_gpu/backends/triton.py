@@ -420,6 +420,7 @@ class TritonBackend(TritonTables):
             software["execution"] = "torch.compile"
         return software
 
+
 def _check_triton() -> None:
     try:
         import triton  # noqa: F401
