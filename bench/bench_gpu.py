@@ -253,8 +253,9 @@ def plan_without_gpu(args: argparse.Namespace) -> int:
     if rc != 0:
         return rc
     for target in TARGETS:
+        stem = work / f"{args.model}.estimate.{target:g}x"
         run_command(cli("solve", "--timings", table, "--speedup", target, "--quiet",
-                        "--out", work / f"{args.model}.estimate.{target:g}x.profile.json"))
+                        "--out", f"{stem}.profile.json", "--plot", f"{stem}.profile.png"))
     return 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .jsonio import atomic_write_bytes
+from .options import SparsityOption
 from .profile import Profile
 from .timing import TimingTable
 
@@ -108,8 +109,11 @@ def plot_profile(table: TimingTable, profile: Profile, curve: tuple[np.ndarray, 
     dense_ms = np.array([times[rows[n], 0] for n in names])
     chosen_ms = np.array([times[rows[n], index[profile.choices[n]]] for n in names])
     x = np.arange(len(names))
-    right.bar(x, [profile.choices[n].sparsity for n in names], color="tab:blue", alpha=0.6,
-              label="chosen sparsity")
+    families = [_family_label(profile.choices[n]) for n in names]
+    for i, family in enumerate(dict.fromkeys(f for f in families if f)):   # a colour each
+        at = [j for j, f in enumerate(families) if f == family]
+        right.bar(x[at], [profile.choices[names[j]].sparsity for j in at], alpha=0.6,
+                  color=f"C{i}", label=f"sparsity, {family}")
     right.set(ylim=(0, 1.2), ylabel="sparsity", xlabel="layer (in model order)",
               title=f"profile: {sum(o.pattern != 'dense' for o in profile.choices.values())}"
                     f" of {len(names)} layers pruned")
@@ -127,6 +131,16 @@ def plot_profile(table: TimingTable, profile: Profile, curve: tuple[np.ndarray, 
     fig.suptitle(f"{profile.model}: {profile.predicted_ms:.4g} ms predicted vs "
                  f"{profile.dense_total_ms:.4g} ms dense on {fp.backend}, {fp.device}{tag}")
     return _save(fig, path)
+
+
+def _family_label(option: SparsityOption) -> str | None:
+    """The option's structure without its level ("block 64x64", "2:4", "unstructured");
+    None for dense."""
+    if option.pattern == "block":
+        return f"block {option.block[0]}x{option.block[1]}"
+    if option.pattern == "nm":
+        return f"{option.n}:{option.m}"
+    return None if option.pattern == "dense" else option.pattern
 
 
 def _without_common_prefix(names: list[str]) -> list[str]:
