@@ -339,15 +339,6 @@ def random_weight(n: int, k: int, block: tuple[int, int], sparsity: float, dtype
     return BSRWeight.from_dense(weight, mask, block, dtype), weight.to(dtype)
 
 
-def layout_of(packed: Any) -> Any:
-    """The kernel's per-weight index arrays: BSRWeight.indices where it exists."""
-    indices = getattr(packed, "indices", None)
-    if indices is not None:
-        return indices
-    from spdy_kernels.bsr_matmul import layout_indices
-    return layout_indices(packed.crow_indices)
-
-
 def reference(x: torch.Tensor, packed: Any, bias: torch.Tensor | None = None,
               activation: str | None = None) -> torch.Tensor:
     """act(x W^T + b) in float64, W the packed (masked) weight."""
@@ -405,7 +396,7 @@ def run_check(check: Check, device: str) -> dict[str, Any]:
         bias = torch.randn(check.n, generator=gen).to(device) if check.bias else None
         out = torch.full((*x.shape[:-1], check.n), math.nan, dtype=dtype, device=device)
         y = bsr_linear(x, packed.values, packed.crow_indices, packed.col_indices, packed.shape,
-                       bias, check.activation, indices=layout_of(packed),
+                       bias, check.activation, indices=packed.indices,
                        stream_k=check.stream_k, tma=check.tma, block_t=check.block_t, out=out)
         err = rel_err(y, reference(x, packed, bias, check.activation))
         record.update(rel_err=_finite(err), nnz_blocks=packed.nnz_blocks,
@@ -463,7 +454,7 @@ def measure_case(case: Case, env: Env) -> dict[str, Any]:
 def measure_ours(x: torch.Tensor, packed: Any, ref: torch.Tensor, env: Env) -> dict[str, Any]:
     from spdy_kernels.bsr_matmul import bsr_linear
 
-    indices = layout_of(packed)
+    indices = packed.indices
 
     def call(out: torch.Tensor | None = None) -> torch.Tensor:
         return bsr_linear(x, packed.values, packed.crow_indices, packed.col_indices,
