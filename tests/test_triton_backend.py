@@ -442,10 +442,14 @@ def test_conv_layers_stay_dense_with_a_note(tmp_path):
     assert all(t is not None for t in table.layers[1].median_ms)
 
 
-def test_latency_swaps_block_pruned_linears(tmp_path, monkeypatch):
+def test_latency_swaps_block_pruned_and_two_four_linears(tmp_path, monkeypatch):
+    from spdy_gpu.masks import build_mask
+    from spdy_gpu.semi_structured import SemiStructuredLinear
+
     model = TwoLayer()
     with torch.no_grad():
         model.fc1.weight.mul_(block_mask(model.fc1.weight, (16, 16), 0.5))
+        model.fc2.weight.mul_(build_mask(model.fc2.weight, SparsityOption.n_of_m(2, 4)))
     backend = InterpretedBackend(cache_dir=tmp_path)
     timed = []
     interleaved = backend._interleaved
@@ -453,7 +457,7 @@ def test_latency_swaps_block_pruned_linears(tmp_path, monkeypatch):
                         lambda models, inputs: timed.append(models) or interleaved(models, inputs))
     result = backend.latency({"model": model}, torch.randn(8, 4, 4, 4))["model"]
     assert isinstance(timed[0]["model"].fc1, BlockSparseLinear)
-    assert type(timed[0]["model"].fc2) is nn.Linear
+    assert isinstance(timed[0]["model"].fc2, SemiStructuredLinear)
     assert type(model.fc1) is nn.Linear                        # the caller's model is untouched
     assert result.median_ms > 0 and result.spread_ms >= 0
 
