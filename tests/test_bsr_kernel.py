@@ -295,3 +295,25 @@ def test_cuda_autotuned_kernel_matches_reference(dtype, m):
     if dtype == F32:
         torch.testing.assert_close(bsr_linear(x, packed, allow_tf32=True),
                                    bsr_linear(x, packed), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_cuda_every_block_schedule_load_path_and_layout(block, dtype):
+    """The compiled kernels (not the interpreter): both schedules, TMA and pointer loads,
+    ragged shapes, strided and transposed X, an empty weight."""
+    rows, cols = _pair(block)
+    n, k = 3 * rows + 5, 4 * cols
+    packed = _case(n, k, block, 0.5, dtype, seed=rows * cols, device="cuda")
+    for m in (1, 37, 64, 300):
+        x, bias = _inputs((m, k), n, dtype, seed=m, device="cuda")
+        for stream_k in ((None, 0, 3) if m <= 64 else (None,)):
+            for tma in (None, False):
+                _check(x, packed, bias, "gelu", stream_k=stream_k, tma=tma)
+    wide, bias = _inputs((40, 2 * k), n, dtype, seed=1, device="cuda")
+    _check(wide[:, ::2], packed, bias)                              # column stride 2
+    _check(wide[:, :k].t().contiguous().t(), packed, bias)          # transposed storage
+    empty = _case(n, k, block, 0.0, dtype, device="cuda")
+    y = bsr_linear(wide[:, :k].contiguous(), empty, bias, "relu")
+    torch.testing.assert_close(y.float(), torch.relu(bias).float().expand_as(y))
