@@ -316,4 +316,5 @@ def test_cuda_every_block_schedule_load_path_and_layout(block, dtype):
     _check(wide[:, :k].t().contiguous().t(), packed, bias)          # transposed storage
     empty = _case(n, k, block, 0.0, dtype, device="cuda")
     y = bsr_linear(wide[:, :k].contiguous(), empty, bias, "relu")
-    torch.testing.assert_close(y.float(), torch.relu(bias).float().expand_as(y))
+    torch.testing.assert_close(y.float(), torch.relu(bias).float().expand_as(y), rtol=1e-2,
+                               atol=1e-2)                           # 16-bit rounding of bias
