@@ -257,12 +257,16 @@ def export_onnx_pruned(model: nn.Module, example: Any, path: PathLike, *,
 
 def _block_layers(model: nn.Module, choices: Mapping[str, SparsityOption]) -> dict[str, str]:
     """The chosen layers that become BlockSparseLinear (block options) or SemiStructuredLinear
-    (2:4), on plain nn.Linear only (subclasses such as attention projections are read as
-    tensors by their owners)."""
+    (2:4) on plain nn.Linear (subclasses such as attention projections are read as tensors by
+    their owners), and BlockSparseConv1x1 (block options) on 1x1 convs without groups."""
+    from .sparse_linear import is_pointwise
+
     modules = dict(model.named_modules())
+    linear = {name for name, m in modules.items() if type(m) is nn.Linear}
+    pointwise = {name for name, m in modules.items() if is_pointwise(m)}
     return {name: o.name for name, o in choices.items()
-            if (o.pattern == "block" or o == SEMI_STRUCTURED)
-            and type(modules.get(name)) is nn.Linear}
+            if (o.pattern == "block" and name in linear | pointwise)
+            or (o == SEMI_STRUCTURED and name in linear)}
 
 
 def save_block_sparse(model: nn.Module, profile_or_choices: ProfileLike | Plan,
@@ -273,7 +277,7 @@ def save_block_sparse(model: nn.Module, profile_or_choices: ProfileLike | Plan,
     "shape"}} of the layers stored block-sparse."""
     from safetensors.torch import save_model
 
-    from .sparse_linear import BlockSparseLinear, sparsify_
+    from .sparse_linear import BlockSparseConv1x1, BlockSparseLinear, sparsify_
 
     plan = load_plan(profile_or_choices)
     path = check_output_file(path)
@@ -285,9 +289,11 @@ def save_block_sparse(model: nn.Module, profile_or_choices: ProfileLike | Plan,
     layout = {}
     for name, option in swap.items():
         layer = deployed.get_submodule(name)
-        layout[name] = {"option": option, "shape": [layer.out_features, layer.in_features]}
-        if isinstance(layer, BlockSparseLinear):
-            layout[name]["block"] = list(layer.values.shape[1:])
+        layout[name] = {"option": option,
+                        "shape": list(model.get_submodule(name).weight.shape)}
+        packed = layer.linear if isinstance(layer, BlockSparseConv1x1) else layer
+        if isinstance(packed, BlockSparseLinear):
+            layout[name]["block"] = list(packed.values.shape[1:])
     meta = {"format": BLOCK_FORMAT, "version": ARTIFACT_VERSION, **plan.metadata(),
             "layers": json.dumps(layout)}
     with replacing(path) as tmp:
@@ -300,7 +306,7 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
     """The model of a save_block_sparse artifact: its recorded Linears swapped for
     BlockSparseLinear, then the state dict loaded. Pass the dense model (freshly built, same
     architecture) or a function building it; a given model is converted in place."""
-    from .sparse_linear import BlockSparseLinear
+    from .sparse_linear import BlockSparseConv1x1, BlockSparseLinear, is_pointwise
 
     state, meta = _read_safetensors(path)
     layout = _read_layout(meta, path)
@@ -309,25 +315,27 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
     modules = dict(model.named_modules())
     for name, entry in layout.items():
         module = modules.get(name)
-        if type(module) is not nn.Linear or list(module.weight.shape) != entry["shape"]:
+        fits = type(module) is nn.Linear or is_pointwise(module)
+        if not fits or list(module.weight.shape) != entry["shape"]:
             raise SpdyError(f"{path} does not fit this model: its layer {name} is not an "
-                            f"nn.Linear of shape {entry['shape']} here; pass the model the "
-                            "artifact was written for")
+                            f"nn.Linear or 1x1 Conv2d of weight shape {entry['shape']} here; "
+                            "pass the model the artifact was written for")
     originals = {}
     try:
         for name, entry in layout.items():
-            linear = originals[name] = modules[name]
+            module = originals[name] = modules[name]
             if "block" not in entry:        # 2:4: the file brings the masked weight
-                _set_module(model, name, SemiStructuredLinear.from_linear(linear))
+                _set_module(model, name, SemiStructuredLinear.from_linear(module))
                 continue
-            empty = torch.zeros_like(linear.weight, dtype=torch.bool)  # the file brings blocks
-            _set_module(model, name, BlockSparseLinear.from_linear(
-                linear, mask=empty, block=tuple(entry["block"])))
+            empty = torch.zeros_like(module.weight, dtype=torch.bool)  # the file brings blocks
+            convert = (BlockSparseConv1x1.from_conv if isinstance(module, nn.Conv2d)
+                       else BlockSparseLinear.from_linear)
+            _set_module(model, name, convert(module, mask=empty, block=tuple(entry["block"])))
         _check_state(model, state, path, resized=layout)
         model.load_state_dict(state, strict=False)
     except BaseException:
-        for name, linear in originals.items():
-            _set_module(model, name, linear)
+        for name, module in originals.items():
+            _set_module(model, name, module)
         raise
     return model
 

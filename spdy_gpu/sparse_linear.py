@@ -176,6 +176,59 @@ class BlockSparseLinear(nn.Module):
         self._set_derived_indices(self._packed())     # validates what was loaded
 
 
+def is_pointwise(module: nn.Module) -> bool:
+    """A 1x1 Conv2d without groups: a GEMM over channels at every pixel."""
+    return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1
+            and module.padding_mode == "zeros")
+
+
+class BlockSparseConv1x1(nn.Module):
+    """A 1x1 Conv2d (groups 1; any stride and zero padding) run as a BlockSparseLinear over
+    the channels of every pixel: x [..., C_in, H, W] -> [..., C_out, H', W'].
+
+    State: `linear` (a BlockSparseLinear over [out_channels, in_channels]); stride and
+    padding are fixed by the convolution it replaces."""
+
+    def __init__(self, linear: BlockSparseLinear, stride: tuple[int, int],
+                 padding: tuple[int, int]):
+        super().__init__()
+        self.linear = linear
+        self.stride, self.padding = tuple(stride), tuple(padding)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None,
+                  option: SparsityOption | str | None = None,
+                  block: int | tuple[int, int] | None = None,
+                  dtype: torch.dtype | None = None) -> BlockSparseConv1x1:
+        """`conv` pruned by `mask` (bool, the weight's shape) or by `option`, as for
+        BlockSparseLinear.from_linear."""
+        if not is_pointwise(conv):
+            raise SpdyError(f"only 1x1 Conv2d layers without groups run block-sparse, not "
+                            f"{conv}; keep this layer dense (exclude it)")
+        weight = conv.weight.detach()
+        linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight[:, :, 0, 0])
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        if mask is not None:
+            mask = mask.reshape(linear.weight.shape)
+        padding = (0, 0) if isinstance(conv.padding, str) else conv.padding   # "same"/"valid"
+        return cls(BlockSparseLinear.from_linear(linear, mask=mask, option=option, block=block,
+                                                 dtype=dtype), conv.stride, padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.padding):
+            x = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
+        if self.stride != (1, 1):
+            x = x[..., ::self.stride[0], ::self.stride[1]]
+        return self.linear(x.movedim(-3, -1)).movedim(-1, -3)
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, padding={self.padding}"
+
+
 def candidate_blocks() -> list[tuple[int, int]]:
     """Every block shape the kernel runs, largest area first."""
     pairs = [(r, c) for r in KERNEL_BLOCK_SIDES for c in KERNEL_BLOCK_SIDES]
@@ -208,19 +261,21 @@ def sparsify_(model: nn.Module,
               block: int | tuple[int, int] | None = None,
               dtype: torch.dtype | None = None) -> list[str]:
     """Swap Linears of `model` for BlockSparseLinear (block-sparse kernel) or, for 2:4,
-    SemiStructuredLinear (sparse tensor cores), in place; returns the names swapped.
+    SemiStructuredLinear (sparse tensor cores), and 1x1 Conv2d layers for
+    BlockSparseConv1x1, in place; returns the names swapped.
 
     choices: layer name -> bool mask of its weight (packed block-sparse), or a SparsityOption
     (or its name, e.g. "block32x32@0.7", "nm2:4") to prune it to; dense entries are left
-    alone. None: every nn.Linear whose weight was already pruned in blocks (see
-    detect_block) keeps its zeros and runs block-sparse, and every one pruned 2:4 with a
+    alone. None: every nn.Linear or 1x1 Conv2d whose weight was already pruned in blocks
+    (see detect_block) keeps its zeros and runs block-sparse, and every one pruned 2:4 with a
     shape that suits it runs 2:4, as a model stitched from a profile is deployed.
     block: packing block for every layer (default: the option's, the detected one, or 32).
     """
     if choices is None:
         targets = {name: {"mask": module.weight != 0, "block": block or found}
                    for name, module in model.named_modules()
-                   if type(module) is nn.Linear and (found := detect_block(module.weight))}
+                   if (type(module) is nn.Linear or is_pointwise(module))
+                   and (found := detect_block(module.weight))}
         targets |= {name: {"option": SEMI_STRUCTURED, "mask": module.weight != 0}
                     for name, module in model.named_modules()
                     if type(module) is nn.Linear and name not in targets
@@ -230,14 +285,16 @@ def sparsify_(model: nn.Module,
     else:
         targets = _chosen(model, choices, block)
     for name, kwargs in targets.items():
-        linear = model.get_submodule(name)
+        module = model.get_submodule(name)
         if kwargs.get("option") == SEMI_STRUCTURED:
-            layer = SemiStructuredLinear.from_linear(linear, kwargs.get("mask"), dtype=dtype)
+            layer = SemiStructuredLinear.from_linear(module, kwargs.get("mask"), dtype=dtype)
+        elif isinstance(module, nn.Conv2d):
+            layer = BlockSparseConv1x1.from_conv(module, dtype=dtype, **kwargs)
         else:
-            layer = BlockSparseLinear.from_linear(linear, dtype=dtype, **kwargs)
+            layer = BlockSparseLinear.from_linear(module, dtype=dtype, **kwargs)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-    log.info("sparsify_: %d Linear layers now sparse (block-sparse or 2:4)", len(targets))
+    log.info("sparsify_: %d layers now sparse (block-sparse or 2:4)", len(targets))
     return list(targets)
 
 

@@ -42,7 +42,7 @@ from ..masks import block_mask
 from ..options import SparsityOption
 from ..semi_structured import SEMI_STRUCTURED, SemiStructuredLinear
 from ..semi_structured import fits as semi_structured_fits
-from ..sparse_linear import BlockSparseLinear, sparsify_
+from ..sparse_linear import BlockSparseConv1x1, BlockSparseLinear, sparsify_
 from ..timing import Fingerprint, LayerTiming, TimingTable
 from . import CliOption, Latency, NoDeviceError, example_shape, register_backend
 
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BENCH_WARMUP_MS, BENCH_REP_MS = 25, 100                         # do_bench's own defaults
 CACHE_FORMAT, CACHE_VERSION = "spdy-gpu/triton-timing-cache", 1
-CONV_NOTE = "Conv2d: the BSR kernel has no conv path; kept dense (fixed time)"
+CONV_NOTE = "Conv2d wider than 1x1 or grouped: no BSR path, kept dense (fixed time)"
 NO_DEVICE = ("no CUDA device for the triton backend; run on a GPU, plan from a table measured "
              "on a GPU earlier (spdy-gpu solve --timings FILE), or pass --estimate GPU_NAME "
              f"({', '.join(sorted(GPU_SPECS))}, or a measured spec .json) for an analytic "
@@ -154,16 +154,16 @@ class TritonTables:
         self.torch_dtype = DTYPES[dtype]
 
     def supports(self, layer: LayerInfo, option: SparsityOption) -> bool:
-        """Dense always. On Linear layers: block options whose block fits in the layer (the
-        kernel packs any block into its own 16..128 sides), and 2:4 (sparse tensor cores)
-        where the weight's shape suits semi-structured storage. No conv, unstructured or
-        other N:M."""
+        """Dense always. On Linear layers and 1x1 convs without groups: block options whose
+        block fits in the layer (the kernel packs any block into its own 16..128 sides). On
+        Linear layers: 2:4 (sparse tensor cores) where the weight's shape suits
+        semi-structured storage. No wider or grouped conv, unstructured or other N:M."""
         if option.pattern == "dense":
             return True
+        if option.pattern == "block" and (layer.kind == "linear" or _pointwise(layer)):
+            return option.block[0] <= layer.n and option.block[1] <= layer.k
         if layer.kind != "linear":
             return False
-        if option.pattern == "block":
-            return option.block[0] <= layer.n and option.block[1] <= layer.k
         return option == SEMI_STRUCTURED and semi_structured_fits(layer.n, layer.k,
                                                                  self.torch_dtype)
 
@@ -208,10 +208,10 @@ class TritonTables:
     def _row(self, layer: LayerInfo, options: list[SparsityOption],
              times: dict[tuple[str, SparsityOption], tuple[float, float]]) -> LayerTiming:
         pairs = [times.get((layer.name, option), (None, None)) for option in options]
-        note = CONV_NOTE if layer.kind == "conv2d" else ""
+        note = CONV_NOTE if layer.kind == "conv2d" and not _pointwise(layer) else ""
         unsupported = [o.name for o, p in zip(options, pairs) if p[0] is None]
-        if layer.kind == "linear" and unsupported:
-            note = f"unsupported for this shape: {', '.join(unsupported[:3])}" + (
+        if not note and unsupported:
+            note = f"unsupported here: {', '.join(unsupported[:3])}" + (
                 f" (+{len(unsupported) - 3})" if len(unsupported) > 3 else "")
         if self.estimated:
             note = "ESTIMATED" + (f"; {note}" if note else "")
@@ -324,7 +324,12 @@ class TritonBackend(TritonTables):
         """The kernel call to time: inputs of the layer's real shape, random (never zeros)."""
         if layer.kind == "conv2d":
             x = torch.randn(input_shape, device=self.device, dtype=self.torch_dtype)
-            return lambda: module(x)
+            if option.pattern == "dense":
+                return lambda: module(x)
+            mask = block_mask(module.weight.detach(), option.block, option.sparsity)
+            pointwise = BlockSparseConv1x1.from_conv(module, mask=mask,
+                                                     block=kernel_block(option.block))
+            return lambda: pointwise(x)     # as deployed: channels as a BSR GEMM
         x = torch.randn(layer.m, layer.k, device=self.device, dtype=self.torch_dtype)  # [M, K]
         weight = module.weight.detach()                                               # [N, K]
         bias = None if module.bias is None else module.bias.detach()
@@ -419,6 +424,11 @@ class TritonBackend(TritonTables):
         if self.compile:        # a compiled model's fixed time differs: never mix the tables
             software["execution"] = "torch.compile"
         return software
+
+
+def _pointwise(layer: LayerInfo) -> bool:
+    """A 1x1 conv without groups (BlockSparseConv1x1 runs it)."""
+    return layer.kind == "conv2d" and layer.weight_shape[2:] == (1, 1) and layer.groups == 1
 
 
 def _check_triton() -> None:
