@@ -35,6 +35,7 @@ __version__ = "0.1.0"
 # Heavier parts, imported on first use: name -> module.
 _LAZY = {
     "BlockSparseLinear": "sparse_linear",
+    "BlockSparseConv1x1": "sparse_linear",
     "SemiStructuredLinear": "semi_structured",
     "sparsify_": "sparse_linear",
     "cuda_graphed": "deploy",
@@ -56,6 +57,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "BlockSparseConv1x1",
     "BlockSparseLinear",
     "Calibration",
     "CalibrationSpec",
