@@ -10,6 +10,7 @@ weight, exactly.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -50,7 +51,8 @@ class SemiStructuredLinear(nn.Linear):
     Same parameters and state dict as nn.Linear (the masked dense weight), so a pruned
     checkpoint loads into it unchanged. The semi-structured copy is built on the first eager
     CUDA forward and rebuilt when the weight changes device, dtype or values; run the model
-    once eagerly before torch.compile so that the compiled graph uses it."""
+    once eagerly before torch.compile so that the compiled graph uses it. A weight that
+    cannot be stored 2:4 (fp32, odd shapes) runs dense, with a warning once."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None,
@@ -89,12 +91,18 @@ class SemiStructuredLinear(nn.Linear):
             # a constant; a model compiled before any eager call runs its dense weight.
             return self.weight if self._sparse is None else self._sparse[1]
         w = self.weight
+        if not fits(*w.shape, w.dtype):
+            _note_dense(tuple(w.shape), w.dtype)
+            return w                            # exact, at dense speed
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._sparse is None or self._sparse[0] != key:
-            if not fits(*w.shape, w.dtype):
-                raise SpdyError(f"a {tuple(w.shape)} {w.dtype} weight cannot run 2:4 on this "
-                                "GPU (needs multiples of (32, 64) in 16-bit); keep it dense")
             from torch.sparse import to_sparse_semi_structured
 
             self._sparse = (key, to_sparse_semi_structured(w.detach()))
         return self._sparse[1]
+
+
+@functools.cache
+def _note_dense(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    log.warning("SemiStructuredLinear: a %s %s weight cannot be stored 2:4 (16-bit, multiples "
+                "of (32, 64)); it runs as the masked dense weight", shape, dtype)
