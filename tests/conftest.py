@@ -1,4 +1,5 @@
-"""Shared test fixtures: small timing tables built from arrays."""
+"""Shared test fixtures: small timing tables built from arrays; the two CPU paths of the
+block-sparse layers."""
 
 import math
 
@@ -34,3 +35,13 @@ def toy_table() -> TimingTable:
     return make_table([[4.0, 3.0, 2.0, 1.0],
                        [2.0, 1.5, 1.0, 0.5],
                        [3.0, 3.5, 2.0, math.inf]], dense_total=10.0, fixed=1.0)
+
+
+@pytest.fixture(params=["fallback", "interpreter"])
+def kernel_path(request, monkeypatch):
+    """Block-sparse layers on a CPU run the exact torch fallback, or the Triton kernel under
+    the interpreter (TRITON_INTERPRET=1): a test taking this runs on both."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "interpreter" else "0")
+    if request.param == "interpreter":
+        pytest.importorskip("triton")
+    return request.param

@@ -198,15 +198,7 @@ def test_onnx_export_keeps_the_zeros_and_the_outputs(tmp_path):
     torch.testing.assert_close(torch.from_numpy(got), outputs(model, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(params=["fallback", "interpreter"])
-def backend(request, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "interpreter" else "0")
-    if request.param == "interpreter":
-        pytest.importorskip("triton")
-    return request.param
-
-
-def test_block_sparse_artifact_matches_the_masked_dense_model(tmp_path, backend):
+def test_block_sparse_artifact_matches_the_masked_dense_model(tmp_path, kernel_path):
     model = mlp()
     masked = copy.deepcopy(model)
     prune_(masked, CHOICES)

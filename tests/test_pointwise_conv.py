@@ -31,14 +31,6 @@ class Bottleneck(nn.Module):
         return self.expand(torch.relu(self.spatial(torch.relu(self.reduce(x)))))
 
 
-@pytest.fixture(params=["fallback", "interpreter"])
-def backend(request, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "interpreter" else "0")
-    if request.param == "interpreter":
-        pytest.importorskip("triton")
-    return request.param
-
-
 def _masked(model, choices):
     masked = copy.deepcopy(model)
     for name, option in choices.items():
@@ -48,7 +40,7 @@ def _masked(model, choices):
     return masked
 
 
-def test_pointwise_convs_match_the_masked_dense_convs(backend):
+def test_pointwise_convs_match_the_masked_dense_convs(kernel_path):
     model = Bottleneck().eval()
     choices = {"reduce": BLOCK, "expand": SparsityOption.blocked(0.75, 16, 32)}
     sparse = copy.deepcopy(model)

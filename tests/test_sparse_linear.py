@@ -31,15 +31,7 @@ def _masked(model, options):
     return masked
 
 
-@pytest.fixture(params=["fallback", "interpreter"])
-def backend(request, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "interpreter" else "0")
-    if request.param == "interpreter":
-        pytest.importorskip("triton")
-    return request.param
-
-
-def test_sparsified_model_matches_masked_dense(backend):
+def test_sparsified_model_matches_masked_dense(kernel_path):
     model = _mlp()
     sparse = copy.deepcopy(model)
     assert sparsify_(sparse, OPTIONS) == ["0", "2"]
@@ -49,7 +41,7 @@ def test_sparsified_model_matches_masked_dense(backend):
         torch.testing.assert_close(sparse(x), _masked(model, OPTIONS)(x), rtol=1e-5, atol=1e-5)
 
 
-def test_from_linear_with_a_mask_and_fused_activation(backend):
+def test_from_linear_with_a_mask_and_fused_activation(kernel_path):
     linear = _mlp()[0]
     mask = torch.rand(100, 70) < 0.2                  # unstructured: packs exactly, no skipping
     layer = BlockSparseLinear.from_linear(linear, mask=mask, block=16, activation="relu")
@@ -152,7 +144,7 @@ def test_detect_block_ignores_dense_and_unstructured_weights():
     assert detect_block(scattered) is None
 
 
-def test_sparsify_without_choices_swaps_the_block_pruned_linears(backend):
+def test_sparsify_without_choices_swaps_the_block_pruned_linears(kernel_path):
     model = _mlp()
     with torch.no_grad():
         model[2].weight.mul_(block_mask(model[2].weight, (16, 32), 0.5))
@@ -184,7 +176,7 @@ def minilm():
     return load_model("minilm").build(ModelSetting(batch_size=1, seq_len=16))
 
 
-def test_pruned_minilm_matches_the_masked_dense_model(minilm, backend):
+def test_pruned_minilm_matches_the_masked_dense_model(minilm, kernel_path):
     model, inputs = minilm
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][::5]
     options = {name: SparsityOption.blocked(0.6, 32) for name in names}
