@@ -3,8 +3,10 @@ on the Triton backend, each run's measured speedup against its target.
 
     python bench/bench_gpu.py [--parts suite llama bert] [--quick] [--out bench/results]
 
-Parts (default all three, in this order; split them over several calls where one call has a
+Parts (default all four, in this order; split them over several calls where one call has a
 time limit, results of the same day are merged):
+- tests: the CUDA-only tests (`pytest -k "cuda or gpu"` on the kernel, 2:4, CUDA-graph,
+  backend and solver test files), so a broken GPU path shows before anything is timed.
 - suite: `python bench/gpu_suite.py [--quick] --out OUT` (about 6 minutes on an H100).
 - llama: `spdy-gpu run --model llama-decode --backend triton --batch-size B --speedup X
   --compile` (decode as deployed: torch.compile fuses the norms, rotary and SwiGLU glue,
@@ -58,15 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name()
     doc = load_or_new(results_stem(args.out, device), device)
     for part in args.parts:
-        {"suite": run_suite, "llama": run_llama, "bert": run_bert}[part](args, doc)
+        {"tests": run_tests, "suite": run_suite, "llama": run_llama,
+         "bert": run_bert}[part](args, doc)
     print(markdown(doc))
     return 0 if all(r["rc"] == 0 for r in doc["runs"]) else 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", choices=("suite", "llama", "bert"),
-                        default=["suite", "llama", "bert"])
+    parser.add_argument("--parts", nargs="+", choices=("tests", "suite", "llama", "bert"),
+                        default=["tests", "suite", "llama", "bert"])
     parser.add_argument("--quick", action="store_true", help="the suite's --quick subset")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--work", default="runs/bench-gpu", help="run directories")
@@ -115,6 +118,22 @@ def search_flags(args: argparse.Namespace) -> list[str]:
 
 
 # ---- the parts (GPU) ----------------------------------------------------------------------
+
+# The test files holding the CUDA-only tests (kernel, 2:4, CUDA graphs, the measuring
+# backend, the solver on the GPU), selected by name; they need no DeepSparse or model data.
+GPU_TEST_FILES = ("tests/test_bsr_kernel.py", "tests/test_semi_structured.py",
+                  "tests/test_llama_decode.py", "tests/test_reconstruct_solvers.py",
+                  "tests/test_triton_backend.py", "tests/test_pointwise_conv.py")
+
+
+def run_tests(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    """The CUDA-only tests, first: a broken GPU path shows here before anything is timed."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               *GPU_TEST_FILES, "-k", "cuda or gpu"]
+    rc, seconds = run_command(command)
+    record(doc, {"name": "CUDA tests", "command": shown(command), "rc": rc,
+                 "seconds": seconds}, args)
+
 
 def run_suite(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     command = [sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--out", args.out,
