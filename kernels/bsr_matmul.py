@@ -339,6 +339,7 @@ def compile_for(config: triton.Config, dtype: torch.dtype, block: tuple[int, int
     row strides divisible by 16, bias and GELU): read its `.asm` and `.metadata.shared`."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction  # compiled even under TRITON_INTERPRET=1
 
     bn, bk = block
     name = _TRITON_TYPES[dtype]
@@ -353,7 +354,8 @@ def compile_for(config: triton.Config, dtype: torch.dtype, block: tuple[int, int
                      ACTIVATION="gelu", EVEN_K=True, UPCAST=False,
                      INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
                      stride_xk=1, stride_yn=1, **config.kwargs)
-    names = _KERNEL.arg_names
+    kernel = JITFunction(_bsr_linear_kernel)
+    names = kernel.arg_names
     signature, attrs = {}, {}
     for i, arg in enumerate(names):
         if arg in constants:
@@ -362,7 +364,7 @@ def compile_for(config: triton.Config, dtype: torch.dtype, block: tuple[int, int
         signature[arg] = types.get(arg, "i32")
         if signature[arg].startswith("*") or arg in ("N", "K", "stride_xm", "stride_ym"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(_KERNEL, signature,
+    source = ASTSource(kernel, signature,
                        {(names.index(k),): v for k, v in constants.items()}, attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": config.num_warps,
