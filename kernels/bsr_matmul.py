@@ -36,13 +36,19 @@ under the interpreter when TRITON_INTERPRET was unset at import.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .layout import BLOCK_SIDES, DTYPES, KernelInputError, LayoutIndices, layout_indices
+from .layout import (
+    BLOCK_SIDES,
+    DTYPES,
+    KernelInputError,
+    LayoutIndices,
+    interpret_requested,
+    layout_indices,
+)
 
 __all__ = ["ACTIVATIONS", "BLOCK_SIDES", "DTYPES", "KernelInputError", "LayoutIndices",
            "bsr_linear", "compile_for", "layout_indices"]
@@ -276,10 +282,6 @@ def _interpreted() -> object:
     return InterpretedFunction(_bsr_linear_kernel)
 
 
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 @functools.cache
 def _device_props(index: int) -> tuple[int, int, tuple[int, int]]:
     props = torch.cuda.get_device_properties(index)
@@ -323,7 +325,7 @@ def _tma_layout_ok(x2: torch.Tensor, values: torch.Tensor) -> bool:
 
 def _tma_ok(x2: torch.Tensor, values: torch.Tensor) -> bool:
     """TMA where the hardware has it (Hopper or newer) and the layout allows."""
-    return (x2.device.type == "cuda" and not _interpret_env()
+    return (x2.device.type == "cuda" and not interpret_requested()
             and _device_props(x2.device.index or 0)[2] >= (9, 0) and _tma_layout_ok(x2, values))
 
 
@@ -432,7 +434,7 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     indices = indices or layout_indices(crow_indices)
-    interpret = x.device.type != "cuda" or _interpret_env()
+    interpret = x.device.type != "cuda" or interpret_requested()
     use_stream = _use_stream_k(m, stream_k)
     bn, bk = int(values.shape[1]), int(values.shape[2])
     n_rows, nnz = crow_indices.numel() - 1, int(values.shape[0])

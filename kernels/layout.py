@@ -1,15 +1,22 @@
 """Block-sparse layout facts the kernel relies on, in pure torch (importing this loads no
-Triton): the supported blocks and dtypes, the per-weight index arrays, and the error a
-call the kernel cannot run raises."""
+Triton): the supported blocks and dtypes, the per-weight index arrays, whether the
+interpreter is asked for, and the error a call the kernel cannot run raises."""
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 
 BLOCK_SIDES = (16, 32, 64, 128)     # supported block sides (any pair: square or rectangular)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpret_requested() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's CPU interpreter (read at every call, so a
+    change after import counts)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 class KernelInputError(ValueError):

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from spdy_kernels.layout import interpret_requested
 from torch import nn
 
 from .bsr import KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
@@ -94,7 +94,7 @@ class BlockSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features]. Traced (torch.compile / export), the
         # kernel is always the op: the graph holds what deploys.
-        if x.is_cuda or _interpret_env() or torch.compiler.is_compiling():
+        if x.is_cuda or interpret_requested() or torch.compiler.is_compiling():
             return self._kernel(x)
         _note_fallback()
         return _activate(F.linear(x, self._dense_weight(), self.bias), self.activation)
@@ -331,7 +331,3 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
 def _note_fallback() -> None:
     log.info("BlockSparseLinear on a CPU without TRITON_INTERPRET=1: running the exact dense "
              "fallback (masked weight, F.linear); set TRITON_INTERPRET=1 to run the kernel")
-
-
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
