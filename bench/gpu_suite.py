@@ -66,6 +66,7 @@ from spdy_gpu import errors
 from spdy_gpu.masks import build_mask
 from spdy_gpu.roofline import gemm_cost
 from spdy_gpu.semi_structured import SEMI_STRUCTURED
+from spdy_gpu.sparse_linear import activate
 
 SUITE_FORMAT, SUITE_VERSION = "spdy-gpu/kernel-suite", 2
 QUANTILES = (0.1, 0.5, 0.9)
@@ -343,11 +344,7 @@ def reference(x: torch.Tensor, packed: Any, bias: torch.Tensor | None = None,
               activation: str | None = None) -> torch.Tensor:
     """act(x W^T + b) in float64, W the packed (masked) weight."""
     y = F.linear(x.double(), packed.to_dense().double(), None if bias is None else bias.double())
-    if activation == "relu":
-        return F.relu(y)
-    if activation in ("gelu", "gelu_tanh"):
-        return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
-    return y
+    return activate(y, activation)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -97,7 +97,7 @@ class BlockSparseLinear(nn.Module):
         if x.is_cuda or interpret_requested() or torch.compiler.is_compiling():
             return self._kernel(x)
         _note_fallback()
-        return _activate(F.linear(x, self._dense_weight(), self.bias), self.activation)
+        return activate(F.linear(x, self._dense_weight(), self.bias), self.activation)
 
     def to_dense(self) -> nn.Linear:
         """The masked dense layer (nn.Linear in the value dtype); the activation is dropped."""
@@ -317,7 +317,8 @@ def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOptio
     return targets
 
 
-def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """The fused epilogue's activation by name (None, "relu", "gelu", "gelu_tanh"), in torch."""
     if activation == "relu":
         return F.relu(y)
     if activation == "gelu":

@@ -18,6 +18,7 @@ from spdy_kernels import bsr_matmul  # noqa: E402
 from spdy_kernels.layout import KernelInputError  # noqa: E402
 
 from spdy_gpu.bsr import BSRWeight  # noqa: E402
+from spdy_gpu.sparse_linear import activate  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # Relative Frobenius error vs float64; bf16/fp16 are dominated by rounding the output.
@@ -48,13 +49,7 @@ def _inputs(shape, n, dtype, seed, device="cpu"):
 
 def _reference(x, packed, bias, activation):
     y = F.linear(x.double(), packed.to_dense().double(), None if bias is None else bias.double())
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    if activation == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    return y
+    return activate(y, activation)
 
 
 def bsr_linear(x, packed, bias=None, activation=None, **kwargs):
