@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .layout import (
+    ACTIVATIONS,
     BLOCK_SIDES,
     DTYPES,
     KernelInputError,
@@ -53,7 +54,6 @@ from .layout import (
 __all__ = ["ACTIVATIONS", "BLOCK_SIDES", "DTYPES", "KernelInputError", "LayoutIndices",
            "bsr_linear", "compile_for", "layout_indices"]
 
-ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
 SMALL_M = 64                # stream-K up to this many rows of X (one token tile)
 INTERPRET_SMS = 4           # nominal "SM count" under the interpreter (keeps grids small)
 WORKSPACE_COLS = SMALL_M    # the stream-K workspace holds [N, 64] fp32 partial sums

@@ -1,5 +1,5 @@
 """Block-sparse layout facts the kernel relies on, in pure torch (importing this loads no
-Triton): the supported blocks and dtypes, the per-weight index arrays, whether the
+Triton): the supported blocks, dtypes and activations, the per-weight index arrays, whether the
 interpreter is asked for, and the error a call the kernel cannot run raises."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 
 BLOCK_SIDES = (16, 32, 64, 128)     # supported block sides (any pair: square or rectangular)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")    # the epilogue's, by name
 
 
 def interpret_requested() -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from spdy_kernels.layout import interpret_requested
+from spdy_kernels.layout import ACTIVATIONS, interpret_requested
 from torch import nn
 
 from .bsr import KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
@@ -27,7 +27,6 @@ from .semi_structured import fits as semi_structured_fits
 
 log = logging.getLogger(__name__)
 
-ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
 _INDEX_BUFFERS = ("crow_indices", "col_indices", "row_order")
 
 
