@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import shlex
 import subprocess
 import sys
@@ -210,8 +209,10 @@ def speedups(report_path: Path) -> dict[str, Any]:
 # ---- results ------------------------------------------------------------------------------
 
 def results_stem(out: str, device: str) -> Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "gpu"
-    return Path(out) / f"bench-gpu-{slug}-{datetime.now(timezone.utc):%Y-%m-%d}"
+    from spdy_gpu.jsonio import slug
+
+    name = slug(device) or "gpu"
+    return Path(out) / f"bench-gpu-{name}-{datetime.now(timezone.utc):%Y-%m-%d}"
 
 
 def load_or_new(stem: Path, device: str) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shlex
 import sys
 import time
@@ -37,7 +36,7 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 from spdy_gpu.backends.deepsparse import DeepSparseBackend, cpu_name  # noqa: E402
 from spdy_gpu.errors import SpdyError  # noqa: E402
-from spdy_gpu.jsonio import atomic_write_bytes, save_json  # noqa: E402
+from spdy_gpu.jsonio import atomic_write_bytes, save_json, slug  # noqa: E402
 from spdy_gpu.layers import discover_layers  # noqa: E402
 from spdy_gpu.models import ModelSetting, load_model  # noqa: E402
 from spdy_gpu.options import option_grid  # noqa: E402
@@ -134,10 +133,6 @@ def summed_medians(table: TimingTable) -> list[float]:
 def trimmed(provenance: dict[str, Any]) -> dict[str, Any]:
     """The provenance without its per-call lists (kept in the rows)."""
     return {k: v for k, v in provenance.items() if k != "layer_sums_per_call_ms"}
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def markdown(result: dict[str, Any]) -> str:

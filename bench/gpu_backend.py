@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import logging
 import math
-import re
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from spdy_gpu.backends.triton import TritonBackend
 from spdy_gpu.backends.triton_estimate import TritonEstimateBackend
 from spdy_gpu.errors import InfeasibleTargetError
 from spdy_gpu.gpu_specs import GPU_SPECS, GpuSpec, datasheet_for
-from spdy_gpu.jsonio import atomic_write_bytes, save_json
+from spdy_gpu.jsonio import atomic_write_bytes, save_json, slug
 from spdy_gpu.layers import discover_layers
 from spdy_gpu.masks import block_mask
 from spdy_gpu.models import ModelSetting, load_model
@@ -62,8 +61,8 @@ def main() -> int:
     today = datetime.now(timezone.utc)
     out = Path(args.out)
     measured_spec = measure_spec(device, today)
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    measured_spec.save(out / f"{slug}-spec.json")
+    name = slug(device)
+    measured_spec.save(out / f"{name}-spec.json")
     datasheet = args.datasheet or datasheet_for(device)
 
     runs = []
@@ -75,7 +74,7 @@ def main() -> int:
               "command": " ".join(["python", *sys.argv]),
               "measured_spec": dataclasses.asdict(measured_spec), "datasheet": datasheet,
               "duration_s": round(time.perf_counter() - started, 1), "batches": runs}
-    stem = out / f"gpu-backend-{slug}-{today:%Y%m%d}"
+    stem = out / f"gpu-backend-{name}-{today:%Y%m%d}"
     save_json(stem.with_suffix(".json"), "spdy-gpu/bench-gpu-backend", 1, report)
     atomic_write_bytes(stem.with_suffix(".md"), markdown(report).encode())
     print(f"wrote {stem}.json and {stem}.md in {report['duration_s']} s")

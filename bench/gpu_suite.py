@@ -45,7 +45,6 @@ import argparse
 import contextlib
 import logging
 import math
-import re
 import shlex
 import statistics
 import subprocess
@@ -63,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from spdy_gpu import errors
+from spdy_gpu.jsonio import slug
 from spdy_gpu.masks import build_mask
 from spdy_gpu.roofline import gemm_cost
 from spdy_gpu.semi_structured import SEMI_STRUCTURED
@@ -922,9 +922,9 @@ def software() -> dict[str, str]:
 
 
 def output_stem(out: str, device: str, date: str, mode: str) -> Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "gpu"
+    name = slug(device) or "gpu"
     suffix = "" if mode == "full" else f"-{mode}"
-    return Path(out) / f"gpu-suite-{slug}-{date}{suffix}"
+    return Path(out) / f"gpu-suite-{name}-{date}{suffix}"
 
 
 def save(doc: dict[str, Any], stem: Path, started: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,12 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         raise _cannot_write(path, e) from e
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def slug(name: str) -> str:
+    """`name` as a file-name part: lower case, runs of other characters as one '-' (a GPU's
+    name, a model's)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
