@@ -624,25 +624,13 @@ def spec_ceilings(spec: Any) -> dict[str, Any] | None:
 def measure_ceilings_here(cases: list[Case], copy_bytes: int = 1 << 30) -> dict[str, Any]:
     """A device-to-device copy (read + write bytes / s) and cuBLAS bf16 at the largest GEMM of
     `cases` (FLOP/s), do_bench medians."""
-    from triton.testing import do_bench
+    from spdy_gpu.roofline import measure_ceilings
 
-    copy_ms = _copy_ms(copy_bytes)
-    n, k, m = max(((c.n, c.k, c.m) for c in cases), key=lambda s: s[0] * s[1] * s[2])
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    mm_ms = do_bench(lambda: F.linear(x, w), warmup=50, rep=200, return_mode="median")
-    return {"peak_flops": 2.0 * n * k * m / (mm_ms * 1e-3),
-            "bandwidth": 2.0 * copy_bytes / (copy_ms * 1e-3),
-            "flops_gemm": [n, k, m], "copy_bytes": copy_bytes,
+    gemm = max(((c.n, c.k, c.m) for c in cases), key=lambda s: s[0] * s[1] * s[2])
+    ceilings = measure_ceilings("bfloat16", gemm, copy_bytes)
+    return {"peak_flops": ceilings.peak_flops, "bandwidth": ceilings.bandwidth,
+            "flops_gemm": list(gemm), "copy_bytes": copy_bytes,
             "source": "measured in this run (cuBLAS bf16 F.linear; device copy)"}
-
-
-def _copy_ms(copy_bytes: int) -> float:
-    from triton.testing import do_bench
-
-    src = torch.empty(copy_bytes // 4, device="cuda", dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
-    return do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
 
 
 # ---- derived figures (pure) ---------------------------------------------------------------

@@ -61,20 +61,23 @@ class Ceilings:
     device: str
 
 
-def measure_ceilings(dtype_name: str = "bfloat16", size: int = 8192,
+def measure_ceilings(dtype_name: str = "bfloat16", gemm: tuple[int, int, int] = (8192, 8192, 8192),
                      copy_bytes: int = 1 << 30) -> Ceilings:
     """Measure the two ceilings on the current CUDA device with triton.testing.do_bench:
-    a size^3 matmul in `dtype_name` and a `copy_bytes` device-to-device copy (read + write)."""
+    cuBLAS on Y[M, N] = X[M, K] @ W[N, K]^T at `gemm` = (N, K, M) in `dtype_name`, and a
+    `copy_bytes` device-to-device copy (read + write)."""
     import torch
+    import torch.nn.functional as F
     from triton.testing import do_bench
 
+    n, k, m = gemm
     dtype = getattr(torch, dtype_name)
-    a = torch.randn(size, size, device="cuda", dtype=dtype)
-    b = torch.randn(size, size, device="cuda", dtype=dtype)
-    matmul_ms = do_bench(lambda: torch.mm(a, b), warmup=100, rep=500, return_mode="median")
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype)
+    matmul_ms = do_bench(lambda: F.linear(x, w), warmup=100, rep=500, return_mode="median")
     src = torch.empty(copy_bytes // 4, device="cuda", dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     copy_ms = do_bench(lambda: dst.copy_(src), warmup=100, rep=500, return_mode="median")
-    return Ceilings(peak_flops=2.0 * size**3 / (matmul_ms * 1e-3),
+    return Ceilings(peak_flops=2.0 * n * k * m / (matmul_ms * 1e-3),
                     bandwidth=2.0 * src.numel() * 4 / (copy_ms * 1e-3),
                     device=torch.cuda.get_device_name())
