@@ -232,12 +232,13 @@ class CudaTimer:
 
     def __init__(self, warmup_ms: int, rep_ms: int):
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
-        self.stream = torch.cuda.Stream()       # one capture stream: warm-up and capture
 
     def measure(self, fn: Callable[[], Any]) -> dict[str, Any]:
+        from spdy_gpu.deploy import cuda_graph_of
+
         result: dict[str, Any] = {"plain": self._bench(fn), "graph": None}
         try:
-            graph = self._capture(fn)
+            graph = cuda_graph_of(fn)
         except Exception as e:  # noqa: BLE001 - a capture failure is recorded, not fatal
             torch.cuda.synchronize()
             result["graph_error"] = first_line(e)
@@ -251,19 +252,6 @@ class CudaTimer:
 
         times = do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, quantiles=list(QUANTILES))
         return [float(t) for t in times]
-
-    def _capture(self, fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
-        # Warm up on the capture stream: per-stream state (the kernel's stream-K workspace)
-        # exists before capture, and nothing is tuned or compiled while capturing.
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            fn()
-            fn()
-        torch.cuda.current_stream().wait_stream(self.stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
-            fn()
-        return graph
 
 
 class FakeTimer:

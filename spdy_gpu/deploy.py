@@ -366,19 +366,28 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 # ---- CUDA graphs (small batches) -------------------------------------------------------------
 
+def cuda_graph_of(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    """`fn` captured in a CUDA graph; raises where capture fails (host synchronisation,
+    data-dependent shapes). `fn` runs twice first on the stream the capture then uses, so
+    autotuning, compilation and per-stream state (the kernel's stream-K workspace) happen
+    before the capture, not inside it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return graph
+
+
 def capture_cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any] | None:
-    """`fn` captured in a CUDA graph (its replay), or None where capture fails (host
-    synchronisation, data-dependent shapes). `fn` runs once on a side stream first, so
-    autotuning and the kernel's workspace happen outside the capture."""
+    """The replay of `fn`'s CUDA graph (cuda_graph_of), or None where capture fails: then
+    the caller runs `fn` eagerly."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = cuda_graph_of(fn)
     except Exception as e:  # noqa: BLE001 - any capture failure means "run it eagerly"
         log.info("CUDA-graph capture failed (%s); running eagerly",
                  first_line(e) or type(e).__name__)
