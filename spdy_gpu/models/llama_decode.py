@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpdyError
+from ..losses import cosine
 from . import ModelEntry, ModelSetting, register_model
 
 WEIGHT_SEED = 0                 # weights and context
@@ -239,7 +240,7 @@ def quality(pruned: nn.Module, dense: nn.Module) -> dict[str, float]:
     tokens = random_tokens(QUALITY_TOKENS, weight.shape[0], QUALITY_SEED).to(weight.device)
     with torch.inference_mode():
         pruned_out, dense_out = pruned(tokens).float(), dense(tokens).float()
-    return {"cosine_to_dense": float(F.cosine_similarity(pruned_out, dense_out, dim=-1).mean())}
+    return {"cosine_to_dense": 1.0 - float(cosine(pruned_out, dense_out))}
 
 
 def _entry(name: str, description: str) -> ModelEntry:

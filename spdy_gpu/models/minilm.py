@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import MissingDependencyError
+from ..losses import cosine
 from . import ModelEntry, ModelSetting, register_model
 
 
@@ -123,8 +124,7 @@ def quality(pruned: nn.Module, dense: nn.Module) -> dict[str, float]:
                                                                             upper[1]]]))[0, 1])
 
     return {"lee_pearson": pearson(pruned_emb), "lee_pearson_dense": pearson(dense_emb),
-            "cosine_to_dense": float(torch.nn.functional.cosine_similarity(
-                pruned_emb, dense_emb, dim=1).mean()),
+            "cosine_to_dense": 1.0 - float(cosine(pruned_emb, dense_emb)),
             "polarity_accuracy": polarity_accuracy(pruned)}
 
 
