@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from spdy_gpu import SpdyError
+from spdy_gpu.data import batch_samples
 from spdy_gpu.layers import call_model, discover_layers
 from spdy_gpu.models import ModelSetting, load_model
 from spdy_gpu.models.llama_decode import (
@@ -14,6 +15,7 @@ from spdy_gpu.models.llama_decode import (
     build_llama_decode,
     build_model,
     calibration,
+    decode_mask,
     quality,
 )
 
@@ -147,20 +149,81 @@ def test_a_layer_is_transformers_llama_decoder_layer():
     torch.testing.assert_close(got, expected)
 
 
-def test_calibration_is_seeded_random_tokens_in_batches():
-    batches = list(calibration(ModelSetting(batch_size=4), 10, TINY))
-    assert [b.shape for b in batches] == [(4, 1), (4, 1), (2, 1)]
-    tokens = torch.cat(batches)
+def test_calibration_is_seeded_random_tokens_in_batches_each_after_its_own_context():
+    batches = list(calibration(ModelSetting(batch_size=4, seq_len=6), 10, TINY))
+    assert [b["input_ids"].shape for b in batches] == [(4, 1), (4, 1), (2, 1)]
+    assert {tuple(b["context_ids"].shape) for b in batches} == {(1, 6)}
+    assert not torch.equal(batches[0]["context_ids"], batches[1]["context_ids"])
+    tokens = torch.cat([b["input_ids"] for b in batches])
     assert tokens.dtype == torch.int64 and 0 <= tokens.min() and tokens.max() < 256
-    assert torch.equal(tokens, torch.cat(list(calibration(ModelSetting(batch_size=3), 10,
-                                                          TINY))))
+    again = list(calibration(ModelSetting(batch_size=3, seq_len=6), 10, TINY))
+    assert torch.equal(tokens, torch.cat([b["input_ids"] for b in again]))
+    assert torch.equal(batches[0]["context_ids"], again[0]["context_ids"])
+    assert batch_samples(batches[0]) == 4
 
 
-def test_quality_is_the_cosine_to_dense():
+def test_decoding_after_the_stored_context_is_the_cached_step():
+    """The dense model's KV cache is its own prefill of context_ids: running the context
+    through the layers again gives the same step."""
+    model, _ = tiny(seq_len=6)
+    tokens = torch.tensor([[3], [200], [7]])
+    with torch.no_grad():
+        cached = model(tokens)
+        live = model(tokens, model.context_ids)
+    torch.testing.assert_close(live, cached)
+
+
+def test_a_pruned_k_proj_changes_the_context_it_decodes_after():
+    """The point of passing the context: zeroing half of k_proj and v_proj changes every
+    context key and value, which the stored (dense) cache does not show until prefill."""
+    model, _ = tiny(seq_len=6)
+    tokens = torch.tensor([[3], [200]])
+    with torch.no_grad():
+        dense_live = model(tokens, model.context_ids)
+        for layer in model.layers:
+            for projection in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                projection.weight[:, ::2] = 0
+        stale, live = model(tokens), model(tokens, model.context_ids)
+        assert not torch.allclose(live, stale, atol=1e-4)
+        assert not torch.allclose(live, dense_live, atol=1e-4)
+        model.prefill(model.context_ids.clone())
+        torch.testing.assert_close(model(tokens), live)
+
+
+def test_rows_after_a_passed_context_are_independent():
+    model, _ = tiny(seq_len=5)
+    tokens, context = torch.tensor([[3], [200], [3]]), torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        together = model(tokens, context)
+        alone = torch.cat([model(tokens[i:i + 1], context) for i in range(3)])
+    torch.testing.assert_close(together, alone)
+    torch.testing.assert_close(together[0], together[2])
+
+
+def test_decode_mask_is_causal_context_then_one_token_per_row():
+    mask = decode_mask(3, 2)
+    assert mask.tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
+                             [1, 1, 1, 1, 0], [1, 1, 1, 0, 1]]
+
+
+def test_a_context_of_the_wrong_shape_is_refused():
+    model, tokens = tiny(seq_len=4)
+    with pytest.raises(SpdyError, match=r"context_ids \[1, S\]"):
+        call_model(model, {"input_ids": tokens, "context_ids": torch.zeros(2, 4).long()})
+    with pytest.raises(ValueError, match=r"prefill takes context_ids \[1, 4\]"):
+        model.prefill(torch.zeros(1, 5, dtype=torch.int64))
+
+
+def test_quality_is_the_cosine_to_dense_each_on_its_own_cache():
     model, _ = tiny()
     assert quality(model, model)["cosine_to_dense"] == pytest.approx(1.0)
     other = build_model(TINY, 8, seed=1)
     assert quality(other, model)["cosine_to_dense"] < 0.9
+    pruned = build_model(TINY, 8)
+    with torch.no_grad():
+        for layer in pruned.layers:
+            layer.self_attn.v_proj.weight[:, ::2] = 0
+    assert quality(pruned, model)["cosine_to_dense"] < 0.999
 
 
 def test_shapes_that_do_not_split_into_heads_are_refused():
@@ -176,9 +239,9 @@ def test_the_entries_are_registered(name):
     assert entry.name == name and entry.exclude == () and entry.quality is not None
     assert "random" in entry.description and "no LM head" in entry.description
     assert "14 prunable Linears" in entry.description
-    batches = list(entry.calibration(ModelSetting(batch_size=2), 3))
-    assert [b.shape for b in batches] == [(2, 1), (1, 1)]
-    assert int(torch.cat(batches).max()) < PRESETS[name].vocab_size
+    batches = list(entry.calibration(ModelSetting(batch_size=2, seq_len=4), 3))
+    assert [b["input_ids"].shape for b in batches] == [(2, 1), (1, 1)]
+    assert int(torch.cat([b["input_ids"] for b in batches]).max()) < PRESETS[name].vocab_size
 
 
 def test_the_presets_have_the_published_shapes():
@@ -202,3 +265,30 @@ def test_the_7b_shaped_model_builds_on_a_cpu():
         "layers.0.mlp.gate_proj", 11008, 4096, 1)
     with torch.no_grad():
         assert torch.isfinite(model(tokens)).all()
+
+
+def test_the_whole_method_runs_on_a_tiny_decoder_with_contexts(tmp_path):
+    """run(): calibration batches carry their contexts (dicts) through capture, database,
+    search and quality (the timing is the pipeline tests' fake: tiny GEMMs gain nothing on
+    a GPU)."""
+    import json
+
+    from spdy_gpu.data import CalibrationSpec
+    from spdy_gpu.models import ModelEntry
+    from spdy_gpu.options import option_grid
+    from spdy_gpu.pipeline import RunSettings, run
+    from spdy_gpu.search import SearchConfig
+    from tests.test_pipeline import FakeBackend
+
+    entry = ModelEntry("tiny-llama", "tiny decoder", build=lambda s: build_llama_decode(s, TINY),
+                       calibration=lambda s, n: calibration(s, n, TINY), quality=quality)
+    settings = RunSettings(speedup=1.2, measure_grid=tuple(option_grid("block", 4, block=16)),
+                           calibration=CalibrationSpec(samples=48, batch_size=8),
+                           search_samples=16, search=SearchConfig(random_candidates=4,
+                                                                  patience=3,
+                                                                  max_evaluations=12))
+    report = run(entry, ModelSetting(seq_len=6), FakeBackend(), settings, tmp_path / "run",
+                 progress=False)
+    assert report.predicted_speedup >= 1.2
+    doc = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert 0.5 < doc["quality"]["cosine_to_dense"] < 1.0
