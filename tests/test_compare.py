@@ -1,4 +1,4 @@
-"""`compare`: every method at SPDY's guaranteed budget, measured together, resumable, with
+"""`compare`: every method at SPDY's guaranteed budget, each timed against dense, resumable, with
 unreachable targets reported (a fake backend whose time follows the weights' sparsity)."""
 
 import json
@@ -54,6 +54,37 @@ def test_every_method_is_measured_at_spdys_budget(tmp_path):
     assert "| spdy+gap |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").stat().st_size > 0
     assert (tmp_path / "spdy-1.4x" / "profile.json").exists()
+
+
+class DriftingBackend(FakeBackend):
+    """Every session runs slower than the one before (as a busy machine, or a session of
+    many engines, would), and records which models each session timed."""
+
+    def __init__(self):
+        super().__init__()
+        self.sessions = []
+
+    def latency(self, models, example):
+        self.sessions.append(sorted(models))
+        slower = 1.0 + 0.1 * len(self.sessions)
+        return {name: type(t)(median_ms=t.median_ms * slower, spread_ms=0.0, slow_engines=0)
+                for name, t in super().latency(models, example).items()}
+
+
+def test_each_method_is_timed_against_dense_in_a_session_of_its_own(tmp_path):
+    backend = DriftingBackend()
+    methods = ("uniform", "spdy", "spdy-magnitude")
+    report = compare(QUALITY_ENTRY, ModelSetting(), backend,
+                     compare_settings(1.4, methods=methods), tmp_path, progress=False)
+    assert backend.sessions[-3:] == [sorted(["dense", m]) for m in methods]
+    rows = {row["method"]: row for row in report.targets[0]["rows"]}
+    for method in methods:
+        row = rows[method]
+        assert row["measured_speedup"] == pytest.approx(row["dense_ms"] / row["ms"])
+    dense_ms = [rows[m]["dense_ms"] for m in methods]
+    assert len(set(dense_ms)) == 3                  # each pair's own dense time
+    assert rows["dense"]["ms"] == pytest.approx(np.median(dense_ms))
+    assert rows["dense"]["spread_ms"] == pytest.approx(max(dense_ms) - min(dense_ms))
 
 
 def test_a_rerun_resumes_and_an_unreachable_target_is_reported(tmp_path):
