@@ -203,14 +203,22 @@ class BSRWeight:
 
 
 def kernel_block(block: int | tuple[int, int] | None) -> tuple[int, int]:
-    """The kernel block to pack a mask of `block` granularity with: each side rounded up to a
-    power of two in [16, 128] (a mask of 8x8 blocks packs exactly into 16x16 blocks)."""
+    """The kernel block to pack a mask of `block` granularity with. A side that is a
+    multiple of 16 gets the largest kernel side dividing it (48 -> 16, 256 -> 128), so the
+    packed matrix keeps exactly the mask's density; a smaller or odd side is rounded up to a
+    kernel side (16..128), which stores some zero blocks."""
     rows, cols = _pair(block if block is not None else 32)
     return _kernel_side(rows), _kernel_side(cols)
 
 
+def packs_exactly(block: tuple[int, int]) -> bool:
+    """Whether kernel tiles pack a mask of `block` granularity with no zero tile stored."""
+    return all(side % min(BLOCK_SIDES) == 0 for side in block)
+
+
 def _kernel_side(side: int) -> int:
-    return min(max(16, 1 << (side - 1).bit_length()), 128)
+    dividing = [s for s in BLOCK_SIDES if side % s == 0]
+    return max(dividing) if dividing else min(max(16, 1 << (side - 1).bit_length()), 128)
 
 
 def _pair(block: int | tuple[int, int]) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import torch
 from spdy_kernels.layout import layout_indices
 
 from spdy_gpu import SparsityOption, SpdyError
-from spdy_gpu.bsr import BSRWeight, kernel_block
+from spdy_gpu.bsr import BSRWeight, kernel_block, packs_exactly
 from spdy_gpu.masks import build_mask
 from spdy_gpu.roofline import roofline_ms, roofline_speedup
 
@@ -114,12 +114,24 @@ def test_torch_sparse_and_dtype_conversion():
     assert torch.equal(half.to_dense(), packed.to_dense().half())
 
 
-def test_kernel_block_rounds_up_to_supported_sides():
+def test_kernel_block_divides_multiples_of_16_and_rounds_up_the_rest():
     assert kernel_block(None) == (32, 32)
     assert kernel_block(8) == (16, 16)
     assert kernel_block((1, 4)) == (16, 16)
-    assert kernel_block((48, 64)) == (64, 64)
+    assert kernel_block((48, 64)) == (16, 64)
+    assert kernel_block((96, 80)) == (32, 16)
     assert kernel_block(256) == (128, 128)
+    assert packs_exactly((48, 256)) and not packs_exactly((8, 64))
+
+
+def test_a_48_block_mask_packs_with_its_own_density():
+    """48x48 blocks are nine 16x16 tiles each: the packed matrix stores no zero tile."""
+    weight = _weight((192, 192))
+    option = SparsityOption.blocked(0.5, 48)
+    packed = BSRWeight.from_option(weight, option)
+    assert packed.block == (16, 16)
+    assert packed.nnz_blocks == 9 * round((1 - option.sparsity) * 16)   # 16 blocks of 48
+    assert torch.equal(packed.to_dense(), weight * build_mask(weight, option))
 
 
 def test_bad_input_raises_one_line_spdy_errors():

@@ -312,6 +312,23 @@ def test_supports_block_options_on_linears_that_fit_them():
     assert not backend.supports(linear, SparsityOption.unstructured(0.5))
     assert backend.supports(linear, SparsityOption.n_of_m(2, 4))     # 384 x 1536 suits 2:4
     assert not backend.supports(narrow, SparsityOption.n_of_m(2, 4))  # 48 rows: not 32-aligned
+    # sides must be multiples of 16: kernel tiles then pack the mask with its own density
+    assert backend.supports(linear, block(0.5, 48)) and backend.supports(linear, block(0.5, 256))
+    assert not backend.supports(linear, block(0.5, 8))
+    assert not backend.supports(linear, block(0.5, 64, 40))
+
+
+def test_block_sides_the_kernel_cannot_pack_are_refused_or_left_out_loudly(caplog):
+    from spdy_gpu.backends import check_options_supported
+    backend = TritonEstimateBackend("h100-sxm")
+    layers = [LayerInfo("fc", "linear", (384, 1536), m=128)]
+    with pytest.raises(SpdyError, match="multiples of 16"):
+        check_options_supported(backend, layers, [DENSE, block(0.5, 8)])
+    grid = option_grid("block+nm", 3, block=8)
+    with caplog.at_level("WARNING"):
+        kept = check_options_supported(backend, layers, grid, grid=True)
+    assert [o.pattern for o in kept] == ["dense", "nm"]
+    assert "left out of the grid" in caplog.text
 
 
 def test_a_model_with_nothing_the_kernel_runs_is_refused():

@@ -153,14 +153,15 @@ def check_options_supported(backend: LatencyBackend, layers: Sequence[LayerInfo]
         return list(options)
     supported = [o.name for o in sparse if o.name not in unsupported]
     if grid and supported:
-        log.info("%s runs %s on no layer of this model: left out of the grid", backend.name,
-                 _listed(unsupported))
+        log.warning("%s runs %s on no layer of this model: left out of the grid",
+                    backend.name, _listed(unsupported))
         return [o for o in options if o.name not in unsupported]
     kinds = ", ".join(sorted({x.kind for x in layers}))
     if not supported:
         raise SpdyError(f"backend {backend.name} supports none of the options "
-                        f"{_listed(unsupported)} on this model's layers ({kinds}); pick "
-                        "another --pattern, --options or backend")
+                        f"{_listed(unsupported)} on this model's layers ({kinds}; the backend: "
+                        f"{backend.summary}); pick another --pattern, --block, --options or "
+                        "backend")
     raise SpdyError(f"backend {backend.name} runs {_listed(unsupported)} on no layer of this "
                     f"model ({kinds}); it runs {_listed(supported)}: drop the others from "
                     "--options")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..bsr import kernel_block
+from ..bsr import kernel_block, packs_exactly
 from ..deploy import capture_cuda_graph
 from ..errors import MissingDependencyError, SpdyError
 from ..gpu_specs import GPU_SPECS, GpuSpec
@@ -124,8 +124,8 @@ class TritonTables:
 
     name = "triton"
     default_pattern = "block+nm"
-    summary = ("NVIDIA GPU, Triton BSR kernel and 2:4 sparse tensor cores; default grid: 41 "
-               "levels of 32x32 blocks plus nm2:4")
+    summary = ("NVIDIA GPU, Triton BSR kernel (block sides multiples of 16) and 2:4 sparse "
+               "tensor cores; default grid: 41 levels of 32x32 blocks plus nm2:4")
     cli_options = (
         CliOption("--repeats", "do_bench calls per kernel (default 3)", int),
         CliOption("--dtype", "weight/activation dtype (default bf16)", str,
@@ -155,13 +155,16 @@ class TritonTables:
 
     def supports(self, layer: LayerInfo, option: SparsityOption) -> bool:
         """Dense always. On Linear layers and 1x1 convs without groups: block options whose
-        block fits in the layer (the kernel packs any block into its own 16..128 sides). On
-        Linear layers: 2:4 (sparse tensor cores) where the weight's shape suits
-        semi-structured storage. No wider or grouped conv, unstructured or other N:M."""
+        block fits in the layer and has sides that are multiples of 16 (the kernel's 16..128
+        tiles pack them with the option's density; an 8x8 mask in 16x16 tiles would store
+        zero blocks the table does not count). On Linear layers: 2:4 (sparse tensor cores)
+        where the weight's shape suits semi-structured storage. No wider or grouped conv,
+        unstructured or other N:M."""
         if option.pattern == "dense":
             return True
         if option.pattern == "block" and (layer.kind == "linear" or _pointwise(layer)):
-            return option.block[0] <= layer.n and option.block[1] <= layer.k
+            return (packs_exactly(option.block) and option.block[0] <= layer.n
+                    and option.block[1] <= layer.k)
         if layer.kind != "linear":
             return False
         return option == SEMI_STRUCTURED and semi_structured_fits(layer.n, layer.k,
