@@ -22,8 +22,45 @@ def not_a_pair():
 
 def test_the_setting_reaches_the_keywords_the_function_takes():
     _, example = load_model("tests.test_models:sized_model").build(
-        ModelSetting(batch_size=3, seq_len=5, image_size=224))
+        ModelSetting(batch_size=3, seq_len=5))
     assert example.shape == (3, 5, 4)
+
+
+def own_image_size(image_size=None):
+    """A CNN that picks its own input shape unless told."""
+    height, width = (48, 80) if image_size is None else (image_size, image_size)
+    return nn.Conv2d(3, 4, 3).eval(), torch.randn(1, 3, height, width)
+
+
+def any_keywords(**kwargs):
+    return nn.Linear(4, 4).eval(), torch.randn(1, kwargs.get("seq_len", 8), 4)
+
+
+def test_unset_sizes_are_the_functions_own_defaults():
+    entry = load_model("tests.test_models:sized_model")
+    assert entry.resolve(ModelSetting()) == ModelSetting(seq_len=8)
+    assert entry.build(ModelSetting())[1].shape == (1, 8, 4)          # not 128
+    cnn = load_model("tests.test_models:own_image_size")
+    assert cnn.resolve(ModelSetting()) == ModelSetting()             # None: its own choice
+    assert cnn.build(ModelSetting())[1].shape == (1, 3, 48, 80)      # not 224 x 224
+    assert cnn.build(ModelSetting(image_size=32))[1].shape == (1, 3, 32, 32)
+    keywords = load_model("tests.test_models:any_keywords")           # **kwargs takes all
+    assert keywords.build(ModelSetting(seq_len=5))[1].shape == (1, 5, 4)
+    builtin = load_model("minilm")
+    assert builtin.resolve(ModelSetting()) == ModelSetting(seq_len=128, image_size=224)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (":build", "unknown model"),
+    ("tests.test_models:", "unknown model"),
+    ("tests.test_models:PROJECTIONS", "not a function"),
+])
+def test_malformed_or_uncallable_model_specs_are_one_line_errors(spec, message):
+    with pytest.raises(SpdyError, match=message):
+        load_model(spec)
+
+
+PROJECTIONS = 5
 
 
 @pytest.mark.parametrize("setting, option", [

@@ -26,17 +26,21 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=None,
                        help="inputs per forward (default: the model's own: 1 for built-ins, "
                             "the example input's batch for a user function)")
-    group.add_argument("--seq-len", type=int, default=128, help="tokens per input (default 128)")
-    group.add_argument("--image-size", type=int, default=224, help="CNN input side (default 224)")
+    group.add_argument("--seq-len", type=int, default=None,
+                       help="tokens per input (default: the model's own; built-ins 128, a user "
+                            "function its seq_len parameter's default)")
+    group.add_argument("--image-size", type=int, default=None,
+                       help="CNN input side (default: the model's own; built-ins 224, a user "
+                            "function its image_size parameter's default)")
     group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                        help="layer name pattern to keep dense (shell-style, repeatable), "
                             "e.g. 'conv1' or '*classifier*'")
 
 
 def model_from_args(args: argparse.Namespace) -> tuple[ModelEntry, ModelSetting]:
-    setting = ModelSetting(batch_size=args.batch_size, seq_len=args.seq_len,
-                           image_size=args.image_size)
-    return load_model(args.model), setting
+    entry = load_model(args.model)
+    return entry, entry.resolve(ModelSetting(batch_size=args.batch_size, seq_len=args.seq_len,
+                                             image_size=args.image_size))
 
 
 def exclude_patterns(args: argparse.Namespace, entry: ModelEntry) -> list[str]:

@@ -8,7 +8,7 @@ import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,16 +20,21 @@ from ..layers import example_shape
 log = logging.getLogger(__name__)
 
 
+GENERIC_DEFAULTS = {"seq_len": 128, "image_size": 224}   # transformers' tokens, CNNs' side
+
+
 @dataclass(frozen=True)
 class ModelSetting:
     """Input geometry a model is built, measured and calibrated with.
 
-    batch_size None means the model's own: 1 for built-ins, the example's batch for a user
-    function (which then need not take a batch_size keyword)."""
+    None means the model's own (ModelEntry.resolve fills it in): batch_size 1 for built-ins,
+    the example's batch for a user function (which then need not take a batch_size keyword);
+    seq_len and image_size the built-ins' GENERIC_DEFAULTS, a user function's own parameter
+    defaults (or GENERIC_DEFAULTS where the parameter has none)."""
 
     batch_size: int | None = None
-    seq_len: int = 128          # transformers
-    image_size: int = 224       # CNNs
+    seq_len: int | None = None
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "image_size"):
@@ -58,6 +63,13 @@ class ModelEntry:
     exclude: tuple[str, ...] = ()
     loss: str | Callable[..., Any] | None = None
     quality: Callable[[nn.Module, nn.Module], dict[str, float]] | None = None
+    defaults: dict[str, int] = dataclasses.field(default_factory=dict)   # seq_len, image_size
+
+    def resolve(self, setting: ModelSetting) -> ModelSetting:
+        """`setting` with the fields left None set to the model's own defaults."""
+        return dataclasses.replace(setting, **{
+            name: value for name, value in self.defaults.items()
+            if getattr(setting, name) is None})
 
     def quality_of(self, pruned: nn.Module, dense: nn.Module) -> dict[str, float]:
         """The entry's quality measures of `pruned` against `dense` ({} when it has none)."""
@@ -83,20 +95,31 @@ def load_model(spec: str) -> ModelEntry:
     """A built-in name (see BUILTIN) or 'package.module:function' returning (model, example)."""
     _import_builtins()
     if spec in BUILTIN:
-        return _batch_checked(_builtin_batch_default(BUILTIN[spec]()))
-    if ":" not in spec:
+        return _batch_checked(_resolved(_builtin_defaults(BUILTIN[spec]())))
+    module_name, colon, function_name = spec.partition(":")
+    if not (colon and module_name and function_name):
         raise SpdyError(f"unknown model {spec!r}; use one of {sorted(BUILTIN)} "
                         "or 'package.module:function' returning (model, example_input)")
-    return _batch_checked(_user_entry(spec))
+    return _batch_checked(_resolved(_user_entry(spec)))
 
 
-def _builtin_batch_default(entry: ModelEntry) -> ModelEntry:
-    """Built-ins build batch 1 unless asked otherwise: their functions always get a number."""
+def _builtin_defaults(entry: ModelEntry) -> ModelEntry:
+    """Built-ins build batch 1 unless asked otherwise, at the generic sequence length and
+    image size: their functions always get numbers."""
     def build(setting: ModelSetting) -> tuple[nn.Module, Any]:
         if setting.batch_size is None:
             setting = dataclasses.replace(setting, batch_size=1)
         return entry.build(setting)
-    return dataclasses.replace(entry, build=build)
+    return dataclasses.replace(entry, build=build, defaults=dict(GENERIC_DEFAULTS))
+
+
+def _resolved(entry: ModelEntry) -> ModelEntry:
+    """The entry's functions see the setting with its defaults filled in, however called."""
+    build, calibration = entry.build, entry.calibration
+    return dataclasses.replace(
+        entry, build=lambda setting: build(entry.resolve(setting)),
+        calibration=None if calibration is None else (
+            lambda setting, samples: calibration(entry.resolve(setting), samples)))
 
 
 def _batch_checked(entry: ModelEntry) -> ModelEntry:
@@ -119,7 +142,14 @@ def _user_entry(spec: str) -> ModelEntry:
     except (ImportError, AttributeError) as e:
         raise SpdyError(f"cannot load model function {spec!r} ({e}); check that the module is "
                         "importable (on PYTHONPATH) and defines the function") from None
-    accepted = set(inspect.signature(function).parameters)
+    if not callable(function):
+        raise SpdyError(f"{spec} is a {type(function).__name__}, not a function; name a "
+                        "function returning (model, example_input)")
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        accepted = {"batch_size", *GENERIC_DEFAULTS}                 # **kwargs takes them all
+    else:
+        accepted = set(parameters)
 
     def build(setting: ModelSetting) -> tuple[nn.Module, Any]:
         kwargs = _setting_kwargs(spec, setting, accepted)
@@ -134,7 +164,25 @@ def _user_entry(spec: str) -> ModelEntry:
 
     # A user function names its own search loss with an attribute: `fn.spdy_loss = "kl"`.
     return ModelEntry(name=spec, description=f"user model {spec}", build=build,
-                      loss=getattr(function, "spdy_loss", None))
+                      loss=getattr(function, "spdy_loss", None),
+                      defaults=_own_defaults(parameters, accepted))
+
+
+def _own_defaults(parameters: Mapping[str, inspect.Parameter],
+                  accepted: set[str]) -> dict[str, int]:
+    """The user function's own seq_len / image_size defaults; a parameter without a default
+    gets the generic one, one defaulting to None (its own choice) stays unset."""
+    defaults = {}
+    for name, generic in GENERIC_DEFAULTS.items():
+        if name not in accepted:
+            continue
+        parameter = parameters.get(name)
+        own = inspect.Parameter.empty if parameter is None else parameter.default
+        if own is inspect.Parameter.empty:
+            defaults[name] = generic
+        elif isinstance(own, int) and not isinstance(own, bool):
+            defaults[name] = own
+    return defaults
 
 
 def _import_user_module(name: str) -> Any:
@@ -148,15 +196,15 @@ def _import_user_module(name: str) -> Any:
 
 def _setting_kwargs(spec: str, setting: ModelSetting, accepted: set[str]) -> dict[str, int]:
     """The setting's fields the user's function takes as keywords; a field it does not take
-    must keep its default, or the option would be silently ignored. A batch size the
-    function cannot take is checked against its example's batch instead (_batch_checked)."""
-    kwargs, default = {}, ModelSetting()
+    must be left unset, or the option would be silently ignored. A batch size the function
+    cannot take is checked against its example's batch instead (_batch_checked)."""
+    kwargs = {}
     for name in ("batch_size", "seq_len", "image_size"):
         value = getattr(setting, name)
         if name in accepted:
             if value is not None:
                 kwargs[name] = value
-        elif name != "batch_size" and value != getattr(default, name):
+        elif name != "batch_size" and value is not None:
             raise SpdyError(f"{spec} takes no {name} keyword, so --{name.replace('_', '-')} "
                             f"cannot apply; add `{name}` to its parameters or drop the option")
     return kwargs

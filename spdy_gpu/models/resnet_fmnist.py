@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpdyError
-from . import ModelEntry, ModelSetting, fashion_mnist, register_model
+from . import GENERIC_DEFAULTS, ModelEntry, ModelSetting, fashion_mnist, register_model
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def load_checkpoint(path: str | Path = WEIGHTS) -> ResNet:
 # --- the model entry ---------------------------------------------------------------------
 
 def _check_setting(setting: ModelSetting) -> None:
-    if setting.image_size != ModelSetting().image_size:
+    if setting.image_size not in (None, GENERIC_DEFAULTS["image_size"]):
         raise SpdyError(f"resnet-fmnist takes 28x28 images only; drop --image-size "
                         f"{setting.image_size}")
 
