@@ -23,7 +23,7 @@ def test_missing_deepsparse_is_a_one_line_install_hint(monkeypatch):
         DeepSparseBackend()
 
 
-def test_attribute_layers_sums_per_module_and_refuses_fusion():
+def test_attribute_layers_sums_per_module_and_refuses_fusion_or_nothing_attributed():
     from spdy_gpu.backends.deepsparse import TOTAL, attribute_layers
     to_module = {"/a/MatMul_output_0": "a", "/b/Conv_output_0": "b"}
     info = [{"canonical_name": "/a/MatMul_output_0", "average_run_time_in_ms": 1.5},
@@ -35,8 +35,10 @@ def test_attribute_layers_sums_per_module_and_refuses_fusion():
               "average_run_time_in_ms": 1.0}]
     with pytest.raises(SpdyError, match="optimization level 0"):
         attribute_layers(fused, to_module)
-    with pytest.raises(SpdyError, match="no engine layer for b"):
-        attribute_layers(info[:2], to_module)
+    # b computed in no engine layer of its own: 0 here, its time stays in the fixed time
+    assert attribute_layers(info[:2], to_module) == {"a": 1.5, "b": 0.0, TOTAL: 1.75}
+    with pytest.raises(SpdyError, match="no engine layer for any prunable layer"):
+        attribute_layers(info[1:2], to_module)
 
 
 def test_checkpoint_resumes_only_the_same_key(tmp_path, caplog):

@@ -424,15 +424,20 @@ class DeepSparseBackend:
                dense: Latency) -> TimingTable:
         rows = []
         for layer in layers:
+            unattributed = not any(store.values(options[0], layer.name))   # all 0: see above
             medians, spreads = [], []
             for option in options:
-                values = store.values(option, layer.name) if self.supports(layer, option) else []
+                values = (store.values(option, layer.name) if self.supports(layer, option)
+                          and (option == options[0] or not unattributed) else [])
                 medians.append(statistics.median(values) if values else None)
                 spreads.append(max(values) - min(values) if values else None)
+            note = UNATTRIBUTED_NOTE if unattributed else _speed_note(layer, options, medians)
+            if unattributed:
+                log.warning("%s: %s", layer.name, UNATTRIBUTED_NOTE)
             rows.append(LayerTiming(name=layer.name, kind=layer.kind,
                                     gemm=(layer.n, layer.k, layer.m or 0),
                                     median_ms=tuple(medians), spread_ms=tuple(spreads),
-                                    note=_speed_note(layer, options, medians)))
+                                    note=note))
         layer_dense = sum(row.median_ms[0] for row in rows)
         analysis_dense = statistics.median(store.values(options[0], TOTAL))
         protocol = (f"{self.repeats} calls per option" if self.repeats else
@@ -461,6 +466,10 @@ class DeepSparseBackend:
                         "dense_slow_engines": dense.slow_engines,
                         "analysis_dense_total_ms": analysis_dense,
                         "prunable_dense_ms": layer_dense})
+
+
+UNATTRIBUTED_NOTE = ("DeepSparse runs it in no engine layer of its own (fused or in a subgraph "
+                     "it hands elsewhere): stays dense, its time is in the fixed time")
 
 
 def _speed_note(layer: LayerInfo, options: list[SparsityOption],
@@ -556,8 +565,11 @@ def attribute_layers(layer_info: list[dict[str, Any]],
     """Per-module time from DeepSparse's layer_info, plus TOTAL over all engine layers.
 
     An engine layer's canonical_name lists (comma-joined) the ONNX tensors it computes; a
-    layer holding one mapped tensor is that module's time. Raises SpdyError when an engine
-    layer fuses two modules (use optimization level 0) or a module ran in no engine layer.
+    layer holding one mapped tensor is that module's time. A module computed in no engine
+    layer of its own (fused into a neighbour, or in a subgraph DeepSparse hands elsewhere,
+    e.g. a grouped or dilated conv) gets 0: its time is in the other layers', so in the fixed
+    time (see UNATTRIBUTED_NOTE). Raises SpdyError when an engine layer fuses two modules
+    (use optimization level 0) or no module ran in an engine layer of its own.
     """
     sample: dict[str, float] = {TOTAL: 0.0}
     for info in layer_info:
@@ -571,12 +583,12 @@ def attribute_layers(layer_info: list[dict[str, Any]],
         if modules:
             (module,) = modules
             sample[module] = sample.get(module, 0.0) + ms
-    missing = sorted(set(to_module.values()) - set(sample))
-    if missing:
-        raise SpdyError(f"DeepSparse ran no engine layer for {missing[0]} (it is likely in an "
-                        "unsupported subgraph); export with opset 14 and eager attention, or "
-                        "exclude the layer")
-    return sample
+    modules = set(to_module.values())
+    if not modules & set(sample):
+        raise SpdyError(f"DeepSparse ran no engine layer for any prunable layer (e.g. "
+                        f"{min(modules)}): the export is likely in an unsupported subgraph; "
+                        "export with opset 14 and eager attention, or use another backend")
+    return sample | {module: 0.0 for module in modules - set(sample)}
 
 
 def settled_latency(engine_rounds: list[list[float]], tolerance: float) -> Latency:
