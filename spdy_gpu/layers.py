@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import torch
 from torch import nn
 
 from .errors import SpdyError, user_code
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,14 +114,42 @@ def prunable_modules(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str,
 def discover_layers(model: nn.Module, example_inputs: Any = None,
                     exclude: Iterable[str] = ()) -> list[LayerInfo]:
     """Every prunable layer of `model` in execution order where `example_inputs` is given
-    (module order otherwise), with the GEMM rows each sees for that input."""
+    (module order otherwise), with the GEMM rows each sees for that input. Left out, with a
+    log line: layers whose weight is tied to another module's (pruning one would prune
+    both) and, given an input, layers its forward never calls."""
     modules = prunable_modules(model, exclude)
+    for name, other in tied_weights(model, modules).items():
+        log.warning("%s shares its weight with %s (tied): kept dense, its time counts as "
+                    "fixed", name, other)
+        del modules[name]
     if not modules:
         raise SpdyError("the model has no Linear or Conv2d layer left to prune; "
                         "check the model and the --exclude patterns")
-    rows = {} if example_inputs is None else _capture_gemm_rows(model, modules, example_inputs)
-    order = list(rows) + [name for name in modules if name not in rows]
-    return [_layer_info(name, modules[name], rows.get(name)) for name in order]
+    if example_inputs is None:
+        return [_layer_info(name, module, None) for name, module in modules.items()]
+    rows = _capture_gemm_rows(model, modules, example_inputs)
+    unused = [name for name in modules if name not in rows]
+    if unused:
+        log.info("never called on the example input, so not pruned: %s", ", ".join(unused))
+    if not rows:
+        raise SpdyError("the model's forward calls none of its Linear or Conv2d layers on the "
+                        "example input; check the model and its example input")
+    return [_layer_info(name, modules[name], rows[name]) for name in rows]
+
+
+def tied_weights(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, str]:
+    """Layer name -> the other module's parameter its weight is (one tensor in two modules,
+    e.g. an LM head tied to the embedding; one module registered twice is not tied)."""
+    owners: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(name)
+    tied = {}
+    for name, module in modules.items():
+        others = [o for o in owners.get(id(module.weight), [])
+                  if model.get_submodule(o.rpartition(".")[0]) is not module]
+        if others:
+            tied[name] = others[0]
+    return tied
 
 
 def _layer_info(name: str, module: nn.Module, m: int | None) -> LayerInfo:

@@ -108,6 +108,7 @@ def _timing_table(model: str, tmp_path, *extra: str):
 
 def test_deepsparse_times_every_layer_of_a_conv_bn_network(tmp_path):
     pytest.importorskip("deepsparse")
+    from spdy_gpu.backends.deepsparse import UNATTRIBUTED_NOTE
     table = _timing_table("tests.cnn_models:small_mobilenet_v2", tmp_path)
     model, _ = cnn_models.small_mobilenet_v2()
     modules = prunable_modules(model)
@@ -117,6 +118,8 @@ def test_deepsparse_times_every_layer_of_a_conv_bn_network(tmp_path):
         assert layer.median_ms[0] is not None and layer.median_ms[0] >= 0
         if getattr(modules[layer.name], "groups", 1) > 1:           # depthwise: no sparse kernel
             assert layer.median_ms[1] is None and "depthwise" in layer.note
+        elif layer.note == UNATTRIBUTED_NOTE:  # fused: no time of its own at any option
+            assert layer.median_ms == (0.0, None)
         else:
             assert layer.median_ms[1] is not None
 

@@ -50,3 +50,41 @@ def test_exclusions_are_patterns():
 def test_no_layers_left_is_an_error():
     with pytest.raises(SpdyError, match="no Linear or Conv2d"):
         discover_layers(Net(), exclude=["*"])
+
+
+class TiedHead(nn.Module):
+    """An embedding and an LM head sharing one weight, one Linear registered under two
+    names (not tied: it is one module), and a Linear forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.proj = nn.Linear(8, 8)
+        self.alias = self.proj
+        self.unused = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.alias(self.proj(self.embed(ids))))
+
+
+def test_tied_and_never_called_layers_are_left_out_with_a_log_line(caplog):
+    with caplog.at_level("INFO"):
+        layers = discover_layers(TiedHead(), torch.tensor([[1, 2, 3]]))
+    assert [(layer.name, layer.m) for layer in layers] == [("proj", 6)]
+    assert "head shares its weight with embed.weight (tied)" in caplog.text
+    assert "never called on the example input, so not pruned: unused" in caplog.text
+
+
+def test_a_forward_that_calls_no_layer_is_an_error():
+    class Bypass(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x * 2
+
+    with pytest.raises(SpdyError, match="calls none of its Linear or Conv2d"):
+        discover_layers(Bypass(), torch.randn(2, 4))

@@ -424,7 +424,8 @@ class DeepSparseBackend:
                dense: Latency) -> TimingTable:
         rows = []
         for layer in layers:
-            unattributed = not any(store.values(options[0], layer.name))   # all 0: see above
+            unattributed = not layer.depthwise_or_grouped and not any(   # 0 at every option
+                value for option in options for value in store.values(option, layer.name))
             medians, spreads = [], []
             for option in options:
                 values = (store.values(option, layer.name) if self.supports(layer, option)
