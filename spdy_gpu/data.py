@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import SpdyError, function_name, user_code
+from .errors import SpdyError, first_line, function_name, user_code
 from .models import ModelEntry, ModelSetting
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,13 @@ class Calibration:
         cut = len(counts)
         while cut > 0 and sum(counts[cut:]) < held_out:
             cut -= 1
+        if cut == 0 and sum(counts) > held_out:
+            # enough samples, but whole batches are held out: the batches are too big
+            batches = f"{len(counts)} batch{'es' if len(counts) > 1 else ''}"
+            raise SpdyError(f"the {sum(counts)} calibration samples come in {batches} of up "
+                            f"to {max(counts)} (--calib-batch-size), and the {held_out} held "
+                            "out for the search take whole batches, leaving none to fit on; "
+                            f"pass --calib-batch-size {sum(counts) - held_out} or less")
         if cut == 0:
             raise SpdyError(f"only {sum(counts)} calibration samples: too few to hold "
                             f"{held_out} out for scoring and fit on the rest; give more data "
@@ -94,7 +101,7 @@ class CalibrationSpec:
                  example: Any) -> tuple[list[Any], str]:
         """(batches, source): the user's files, the model's own data, or its example input."""
         if self.calib:
-            batches = _file_batches(Path(self.calib), self.samples, self.batch_size)
+            batches = _file_batches(Path(self.calib), self.samples, self.batch_size, example)
             return list(batches), f"file:{self.calib}"
         if entry.calibration is not None:
             calib_setting = ModelSetting(self.batch_size, setting.seq_len, setting.image_size)
@@ -112,7 +119,7 @@ def _model_batches(entry: ModelEntry, setting: ModelSetting, samples: int) -> li
         return list(entry.calibration(setting, samples))
 
 
-def _file_batches(path: Path, samples: int, batch_size: int) -> Iterator[Any]:
+def _file_batches(path: Path, samples: int, batch_size: int, example: Any) -> Iterator[Any]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     elif path.is_file():
@@ -125,10 +132,16 @@ def _file_batches(path: Path, samples: int, batch_size: int) -> Iterator[Any]:
     for file in files:
         try:
             data = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise SpdyError(f"--calib {file}: cannot load it with torch.load ({e}); save "
-                            "inputs with torch.save(tensor, path)") from None
+        except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
+            # torch's message runs over many lines of advice (weights_only=False...) that
+            # does not apply: its first sentence says why
+            why = first_line(e).split(". ")[0]
+            other = " and keep other files out of the directory" if path.is_dir() else ""
+            raise SpdyError(f"--calib {file}: not a file of saved tensors (torch.load: "
+                            f"{type(e).__name__}: {why}); save inputs with "
+                            f"torch.save(tensor, path){other}") from None
         count = _count(data, file)
+        _check_like_example(data, example, file)
         for start in range(0, min(count, left), batch_size):
             yield _slice(data, start, min(start + batch_size, left))
         left -= min(count, left)
@@ -142,6 +155,39 @@ def _count(data: Any, file: Path) -> int:
         raise SpdyError(f"--calib {file}: expected a tensor (or tuple/dict of tensors) whose "
                         "first dimension is samples")
     return first.shape[0]
+
+
+def _check_like_example(data: Any, example: Any, file: Path) -> None:
+    """Refuse a file whose samples cannot be the example input's: a tensor with another
+    number of dimensions per sample (a [128, 384] file for a [1, 128, 384] example would
+    pass silently as 128 samples of [384]) or of another kind (floating or integer)."""
+    given, expected = _tensors(data), _tensors(example)
+    for key in given.keys() & expected.keys():
+        got, want = given[key], expected[key]
+        subject = (f"input {key!r}" if isinstance(data, dict) else
+                   f"tensor {key}" if isinstance(data, (tuple, list)) else "the tensor")
+        if got.dim() != want.dim():
+            wanted = ", ".join(["samples", *map(str, want.shape[1:])])
+            raise SpdyError(f"--calib {file}: {subject} of shape {list(got.shape)} holds "
+                            f"samples of shape {list(got.shape[1:])}, but the model's example "
+                            f"input {list(want.shape)} has samples of shape "
+                            f"{list(want.shape[1:])}; save it as [{wanted}]")
+        if got.is_floating_point() != want.is_floating_point():
+            dtype = str(want.dtype).removeprefix("torch.")
+            raise SpdyError(f"--calib {file}: {subject} is "
+                            f"{str(got.dtype).removeprefix('torch.')}, but the model's example "
+                            f"input is {dtype}; save it as {dtype}")
+
+
+def _tensors(value: Any) -> dict[str, torch.Tensor]:
+    """The tensors of an input keyed by name (dict) or position (tuple, list, tensor)."""
+    if isinstance(value, dict):
+        items = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(value)]
+    else:
+        items = [("0", value)]
+    return {k: v for k, v in items if isinstance(v, torch.Tensor) and v.dim() > 0}
 
 
 def _slice(data: Any, start: int, stop: int) -> Any:

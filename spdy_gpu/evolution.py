@@ -40,8 +40,11 @@ class EvolutionConfig:
     max_draws: int = 200            # children drawn per generation before giving up
 
     def __post_init__(self) -> None:
-        if min(self.offspring, self.max_swaps, self.max_evaluations, self.max_draws) < 1:
-            raise SpdyError("offspring, swaps, evaluations and draws must be >= 1")
+        if self.seed < 0:
+            raise SpdyError(f"--seed {self.seed} must be >= 0")
+        for name in ("offspring", "max_swaps", "max_evaluations", "max_draws"):
+            if getattr(self, name) < 1:
+                raise SpdyError(f"evolution {name} {getattr(self, name)} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ def evolve(planner: Planner, speedup: float, score: Callable[[Choices], float],
                     parent, best = child, value
                     history.append((len(scored), best))
             bar.set_postfix(best=f"{best:.5g}")
-    log.info("evolution %s after %d generations, %d evaluations: best score %.6g", stopped,
+    log.info("evolution %s after %d generations, %d evaluations: best score %.6g",
+             "reached its evaluation budget" if stopped == "evaluations" else "converged",
              generations, len(scored), best)
     return EvolutionResult(choices=_choices(planner, parent), score=best,
                            evaluations=len(scored), generations=generations, stopped=stopped,

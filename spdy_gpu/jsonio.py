@@ -6,6 +6,7 @@ import json
 import os
 import re
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +23,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        tmp = _new_file(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     except OSError as e:
         raise _cannot_write(path, e) from e
     try:
@@ -35,6 +35,13 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         raise _cannot_write(path, e) from e
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _new_file(path: Path) -> Path:
+    """Create `path`, which must not exist, with the permissions open() gives (0666 less
+    the umask; tempfile.mkstemp's are 0600, which other users of an output could not read)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return path
 
 
 def slug(name: str) -> str:
@@ -102,6 +109,11 @@ def load_json(path: str | os.PathLike, kind: str, version: int) -> dict[str, Any
         document = json.loads(path.read_text())
     except FileNotFoundError:
         raise SpdyError(f"{path}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise SpdyError(f"{path} is a directory, not a JSON file; pass the file's path") from None
+    except OSError as e:
+        raise SpdyError(f"{path}: cannot read it ({e.strerror or e}); check the path and its "
+                        "permissions") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SpdyError(f"{path}: not valid JSON ({e}); the file is corrupted or truncated, "
                         "regenerate it") from None

@@ -69,6 +69,17 @@ class GapSettings:
     patience: int = 2
     only_pruned: bool = False
 
+    def __post_init__(self) -> None:
+        # run and compare take these as --gap-lr / --gap-epochs, spdy-gpu gap as --lr ...
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SpdyError(f"gAP learning rate {self.lr} (--gap-lr; --lr of spdy-gpu gap) "
+                            "must be a finite number > 0, e.g. 1e-5")
+        if self.epochs < 1:
+            raise SpdyError(f"gAP epochs {self.epochs} (--gap-epochs; --epochs of spdy-gpu "
+                            "gap) must be >= 1")
+        if self.patience < 1:
+            raise SpdyError(f"gAP --patience {self.patience} must be >= 1")
+
 
 def masks_of(model: nn.Module, choices: Mapping[str, SparsityOption]) -> dict[str, Any]:
     """Bool keep-masks of the pruned layers of a stitched model (what gAP must keep)."""
@@ -196,9 +207,12 @@ class RunSettings:
             raise SpdyError(f"target speedup {self.speedup} must be a finite number > 0")
         if self.errors not in ("prior", "database"):
             raise SpdyError(f"--errors {self.errors!r}: use prior or database")
-        if self.search_samples < 1 or self.max_rounds < 1 or not 0 <= self.tolerance < 1:
-            raise SpdyError("--search-samples and --max-rounds must be >= 1 and --tolerance "
-                            "in [0, 1)")
+        if self.search_samples < 1:
+            raise SpdyError(f"--search-samples {self.search_samples} must be >= 1")
+        if self.max_rounds < 1:
+            raise SpdyError(f"--max-rounds {self.max_rounds} must be >= 1")
+        if not 0 <= self.tolerance < 1:
+            raise SpdyError(f"--tolerance {self.tolerance} must be in [0, 1), e.g. 0.03")
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (the reusable measurements aside)."""

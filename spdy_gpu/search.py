@@ -41,6 +41,9 @@ STATE_FORMAT, STATE_VERSION = "spdy-gpu/search-state", 1
 
 Choices = dict[str, SparsityOption]
 Score = Callable[[Choices], float]
+# SearchResult.stopped, as the log says it
+STOPPED = {"converged": "converged", "evaluations": "reached --max-evaluations",
+           "minutes": "reached --max-minutes"}
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,20 @@ class SearchConfig:
     max_minutes: float | None = None     # wall time, at most (resumed runs included)
 
     def __post_init__(self) -> None:
-        if self.random_candidates < 1 or self.patience < 1:
-            raise SpdyError("random candidates and patience must be >= 1")
+        if self.seed < 0:
+            raise SpdyError(f"--seed {self.seed} must be >= 0")
+        if self.random_candidates < 1:
+            raise SpdyError(f"--random-candidates {self.random_candidates} must be >= 1")
+        if self.patience < 1:
+            raise SpdyError(f"--patience {self.patience} must be >= 1")
         if not 0 < self.start_fraction <= 1:
             raise SpdyError(f"start fraction {self.start_fraction} must be in (0, 1]")
         if self.max_evaluations is not None and self.max_evaluations < 1:
-            raise SpdyError("--max-evaluations must be >= 1")
+            # the CLI's 0 arrives here as None
+            raise SpdyError(f"--max-evaluations {self.max_evaluations} must be >= 1, or 0 to "
+                            "search until it converges (max_evaluations=None in SearchConfig)")
         if self.max_minutes is not None and not self.max_minutes > 0:
-            raise SpdyError("--max-minutes must be > 0")
+            raise SpdyError(f"--max-minutes {self.max_minutes} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -191,8 +200,8 @@ def search(planner: Planner, speedup: float, score: Score, *,
                 save_json(checkpoint, STATE_FORMAT, STATE_VERSION,
                           {"key": key, "state": state.to_json()})
     best = planner.choose(speedup, matrix=state.best[:, None] * base)
-    log.info("search %s after %d candidates, %d evaluations: best score %.6g", stopped,
-             state.candidates, state.evaluations, state.best_score)
+    log.info("search %s after %d candidates, %d evaluations: best score %.6g",
+             STOPPED[stopped], state.candidates, state.evaluations, state.best_score)
     return SearchResult(
         coefficients=dict(zip(planner.layers, state.best.tolist())), choices=best,
         score=state.best_score, evaluations=state.evaluations, candidates=state.candidates,

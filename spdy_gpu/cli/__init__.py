@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
+import select
 import sys
 import traceback
 
@@ -38,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("spdy_gpu").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        return args.run(args) or 0
+        code = args.run(args) or 0
+        sys.stdout.flush()              # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError as e:
+        if not _stdout_closed():
+            return _internal_error(args, e)
+        return _quiet_exit()
     except SpdyError as e:
         if args.debug:
             print_traceback(e)
@@ -49,12 +57,42 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - a bug of ours (or of a library): say so in one line
-        if args.debug:
-            print_traceback(e)
-        print(f"spdy-gpu {args.command}: internal error: {type(e).__name__}: {first_line(e)}"
-              f"{'' if args.debug else ' (rerun with --debug for the traceback)'}",
-              file=sys.stderr)
-        return 1
+        return _internal_error(args, e)
+
+
+def _internal_error(args: argparse.Namespace, error: BaseException) -> int:
+    if args.debug:
+        print_traceback(error)
+    print(f"spdy-gpu {args.command}: internal error: {type(error).__name__}: "
+          f"{first_line(error)}{'' if args.debug else ' (rerun with --debug for the traceback)'}",
+          file=sys.stderr)
+    return 1
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (`spdy-gpu solve | head`), not some
+    other pipe of ours that broke: polling a pipe with no reader reports an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except AttributeError:          # no poll() on this platform: trust the error
+        return True
+    except (OSError, ValueError):   # stdout has no descriptor (replaced by an object)
+        return False
+
+
+def _quiet_exit() -> int:
+    """End as a command killed by SIGPIPE does (status 128 + 13), with no message: the
+    reader wanted no more. Stdout goes to devnull so the interpreter's last flush cannot
+    fail again (the recipe of Python's signal module documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):     # stdout replaced by an object without a descriptor
+        pass
+    return 141
 
 
 def print_traceback(error: BaseException) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import logging
+from collections.abc import Iterable
 from typing import Any
 
 from ..backends import (
@@ -16,6 +19,8 @@ from ..backends import (
 from ..errors import SpdyError
 from ..models import ModelEntry, ModelSetting, load_model
 from ..options import SparsityOption, option_grid, parse_options
+
+log = logging.getLogger(__name__)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +51,17 @@ def model_from_args(args: argparse.Namespace) -> tuple[ModelEntry, ModelSetting]
 def exclude_patterns(args: argparse.Namespace, entry: ModelEntry) -> list[str]:
     """The model's own exclusions plus the user's."""
     return list(entry.exclude) + list(args.exclude)
+
+
+def warn_unmatched_excludes(args: argparse.Namespace, layers: Iterable[str]) -> None:
+    """Warn about each --exclude pattern that matches none of `layers` (the model's prunable
+    layer names): most likely a typo, which would leave the layer it meant prunable."""
+    names = list(layers)
+    for pattern in args.exclude:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            log.warning("--exclude %r matches no prunable layer (they are named like %s); "
+                        "check the pattern", pattern, shown)
 
 
 def add_option_args(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from .common import (
     exclude_patterns,
     model_from_args,
     options_from_args,
+    warn_unmatched_excludes,
 )
 
 log = logging.getLogger(__name__)
@@ -74,22 +75,25 @@ def calibration_from_args(args: argparse.Namespace) -> CalibrationSpec:
 def run(args: argparse.Namespace) -> int:
     from ..reconstruct import AdaPruneConfig, FastConfig, build_database
     check_output_dir(args.out)
+    # the solvers' settings are checked before the model is built and the data loaded
+    fast = FastConfig(damp=args.damp, max_iters=args.max_iters, tol=args.tol,
+                      solver=args.solver)
+    adaprune_config = AdaPruneConfig(lr=args.lr, passes=args.passes,
+                                     batch_size=args.step_samples, samples=args.samples)
+    spec = calibration_from_args(args)
     entry, setting = model_from_args(args)
     model, example = entry.build(setting)
     layers = list(prunable_modules(model, exclude_patterns(args, entry)))
     if not layers:
         raise SpdyError("no prunable layer left; check the --exclude patterns")
+    warn_unmatched_excludes(args, prunable_modules(model))
     options = options_from_args(args, "unstructured")
-    calibration = calibration_from_args(args).load(entry, setting, example)
+    calibration = spec.load(entry, setting, example)
     began = time.perf_counter()
     db = build_database(
         model, layers, options, calibration.batches, args.out, args.method,
         model_name=entry.name, calibration=calibration.description,
-        fast=FastConfig(damp=args.damp, max_iters=args.max_iters, tol=args.tol,
-                        solver=args.solver),
-        adaprune_config=AdaPruneConfig(lr=args.lr, passes=args.passes,
-                                       batch_size=args.step_samples, samples=args.samples),
-        progress=not args.quiet)
+        fast=fast, adaprune_config=adaprune_config, progress=not args.quiet)
     errors = db.errors_matrix(db.layers, db.options)
     print(f"database {args.out}: {len(db.layers)} layers x {len(db.options)} options "
           f"({args.method}) in {time.perf_counter() - began:.1f} s; mean relative layer error "
@@ -121,14 +125,14 @@ def run_gap(args: argparse.Namespace) -> int:
     from ..profile import Profile
     from ..reconstruct import Database
     check_output_file(args.out)
+    gap = GapSettings(lr=args.lr, epochs=args.epochs, patience=args.patience,
+                      only_pruned=args.only_pruned)
+    spec = calibration_from_args(args)
     entry, setting = model_from_args(args)
     database = Database.open(args.database)
     profile = Profile.load(args.profile)
-    report = global_adaprune_profile(
-        entry, setting, database, profile, calibration_from_args(args), args.out,
-        gap=GapSettings(lr=args.lr, epochs=args.epochs, patience=args.patience,
-                        only_pruned=args.only_pruned),
-        metadata={"profile": str(args.profile)})
+    report = global_adaprune_profile(entry, setting, database, profile, spec, args.out,
+                                     gap=gap, metadata={"profile": str(args.profile)})
     print(f"gAP: loss {report.loss_before:.5g} -> {report.loss_after:.5g} in {report.epochs} "
           f"epochs ({report.steps} steps{', stopped early' if report.stopped_early else ''}); "
           f"weights written to {args.out}")

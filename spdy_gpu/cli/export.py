@@ -6,7 +6,13 @@ from __future__ import annotations
 import argparse
 
 from ..jsonio import check_output_file
-from .common import add_model_args, exclude_patterns, model_from_args
+from ..layers import prunable_modules
+from .common import (
+    add_model_args,
+    exclude_patterns,
+    model_from_args,
+    warn_unmatched_excludes,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.out)
     entry, setting = model_from_args(args)
     model, example = entry.build(setting)
+    warn_unmatched_excludes(args, prunable_modules(model))
     result = export_profile(model, example, args.profile, args.out, format=args.format,
                             database=args.database, weights=args.weights,
                             model_name=entry.name, exclude=exclude_patterns(args, entry))

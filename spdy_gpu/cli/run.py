@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..backends import LatencyBackend
+from ..errors import SpdyError
 from ..jsonio import check_output_dir
 from ..losses import LOSSES
 from ..models import ModelEntry
@@ -117,7 +118,7 @@ def run_settings_from_args(args: argparse.Namespace, entry: ModelEntry,
         options=None if args.options is None else tuple(options_from_args(args, "")),
         measure_grid=tuple(options_from_args(args, backend.default_pattern)),
         exclude=tuple(exclude_patterns(args, entry)),
-        timings=tuple(Path(t) for t in args.timings), database=args.database,
+        timings=timing_tables(args), database=args.database,
         calibration=calibration_from_args(args),
         search_samples=args.search_samples,
         search=SearchConfig(seed=args.seed, random_candidates=args.random_candidates,
@@ -128,6 +129,19 @@ def run_settings_from_args(args: argparse.Namespace, entry: ModelEntry,
         gap=gap,
         tolerance=args.tolerance, max_rounds=args.max_rounds,
         overwrite=getattr(args, "overwrite", False))
+
+
+def timing_tables(args: argparse.Namespace) -> tuple[Path, ...]:
+    """The --timings tables. Each must be a file: the run would otherwise measure the
+    table again, silently, when the path has a typo. (Checked here, not in RunSettings:
+    compare passes its shared DIR/timings.json there before it exists.)"""
+    paths = tuple(Path(t) for t in args.timings)
+    for path in paths:
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise SpdyError(f"--timings {path} {what}; pass a timing table file (written by "
+                            "spdy-gpu timings --out), or leave --timings out to measure one")
+    return paths
 
 
 def summary(report: RunReport) -> str:

@@ -7,6 +7,7 @@ lr 1e-3, 10 passes of minibatches of 32 samples over 1024 samples, seeded shuffl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,15 @@ class AdaPruneConfig:
     batch_size: int = 32        # samples per step
     samples: int = 1024         # samples used (the first ones captured)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SpdyError(f"--lr {self.lr}: AdaPrune's learning rate must be a finite "
+                            "number > 0, e.g. 1e-3")
+        for flag, value in (("--passes", self.passes), ("--step-samples", self.batch_size),
+                            ("--samples", self.samples)):
+            if value < 1:
+                raise SpdyError(f"{flag} {value} must be >= 1")
 
 
 def adaprune(samples: list[torch.Tensor], dense_weight: torch.Tensor,

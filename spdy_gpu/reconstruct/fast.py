@@ -23,6 +23,7 @@ when some inputs are (nearly) constant or collinear.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +41,18 @@ class FastConfig:
     solver: str = "cg"          # "cg" or "cholesky" (exact per-row factorisations)
 
     def __post_init__(self) -> None:
-        if self.solver not in ("cg", "cholesky") or self.damp < 0 or self.max_iters < 1:
-            raise SpdyError(f"bad fast-solver settings {self}; solver must be cg or cholesky, "
-                            "damp >= 0 and max_iters >= 1")
+        if self.solver not in ("cg", "cholesky"):
+            raise SpdyError(f"--solver {self.solver!r}: use cg or cholesky")
+        # damp 0 is no damping: fine while H is well posed (else --damp is the fix)
+        if not (math.isfinite(self.damp) and self.damp >= 0):
+            raise SpdyError(f"--damp {self.damp} must be a finite number >= 0 (a fraction of "
+                            "H's mean diagonal, e.g. 0.01)")
+        if self.max_iters < 1:
+            raise SpdyError(f"--max-iters {self.max_iters} must be >= 1")
+        # tol 0: CG stops only when an iteration gains nothing (or at --max-iters)
+        if not (math.isfinite(self.tol) and self.tol >= 0):
+            raise SpdyError(f"--tol {self.tol} must be a finite number >= 0 (the relative gain "
+                            "below which CG stops, e.g. 1e-4)")
 
 
 def solver_device() -> torch.device:
