@@ -159,7 +159,7 @@ def _compare_target(entry: ModelEntry, setting: ModelSetting, backend: LatencyBa
     table = TimingTable.load(run_dir / "timings.json")
     if not shared_table.exists():
         table.save(shared_table)                     # the next targets reuse it
-    planner = Planner(table, run_settings.exclude)
+    planner = Planner(table, (*entry.exclude, *run_settings.exclude))
     database = Database.open(database_dir)
     fit, held_out = calibration_split(entry, setting, example, run_settings)
     scorer = HeldOutScorer(model, held_out.batches, database, run_settings.loss or entry.loss)

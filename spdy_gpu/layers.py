@@ -111,6 +111,17 @@ def prunable_modules(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str,
             and not any(fnmatch.fnmatchcase(name, p) for p in patterns)}
 
 
+def warn_unmatched_excludes(patterns: Iterable[str], layers: Iterable[str]) -> None:
+    """Warn about each exclude pattern that matches none of `layers` (the model's prunable
+    layer names): most likely a typo, which would leave the layer it meant prunable."""
+    names = list(layers)
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            log.warning("--exclude %r matches no prunable layer (they are named like %s); "
+                        "check the pattern", pattern, shown)
+
+
 def discover_layers(model: nn.Module, example_inputs: Any = None,
                     exclude: Iterable[str] = ()) -> list[LayerInfo]:
     """Every prunable layer of `model` in execution order where `example_inputs` is given

@@ -29,7 +29,7 @@ from .backends import LatencyBackend, check_options_supported
 from .data import Calibration, CalibrationSpec
 from .errors import SpdyError
 from .jsonio import load_json, save_json
-from .layers import discover_layers
+from .layers import discover_layers, prunable_modules, warn_unmatched_excludes
 from .locks import LOCK_NAME, exclusive_directory
 from .models import ModelEntry, ModelSetting
 from .options import SparsityOption, option_grid
@@ -53,6 +53,7 @@ RUN_FORMAT, RUN_VERSION = "spdy-gpu/run", 1
 REPORT_FORMAT, REPORT_VERSION = "spdy-gpu/run-report", 1
 # What `run` writes into its directory; --overwrite removes only these.
 MEASURED = ("timings.json", "database", "search-state.json")   # reused whenever they match
+PROGRESS = ("search-state.json", "profile.json", "pruned.safetensors", "report.json")
 OUTPUTS = ("run.json", "profile.json", "pruned.safetensors",
            "model.onnx", "model.triton.safetensors", "report.json", "report.md",
            "report.png", "timings.json.partial")
@@ -284,7 +285,7 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
     with _stage(report, "timings") as note:
         table = _timing_table(entry, model, example, backend, fingerprint, settings, out,
                               note)
-    planner = Planner(table, settings.exclude)
+    planner = Planner(table, (*entry.exclude, *settings.exclude))
     planner.grid(settings.speedup)                     # an unreachable target fails here
     with _stage(report, "database") as note:
         database = _database(entry, model, planner, fit, settings, out, progress, note)
@@ -370,11 +371,13 @@ def _claim(out: Path, model: str, fingerprint: Any, settings: RunSettings) -> No
     if manifest.exists():
         previous = load_json(manifest, RUN_FORMAT, RUN_VERSION).get("identity", {})
         same_setting = all(previous.get(k) == identity[k] for k in ("model", "fingerprint"))
+        # a run that stopped before its search (e.g. on bad input) left nothing to lose
+        unfinished = not any((out / name).exists() for name in PROGRESS)
         if previous != identity:
-            if not settings.overwrite:
-                raise SpdyError(f"{out} holds another run (of {previous.get('model')!r}, "
-                                "other settings); pass --overwrite to replace it or choose "
-                                "another --out")
+            if not (settings.overwrite or unfinished and same_setting):
+                raise SpdyError(f"{out} holds another run (of {previous.get('model')!r}; "
+                                f"differs in {_differences(previous, identity)}); pass "
+                                "--overwrite to replace it or choose another --out")
             _remove(out, OUTPUTS if same_setting else OUTPUTS + MEASURED)
     elif any(p.name != LOCK_NAME for p in out.iterdir()):
         if not settings.overwrite:
@@ -384,6 +387,14 @@ def _claim(out: Path, model: str, fingerprint: Any, settings: RunSettings) -> No
     save_json(manifest, RUN_FORMAT, RUN_VERSION, {
         "identity": identity,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def _differences(previous: Mapping[str, Any], identity: Mapping[str, Any]) -> str:
+    """The settings two run identities differ in, named as run's options are."""
+    before, now = previous.get("settings", {}), identity["settings"]
+    names = [k for k in ("model", "fingerprint") if previous.get(k) != identity[k]]
+    names += [k for k in sorted(now.keys() | before.keys()) if before.get(k) != now.get(k)]
+    return ", ".join(names) or "its format"
 
 
 def _remove(out: Path, names: Sequence[str]) -> None:
@@ -412,13 +423,16 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
                   note: dict[str, Any]) -> TimingTable:
     """A table measured for this model on this backend setting: out/timings.json or one of
     settings.timings when one matches, else measured now (resumable) and saved there."""
-    layers = discover_layers(model, example, entry.exclude)
+    excluded = (*entry.exclude, *settings.exclude)
+    warn_unmatched_excludes(settings.exclude, prunable_modules(model))
+    layers = discover_layers(model, example, excluded)       # excluded layers are not timed
     shapes = {layer.name: (layer.n, layer.k) for layer in layers}
     for path in (out / "timings.json", *settings.timings):
         if not Path(path).exists():
             continue
         table = TimingTable.load(path)
-        why = _mismatch(table, entry.name, fingerprint, shapes, settings.options)
+        why = _mismatch(table, entry.name, fingerprint, shapes, set(prunable_modules(model)),
+                        settings.options)
         if why is None:
             note["reused"] = str(path)
             if Path(path) != out / "timings.json":
@@ -438,19 +452,23 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
 
 
 def _mismatch(table: TimingTable, model: str, fingerprint: Any,
-              shapes: Mapping[str, tuple[int, int]],
+              shapes: Mapping[str, tuple[int, int]], prunable: set[str],
               options: Sequence[SparsityOption] | None) -> str | None:
     """Why `table` cannot stand for this run's measurements (None: it can). `shapes`:
-    the model's prunable layers as {name: (N, K)} of their GEMMs."""
+    the layers this run prunes as {name: (N, K)} of their GEMMs; the table must time all of
+    them, and may time more of the model's `prunable` layers (the run excludes those)."""
     if table.model != model:
         return f"it is for model {table.model!r}"
     differences = table.fingerprint.mismatches(fingerprint)
     if differences:
         return "measured in another setting (" + "; ".join(differences) + ")"
-    if set(table.layer_names) != set(shapes):
-        return "its layers differ from the model's"
-    resized = next((layer.name for layer in table.layers
-                    if tuple(layer.gemm[:2]) != shapes[layer.name]), None)
+    timed = set(table.layer_names)
+    if not set(shapes) <= timed:
+        return f"it does not time {sorted(set(shapes) - timed)[0]}, which this run prunes"
+    if not timed <= prunable:
+        return f"its layer {sorted(timed - prunable)[0]} is not a layer of the model"
+    resized = next((layer.name for layer in table.layers if layer.name in shapes
+                    and tuple(layer.gemm[:2]) != shapes[layer.name]), None)
     if resized is not None:
         return f"its layer {resized} has another shape than the model's"
     if options is not None and list(table.options) != list(options):

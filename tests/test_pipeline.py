@@ -298,3 +298,38 @@ def test_run_mixes_block_sizes_and_two_four_in_one_profile(tmp_path):
             rows, cols = option.block
             tiles = (weight != 0).reshape(weight.shape[0] // rows, rows, -1, cols).any(3).any(1)
             assert abs((1 - tiles.float().mean()) - option.sparsity) < 0.2
+
+
+def test_excluded_layers_are_not_timed_and_a_table_of_more_layers_is_reused(tmp_path, caplog):
+    backend = FakeBackend()
+    run(ENTRY, ModelSetting(), backend, settings(exclude=("0",), speedup=1.2), tmp_path / "a",
+        progress=False)
+    assert TimingTable.load(tmp_path / "a" / "timings.json").layer_names == ["2", "4"]
+    model, example = build()
+    full = tmp_path / "full.json"
+    backend.measure_table(model, example, __import__("spdy_gpu").discover_layers(
+        model, example), option_grid("unstructured", 6), model_name="toy").save(full)
+    report = run(ENTRY, ModelSetting(), backend,
+                 settings(exclude=("0",), speedup=1.2, timings=(full,)), tmp_path / "b",
+                 progress=False)
+    assert report.stages["timings"]["reused"] == str(full)
+    assert Profile.load(tmp_path / "b" / "profile.json").choices["0"].pattern == "dense"
+    # the other way round: a table missing a layer the run prunes is measured again
+    with caplog.at_level("WARNING"):
+        run(ENTRY, ModelSetting(), backend,
+            settings(timings=(tmp_path / "a" / "timings.json",)), tmp_path / "c",
+            progress=False)
+    assert "it does not time 0, which this run prunes" in caplog.text
+
+
+def test_a_run_stopped_before_its_search_is_replaced_and_a_finished_one_names_the_change(
+        tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SpdyError, match="--calib-batch-size"):        # batches too big
+        run(ENTRY, ModelSetting(), FakeBackend(),
+            settings(calibration=CalibrationSpec(samples=40, batch_size=40)), out,
+            progress=False)
+    assert (out / "run.json").exists()
+    run(ENTRY, ModelSetting(), FakeBackend(), settings(), out, progress=False)  # no --overwrite
+    with pytest.raises(SpdyError, match=r"differs in speedup\); pass --overwrite"):
+        run(ENTRY, ModelSetting(), FakeBackend(), settings(speedup=1.5), out, progress=False)

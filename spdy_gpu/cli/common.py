@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
-import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,10 +15,9 @@ from ..backends import (
     get_backend,
 )
 from ..errors import SpdyError
+from ..layers import warn_unmatched_excludes as warn_unmatched
 from ..models import ModelEntry, ModelSetting, load_model
 from ..options import SparsityOption, option_grid, parse_options
-
-log = logging.getLogger(__name__)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -54,14 +51,8 @@ def exclude_patterns(args: argparse.Namespace, entry: ModelEntry) -> list[str]:
 
 
 def warn_unmatched_excludes(args: argparse.Namespace, layers: Iterable[str]) -> None:
-    """Warn about each --exclude pattern that matches none of `layers` (the model's prunable
-    layer names): most likely a typo, which would leave the layer it meant prunable."""
-    names = list(layers)
-    for pattern in args.exclude:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            log.warning("--exclude %r matches no prunable layer (they are named like %s); "
-                        "check the pattern", pattern, shown)
+    """layers.warn_unmatched_excludes for the command's --exclude patterns."""
+    warn_unmatched(args.exclude, layers)
 
 
 def add_option_args(parser: argparse.ArgumentParser) -> None:
