@@ -514,13 +514,18 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
     or the rounds run out: a shortfall tightens the budget by the measured gap, an
     overshoot (quality given away) loosens it, and once both are known the next target is
     interpolated between them. Returns the last round that met the target (else the last
-    round, with a note) and its pruned model."""
+    round, with a note) and its pruned model; its round is marked "kept"."""
     target, solve_for = settings.speedup, settings.speedup
     short: tuple[float, float] | None = None       # (solved for, measured) falling short
     over: tuple[float, float] | None = None        # ... overshooting
     accepted = None
     for round_ in range(1, settings.max_rounds + 1):
         profile = dataclasses.replace(planner.solve(solve_for, costs), target_speedup=target)
+        if accepted is not None and profile.choices == accepted[0].choices:
+            # the loosened budget picks the same profile: the overshoot is the grid's step
+            report.notes.append(f"the profile measured {accepted[2].speedup:.3f}x, above the "
+                                f"target; a looser budget picks the same profile, so it stays")
+            break
         pruned = copy.deepcopy(dense)
         stitch_(pruned, profile.choices, database)
         if planner.table.estimated:
@@ -542,13 +547,14 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
             # the next round measures the same budget again on fresh engines.
             continue
         if met:
-            accepted = (profile, pruned, measured)
+            accepted = (profile, pruned, measured, len(report.rounds) - 1)
             if measured.speedup <= target * (1 + OVERSHOOT):
                 break
             over = (solve_for, measured.speedup)
         else:
             short = (solve_for, measured.speedup)
-        solve_for = _next_target(target, solve_for, measured.speedup, short, over)
+        solve_for = _next_target(target, profile.predicted_speedup, measured.speedup, short,
+                                 over)
         if solve_for > planner.max_speedup:
             report.notes.append(f"the table cannot plan beyond {planner.max_speedup:.3f}x, "
                                 "so the budget cannot be tightened further")
@@ -561,8 +567,9 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
         report.notes.append(f"measured {measured.speedup:.3f}x is below the target {target:g}x "
                             f"by more than {settings.tolerance:.0%} after {len(report.rounds)}"
                             " rounds")
-        accepted = (profile, pruned, measured)
-    profile, pruned, report.measured = accepted
+        accepted = (profile, pruned, measured, len(report.rounds) - 1)
+    profile, pruned, report.measured, kept = accepted
+    report.rounds[kept]["kept"] = True
     return profile, pruned
 
 
@@ -575,14 +582,17 @@ def _dense_off_table(measured: Measurement, table: TimingTable) -> bool:
     return measured.dense_ms > table.dense_total_ms * (1 + DENSE_DRIFT)
 
 
-def _next_target(target: float, solved: float, measured: float,
+def _next_target(target: float, predicted: float, measured: float,
                  short: tuple[float, float] | None,
                  over: tuple[float, float] | None) -> float:
     """The speedup to solve for next: between a shortfall and an overshoot, where the line
-    through them meets the target; otherwise scaled by the measured gap."""
+    through them meets the target; otherwise the target scaled by the table's error on the
+    last profile (predicted / measured). Not the solved-for target: a coarse grid's profile
+    can predict far above it (solved 2x, predicted 5.49x, measured 5.24x), and scaling that
+    by the overshoot would solve for 0.76x."""
     if short is not None and over is not None and over[1] > short[1]:
         return short[0] + (target - short[1]) * (over[0] - short[0]) / (over[1] - short[1])
-    return solved * target / measured
+    return target * predicted / measured
 
 
 def _measure_checked(backend: LatencyBackend, dense: nn.Module, pruned: nn.Module,
@@ -684,11 +694,11 @@ def format_report(report: RunReport) -> str:
                  f"{m.pruned_spread_ms:.2g})") + " |")
     if report.rounds:
         lines += ["", "## Measured guarantee", "",
-                  "| round | solved for | predicted | measured | dense ms | pruned ms |",
-                  "|---|---|---|---|---|---|"]
+                  "| round | solved for | predicted | measured | dense ms | pruned ms | kept |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['round']} | {r['solved_for']:.3f}x | {r['predicted_speedup']:.3f}x | "
-                  f"{r['measured_speedup']:.3f}x | {r['dense_ms']:.4g} | {r['pruned_ms']:.4g} |"
-                  for r in report.rounds]
+                  f"{r['measured_speedup']:.3f}x | {r['dense_ms']:.4g} | {r['pruned_ms']:.4g} | "
+                  f"{'yes' if r.get('kept') else ''} |" for r in report.rounds]
     if report.quality:
         lines += ["", "## Quality", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in report.quality.items()]

@@ -154,6 +154,21 @@ def test_overshoot_loosens_the_budget_and_keeps_a_round_that_met_the_target(tmp_
     assert all(r["met"] == (r["measured_speedup"] >= 1.6 * 0.97) for r in report.rounds)
 
 
+def test_an_overshoot_from_a_coarse_grid_is_kept_not_loosened_to_below_one(tmp_path):
+    """One sparse level: the cheapest profile meeting 1.2x predicts (and measures) far
+    above it. Loosening by measured / target would solve for < 1x (all dense, short) and
+    spend every round; the target corrected by the table's error picks the same profile."""
+    from spdy_gpu.options import SparsityOption
+    grid = (SparsityOption.dense(), SparsityOption.unstructured(0.9))
+    report = run(ENTRY, ModelSetting(), FakeBackend(), settings(measure_grid=grid,
+                                                                speedup=1.2, max_rounds=4),
+                 tmp_path, progress=False)
+    assert report.rounds[0]["measured_speedup"] > 1.2 * 1.05
+    assert len(report.rounds) == 1 and report.rounds[0]["kept"]
+    assert any("a looser budget picks the same profile" in n for n in report.notes)
+    assert "| yes |" in (tmp_path / "report.md").read_text()
+
+
 def test_a_dense_measurement_far_off_the_table_is_repeated(tmp_path):
     class SlowDenseOnce(FakeBackend):
         def latency(self, models, example):
