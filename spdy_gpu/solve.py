@@ -168,9 +168,10 @@ class Planner:
 
     def _infeasible(self, speedup: float, why: str) -> InfeasibleTargetError:
         best = self.max_speedup
+        shown = math.floor(best * 1000) / 1000     # rounded down: asking for it must work
         return InfeasibleTargetError(
             f"target speedup {speedup:g}x is infeasible ({why}); the largest achievable "
-            f"speedup on this timing table is {best:.3f}x: ask for at most that",
+            f"speedup on this timing table is {shown:.3f}x: ask for at most that",
             min_time=self.min_time_ms, max_speedup=best)
 
 

@@ -48,6 +48,16 @@ def test_infeasible_target_reports_the_largest_speedup(toy_table):
         solve_profile(make_table([[1.0, 0.5]], dense_total=10.0, fixed=9.0), 1.2)
 
 
+def test_the_largest_speedup_named_is_rounded_down_so_asking_for_it_works():
+    """A tiny model's table can hold more fixed time than its dense total (separate
+    measurements): 1x is then out of reach, and the message must not say 1.000x."""
+    table = make_table([[0.0, 0.0]], dense_total=0.00994, fixed=0.01018)
+    with pytest.raises(InfeasibleTargetError, match=r"is 0\.976x: ask") as info:
+        solve_profile(table, 1.0)
+    assert solve_profile(table, 0.976).predicted_speedup >= 0.976
+    assert info.value.max_speedup == pytest.approx(0.00994 / 0.01018)
+
+
 @pytest.mark.parametrize("speedup", [0.0, -1.0, math.nan, math.inf])
 def test_bad_speedup(toy_table, speedup):
     with pytest.raises(SpdyError, match="target speedup"):
