@@ -483,9 +483,11 @@ def _database(entry: ModelEntry, model: nn.Module, planner: Planner, fit: Calibr
 
     path = settings.database or out / "database"
     note["reused"] = (path / "manifest.json").exists()
+    # --overwrite replaces the run's own database when it is of other work, never a shared one
     return build_database(model, planner.layers, planner.options, fit.batches, path, "fast",
                           model_name=entry.name, calibration=fit.description,
-                          fast=settings.fast, progress=progress)
+                          fast=settings.fast, progress=progress,
+                          replace_other=settings.overwrite and settings.database is None)
 
 
 def _search(planner: Planner, database: Database, errors: Mapping[str, Any],

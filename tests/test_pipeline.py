@@ -348,3 +348,20 @@ def test_a_run_stopped_before_its_search_is_replaced_and_a_finished_one_names_th
     run(ENTRY, ModelSetting(), FakeBackend(), settings(), out, progress=False)  # no --overwrite
     with pytest.raises(SpdyError, match=r"differs in speedup\); pass --overwrite"):
         run(ENTRY, ModelSetting(), FakeBackend(), settings(speedup=1.5), out, progress=False)
+
+
+def test_overwrite_rebuilds_the_runs_own_database_when_the_weights_changed(tmp_path):
+    def retrained(setting=None):
+        model, example = build()
+        with torch.no_grad():
+            model[0].weight.mul_(2.0)
+        return model, example
+
+    run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    changed = ModelEntry("toy", "toy MLP, retrained", build=retrained, calibration=calibration)
+    with pytest.raises(SpdyError, match=r"other dense weights .*pass --overwrite"):
+        run(changed, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    run(changed, ModelSetting(), FakeBackend(), settings(overwrite=True), tmp_path,
+        progress=False)
+    from spdy_gpu.reconstruct import Database
+    Database.open(tmp_path / "database").check_model(retrained()[0])

@@ -116,12 +116,27 @@ def test_other_model_or_grid_is_refused(built, tmp_path):
         built.check_model(other)
     with pytest.raises(SpdyError, match="another option grid"):
         built.check_options([SparsityOption.unstructured(0.3)])
-    with pytest.raises(SpdyError, match="another model"):
+    with pytest.raises(SpdyError, match=r"other dense weights \(layer 3 differs\)"):
         build_database(other, LAYERS, OPTIONS, batches(), built.path, model_name="toy",
                        calibration={"source": "random"}, progress=False)
-    with pytest.raises(SpdyError, match="another option grid"):
+    with pytest.raises(SpdyError, match=r"other options \(7 stored, 3 now\)"):
         build_database(toy_model(), LAYERS, OPTIONS[:3], batches(), built.path,
                        model_name="toy", calibration={"source": "random"}, progress=False)
+    with pytest.raises(SpdyError, match=r"another calibration \(source random -> files\)"):
+        build_database(toy_model(), LAYERS, OPTIONS, batches(), built.path,
+                       model_name="toy", calibration={"source": "files"}, progress=False)
+
+
+def test_a_database_of_other_work_is_replaced_when_asked(built, caplog):
+    other = toy_model()
+    with torch.no_grad():
+        other[3].weight[0, 0] += 1.0
+    with caplog.at_level("WARNING"):
+        replaced = build_database(other, LAYERS, OPTIONS, batches(), built.path,
+                                  model_name="toy", calibration={"source": "random"},
+                                  progress=False, replace_other=True)
+    assert "replacing the database" in caplog.text
+    replaced.check_model(other)                                   # now of the new weights
 
 
 def test_block_larger_than_weight_names_layer_and_writes_nothing(tmp_path):

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -320,31 +321,49 @@ class _Build:
         save_json(self.path / MANIFEST, DB_FORMAT, DB_VERSION, body)
 
 
-def _start(out_dir: Path, header: dict[str, Any]) -> _Build:
-    """A fresh build, or the interrupted one in out_dir if it was for the same work."""
+def _start(out_dir: Path, header: dict[str, Any], replace_other: bool) -> _Build:
+    """A fresh build, or the interrupted one in out_dir if it was for the same work; a
+    database of other work is refused, or (replace_other) deleted with a warning."""
     manifest = out_dir / MANIFEST
-    if not manifest.exists():
-        if any(p.name != LOCK_NAME for p in out_dir.iterdir()):
-            raise SpdyError(f"{out_dir} exists, is not empty and holds no database; choose an "
-                            "empty or new --out directory")
-        # Nothing is written until the first entry: a failed capture leaves no directory.
-        return _Build(out_dir, {"format": DB_FORMAT, "version": DB_VERSION, **header,
-                                "entries": {}})
-    document = _load_manifest(out_dir)
+    if manifest.exists():
+        document = _load_manifest(out_dir)
+        other = _other_work(document, header)
+        if other is None:
+            log.info("resuming the database in %s", out_dir)
+            return _Build(out_dir, document)
+        if not replace_other:
+            raise SpdyError(f"{out_dir} holds a database of {other}; delete it or choose "
+                            "another directory (a run's own database: pass --overwrite)")
+        log.warning("replacing the database in %s: it was one of %s", out_dir, other)
+        shutil.rmtree(out_dir / "entries", ignore_errors=True)
+        manifest.unlink()
+    if any(p.name != LOCK_NAME for p in out_dir.iterdir()):
+        raise SpdyError(f"{out_dir} exists, is not empty and holds no database; choose an "
+                        "empty or new --out directory")
+    # Nothing is written until the first entry: a failed capture leaves no directory.
+    return _Build(out_dir, {"format": DB_FORMAT, "version": DB_VERSION, **header,
+                            "entries": {}})
+
+
+def _other_work(document: Mapping[str, Any], header: Mapping[str, Any]) -> str | None:
+    """What the stored database was built for, where that differs from `header` (None: the
+    same work)."""
     stored = document.get("layer_sha256", {})
     changed = next((n for n, h in header["layer_sha256"].items() if stored.get(n) != h), None)
     if changed is not None and document.get("layers") == header["layers"]:
-        raise SpdyError(f"{out_dir} holds a database for another model: layer {changed} had "
-                        "other dense weights; choose another --out directory or delete this one")
+        return f"other dense weights (layer {changed} differs)"
     for key in ("model", "fingerprint", "options", "layers", "method", "config", "calibration"):
-        if document.get(key) != header[key]:
-            what = {"model": "another model", "options": "another option grid",
-                    "fingerprint": "another model (or other dense weights)",
-                    "layers": "other layers"}.get(key, key)
-            raise SpdyError(f"{out_dir} holds a database for {what} (its {key} differs); "
-                            "choose another --out directory or delete this one")
-    log.info("resuming the database in %s", out_dir)
-    return _Build(out_dir, document)
+        before, now = document.get(key), header[key]
+        if before == now:
+            continue
+        if isinstance(before, Mapping) and isinstance(now, Mapping):
+            fields = [f"{k} {before.get(k)} -> {now.get(k)}"
+                      for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+            return f"another {key} ({', '.join(fields)})"
+        if isinstance(before, list) and isinstance(now, list):
+            return f"other {key} ({len(before)} stored, {len(now)} now)"
+        return f"another {key} ({before!r} stored, {now!r} now)"
+    return None
 
 
 def _check_options(modules: Mapping[str, nn.Module],
@@ -364,13 +383,15 @@ def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[Sp
                    calibration: Mapping[str, Any] | None = None,
                    fast: FastConfig | None = None,
                    adaprune_config: AdaPruneConfig | None = None,
-                   max_input_bytes: int = 2 << 30, progress: bool = True) -> Database:
+                   max_input_bytes: int = 2 << 30, progress: bool = True,
+                   replace_other: bool = False) -> Database:
     """Reconstruct every layer in `layers` at every option and store it in `out_dir`.
 
     Level k+1's mask is built on level k's reconstructed weights (nested masks) within each
     family of options. method "fast": the Gram-matrix solver (one calibration pass);
     "adaprune": faithful AdaPrune on stored inputs (one pass per group of layers whose
-    inputs fit in `max_input_bytes`). Resumes an interrupted build of the same work.
+    inputs fit in `max_input_bytes`). Resumes an interrupted build of the same work; a
+    database of other work in `out_dir` is refused, or replaced with `replace_other`.
     """
     fast = fast or FastConfig()
     adaprune_config = adaprune_config or AdaPruneConfig()
@@ -391,7 +412,7 @@ def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[Sp
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     with exclusive_directory(out_dir, "database directory") as out_dir:
-        build = _start(out_dir, header)
+        build = _start(out_dir, header, replace_other)
         todo = {name: m for name, m in modules.items()
                 if not all([build.done(name, o) for o in options])}   # checks every entry
         if todo:
