@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import MissingDependencyError, SpdyError
+from .errors import MissingDependencyError, SpdyError, user_code
 from .layers import prunable_modules
 from .options import SparsityOption
 
@@ -101,9 +101,9 @@ def input_names_of(example: Any) -> tuple[str, ...]:
 
 def example_arrays(example: Any, names: Iterable[str]) -> list[np.ndarray]:
     if isinstance(example, Mapping):
-        return [np.ascontiguousarray(example[name].numpy()) for name in names]
+        return [np.ascontiguousarray(example[name].detach().numpy()) for name in names]
     tensors = example if isinstance(example, (tuple, list)) else [example]
-    return [np.ascontiguousarray(t.numpy()) for t in tensors]
+    return [np.ascontiguousarray(t.detach().numpy()) for t in tensors]
 
 
 def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
@@ -114,6 +114,7 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
     `dynamic`, dim 0 (batch) of every input and dim 1 (sequence) of 2-D integer inputs are
     dynamic axes. Raises SpdyError if a prunable module cannot be located in the graph.
     """
+    _check_exportable(model, example)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = input_names_of(example)
@@ -122,13 +123,33 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
     else:
         args, kwargs = (tuple(example) if isinstance(example, (tuple, list)) else (example,)), None
     axes = _dynamic_axes(example, names) if dynamic else None
-    with torch.no_grad(), _quiet_export():
+    with torch.no_grad(), _quiet_export(), user_code(
+            "the ONNX export of the model (for DeepSparse)",
+            f"make its forward return tensors (a tensor, or a tuple or dict of them) and use "
+            f"ops ONNX opset {OPSET} has, or use --backend triton"):
         torch.onnx.export(model, args, str(path), kwargs=kwargs, input_names=list(names),
                           output_names=["output"], opset_version=OPSET, dynamo=False,
                           dynamic_axes=axes, do_constant_folding=True)
     onnx = require_onnx()
     layers = map_layers(onnx.load(str(path)), prunable_modules(model, exclude))
     return OnnxExport(path=path, input_names=names, layers=layers)
+
+
+def _check_exportable(model: nn.Module, example: Any) -> None:
+    """DeepSparse runs float32 on the CPU: another dtype or device is refused up front (it
+    would fail deep inside the export or the engine)."""
+    tensors = (list(example.values()) if isinstance(example, Mapping)
+               else list(example) if isinstance(example, (tuple, list)) else [example])
+    floating = [t for t in (*model.parameters(), *model.buffers(), *tensors)
+                if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    wrong = next((t for t in floating if t.dtype != torch.float32), None)
+    if wrong is not None:
+        raise SpdyError(f"DeepSparse runs float32 models, and this model or its example input "
+                        f"has {str(wrong.dtype).removeprefix('torch.')} tensors; return "
+                        "model.float() and float32 inputs from the model function")
+    if any(t.device.type != "cpu" for t in floating):
+        raise SpdyError("DeepSparse runs on the CPU, and this model or its example input is "
+                        "on another device; return it on the CPU from the model function")
 
 
 def _dynamic_axes(example: Any, names: tuple[str, ...]) -> dict[str, dict[int, str]]:

@@ -11,7 +11,7 @@ from spdy_gpu.options import SparsityOption
 onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
-from spdy_gpu.onnx_export import export_onnx, map_layers, prune_onnx  # noqa: E402
+from spdy_gpu.onnx_export import example_arrays, export_onnx, map_layers, prune_onnx  # noqa: E402
 
 
 class ConvNet(nn.Module):
@@ -107,3 +107,26 @@ def test_prune_onnx_writes_magnitude_masked_weights(tmp_path):
     assert (up == 0).float().mean().item() == pytest.approx(0.75, abs=1 / weight.numel())
     down = torch.from_numpy(stored[layers["layers.1.down"].initializer].copy()).t()
     torch.testing.assert_close(down, model.layers[1]["down"].weight.detach())
+
+
+def test_models_deepsparse_cannot_run_are_one_line_errors_before_the_export(tmp_path):
+    half = nn.Sequential(nn.Linear(8, 8)).half().eval()
+    with pytest.raises(SpdyError, match="DeepSparse runs float32 models.*float16"):
+        export_onnx(half, torch.randn(2, 8).half(), tmp_path / "half.onnx")
+
+    class ReturnsNothing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            self.fc(x)
+
+    with pytest.raises(SpdyError, match="the ONNX export of the model .* raised RuntimeError"):
+        export_onnx(ReturnsNothing().eval(), torch.randn(2, 8), tmp_path / "none.onnx")
+
+
+def test_an_example_that_requires_grad_still_gives_arrays():
+    example = torch.randn(2, 8, requires_grad=True)
+    (array,) = example_arrays(example, ["input_0"])
+    assert array.shape == (2, 8)
