@@ -281,3 +281,23 @@ def test_repeats_forces_that_many_calls_per_option(backend, monkeypatch):
     assert table.provenance["calls_per_option"] == dict.fromkeys(
         [o.name for o in OPTIONS], backend.repeats)
     assert set(table.provenance["calibration_engines"].values()) == {backend.engines}
+
+
+def test_a_compile_that_ends_the_process_is_a_one_line_error(backend, tmp_path, monkeypatch):
+    """DeepSparse ends the process on some internal assertions (status 1, no exception):
+    the forked first compile turns that into a SpdyError naming the assertion."""
+    import os
+    from types import SimpleNamespace
+
+    def dies(*args, **kwargs):
+        os.write(2, b"banner\nAssertion at src/lib/jit/function/fused_ops.cpp:250\nmail us\n")
+        os._exit(1)
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"")
+    monkeypatch.setattr(backend, "ds", SimpleNamespace(compile_model=dies))
+    with pytest.raises(SpdyError, match=r"crashed compiling this model \(exit status 1: "
+                                        r"Assertion at src/lib/jit/function/fused_ops"):
+        backend._check_compiles(path, [], 1)
+    monkeypatch.setattr(backend, "ds", SimpleNamespace(compile_model=lambda *a, **k: None))
+    backend._check_compiles(path, [], 1)                   # a compile that returns is fine

@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -193,6 +194,7 @@ class DeepSparseBackend:
         with tempfile.TemporaryDirectory(prefix="spdy-deepsparse-") as tmp:
             export = self._export(model, example, layers, Path(tmp) / "model.onnx")
             inputs = export.inputs_numpy(example)
+            self._check_compiles(export.path, inputs, batch)
             to_module = export.module_of_output()
             runnable = [o for o in options if any(self.supports(layer, o) for layer in layers)]
             with tqdm(total=store.done, initial=store.done, unit="call",
@@ -381,6 +383,35 @@ class DeepSparseBackend:
             log.debug("%s end to end: %s ms per engine, %d slow", name, result.engine_ms,
                       result.slow_engines)
         return results
+
+    def _check_compiles(self, path: Path, inputs: list[np.ndarray], batch: int) -> None:
+        """Compile `path` once in a forked child first: on some shapes (e.g. a 384 -> 4100
+        Linear) DeepSparse fails an internal assertion and ends the whole process with
+        status 1 and no Python exception, which would end spdy-gpu without a word."""
+        if not hasattr(os, "fork"):
+            return
+        log_path = path.with_suffix(".compile.log")
+        pid = os.fork()
+        if pid == 0:                                     # the child: compile, report, exit
+            code = 3
+            try:
+                out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(out, 1)
+                os.dup2(out, 2)
+                self.ds.compile_model(str(path), batch_size=batch, num_cores=self.threads,
+                                      input_shapes=[list(a.shape) for a in inputs])
+                code = 0
+            finally:
+                os._exit(code)
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if status != 0:
+            said = [line.strip() for line in log_path.read_text(errors="replace").splitlines()
+                    if line.strip()]
+            telling = [line for line in said if "assert" in line.lower() or "error" in line.lower()]
+            why = (telling or said or ["no message"])[0][:200]
+            raise SpdyError(f"DeepSparse crashed compiling this model (exit status {status}: "
+                            f"{why}); --exclude the layers it cannot compile, change their "
+                            "shapes, or use --backend triton")
 
     def _compile(self, path: Path, inputs: list[np.ndarray], batch: int) -> Any:
         with _quiet_fd():
