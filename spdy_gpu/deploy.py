@@ -77,12 +77,15 @@ class Plan:
 @dataclass(frozen=True)
 class DeployResult:
     """What a deploy step wrote: the pruned layers, their overall sparsity (zeros / weights
-    over those layers) and, for the Triton artifact, the layers stored block-sparse."""
+    over those layers) and, for the Triton artifact, the layers stored block-sparse (run by
+    the Triton kernel) and 2:4 (sparse tensor cores); the other pruned layers stay dense
+    tensors with zeros there."""
 
     path: Path
     pruned: int
     sparsity: float
     block_sparse: int = 0
+    semi_structured: int = 0
 
 
 def load_plan(profile_or_choices: ProfileLike | Plan, exclude: Iterable[str] = ()) -> Plan:
@@ -468,4 +471,9 @@ def export_profile(model: nn.Module, example: Any, profile: ProfileLike, out: Pa
         path = export_onnx_pruned(model, example, out, exclude=exclude)
         return DeployResult(path, len(plan.pruned), sparsity)
     layout = save_block_sparse(model, plan, out)
-    return DeployResult(Path(out), len(plan.pruned), sparsity, len(layout))
+    two_four = sum(SparsityOption.parse(x["option"]).pattern == "nm" for x in layout.values())
+    if plan.pruned and not layout:
+        log.warning("none of the %d pruned layers runs sparse on a GPU (the Triton artifact "
+                    "runs block and 2:4 options): they are stored dense with zeros; plan the "
+                    "profile with --backend triton", len(plan.pruned))
+    return DeployResult(Path(out), len(plan.pruned), sparsity, len(layout) - two_four, two_four)

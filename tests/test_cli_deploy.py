@@ -102,7 +102,7 @@ def test_export_triton_from_applied_weights(work, capsys):
     out = work / "out" / "m.safetensors"
     assert main(["export", "--model", MODEL, "--profile", str(work / "p.json"), "--weights",
                  str(weights), "--format", "triton", "--out", str(out)]) == 0
-    assert "1 of them block-sparse" in capsys.readouterr().out
+    assert "1 block-sparse, 0 2:4" in capsys.readouterr().out
     loaded = load_block_sparse(lambda: toy()[0], out)
     assert isinstance(loaded[0], BlockSparseLinear) and type(loaded[2]) is nn.Linear
     x = torch.randn(3, 32)
@@ -154,3 +154,11 @@ def test_export_refuses_wrong_weights_and_writes_nothing(work, capsys):
     assert "nothing to prune" in error_line(
         capsys, export + ["--exclude", "*"])
     assert list((work / "out").iterdir()) == []
+
+
+def test_export_triton_of_a_profile_nothing_of_which_runs_sparse_on_a_gpu_warns(work, caplog):
+    profile = write_profile(work / "u.json", {"0": "unstructured@0.5", "2": "dense"})
+    with caplog.at_level("WARNING"):
+        assert main(["export", "--model", MODEL, "--profile", profile, "--format", "triton",
+                     "--out", str(work / "out" / "u.safetensors")]) == 0
+    assert "none of the 1 pruned layers runs sparse on a GPU" in caplog.text

@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     result = export_profile(model, example, args.profile, args.out, format=args.format,
                             database=args.database, weights=args.weights,
                             model_name=entry.name, exclude=exclude_patterns(args, entry))
-    stored = (f", {result.block_sparse} of them block-sparse" if args.format == "triton"
-              else "")
+    stored = (f"; {result.block_sparse} block-sparse, {result.semi_structured} 2:4"
+              if args.format == "triton" else "")
     print(f"exported {result.pruned} pruned layers ({result.sparsity:.1%} sparsity{stored}) "
           f"as {args.format} to {result.path}")
     return 0
