@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -74,6 +74,11 @@ class SparsityOption:
     @property
     def density(self) -> float:
         return 1.0 - self.sparsity
+
+    @property
+    def family(self) -> tuple[Any, ...]:
+        """What the option's levels vary within: the pattern and its shape (block, N:M)."""
+        return (self.pattern, self.block, self.n, self.m)
 
     @property
     def name(self) -> str:

@@ -195,7 +195,7 @@ class RunSettings:
     calibration: CalibrationSpec = CalibrationSpec()
     search_samples: int = 32              # held out from the database, scored by the search
     search: SearchConfig = SearchConfig()
-    errors: str = "prior"                 # per-option errors the coefficients scale
+    errors: str = "auto"                  # per-option errors the coefficients scale
     loss: str | None = None               # None: the model entry's own (else nmse)
     fast: FastConfig = FastConfig()
     gap: GapSettings | None = None
@@ -206,8 +206,8 @@ class RunSettings:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.speedup) and self.speedup > 0):
             raise SpdyError(f"target speedup {self.speedup} must be a finite number > 0")
-        if self.errors not in ("prior", "database"):
-            raise SpdyError(f"--errors {self.errors!r}: use prior or database")
+        if self.errors not in ("auto", "prior", "database"):
+            raise SpdyError(f"--errors {self.errors!r}: use auto, prior or database")
         if self.search_samples < 1:
             raise SpdyError(f"--search-samples {self.search_samples} must be >= 1")
         if self.max_rounds < 1:
@@ -503,7 +503,17 @@ def _search(planner: Planner, database: Database, errors: Mapping[str, Any],
 
 def _base_errors(planner: Planner, database: Database,
                  settings: RunSettings) -> dict[str, Any]:
-    if settings.errors == "prior":
+    """The per-option errors the searched coefficients scale. "auto": SPDY's prior on a grid
+    of one family, the database's errors on a mixed one: the prior ranks options by
+    sparsity alone, so 2:4 at 50% would count as worse than 64x64 blocks at 40% on every
+    layer, and no coefficient could undo that."""
+    families = {o.family for o in planner.options if o.pattern != "dense"}
+    errors = settings.errors
+    if errors == "auto":
+        errors = "database" if len(families) > 1 else "prior"
+        log.info("searching on %s errors (--errors auto, %d option families)", errors,
+                 len(families))
+    if errors == "prior":
         return planner.prior()
     return database.errors_by_layer(planner.layers, planner.options)
 

@@ -365,3 +365,28 @@ def test_overwrite_rebuilds_the_runs_own_database_when_the_weights_changed(tmp_p
         progress=False)
     from spdy_gpu.reconstruct import Database
     Database.open(tmp_path / "database").check_model(retrained()[0])
+
+
+def test_auto_errors_are_the_prior_on_one_family_and_the_databases_on_a_mixed_grid():
+    from spdy_gpu.options import SparsityOption
+    from spdy_gpu.pipeline import _base_errors
+
+    class Stub:
+        def __init__(self, options):
+            self.options, self.layers = options, ["0"]
+
+        def prior(self):
+            return "prior"
+
+        def errors_by_layer(self, layers, options):
+            return "database"
+
+    dense = SparsityOption.dense()
+    one = [dense, SparsityOption.blocked(0.5, 32), SparsityOption.blocked(0.9, 32)]
+    mixed = [dense, SparsityOption.blocked(0.4, 64), SparsityOption.n_of_m(2, 4)]
+    sizes = [dense, SparsityOption.blocked(0.5, 32), SparsityOption.blocked(0.5, 64)]
+    auto, prior = settings(), settings(errors="prior")
+    assert _base_errors(Stub(one), Stub(one), auto) == "prior"
+    assert _base_errors(Stub(mixed), Stub(mixed), auto) == "database"
+    assert _base_errors(Stub(sizes), Stub(sizes), auto) == "database"   # two block sizes
+    assert _base_errors(Stub(mixed), Stub(mixed), prior) == "prior"

@@ -64,9 +64,10 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--search-samples", type=int, default=32,
                        help="calibration samples held out from the database and scored by the "
                             "search (32)")
-    group.add_argument("--errors", choices=["prior", "database"], default="prior",
+    group.add_argument("--errors", choices=["auto", "prior", "database"], default="auto",
                        help="per-option errors the coefficients scale: SPDY's squared-rank "
-                            "prior (default) or the database's per-layer errors")
+                            "prior, the database's per-layer errors, or auto (default): the "
+                            "prior on a grid of one family, the database's on a mixed one")
     group.add_argument("--loss", choices=sorted(LOSSES), default=None,
                        help="model-level loss against the dense outputs (default: the "
                             "model's own, else nmse)")
