@@ -82,10 +82,13 @@ def test_each_flag_once_with_every_backend_that_takes_it(fake):
         assert flag in help_text
 
 
-def test_config_holds_only_the_chosen_backends_given_options(fake):
-    args = parse(["--backend", "fake", "--speed", "2", "--threads", "4"])
-    assert backend_config(args) == {"speed": 2.0}
-    assert backend_config(parse(["--backend", "deepsparse", "--dtype", "fp16"])) == {}
+def test_config_holds_the_chosen_backends_given_options_and_refuses_others(fake):
+    assert backend_config(parse(["--backend", "fake", "--speed", "2"])) == {"speed": 2.0}
+    with pytest.raises(SpdyError, match="--threads is an option of --backend deepsparse, not "
+                                        "of fake"):
+        backend_config(parse(["--backend", "fake", "--speed", "2", "--threads", "4"]))
+    with pytest.raises(SpdyError, match="--dtype is an option of --backend triton"):
+        backend_config(parse(["--backend", "deepsparse", "--dtype", "fp16"]))
     backend = backend_from_args(parse(["--backend", "fake", "--repeats", "5"]))
     assert isinstance(backend, FakeBackend) and backend.repeats == 5
     assert backend_class("fake") is FakeBackend and isinstance(get_backend("fake"), FakeBackend)

@@ -314,3 +314,13 @@ def test_the_search_log_says_why_it_stopped(planner, caplog):
         evolve(planner, 1.3, score, planner.choose(1.3), progress=False,
                config=EvolutionConfig(max_evaluations=2))
     assert "evolution reached its evaluation budget after" in caplog.text
+
+
+def test_an_option_of_another_backend_is_refused(tmp_path, capsys):
+    from spdy_gpu.cli import main
+    code = main(["timings", "--model", "tests.test_triton_backend:toy_mlp", "--backend",
+                 "triton", "--estimate", "h100-sxm", "--threads", "2", "--levels", "3",
+                 "--out", str(tmp_path / "t.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "--threads is an option of --backend deepsparse, not of triton" in err

@@ -100,8 +100,15 @@ def add_backend_args(parser: argparse.ArgumentParser, required: bool = True) -> 
 
 
 def backend_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The chosen backend's keyword configuration: the options it declares that were given."""
+    """The chosen backend's keyword configuration: the options it declares that were given.
+    An option only other backends take is refused: it would be silently ignored."""
     options = backend_class(args.backend).cli_options
+    own = {o.key for o in options}
+    for name in backend_names():
+        for other in backend_class(name).cli_options:
+            if other.key not in own and getattr(args, other.key, None) is not None:
+                raise SpdyError(f"{other.flag} is an option of --backend {name}, not of "
+                                f"{args.backend}; drop it")
     return {o.key: value for o in options if (value := getattr(args, o.key, None)) is not None}
 
 
