@@ -206,6 +206,9 @@ class RunSettings:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.speedup) and self.speedup > 0):
             raise SpdyError(f"target speedup {self.speedup} must be a finite number > 0")
+        if self.speedup < 1:
+            raise SpdyError(f"target speedup {self.speedup:g}x is below 1x: the dense model "
+                            "already meets it; ask for a speedup of at least 1")
         if self.errors not in ("auto", "prior", "database"):
             raise SpdyError(f"--errors {self.errors!r}: use auto, prior or database")
         if self.search_samples < 1:
@@ -435,9 +438,10 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
                         settings.options)
         if why is None:
             note["reused"] = str(path)
-            if Path(path) != out / "timings.json":
-                table.save(out / "timings.json")
-            return table
+            run_table = table.restricted_to(set(shapes))    # layers it times beyond: fixed
+            if Path(path) != out / "timings.json" or run_table is not table:
+                run_table.save(out / "timings.json")
+            return run_table
         log.warning("not reusing %s: %s", path, why)
     options = list(settings.options or settings.measure_grid
                    or option_grid(backend.default_pattern))

@@ -100,6 +100,16 @@ class TimingTable:
     def dense_times(self) -> np.ndarray:
         return self.times()[:, 0]
 
+    def restricted_to(self, names: set[str]) -> TimingTable:
+        """The table of the named layers only: the others' dense time moves into the fixed
+        time, as a layer kept dense counts."""
+        dropped = [layer for layer in self.layers if layer.name not in names]
+        if not dropped:
+            return self
+        return dataclasses.replace(
+            self, layers=tuple(layer for layer in self.layers if layer.name in names),
+            fixed_ms=self.fixed_ms + math.fsum(layer.median_ms[0] for layer in dropped))
+
     def validate(self) -> None:
         if not self.options or self.options[0].pattern != "dense":
             raise SpdyError("the first option must be dense; regenerate the table")

@@ -328,7 +328,11 @@ def test_excluded_layers_are_not_timed_and_a_table_of_more_layers_is_reused(tmp_
                  settings(exclude=("0",), speedup=1.2, timings=(full,)), tmp_path / "b",
                  progress=False)
     assert report.stages["timings"]["reused"] == str(full)
-    assert Profile.load(tmp_path / "b" / "profile.json").choices["0"].pattern == "dense"
+    # the run's copy times only what it prunes: the excluded layer's dense time is fixed
+    kept, whole = TimingTable.load(tmp_path / "b" / "timings.json"), TimingTable.load(full)
+    assert kept.layer_names == ["2", "4"]
+    assert kept.fixed_ms == pytest.approx(whole.fixed_ms + whole.layers[0].median_ms[0])
+    assert Profile.load(tmp_path / "b" / "profile.json").choices.get("0") is None
     # the other way round: a table missing a layer the run prunes is measured again
     with caplog.at_level("WARNING"):
         run(ENTRY, ModelSetting(), backend,
