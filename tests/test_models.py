@@ -46,6 +46,7 @@ def test_unset_sizes_are_the_functions_own_defaults():
     assert cnn.build(ModelSetting(image_size=32))[1].shape == (1, 3, 32, 32)
     keywords = load_model("tests.test_models:any_keywords")           # **kwargs takes all
     assert keywords.build(ModelSetting(seq_len=5))[1].shape == (1, 5, 4)
+    assert keywords.build(ModelSetting())[1].shape == (1, 8, 4)       # nothing imposed
     builtin = load_model("minilm")
     assert builtin.resolve(ModelSetting()) == ModelSetting(seq_len=128, image_size=224)
 

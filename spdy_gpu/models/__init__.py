@@ -171,13 +171,13 @@ def _user_entry(spec: str) -> ModelEntry:
 def _own_defaults(parameters: Mapping[str, inspect.Parameter],
                   accepted: set[str]) -> dict[str, int]:
     """The user function's own seq_len / image_size defaults; a parameter without a default
-    gets the generic one, one defaulting to None (its own choice) stays unset."""
+    gets the generic one, one defaulting to None (its own choice) or only taken through
+    **kwargs stays unset."""
     defaults = {}
     for name, generic in GENERIC_DEFAULTS.items():
-        if name not in accepted:
+        if name not in accepted or name not in parameters:
             continue
-        parameter = parameters.get(name)
-        own = inspect.Parameter.empty if parameter is None else parameter.default
+        own = parameters[name].default
         if own is inspect.Parameter.empty:
             defaults[name] = generic
         elif isinstance(own, int) and not isinstance(own, bool):
