@@ -80,6 +80,8 @@ class CompareSettings:
     def __post_init__(self) -> None:
         if not self.speedups:
             raise SpdyError("give at least one target speedup, e.g. --speedups 1.5 2 3")
+        for speedup in self.speedups:                  # each target's run checks it first
+            dataclasses.replace(self.run, speedup=speedup)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise SpdyError(f"unknown method {unknown[0]!r}; use some of {', '.join(METHODS)}")

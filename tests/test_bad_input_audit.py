@@ -324,3 +324,9 @@ def test_an_option_of_another_backend_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert "--threads is an option of --backend deepsparse, not of triton" in err
+
+
+def test_a_target_below_one_is_refused():
+    from spdy_gpu.pipeline import RunSettings
+    with pytest.raises(SpdyError, match="below 1x: the dense model already meets it"):
+        RunSettings(speedup=0.5)
