@@ -515,8 +515,8 @@ def _base_errors(planner: Planner, database: Database,
     errors = settings.errors
     if errors == "auto":
         errors = "database" if len(families) > 1 else "prior"
-        log.info("searching on %s errors (--errors auto, %d option families)", errors,
-                 len(families))
+        log.info("searching on %s errors (--errors auto: %s)", errors,
+                 "one option family" if len(families) < 2 else f"{len(families)} option families")
     if errors == "prior":
         return planner.prior()
     return database.errors_by_layer(planner.layers, planner.options)
