@@ -44,6 +44,7 @@ from .locks import exclusive_directory
 from .models import ModelEntry, ModelSetting
 from .options import SparsityOption
 from .pipeline import (
+    DENSE_DRIFT,
     GapSettings,
     RunSettings,
     calibration_split,
@@ -174,7 +175,8 @@ def _compare_target(entry: ModelEntry, setting: ModelSetting, backend: LatencyBa
         models["spdy+gap"] = _with_gap(models["spdy"], model, choices["spdy"], fit.batches,
                                        settings.gap, progress)
         choices["spdy+gap"] = choices["spdy"]
-    dense_latency, pairs = _time_against_dense(backend, model, models, example, target)
+    dense_latency, pairs = _time_against_dense(backend, model, models, example, target,
+                                               table.dense_total_ms)
     rows = [_row("dense", None, planner, budget_target, dense_latency,
                  dense_latency.median_ms, entry.quality_of(model, model), 0.0)]
     for method in settings.methods:
@@ -256,18 +258,30 @@ def _with_gap(pruned: nn.Module, dense: nn.Module, choices: Choices, batches: Se
 
 
 def _time_against_dense(backend: LatencyBackend, dense: nn.Module,
-                        models: Mapping[str, nn.Module], example: Any, target: float
+                        models: Mapping[str, nn.Module], example: Any, target: float,
+                        table_dense_ms: float
                         ) -> tuple[Latency, dict[str, dict[str, Latency]]]:
     """Each pruned model timed against the dense one in a session of their own (interleaved,
     as the run's guarantee times them): a session of many models ran every model slower
-    here (DeepSparse b16, nine models: dense 8.8-9.1 ms against 7.8 ms in pairs).
-    Returns the dense model's latency over the sessions (median of their medians, spread
-    across them) and each method's pair."""
+    here (DeepSparse b16, nine models: dense 8.8-9.1 ms against 7.8 ms in pairs). A session
+    whose dense time is far off the table's (a backend in a slow state, which slows sparse
+    kernels more) is run once more and the one closer to the table kept, as the guarantee
+    does. Returns the dense model's latency over the sessions (median of their medians,
+    spread across them) and each method's pair."""
+    def off_table(pair: dict[str, Latency]) -> float:
+        return abs(pair["dense"].median_ms - table_dense_ms)
+
     pairs = {}
     for i, (method, pruned) in enumerate(models.items(), 1):
         log.info("target %gx: timing %s against dense (%d of %d)", target, method, i,
                  len(models))
-        pairs[method] = backend.latency({"dense": dense, method: pruned}, example)
+        pair = backend.latency({"dense": dense, method: pruned}, example)
+        if pair["dense"].median_ms > table_dense_ms * (1 + DENSE_DRIFT):
+            log.info("dense measured %.4g ms against the table's %.4g ms: timing %s again",
+                     pair["dense"].median_ms, table_dense_ms, method)
+            pair = min(pair, backend.latency({"dense": dense, method: pruned}, example),
+                       key=off_table)
+        pairs[method] = pair
     dense_ms = [pair["dense"].median_ms for pair in pairs.values()]
     if not dense_ms:                                 # no method met the budget
         return backend.latency({"dense": dense}, example)["dense"], pairs
