@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import SpdyError, first_line, function_name, user_code
+from .layers import named_inputs
 from .models import ModelEntry, ModelSetting
 
 log = logging.getLogger(__name__)
@@ -180,14 +181,8 @@ def _check_like_example(data: Any, example: Any, file: Path) -> None:
 
 
 def _tensors(value: Any) -> dict[str, torch.Tensor]:
-    """The tensors of an input keyed by name (dict) or position (tuple, list, tensor)."""
-    if isinstance(value, dict):
-        items = [(str(k), v) for k, v in value.items()]
-    elif isinstance(value, (tuple, list)):
-        items = [(str(i), v) for i, v in enumerate(value)]
-    else:
-        items = [("0", value)]
-    return {k: v for k, v in items if isinstance(v, torch.Tensor) and v.dim() > 0}
+    """The tensors of an input with a batch dimension, by name (see named_inputs)."""
+    return {k: v for k, v in named_inputs(value) if isinstance(v, torch.Tensor) and v.dim() > 0}
 
 
 def _slice(data: Any, start: int, stop: int) -> Any:

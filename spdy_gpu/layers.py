@@ -75,17 +75,24 @@ def _describe(inputs: Any) -> str:
     return type(inputs).__name__
 
 
+def named_inputs(inputs: Any) -> list[tuple[str, Any]]:
+    """A model input given as a dict, a tuple/list or one value, as (name, value) pairs in
+    its own order: the dict's keys, the positions, or "0"."""
+    if isinstance(inputs, Mapping):
+        return [(str(k), v) for k, v in inputs.items()]
+    if isinstance(inputs, (tuple, list)):
+        return [(str(i), v) for i, v in enumerate(inputs)]
+    return [("0", inputs)]
+
+
 def example_shape(example: Any) -> tuple[int, str]:
     """(batch size, input shape) of an example input for a fingerprint: the batch is the
     leading dimension of its tensors, the shape a stable string of their names and shapes,
     e.g. "attention_mask=1x128,input_ids=1x128" for a dict (sorted by name), "0=1x3x32x32"
     for a tensor or the first of a tuple. Non-tensor entries are left out."""
+    named = named_inputs(example)
     if isinstance(example, Mapping):
-        named = sorted((str(k), v) for k, v in example.items())
-    elif isinstance(example, (tuple, list)):
-        named = [(str(i), v) for i, v in enumerate(example)]
-    else:
-        named = [("0", example)]
+        named.sort(key=lambda item: item[0])
     tensors = [(name, t) for name, t in named if isinstance(t, torch.Tensor)]
     if not tensors:
         raise SpdyError("the example input holds no tensor; the model function must return "

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import MissingDependencyError, SpdyError, user_code
-from .layers import prunable_modules
+from .layers import named_inputs, prunable_modules
 from .options import SparsityOption
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,7 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
 def _check_exportable(model: nn.Module, example: Any) -> None:
     """DeepSparse runs float32 on the CPU: another dtype or device is refused up front (it
     would fail deep inside the export or the engine)."""
-    tensors = (list(example.values()) if isinstance(example, Mapping)
-               else list(example) if isinstance(example, (tuple, list)) else [example])
+    tensors = [value for _, value in named_inputs(example)]
     floating = [t for t in (*model.parameters(), *model.buffers(), *tensors)
                 if isinstance(t, torch.Tensor) and t.is_floating_point()]
     wrong = next((t for t in floating if t.dtype != torch.float32), None)
@@ -153,8 +152,7 @@ def _check_exportable(model: nn.Module, example: Any) -> None:
 
 
 def _dynamic_axes(example: Any, names: tuple[str, ...]) -> dict[str, dict[int, str]]:
-    tensors = (list(example.values()) if isinstance(example, Mapping)
-               else list(example) if isinstance(example, (tuple, list)) else [example])
+    tensors = [value for _, value in named_inputs(example)]
     axes = {}
     for name, tensor in zip(names, tensors):
         axes[name] = {0: "batch"}
