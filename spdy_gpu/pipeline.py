@@ -426,16 +426,15 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
                   note: dict[str, Any]) -> TimingTable:
     """A table measured for this model on this backend setting: out/timings.json or one of
     settings.timings when one matches, else measured now (resumable) and saved there."""
-    excluded = (*entry.exclude, *settings.exclude)
-    warn_unmatched_excludes(settings.exclude, prunable_modules(model))
-    layers = discover_layers(model, example, excluded)       # excluded layers are not timed
-    shapes = {layer.name: (layer.n, layer.k) for layer in layers}
+    prunable = set(prunable_modules(model))
+    warn_unmatched_excludes(settings.exclude, prunable)
+    layers = discover_layers(model, example, (*entry.exclude, *settings.exclude))
+    shapes = {layer.name: (layer.n, layer.k) for layer in layers}   # excluded: not timed
     for path in (out / "timings.json", *settings.timings):
         if not Path(path).exists():
             continue
         table = TimingTable.load(path)
-        why = _mismatch(table, entry.name, fingerprint, shapes, set(prunable_modules(model)),
-                        settings.options)
+        why = _mismatch(table, entry.name, fingerprint, shapes, prunable, settings.options)
         if why is None:
             note["reused"] = str(path)
             run_table = table.restricted_to(set(shapes))    # layers it times beyond: fixed

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 
 from ..jsonio import check_output_file
-from ..layers import prunable_modules
+from ..layers import prunable_modules, warn_unmatched_excludes
 from .common import (
     add_model_args,
     exclude_patterns,
     model_from_args,
-    warn_unmatched_excludes,
 )
 
 
@@ -36,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.out)
     entry, setting = model_from_args(args)
     model, _ = entry.build(setting)
-    warn_unmatched_excludes(args, prunable_modules(model))
+    warn_unmatched_excludes(args.exclude, prunable_modules(model))
     result = apply_profile(model, args.profile, args.out, database=args.database,
                            model_name=entry.name, exclude=exclude_patterns(args, entry))
     print(f"pruned {result.pruned} layers to {result.sparsity:.1%} sparsity (zeros of their "

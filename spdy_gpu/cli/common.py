@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
 from typing import Any
 
 from ..backends import (
@@ -15,7 +14,6 @@ from ..backends import (
     get_backend,
 )
 from ..errors import SpdyError
-from ..layers import warn_unmatched_excludes as warn_unmatched
 from ..models import ModelEntry, ModelSetting, load_model
 from ..options import SparsityOption, option_grid, parse_options
 
@@ -48,11 +46,6 @@ def model_from_args(args: argparse.Namespace) -> tuple[ModelEntry, ModelSetting]
 def exclude_patterns(args: argparse.Namespace, entry: ModelEntry) -> list[str]:
     """The model's own exclusions plus the user's."""
     return list(entry.exclude) + list(args.exclude)
-
-
-def warn_unmatched_excludes(args: argparse.Namespace, layers: Iterable[str]) -> None:
-    """layers.warn_unmatched_excludes for the command's --exclude patterns."""
-    warn_unmatched(args.exclude, layers)
 
 
 def add_option_args(parser: argparse.ArgumentParser) -> None:

@@ -10,14 +10,13 @@ import time
 from ..data import CalibrationSpec
 from ..errors import SpdyError
 from ..jsonio import check_output_dir, check_output_file
-from ..layers import prunable_modules
+from ..layers import prunable_modules, warn_unmatched_excludes
 from .common import (
     add_model_args,
     add_option_args,
     exclude_patterns,
     model_from_args,
     options_from_args,
-    warn_unmatched_excludes,
 )
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     layers = list(prunable_modules(model, exclude_patterns(args, entry)))
     if not layers:
         raise SpdyError("no prunable layer left; check the --exclude patterns")
-    warn_unmatched_excludes(args, prunable_modules(model))
+    warn_unmatched_excludes(args.exclude, prunable_modules(model))
     options = options_from_args(args, "unstructured")
     calibration = spec.load(entry, setting, example)
     began = time.perf_counter()

@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 
 from ..jsonio import check_output_file
-from ..layers import prunable_modules
+from ..layers import prunable_modules, warn_unmatched_excludes
 from .common import (
     add_model_args,
     exclude_patterns,
     model_from_args,
-    warn_unmatched_excludes,
 )
 
 
@@ -42,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.out)
     entry, setting = model_from_args(args)
     model, example = entry.build(setting)
-    warn_unmatched_excludes(args, prunable_modules(model))
+    warn_unmatched_excludes(args.exclude, prunable_modules(model))
     result = export_profile(model, example, args.profile, args.out, format=args.format,
                             database=args.database, weights=args.weights,
                             model_name=entry.name, exclude=exclude_patterns(args, entry))

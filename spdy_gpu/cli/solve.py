@@ -9,10 +9,10 @@ import sys
 from datetime import datetime, timezone
 
 from ..jsonio import check_output_file
+from ..layers import warn_unmatched_excludes
 from ..profile import Profile
 from ..solve import Planner, load_errors
 from ..timing import TimingTable
-from .common import warn_unmatched_excludes
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.plot, "--plot")
     table = TimingTable.load(args.timings)
     planner = Planner(table, args.exclude, args.buckets)
-    warn_unmatched_excludes(args, table.layer_names)
+    warn_unmatched_excludes(args.exclude, table.layer_names)
     errors = None if args.errors is None else load_errors(args.errors, table.options)
     profile = planner.solve(args.speedup, errors)
     profile = dataclasses.replace(profile, provenance={

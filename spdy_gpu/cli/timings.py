@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..backends import check_options_supported
 from ..jsonio import check_output_file
-from ..layers import discover_layers, prunable_modules
+from ..layers import discover_layers, prunable_modules, warn_unmatched_excludes
 from ..timing import TimingTable, checkpoint_path
 from .common import (
     add_backend_args,
@@ -24,7 +24,6 @@ from .common import (
     exclude_patterns,
     model_from_args,
     options_from_args,
-    warn_unmatched_excludes,
 )
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model, example = entry.build(setting)
     layers = discover_layers(model, example, exclude_patterns(args, entry))
-    warn_unmatched_excludes(args, prunable_modules(model))
+    warn_unmatched_excludes(args.exclude, prunable_modules(model))
     options = check_options_supported(backend, layers, options, grid=not args.options)
     log.info("%s: %d prunable layers x %d options on %s", entry.name, len(layers),
              len(options), args.backend)
