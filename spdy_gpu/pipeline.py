@@ -287,7 +287,7 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
         note["samples"] = {"database": fit.samples, "search": held_out.samples}
     with _stage(report, "timings") as note:
         table = _timing_table(entry, model, example, backend, fingerprint, settings, out,
-                              note)
+                              note, progress)
     planner = Planner(table, (*entry.exclude, *settings.exclude))
     planner.grid(settings.speedup)                     # an unreachable target fails here
     with _stage(report, "database") as note:
@@ -423,7 +423,7 @@ def calibration_split(entry: ModelEntry, setting: ModelSetting, example: Any,
 
 def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: LatencyBackend,
                   fingerprint: Any, settings: RunSettings, out: Path,
-                  note: dict[str, Any]) -> TimingTable:
+                  note: dict[str, Any], progress: bool) -> TimingTable:
     """A table measured for this model on this backend setting: out/timings.json or one of
     settings.timings when one matches, else measured now (resumable) and saved there."""
     prunable = set(prunable_modules(model))
@@ -448,7 +448,7 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
     log.info("measuring the timing table: %d layers x %d options on %s", len(layers),
              len(options), backend.name)
     table = backend.measure_table(model, example, layers, options, model_name=entry.name,
-                                  checkpoint=out / "timings.json.partial")
+                                  checkpoint=out / "timings.json.partial", progress=progress)
     table.save(out / "timings.json")
     note["measured"] = True
     return table

@@ -36,10 +36,12 @@ def no_layer_model():
     return nn.Sequential(nn.ReLU()).eval(), torch.randn(1, 4)
 
 
-def test_timings_writes_a_table_with_provenance(tmp_path, capsys):
+@pytest.mark.parametrize("quiet", [False, True])
+def test_timings_writes_a_table_with_provenance(quiet, tmp_path, capsys):
     out = tmp_path / "t.json"
     assert main(["timings", "--model", SPEC, "--backend", "deepsparse", *FAST, "--options",
-                 "dense", "unstructured@0.5", "unstructured@0.9", "--out", str(out)]) == 0
+                 "dense", "unstructured@0.5", "unstructured@0.9", "--out", str(out),
+                 *["--quiet"] * quiet]) == 0
     table = TimingTable.load(out)
     assert table.layer_names == ["0", "2"] and len(table.options) == 3
     assert table.model == SPEC and table.fingerprint.threads == 1
@@ -47,7 +49,9 @@ def test_timings_writes_a_table_with_provenance(tmp_path, capsys):
     assert table.provenance["calls_per_option"] == {"dense": 1, "unstructured@0.5": 1,
                                                     "unstructured@0.9": 1}   # --repeats 1
     assert not (tmp_path / "t.json.partial").exists()
-    assert "2 layers x 3 options" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "2 layers x 3 options" in captured.out
+    assert ("deepsparse " + SPEC in captured.err) is not quiet       # the progress bar
 
 
 @pytest.mark.parametrize("model, match", [

@@ -97,9 +97,10 @@ class LatencyBackend(Protocol):
 
     def measure_table(self, model: nn.Module, example: Any, layers: list[LayerInfo],
                       options: list[SparsityOption], *, model_name: str,
-                      checkpoint: Path | None = None) -> TimingTable:
+                      checkpoint: Path | None = None, progress: bool = True) -> TimingTable:
         """Per-layer times for every option, whole-model dense time and fixed time.
-        With `checkpoint`, partial progress is saved there and an interrupted run resumes."""
+        With `checkpoint`, partial progress is saved there and an interrupted run resumes;
+        `progress` shows a progress bar."""
         ...
 
     def latency(self, models: Mapping[str, nn.Module], example: Any) -> dict[str, Latency]:

@@ -173,7 +173,7 @@ class DeepSparseBackend:
 
     def measure_table(self, model: nn.Module, example: Any, layers: list[LayerInfo],
                       options: list[SparsityOption], *, model_name: str,
-                      checkpoint: Path | None = None) -> TimingTable:
+                      checkpoint: Path | None = None, progress: bool = True) -> TimingTable:
         """Per-layer median times for every option, dense end-to-end time and fixed time.
 
         Analysis calls per option follow `repeats` (see _repeated_calls) or, by default,
@@ -198,7 +198,7 @@ class DeepSparseBackend:
             to_module = export.module_of_output()
             runnable = [o for o in options if any(self.supports(layer, o) for layer in layers)]
             with tqdm(total=store.done, initial=store.done, unit="call",
-                      desc=f"deepsparse {model_name} b{batch}") as bar:
+                      desc=f"deepsparse {model_name} b{batch}", disable=not progress) as bar:
                 def measure(option: SparsityOption) -> dict[str, float]:
                     path = self._model_for(export, option, names, Path(tmp))
                     sample = self.analyse(path, inputs, batch, option, to_module)

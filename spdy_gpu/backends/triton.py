@@ -172,7 +172,7 @@ class TritonTables:
 
     def measure_table(self, model: nn.Module, example: Any, layers: list[LayerInfo],
                       options: list[SparsityOption], *, model_name: str,
-                      checkpoint: Path | None = None) -> TimingTable:
+                      checkpoint: Path | None = None, progress: bool = True) -> TimingTable:
         """Per-layer times for every option, dense end-to-end time, fixed time. With
         `checkpoint`, every new time is also saved there (and in the cache) so an interrupted
         run resumes; it stays until the table is saved (TimingTable.save removes it)."""
@@ -189,7 +189,7 @@ class TritonTables:
                             "larger than the layer); use --backend deepsparse or smaller blocks")
         started = time.perf_counter()
         times, dense_total, provenance = self._times(model, example, layers, options,
-                                                     checkpoint)
+                                                     checkpoint, progress)
         dense_sum = math.fsum(times[(layer.name, options[0])][0] for layer in layers)
         if dense_sum > dense_total:
             log.warning("dense layer times sum to %.4f ms, more than the whole model (%.4f ms): "
@@ -288,7 +288,7 @@ class TritonBackend(TritonTables):
     # -- measurement (CUDA) --
 
     def _times(self, model: nn.Module, example: Any, layers: list[LayerInfo],
-               options: list[SparsityOption], checkpoint: Path | None):
+               options: list[SparsityOption], checkpoint: Path | None, progress: bool):
         gpu_model = self._to_device(model)
         inputs = self._inputs_to_device(example)
         conv_shapes = _capture_input_shapes(
@@ -299,7 +299,8 @@ class TritonBackend(TritonTables):
         jobs = [(layer, option) for layer in layers for option in options
                 if self.supports(layer, option)]
         times, hits = {}, 0
-        for layer, option in tqdm(jobs, desc="triton timings", unit="kernel"):
+        for layer, option in tqdm(jobs, desc="triton timings", unit="kernel",
+                                    disable=not progress):
             module = gpu_model.get_submodule(layer.name)
             geometry = ""
             if layer.kind == "conv2d":

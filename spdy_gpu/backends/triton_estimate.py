@@ -170,7 +170,7 @@ class TritonEstimateBackend(TritonTables):
                         "measured")
 
     def _times(self, model: nn.Module, example: Any, layers: list[LayerInfo],
-               options: list[SparsityOption], checkpoint: Any):
+               options: list[SparsityOption], checkpoint: Any, progress: bool):
         spec = self.spec
         times = {(layer.name, option): (estimate_layer_ms(layer, option, spec, self.dtype), 0.0)
                  for layer in layers for option in options if self.supports(layer, option)}

@@ -42,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, metavar="T.json", help="timing table to write")
     parser.add_argument("--plot", metavar="PNG", default=None,
                         help="also draw per-layer speedup curves and the uniform-sparsity time")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
 
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("%s: %d prunable layers x %d options on %s", entry.name, len(layers),
              len(options), args.backend)
     table = backend.measure_table(model, example, layers, options, model_name=entry.name,
-                                  checkpoint=checkpoint_path(out))
+                                  checkpoint=checkpoint_path(out), progress=not args.quiet)
     table = dataclasses.replace(table, provenance={
         **table.provenance,
         "command": shlex.join(["spdy-gpu", *sys.argv[1:]]),
