@@ -9,10 +9,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .jsonio import atomic_write_bytes
+from .errors import SpdyError
+from .jsonio import atomic_write_bytes, check_output_file
 from .options import SparsityOption
 from .profile import Profile
 from .timing import TimingTable
+
+FORMATS = ("png", "pdf", "svg")      # chosen by the file's suffix
+
+
+def check_plot_file(path: str | os.PathLike, flag: str = "--plot") -> Path:
+    """`path` as a figure file to write, refused before any work: writable (see
+    check_output_file) and named with a suffix in FORMATS, which picks the format."""
+    path = check_output_file(path, flag)
+    if path.suffix.lower().lstrip(".") not in FORMATS:
+        raise SpdyError(f"{flag} {path}: unknown figure format {path.suffix or '(no suffix)'!r}; "
+                        f"end the name in {', '.join('.' + f for f in FORMATS)}")
+    return path
 
 
 def layer_role(name: str) -> str:
@@ -161,12 +174,13 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    """Write the figure atomically: a half-written PNG never replaces a good one, and a
-    failed write leaves no temporary file."""
+    """Write the figure atomically in the format its suffix names (see check_plot_file): a
+    half-written figure never replaces a good one, and a failed write leaves no temporary
+    file."""
     buffer = io.BytesIO()
     try:
         fig.tight_layout()
-        fig.savefig(buffer, format="png", dpi=120)
+        fig.savefig(buffer, format=check_plot_file(path, "figure").suffix.lower()[1:], dpi=120)
     finally:
         _pyplot().close(fig)
     atomic_write_bytes(path, buffer.getvalue())

@@ -62,10 +62,22 @@ def test_import_loads_no_backend_runtime():
     assert out.stdout.strip() == "[]"
 
 
-def test_solve_plots_the_frontier_and_profile(tmp_path, toy_table, capsys):
+@pytest.mark.parametrize("name, magic", [("p.png", b"\x89PNG"), ("p.PDF", b"%PDF"),
+                                         ("p.svg", b"<?xml")])
+def test_solve_plots_the_frontier_and_profile(name, magic, tmp_path, toy_table, capsys):
     toy_table.save(tmp_path / "t.json")
-    plot = tmp_path / "plots" / "p.png"
+    plot = tmp_path / "plots" / name
     assert main(["solve", "--timings", str(tmp_path / "t.json"), "--speedup", "1.5",
                  "--out", str(tmp_path / "p.json"), "--plot", str(plot), "--quiet"]) == 0
-    assert plot.read_bytes().startswith(b"\x89PNG") and f"plot written to {plot}" in \
+    assert plot.read_bytes().startswith(magic) and f"plot written to {plot}" in \
         capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["p.txt", "p"])
+def test_a_plot_name_without_a_figure_suffix_is_refused_before_any_work(name, tmp_path,
+                                                                         toy_table, capsys):
+    toy_table.save(tmp_path / "t.json")
+    assert main(["solve", "--timings", str(tmp_path / "t.json"), "--speedup", "1.5",
+                 "--out", str(tmp_path / "p.json"), "--plot", str(tmp_path / name)]) == 2
+    assert "unknown figure format" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 
 from ..jsonio import check_output_file
 from ..layers import warn_unmatched_excludes
+from ..plots import check_plot_file
 from ..profile import Profile
 from ..solve import Planner, load_errors
 from ..timing import TimingTable
@@ -32,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--buckets", type=int, default=10_000,
                         help="time resolution of the DP (default 10000)")
     parser.add_argument("--out", required=True, metavar="profile.json", help="profile to write")
-    parser.add_argument("--plot", metavar="PNG", default=None,
+    parser.add_argument("--plot", metavar="FIG", default=None,
                         help="also draw the error-speedup frontier and the chosen profile")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
     parser.set_defaults(run=run)
@@ -41,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     check_output_file(args.out)
     if args.plot:
-        check_output_file(args.plot, "--plot")
+        check_plot_file(args.plot)
     table = TimingTable.load(args.timings)
     planner = Planner(table, args.exclude, args.buckets)
     warn_unmatched_excludes(args.exclude, table.layer_names)

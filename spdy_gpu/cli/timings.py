@@ -15,6 +15,7 @@ from pathlib import Path
 from ..backends import check_options_supported
 from ..jsonio import check_output_file
 from ..layers import discover_layers, prunable_modules, warn_unmatched_excludes
+from ..plots import check_plot_file
 from ..timing import TimingTable, checkpoint_path
 from .common import (
     add_backend_args,
@@ -40,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option_args(parser)
     add_backend_args(parser)
     parser.add_argument("--out", required=True, metavar="T.json", help="timing table to write")
-    parser.add_argument("--plot", metavar="PNG", default=None,
+    parser.add_argument("--plot", metavar="FIG", default=None,
                         help="also draw per-layer speedup curves and the uniform-sparsity time")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -49,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out)
     if args.plot:
-        check_output_file(args.plot, "--plot")
+        check_plot_file(args.plot)
     entry, setting = model_from_args(args)
     backend = backend_from_args(args)
     options = options_from_args(args, backend.default_pattern)
