@@ -81,3 +81,19 @@ def test_a_plot_name_without_a_figure_suffix_is_refused_before_any_work(name, tm
                  "--out", str(tmp_path / "p.json"), "--plot", str(tmp_path / name)]) == 2
     assert "unknown figure format" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+
+
+def test_solve_lists_an_excluded_layer_once_and_its_rows_add_up(tmp_path, toy_table, capsys):
+    toy_table.save(tmp_path / "t.json")
+    assert main(["solve", "--timings", str(tmp_path / "t.json"), "--speedup", "1.2",
+                 "--exclude", "layer0", "--out", str(tmp_path / "p.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert next(line for line in lines if line.startswith("layer0 ")).split() == \
+        ["layer0", "excluded:", "in", "fixed"]
+    profile = Profile.load(tmp_path / "p.json")
+    numbers = [[float(x) for x in line.split()[-2:]] for line in lines
+               if line.startswith(("layer", "fixed")) and not line.startswith(("layer ", "layer0"))]
+    total = next(line for line in lines if line.startswith("total")).split()
+    assert sum(n[1] for n in numbers) == pytest.approx(profile.predicted_ms, abs=1e-3)
+    assert float(total[1]) == pytest.approx(toy_table.dense_total_ms, abs=1e-3)
+    assert float(total[2]) == pytest.approx(profile.predicted_ms, abs=1e-3)

@@ -73,14 +73,20 @@ def summary_line(profile: Profile, path: str) -> str:
 
 
 def print_profile(table: TimingTable, profile: Profile) -> None:
-    """One line per layer: chosen option and its time against dense."""
+    """One line per layer: chosen option and its time against dense. The rows add up to the
+    prediction: excluded layers are listed with their time in the fixed row, not their own."""
     times = table.times()
     index = {o: i for i, o in enumerate(table.options)}
-    width = max(len(name) for name in profile.choices)
+    label = "fixed (other ops, excluded)" if profile.excluded else "fixed (other ops)"
+    width = max(len(label), *(len(name) for name in profile.choices))
     print(f"{'layer':<{width}}  {'option':<22} {'dense ms':>9} {'chosen ms':>9}")
     for row, (name, option) in enumerate(profile.choices.items()):
-        note = "  (excluded)" if name in profile.excluded else ""
-        print(f"{name:<{width}}  {option.name:<22} {times[row, 0]:9.4f} "
-              f"{times[row, index[option]]:9.4f}{note}")
-    print(f"{'fixed (not searched)':<{width}}  {'':<22} {profile.fixed_ms:9.4f} "
-          f"{profile.fixed_ms:9.4f}")
+        if name in profile.excluded:
+            print(f"{name:<{width}}  excluded: in fixed")
+        else:
+            print(f"{name:<{width}}  {option.name:<22} {times[row, 0]:9.4f} "
+                  f"{times[row, index[option]]:9.4f}")
+    print(f"{label:<{width}}  {'':<22} {profile.fixed_ms:9.4f} {profile.fixed_ms:9.4f}")
+    dense = profile.fixed_ms + sum(times[row, 0] for row, name in enumerate(profile.choices)
+                                   if name not in profile.excluded)
+    print(f"{'total':<{width}}  {'':<22} {dense:9.4f} {profile.predicted_ms:9.4f}")
