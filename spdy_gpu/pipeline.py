@@ -694,7 +694,8 @@ def _write_report(report: RunReport, table: TimingTable, planner: Planner,
     from .plots import plot_profile
 
     if report.profile is not None:
-        plot_profile(table, report.profile, planner.curve(costs), out / "report.png",
+        plot_profile(table, report.profile, planner.curve(costs),
+                     planner.total_error(report.profile, costs), out / "report.png",
                      "total searched cost")
         report.outputs["plot"] = str(out / "report.png")
     report.outputs["report"] = str(out / "report.md")

@@ -97,17 +97,19 @@ def plot_speedup_curves(table: TimingTable, path: str | os.PathLike,
 
 
 def plot_profile(table: TimingTable, profile: Profile, curve: tuple[np.ndarray, np.ndarray],
-                 path: str | os.PathLike, error_label: str = "total error") -> Path:
+                 profile_error: float, path: str | os.PathLike,
+                 error_label: str = "total error") -> Path:
     """Two panels: (left) the DP frontier, least total error against predicted speedup, with
-    the chosen profile marked; (right) the profile, each layer's chosen sparsity as a bar
-    and its time against dense."""
+    the chosen profile marked at its own total error (Planner.total_error); (right) the
+    profile, each layer's chosen sparsity as a bar and its time against dense."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), width_ratios=(2, 3))
 
     speedups, errors = curve
-    left.plot(speedups, errors, lw=1.2, label="DP frontier (best choice per budget)")
-    chosen_error = np.interp(profile.predicted_speedup, speedups, errors)
-    left.scatter([profile.predicted_speedup], [chosen_error], color="red", zorder=3,
+    # A step function of the budget: between two budgets only the smaller one's is sure.
+    left.step(speedups, errors, where="pre", lw=1.2,
+              label="DP frontier (best choice per budget)")
+    left.scatter([profile.predicted_speedup], [profile_error], color="red", zorder=3,
                  label=f"this profile: {profile.predicted_speedup:.3f}x predicted")
     left.axvline(profile.target_speedup, color="grey", ls="--", lw=1,
                  label=f"target {profile.target_speedup:g}x")

@@ -155,6 +155,13 @@ class Planner:
             excluded=self.excluded,
             estimated=table.estimated)
 
+    def total_error(self, profile: Profile, errors: LayerErrors | None = None) -> float:
+        """The DP's objective at `profile`: the summed errors of its searched layers' options
+        (its point on the curve below; excluded layers add none)."""
+        matrix, index = self.error_matrix(errors), {o: i for i, o in enumerate(self.options)}
+        return math.fsum(matrix[row, index[profile.choices[name]]]
+                         for row, name in enumerate(self.layers))
+
     def curve(self, errors: LayerErrors | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(speedup, least total error), ascending, at every bucket of one DP pass from 1x
         (or the table's slowest choice) to the largest achievable speedup."""

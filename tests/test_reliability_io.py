@@ -134,7 +134,7 @@ def test_a_failed_plot_leaves_no_temporary_file(plot, tmp_path, toy_table, monke
     planner = Planner(toy_table)
     draw = {"speedup_curves": lambda path: plots.plot_speedup_curves(toy_table, path),
             "profile": lambda path: plots.plot_profile(toy_table, planner.solve(1.2),
-                                                       planner.curve(), path)}[plot]
+                                                       planner.curve(), 0.0, path)}[plot]
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("no space")))
     with pytest.raises(SpdyError, match="cannot write"):
         draw(tmp_path / "p.png")

@@ -135,3 +135,15 @@ def test_frontier_curve_spans_one_to_the_largest_speedup_and_contains_each_solve
         # the solve's error lies between the curve's points either side of the target
         above = np.searchsorted(speedups, target)
         assert errors[above - 1] <= total <= errors[above]
+
+
+def test_total_error_is_the_dp_objective_at_a_profile_and_ignores_excluded_layers(toy_table):
+    planner = Planner(toy_table, exclude=["layer0"])
+    errors = {name: np.arange(4.0) * (i + 1) for i, name in enumerate(toy_table.layer_names)}
+    profile = planner.solve(1.2, errors)
+    expected = sum(errors[name][toy_table.options.index(profile.choices[name])]
+                   for name in ("layer1", "layer2"))
+    assert expected > 0 and planner.total_error(profile, errors) == pytest.approx(expected)
+    prior = prior_errors(toy_table.options)
+    assert planner.total_error(profile) == pytest.approx(
+        sum(prior[toy_table.options.index(profile.choices[n])] for n in ("layer1", "layer2")))

@@ -58,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
 
         curve = planner.curve(errors)
         label = "total error (prior)" if errors is None else "total error"
-        print(f"plot written to {plot_profile(table, profile, curve, args.plot, label)}")
+        written = plot_profile(table, profile, curve, planner.total_error(profile, errors),
+                               args.plot, label)
+        print(f"plot written to {written}")
     if not args.quiet:
         print_profile(table, profile)
     print(summary_line(profile, args.out))
