@@ -99,6 +99,21 @@ def input_names_of(example: Any) -> tuple[str, ...]:
     return ("input_0",)
 
 
+def output_names(output: Any, prefix: str | None = None) -> list[str]:
+    """Names for the ONNX outputs of a forward's `output`, in the exporter's order (tensor
+    leaves; None and other values are not exported): "output" for a tensor, dict keys and
+    positions joined by dots for nested ones, e.g. "logits", "hidden_states.0", "output.1"."""
+    if isinstance(output, torch.Tensor):
+        return [prefix or "output"]
+    if isinstance(output, Mapping):
+        return [name for key, value in output.items()
+                for name in output_names(value, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(output, (tuple, list)):
+        return [name for i, value in enumerate(output)
+                for name in output_names(value, f"{prefix or 'output'}.{i}")]
+    return []
+
+
 def example_arrays(example: Any, names: Iterable[str]) -> list[np.ndarray]:
     if isinstance(example, Mapping):
         return [np.ascontiguousarray(example[name].detach().numpy()) for name in names]
@@ -127,8 +142,13 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
             "the ONNX export of the model (for DeepSparse)",
             f"make its forward return tensors (a tensor, or a tuple or dict of them) and use "
             f"ops ONNX opset {OPSET} has, or use --backend triton"):
+        output = model(*args, **(kwargs or {}))
+        outputs = output_names(output)
+        if not outputs:
+            raise SpdyError(f"the model's forward returned {type(output).__name__}, no tensor "
+                            "to export; make it return a tensor (or a tuple or dict of them)")
         torch.onnx.export(model, args, str(path), kwargs=kwargs, input_names=list(names),
-                          output_names=["output"], opset_version=OPSET, dynamo=False,
+                          output_names=outputs, opset_version=OPSET, dynamo=False,
                           dynamic_axes=axes, do_constant_folding=True)
     onnx = require_onnx()
     layers = map_layers(onnx.load(str(path)), prunable_modules(model, exclude))

@@ -122,7 +122,7 @@ def test_models_deepsparse_cannot_run_are_one_line_errors_before_the_export(tmp_
         def forward(self, x):
             self.fc(x)
 
-    with pytest.raises(SpdyError, match="the ONNX export of the model .* raised RuntimeError"):
+    with pytest.raises(SpdyError, match="forward returned NoneType, no tensor to export"):
         export_onnx(ReturnsNothing().eval(), torch.randn(2, 8), tmp_path / "none.onnx")
 
 
@@ -130,3 +130,22 @@ def test_an_example_that_requires_grad_still_gives_arrays():
     example = torch.randn(2, 8, requires_grad=True)
     (array,) = example_arrays(example, ["input_0"])
     assert array.shape == (2, 8)
+
+
+class DictOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.proj(x)
+        return {"logits": y, "hidden": (y + 1, [y * 2]), "unused": None}
+
+
+@pytest.mark.parametrize("model, names", [
+    (nn.Linear(8, 8), ["output"]),
+    (DictOutput(), ["logits", "hidden.0", "hidden.1.0"]),
+])
+def test_onnx_outputs_are_named_after_the_forwards_keys_and_positions(model, names, tmp_path):
+    export_onnx(model.eval(), torch.randn(2, 8), tmp_path / "m.onnx")
+    assert [o.name for o in onnx.load(str(tmp_path / "m.onnx")).graph.output] == names
