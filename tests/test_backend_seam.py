@@ -47,7 +47,8 @@ class FakeBackend:
     def export(self, model, example, profile, out_dir):
         return out_dir
 
-    def measure_table(self, model, example, layers, options, *, model_name, checkpoint=None):
+    def measure_table(self, model, example, layers, options, *, model_name, checkpoint=None,
+                      progress=True):
         rows = tuple(LayerTiming(layer.name, layer.kind, (layer.n, layer.k, layer.m or 0),
                                  tuple(10.0 / self.speed - i for i in range(len(options))),
                                  (0.0,) * len(options)) for layer in layers)

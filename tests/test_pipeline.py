@@ -63,7 +63,8 @@ class FakeBackend:
     def supports(self, layer, option):
         return True
 
-    def measure_table(self, model, example, layers, options, *, model_name, checkpoint=None):
+    def measure_table(self, model, example, layers, options, *, model_name, checkpoint=None,
+                      progress=True):
         rows = []
         for layer in layers:
             weight = model.get_submodule(layer.name).weight
