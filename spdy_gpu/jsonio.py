@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -19,8 +20,13 @@ from .errors import SpdyError
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file next to `path`, for a writer that wants a file name: it becomes
     `path` when the with-block succeeds (a reader sees the old file or the whole new one,
-    never half) and is removed whatever happens."""
-    path = Path(path)
+    never half) and is removed whatever happens. A symlink's target is replaced (the link
+    stays); a device or pipe (/dev/null) is written through, as it cannot be replaced."""
+    path = Path(os.path.realpath(path))
+    if _is_special(path):
+        with _writing_through(path) as tmp:
+            yield tmp
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _new_file(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -35,6 +41,24 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         raise _cannot_write(path, e) from e
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _is_special(path: Path) -> bool:
+    """An existing path that is neither a regular file nor a directory: a device, a pipe."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
+@contextmanager
+def _writing_through(path: Path) -> Iterator[Path]:
+    """A temporary file whose bytes are copied into the device or pipe `path` at the end."""
+    with tempfile.TemporaryDirectory(prefix="spdy-") as tmp_dir:
+        tmp = Path(tmp_dir) / path.name
+        yield tmp
+        try:
+            with open(tmp, "rb") as source, open(path, "wb") as target:
+                shutil.copyfileobj(source, target)
+        except OSError as e:
+            raise _cannot_write(path, e) from e
 
 
 def _new_file(path: Path) -> Path:
@@ -67,7 +91,11 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise SpdyError(f"{flag} {path} is a directory; give the path of a file to write")
-    _check_can_create_in(path.parent, path, flag)
+    if _is_special(path.resolve()):
+        if not os.access(path, os.W_OK):
+            raise SpdyError(f"{flag} {path}: no permission to write it; choose another path")
+        return path
+    _check_can_create_in(path.resolve().parent, path, flag)
     return path
 
 

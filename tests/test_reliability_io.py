@@ -302,3 +302,33 @@ def test_a_failing_loss_or_quality_function_is_one_line_naming_it():
     with pytest.raises(SpdyError, match="quality function of model toy raised OSError"):
         entry.quality_of(model, model)
     assert ModelEntry("toy", "", tiny).quality_of(model, model) == {}
+
+
+def test_an_output_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path,
+                                                                              toy_table):
+    toy_table.save(tmp_path / "t.json")
+    (tmp_path / "real.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    assert main(["solve", "--timings", str(tmp_path / "t.json"), "--speedup", "1.2",
+                 "--out", str(tmp_path / "link.json"), "--quiet"]) == 0
+    assert (tmp_path / "link.json").is_symlink()
+    assert json.loads((tmp_path / "real.json").read_text())["format"] == "spdy-gpu/profile"
+
+
+def test_an_output_to_a_pipe_is_written_through_it_not_replaced(tmp_path, toy_table):
+    """A device or pipe (e.g. --out /dev/null) cannot be replaced by a file: a rename over
+    /dev/null would break the machine's /dev/null."""
+    import threading
+
+    toy_table.save(tmp_path / "t.json")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    code = main(["solve", "--timings", str(tmp_path / "t.json"), "--speedup", "1.2",
+                 "--out", str(fifo), "--quiet"])
+    reader.join(timeout=30)
+    assert code == 0 and not fifo.is_file() and fifo.is_fifo()
+    assert json.loads(received[0])["format"] == "spdy-gpu/profile"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "t.json"]

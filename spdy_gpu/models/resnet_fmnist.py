@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpdyError
+from ..jsonio import replacing
 from . import GENERIC_DEFAULTS, ModelEntry, ModelSetting, fashion_mnist, register_model
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,8 @@ def save_checkpoint(model: ResNet, path: str | Path, info: dict[str, Any]) -> No
                for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "architecture": model.arch.to_json(),
                 **{k: str(v) for k, v in info.items()}}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_checkpoint(path: str | Path = WEIGHTS) -> ResNet:
