@@ -8,6 +8,9 @@ mask, which is how the database nests the masks of successive levels.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
 from .errors import SpdyError
@@ -17,6 +20,35 @@ from .options import SparsityOption
 def gemm_view(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] for a Linear, [out, in/groups * kh * kw] for a Conv2d (a view, no copy)."""
     return weight.reshape(weight.shape[0], -1)
+
+
+def unfit_reason(shape: Sequence[int], option: SparsityOption) -> str | None:
+    """Why a weight of `shape` cannot take `option` (None: it can): a block larger than its
+    GEMM view, or an N:M group that does not divide its input size. Such a layer keeps
+    its other options (dense at least)."""
+    n, k = shape[0], math.prod(shape[1:])
+    if option.pattern == "block":
+        return _block_unfit(n, k, *option.block)
+    if option.pattern == "nm":
+        return _nm_unfit(k, option.n, option.m)
+    return None
+
+
+def _block_unfit(n: int, k: int, rows: int, cols: int) -> str | None:
+    if rows > n or cols > k:
+        return f"block {rows}x{cols} is larger than the weight's GEMM view {n}x{k}"
+    return None
+
+
+def _nm_unfit(k: int, n: int, m: int) -> str | None:
+    if k % m:
+        return f"{n}:{m} sparsity needs the input size ({k}) to be a multiple of {m}"
+    return None
+
+
+def _require(reason: str | None) -> None:
+    if reason is not None:
+        raise SpdyError(f"{reason}; use another option for this layer")
 
 
 def build_mask(weight: torch.Tensor, option: SparsityOption,
@@ -46,9 +78,7 @@ def block_mask(weight: torch.Tensor, block: tuple[int, int], sparsity: float,
     rows, cols = block
     view = gemm_view(weight.detach()).float()
     n, k = view.shape
-    if rows > n or cols > k:
-        raise SpdyError(f"block {rows}x{cols} is larger than the weight's GEMM view {n}x{k}; "
-                        "use a smaller block for this layer")
+    _require(_block_unfit(n, k, rows, cols))
     padded = _pad_to_blocks(view.square(), rows, cols)
     norms = padded.reshape(padded.shape[0] // rows, rows, -1, cols).sum(dim=(1, 3))
     if allowed is not None:
@@ -64,9 +94,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int,
     """Keep the n largest-magnitude weights of every m consecutive ones along K."""
     view = gemm_view(weight.detach()).abs().float()
     rows, k = view.shape
-    if k % m:
-        raise SpdyError(f"{n}:{m} sparsity needs the input size ({k}) to be a multiple of {m}; "
-                        "exclude this layer or pick another pattern")
+    _require(_nm_unfit(k, n, m))
     allowed_view = None if allowed is None else gemm_view(allowed)
     groups = _scores(view, allowed_view).reshape(rows, k // m, m)
     kept = groups.topk(n, dim=-1).indices

@@ -104,3 +104,15 @@ def test_linear_rows_flatten_leading_dims():
     rows = gemm_rows(nn.Linear(6, 2), x)
     assert rows.shape == (1, 6, 6)
     torch.testing.assert_close(rows[0], x.reshape(6, 6))
+
+
+def test_an_error_the_gram_form_rounds_below_zero_is_zero():
+    """X^T X of rank-deficient data (fewer rows than inputs) is PSD only up to rounding; a
+    change in its null space can score -1e-10, which the database would call corrupted."""
+    from spdy_gpu.reconstruct.capture import LayerStats
+
+    gram = torch.diag(torch.tensor([1.0, -1e-12], dtype=torch.float64))[None]
+    stats = LayerStats("fc", gram, torch.zeros(1, 2, dtype=torch.float64), rows=1)
+    dense = torch.tensor([[1.0, 1.0]])
+    assert stats.relative_error(torch.tensor([[1.0, 0.0]]), dense, None) == 0.0
+    assert stats.relative_error(torch.tensor([[0.0, 1.0]]), dense, None) == pytest.approx(1.0)

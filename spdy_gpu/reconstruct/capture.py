@@ -43,9 +43,10 @@ class LayerStats:
         return self.gram.shape[0]
 
     def sq_error(self, weight: torch.Tensor, reference: torch.Tensor) -> float:
-        """||X (W - W_ref)^T||^2 summed over groups; weights in any shape with [N, ...]."""
+        """||X (W - W_ref)^T||^2 summed over groups; weights in any shape with [N, ...]. The
+        Gram form can round a zero error of rank-deficient data to -1e-10: clamped at 0."""
         delta = _grouped((weight - reference).detach().double(), self.groups)  # [G, Ng, Kg]
-        return float(torch.einsum("gnk,gkl,gnl->", delta, self.gram, delta))
+        return max(0.0, float(torch.einsum("gnk,gkl,gnl->", delta, self.gram, delta)))
 
     def sq_output(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
         """||X W^T + 1 b^T||^2: the squared norm of the dense layer's output."""
