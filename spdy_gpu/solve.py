@@ -98,10 +98,13 @@ class Planner:
         if any(row.shape != (len(self.options),) for row in rows):
             raise SpdyError(f"expected {len(self.options)} errors per layer (one per option "
                             "of the timing table); compute errors for the table's grid")
-        matrix = np.stack(rows)
+        # An option a layer cannot run (infinite time) is never chosen: its error does not
+        # count (a database has none: inf) and is stored as 0.
+        matrix = np.where(np.isfinite(self.times), np.stack(rows), 0.0)
         if not np.isfinite(matrix).all() or (matrix < 0).any():
-            raise SpdyError("errors must be finite and >= 0 (a NaN, inf or negative error "
-                            "would steer the DP arbitrarily); recompute them")
+            raise SpdyError("errors must be finite and >= 0 where the timing table can run "
+                            "the option (a NaN, inf or negative error would steer the DP "
+                            "arbitrarily); recompute them")
         return matrix
 
     def grid(self, speedup: float) -> TimeGrid:

@@ -61,8 +61,32 @@ def test_bad_block_and_bad_calib_are_one_line_errors(tmp_path, capsys):
     code = main(["database", "--model", MODEL, "--out", str(out), "--options", "dense",
                  "block32x32@0.5", "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and "layer 0: block 32x32 is larger" in err and err.count("\n") == 1
+    assert code == 2 and "no layer can take option block32x32@0.5" in err
+    assert err.count("\n") == 1
     assert not out.exists()
     code = main(["database", "--model", MODEL, "--out", str(out), "--calib",
                  str(tmp_path / "missing.pt"), "--quiet"])
     assert code == 2 and "no such file" in capsys.readouterr().err
+
+
+def head(batch_size=4):
+    """A 64x64 body and a 10-class head, narrower than a 32x32 block."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    return model, torch.randn(batch_size, 64)
+
+
+def test_a_head_narrower_than_the_block_stays_dense_and_a_family_no_layer_takes_is_dropped(
+        tmp_path, caplog, capsys):
+    out = tmp_path / "db"
+    with caplog.at_level(logging.WARNING):
+        assert main(["database", "--model", "tests.test_reconstruct_cli:head", "--out",
+                     str(out), "--pattern", "block", "--block", "32", "128", "--levels", "3",
+                     "--quiet"]) == 0
+    assert "no layer of this model can take block128x128" in caplog.text
+    assert "1 layer(s) cannot take block32x32 and keep their other options: 2" in caplog.text
+    db = Database.open(out)
+    assert [o.name for o in db.options_of("0")] == [o.name for o in db.options]
+    assert [o.name for o in db.options_of("2")] == ["dense"]
+    printed = capsys.readouterr().out
+    assert f"sparsest option, {db.options[-1].name}," in printed and "(1 layers)" in printed

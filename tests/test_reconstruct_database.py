@@ -139,9 +139,30 @@ def test_a_database_of_other_work_is_replaced_when_asked(built, caplog):
     replaced.check_model(other)                                   # now of the new weights
 
 
-def test_block_larger_than_weight_names_layer_and_writes_nothing(tmp_path):
+def test_a_layer_smaller_than_a_block_keeps_its_other_options(tmp_path, caplog):
+    """A 10-class head or a 3x3 stem conv is narrower than 16x16 blocks: it stays out of
+    the block family (the backends cannot time it either), the other layers are built."""
+    block = SparsityOption.blocked(0.5, 16, 16)        # fits layer 3 (16x288) only
+    options = [SparsityOption.dense(), SparsityOption.unstructured(0.5), block]
+    db = build_database(toy_model(), LAYERS, options, batches(), tmp_path / "db",
+                        progress=False)
+    assert "2 layer(s) cannot take block16x16 and keep their other options: 0, 5" in caplog.text
+    db = Database.open(db.path)
+    assert db.options_of("3") == options and db.options_of("5") == options[:2]
+    errors = db.errors_matrix(LAYERS, options)
+    assert np.isfinite(errors[1]).all() and np.isinf(errors[[0, 2], 2]).all()
+    assert np.isfinite(errors[:, :2]).all()
+    with pytest.raises(SpdyError, match="layer 5 cannot take option block16x16@0.5 .block 16x16 "
+                                        "is larger than the weight's GEMM view 8x16."):
+        db.weight("5", block)
+    assert len(list((tmp_path / "db" / "entries").glob("*/block16x16*"))) == 1
+
+
+def test_an_option_no_layer_can_take_is_refused_before_any_work(tmp_path):
     options = [SparsityOption.dense(), SparsityOption.blocked(0.5, 32, 32)]
-    with pytest.raises(SpdyError, match="layer 0: block 32x32 is larger"):
+    with pytest.raises(SpdyError, match="no layer can take option block32x32@0.5 .layer 0: "
+                                        "block 32x32 is larger than the weight's GEMM view "
+                                        "8x36.; drop it"):
         build_database(toy_model(), LAYERS, options, batches(), tmp_path / "db", progress=False)
     assert not (tmp_path / "db").exists()
 

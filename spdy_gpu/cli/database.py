@@ -6,11 +6,17 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Mapping
+
+import numpy as np
+from torch import nn
 
 from ..data import CalibrationSpec
 from ..errors import SpdyError
 from ..jsonio import check_output_dir, check_output_file
 from ..layers import prunable_modules, warn_unmatched_excludes
+from ..masks import unfit_reason
+from ..options import SparsityOption
 from .common import (
     add_model_args,
     add_option_args,
@@ -82,22 +88,39 @@ def run(args: argparse.Namespace) -> int:
     spec = calibration_from_args(args)
     entry, setting = model_from_args(args)
     model, example = entry.build(setting)
-    layers = list(prunable_modules(model, exclude_patterns(args, entry)))
-    if not layers:
+    modules = prunable_modules(model, exclude_patterns(args, entry))
+    if not modules:
         raise SpdyError("no prunable layer left; check the --exclude patterns")
     warn_unmatched_excludes(args.exclude, prunable_modules(model))
     options = options_from_args(args, "unstructured")
+    if not args.options:        # a grid's family no layer can take is dropped, as timings does
+        options = _takeable(options, modules)
     calibration = spec.load(entry, setting, example)
     began = time.perf_counter()
     db = build_database(
-        model, layers, options, calibration.batches, args.out, args.method,
+        model, list(modules), options, calibration.batches, args.out, args.method,
         model_name=entry.name, calibration=calibration.description,
         fast=fast, adaprune_config=adaprune_config, progress=not args.quiet)
-    errors = db.errors_matrix(db.layers, db.options)
+    sparsest = max(db.options, key=lambda o: o.sparsity)
+    errors = db.errors_matrix(db.layers, [sparsest])[:, 0]
+    taken = errors[np.isfinite(errors)]
     print(f"database {args.out}: {len(db.layers)} layers x {len(db.options)} options "
           f"({args.method}) in {time.perf_counter() - began:.1f} s; mean relative layer error "
-          f"at the sparsest option {errors[:, -1].mean():.4g}")
+          f"at the sparsest option, {sparsest.name}, {taken.mean():.4g} ({len(taken)} layers)")
     return 0
+
+
+def _takeable(options: list[SparsityOption], modules: Mapping[str, nn.Module]
+              ) -> list[SparsityOption]:
+    """`options` without those no layer can take (a block larger than every layer), with a
+    warning; unless nothing sparse would be left (build_database then names the problem)."""
+    kept = [o for o in options
+            if any(unfit_reason(m.weight.shape, o) is None for m in modules.values())]
+    if kept == options or not any(o.pattern != "dense" for o in kept):
+        return options
+    dropped = [o.name for o in options if o not in kept]
+    log.warning("no layer of this model can take %s: left out of the grid", ", ".join(dropped))
+    return kept
 
 
 def add_gap_parser(subparsers: argparse._SubParsersAction) -> None:

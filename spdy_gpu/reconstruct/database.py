@@ -1,4 +1,5 @@
-"""The reconstruction database: every layer's reconstructed weights at every option, on disk.
+"""The reconstruction database: every layer's reconstructed weights at every option it can
+take (masks.unfit_reason: not a block larger than the layer, an N:M group dividing it), on disk.
 
 Layout of a database directory:
 
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 from ..errors import SpdyError
 from ..jsonio import atomic_write_bytes, load_json, require, save_json
 from ..locks import LOCK_NAME, exclusive_directory, holder
-from ..masks import build_mask
+from ..masks import build_mask, unfit_reason
 from ..options import SparsityOption
 from .adaprune import AdaPruneConfig, adaprune
 from .capture import LayerStats, capture_inputs, capture_statistics
@@ -178,22 +179,32 @@ class Database:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Database:
-        """Open and validate a complete database (every layer at every option on disk)."""
+        """Open and validate a complete database (every layer at every option it can take
+        on disk)."""
         path = Path(path)
         if not (path / MANIFEST).is_file():
             raise SpdyError(f"{path}: not a reconstruction database (no {MANIFEST}); build one "
                             "with: spdy-gpu database --out DIR")
         db = cls(path, _load_manifest(path))
         for layer in db.layers:
-            for option in db.options:
+            for option in db.options_of(layer):
                 db._entry(layer, option)
         return db
+
+    def options_of(self, layer: str) -> list[SparsityOption]:
+        """The grid's options `layer` can take (see masks.unfit_reason); it has entries for
+        these only."""
+        return fitting_options(self.layer_shapes[layer], self.options)
 
     def _entry(self, layer: str, option: SparsityOption) -> dict[str, Any]:
         if layer not in self.layer_shapes:
             raise SpdyError(f"layer {layer} is not in the database {self.path}; it was built "
                             "for other layers, rebuild it for this model")
         self.check_options([option])
+        unfit = unfit_reason(self.layer_shapes[layer], option)
+        if unfit is not None:
+            raise SpdyError(f"layer {layer} cannot take option {option.name} ({unfit}), so "
+                            f"{self.path} has no entry for it; choose another option")
         entry = self._entries.get(layer, {}).get(option.name)
         if entry is None:
             building = holder(self.path)
@@ -229,7 +240,11 @@ class Database:
         return weight
 
     def error(self, layer: str, option: SparsityOption) -> float:
-        """Relative layer error of the stored weight, on the calibration data."""
+        """Relative layer error of the stored weight, on the calibration data; inf for an
+        option the layer cannot take (which no backend can time either)."""
+        if layer in self.layer_shapes and option not in self.options_of(layer):
+            self.check_options([option])
+            return math.inf
         error = self._entry(layer, option)["rel_error"]
         if not (isinstance(error, (int, float)) and math.isfinite(error) and error >= 0):
             raise SpdyError(f"{self.path}: layer {layer}, option {option.name}: relative error "
@@ -366,15 +381,33 @@ def _other_work(document: Mapping[str, Any], header: Mapping[str, Any]) -> str |
     return None
 
 
-def _check_options(modules: Mapping[str, nn.Module],
-                   chains: list[list[SparsityOption]]) -> None:
-    """Fail before any work if some layer cannot take some option (e.g. a block too big)."""
-    for name, module in modules.items():
-        for chain in chains:
-            try:
-                build_mask(module.weight.detach(), chain[0])
-            except SpdyError as e:
-                raise SpdyError(f"layer {name}: {e}") from None
+def fitting_options(shape: Sequence[int],
+                    options: Sequence[SparsityOption]) -> list[SparsityOption]:
+    """The options a weight of `shape` can take, in grid order."""
+    return [option for option in options if unfit_reason(shape, option) is None]
+
+
+def _check_fit(modules: Mapping[str, nn.Module], options: Sequence[SparsityOption]) -> None:
+    """Refuse an option no layer can take (a block larger than every layer, an N:M group
+    dividing none); say which layers keep out of which families: they get the others."""
+    left_out: dict[str, list[str]] = {}
+    for option in options:
+        unfit = {name: unfit_reason(m.weight.shape, option) for name, m in modules.items()}
+        if all(unfit.values()):
+            raise SpdyError(f"no layer can take option {option.name} (layer "
+                            f"{next(iter(unfit))}: {next(iter(unfit.values()))}); drop it "
+                            "from the options")
+        names = left_out.setdefault(_family_name(option), [])
+        names += [name for name, why in unfit.items() if why and name not in names]
+    for family, names in left_out.items():
+        if names:
+            log.warning("%d layer(s) cannot take %s and keep their other options: %s",
+                        len(names), family,
+                        ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
+
+
+def _family_name(option: SparsityOption) -> str:
+    return option.name.split("@")[0]
 
 
 def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[SparsityOption],
@@ -400,7 +433,7 @@ def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[Sp
     options = list(options)
     modules = _checked_modules(model, layers, options)
     chains = option_chains(options)
-    _check_options(modules, chains)
+    _check_fit(modules, options)
     config = (dataclasses.asdict(fast) | {"dtype": str(fast.dtype)} if method == "fast"
               else dataclasses.asdict(adaprune_config))
     hashes = layer_hashes(model, list(layers))
@@ -413,8 +446,9 @@ def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[Sp
     }
     with exclusive_directory(out_dir, "database directory") as out_dir:
         build = _start(out_dir, header, replace_other)
-        todo = {name: m for name, m in modules.items()
-                if not all([build.done(name, o) for o in options])}   # checks every entry
+        todo = {name: m for name, m in modules.items()    # checks every entry
+                if not all([build.done(name, o)
+                            for o in fitting_options(m.weight.shape, options)])}
         if todo:
             _reconstruct(build, model, todo, options, chains, calibration_batches, method,
                          fast, adaprune_config, max_input_bytes, progress)
@@ -436,7 +470,8 @@ def _reconstruct(build: _Build, model: nn.Module, todo: dict[str, nn.Module],
     timing["capture"] += time.perf_counter() - began
     began = time.perf_counter()
     try:
-        with tqdm(total=len(todo) * len(options), desc=f"database ({method})",
+        entries = sum(len(fitting_options(m.weight.shape, options)) for m in todo.values())
+        with tqdm(total=entries, desc=f"database ({method})",
                   unit="entry", disable=not progress) as bar:
             for group in _input_groups(todo, stats, method, max_input_bytes):
                 samples = (capture_inputs(model, group, batches) if method == "adaprune"
@@ -499,6 +534,8 @@ def _build_layer(build: _Build, name: str, module: nn.Module, stats: LayerStats,
     hessian = (damped_gram(stats, fast.damp, fast.dtype, solver_device()) if method == "fast"
                else None)
     for chain in chains:
+        if unfit_reason(dense.shape, chain[0]) is not None:
+            continue                  # a whole family: block too large, N:M not dividing
         previous = dense
         for i, option in enumerate(chain):
             if build.done(name, option):
