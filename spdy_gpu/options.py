@@ -140,9 +140,8 @@ def option_grid(pattern: str = "unstructured", count: int = 41, min_sparsity: fl
     option 0. block: one side, one (rows, cols) pair, or a list of them (levels for each)."""
     options = [SparsityOption.dense()]
     for family in pattern.split("+"):
-        options += [o for o in _family(family, count, min_sparsity, max_sparsity, block, nm)
-                    if o not in options]
-    return options
+        options += _family(family, count, min_sparsity, max_sparsity, block, nm)
+    return list(dict.fromkeys(options))     # each once: `--block 32 32`, min = max sparsity
 
 
 def _family(pattern: str, count: int, min_sparsity: float, max_sparsity: float,

@@ -60,3 +60,14 @@ def test_bad_grid_is_refused(args):
 def test_single_level_grid():
     assert geometric_levels(1, 0.6, 0.6) == [0.6]
     assert math.isclose(option_grid(count=1, min_sparsity=0.6)[1].sparsity, 0.6)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(pattern="block", count=2, block=[32, 32]), ["dense", "block32x32@0.4",
+                                                     "block32x32@0.99"]),
+    (dict(count=3, min_sparsity=0.5, max_sparsity=0.5), ["dense", "unstructured@0.5"]),
+    (dict(pattern="nm+block+nm", count=1, min_sparsity=0.5, max_sparsity=0.5, block=16),
+     ["dense", "nm2:4", "block16x16@0.5"]),
+])
+def test_a_grid_lists_each_option_once(kwargs, expected):
+    assert [o.name for o in option_grid(**kwargs)] == expected
