@@ -9,7 +9,9 @@ measured spec to a machine without a GPU (`--estimate FILE.json`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,16 @@ class GpuSpec:
     peak_flops: dict[str, float] = field(default_factory=dict)
     source: str = ""
     kernel_floor_ms: float = ASSUMED_KERNEL_FLOOR_MS
+
+    def __post_init__(self) -> None:
+        ceilings = [self.bandwidth, *self.peak_flops.values()]
+        if not (ceilings[1:] and all(math.isfinite(c) and c > 0 for c in ceilings)
+                and math.isfinite(self.kernel_floor_ms) and self.kernel_floor_ms >= 0):
+            raise SpdyError(f"GPU spec {self.name!r}: bandwidth and peak FLOP/s must be finite "
+                            "and positive, kernel_floor_ms finite and >= 0; regenerate the spec")
+        if self.sm_count <= 0 or not re.fullmatch(r"sm_\d+", self.arch):
+            raise SpdyError(f"GPU spec {self.name!r}: arch {self.arch!r} / sm_count "
+                            f"{self.sm_count}: need an arch like sm_90 and a positive SM count")
 
     def peak(self, dtype: str) -> float:
         if dtype not in self.peak_flops:
@@ -114,7 +126,6 @@ def load_spec(path: str | os.PathLike) -> GpuSpec:
                        kernel_floor_ms=float(doc.get("kernel_floor_ms", ASSUMED_KERNEL_FLOOR_MS)))
     except (TypeError, ValueError) as e:
         raise located(path, SpdyError(f"malformed GPU spec ({e}); regenerate it")) from None
-    if (spec.bandwidth <= 0 or not spec.peak_flops or min(spec.peak_flops.values()) <= 0
-            or spec.kernel_floor_ms < 0):
-        raise SpdyError(f"{path}: ceilings must be positive; regenerate the spec")
+    except SpdyError as e:
+        raise located(path, e) from None
     return spec

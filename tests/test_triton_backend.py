@@ -248,6 +248,23 @@ def test_measured_spec_round_trips_and_bad_files_are_refused(tmp_path):
         spec.peak("fp16")
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("bandwidth", "NaN", "finite and positive"),
+    ("peak_flops", '{"bf16": Infinity}', "finite and positive"),
+    ("peak_flops", "{}", "finite and positive"),
+    ("kernel_floor_ms", "NaN", "kernel_floor_ms finite"),
+    ("sm_count", "0", "positive SM count"),
+    ("arch", '"banana"', "an arch like sm_90"),
+])
+def test_a_spec_file_with_nonsense_ceilings_is_refused(field, value, match, tmp_path):
+    doc = {"name": '"x"', "arch": '"sm_90"', "sm_count": "1", "bandwidth": "1e12",
+           "peak_flops": '{"bf16": 1e14}', field: value}
+    body = ", ".join(f'"{k}": {v}' for k, v in doc.items())
+    (tmp_path / "bad.json").write_text(f'{{"format": "spdy-gpu/gpu-spec", "version": 1, {body}}}')
+    with pytest.raises(SpdyError, match=f"^{tmp_path / 'bad.json'}: .*{match}"):
+        gpu_spec(str(tmp_path / "bad.json"))
+
+
 # ---- cache ----------------------------------------------------------------------------------
 
 def test_cache_key_names_everything_a_time_depends_on():
