@@ -27,8 +27,16 @@ def nmse(pruned: torch.Tensor, dense: torch.Tensor, batch: Any = None) -> torch.
     return (pruned - dense).square().sum() / dense.square().sum().clamp_min(1e-30)
 
 
+def _require_samples(output: torch.Tensor, loss: str, what: str) -> None:
+    if output.dim() < 2:
+        raise SpdyError(f"--loss {loss} compares {what} per sample, and the model's output has "
+                        f"shape {list(output.shape)}; return [batch, ...] outputs from forward "
+                        "or use --loss nmse")
+
+
 def cosine(pruned: torch.Tensor, dense: torch.Tensor, batch: Any = None) -> torch.Tensor:
     """1 - mean over samples of the cosine between flattened outputs."""
+    _require_samples(dense, "cosine", "feature vectors")
     similarity = F.cosine_similarity(pruned.flatten(1).double(), dense.flatten(1).double(),
                                      dim=1, eps=1e-12)
     return 1.0 - similarity.mean()
@@ -36,6 +44,7 @@ def cosine(pruned: torch.Tensor, dense: torch.Tensor, batch: Any = None) -> torc
 
 def kl(pruned: torch.Tensor, dense: torch.Tensor, batch: Any = None) -> torch.Tensor:
     """KL(dense || pruned) of the softmax over the last dimension, mean over samples."""
+    _require_samples(dense, "kl", "class scores")
     log_p = F.log_softmax(pruned.double(), dim=-1).flatten(0, -2)
     log_q = F.log_softmax(dense.double(), dim=-1).flatten(0, -2)
     return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
@@ -44,6 +53,7 @@ def kl(pruned: torch.Tensor, dense: torch.Tensor, batch: Any = None) -> torch.Te
 def cross_entropy(pruned: torch.Tensor, dense: torch.Tensor, batch: Any = None) -> torch.Tensor:
     """Mean over samples of -sum softmax(dense) * log_softmax(pruned) over the last
     dimension."""
+    _require_samples(dense, "cross_entropy", "class scores")
     log_p = F.log_softmax(pruned.double(), dim=-1).flatten(0, -2)
     q = F.softmax(dense.double(), dim=-1).flatten(0, -2)
     return -(q * log_p).sum(-1).mean()
@@ -67,13 +77,14 @@ def get_loss(loss: str | Loss | None) -> tuple[str, Loss]:
 
 def output_tensor(output: Any) -> torch.Tensor:
     """The tensor a loss compares: the output itself, a model output's `logits` or
-    `last_hidden_state`, else its first tensor (tuples, dicts, dataclasses)."""
+    `last_hidden_state`, else its first tensor (tuples, dicts, dataclasses); it must be
+    floating point."""
     if isinstance(output, torch.Tensor):
-        return output
+        return _floating(output)
     if isinstance(output, Mapping):
         for key in ("logits", "last_hidden_state"):
             if isinstance(output.get(key), torch.Tensor):
-                return output[key]
+                return _floating(output[key])
         values = list(output.values())
     elif isinstance(output, (tuple, list)):
         values = list(output)
@@ -82,6 +93,17 @@ def output_tensor(output: Any) -> torch.Tensor:
                   if hasattr(output, k)]
     for value in values:
         if isinstance(value, torch.Tensor):
-            return value
+            return _floating(value)
     raise SpdyError(f"the model returned {type(output).__name__}, which holds no tensor to "
                     "score; return a tensor (or a tuple/dict of them) from forward")
+
+
+def _floating(output: torch.Tensor) -> torch.Tensor:
+    """An integer or boolean output (an argmax, a prediction) hides how far a pruned model
+    moved from dense: every candidate would score the same and the search learn nothing."""
+    if not output.is_floating_point():
+        raise SpdyError(f"the model's output is {str(output.dtype).removeprefix('torch.')} "
+                        f"{list(output.shape)}, which no loss can tell apart across pruned "
+                        "models; return the floating outputs (logits, hidden states) from "
+                        "forward")
+    return output

@@ -12,7 +12,7 @@ from torch import nn
 
 from .errors import user_code
 from .layers import call_model
-from .losses import Loss, get_loss, output_tensor
+from .losses import LOSSES, Loss, get_loss, output_tensor
 from .options import SparsityOption
 from .reconstruct.stitch import WeightSource, restore_, stitch_
 
@@ -40,8 +40,10 @@ class HeldOutScorer:
 
     def loss_of(self, model: nn.Module) -> float:
         """Mean loss of `model` (e.g. a pruned copy after gAP) against the dense outputs."""
-        with torch.inference_mode(), user_code(f"the loss {self.loss_name}",
-                                               "fix the model's loss function"):
+        own = self.loss_name in LOSSES and self.loss is LOSSES[self.loss_name]
+        with torch.inference_mode(), user_code(
+                f"the loss {self.loss_name}",
+                "pick another --loss" if own else "fix the model's loss function"):
             losses = [float(self.loss(self._forward(batch, model), dense, batch))
                       for batch, dense in zip(self.batches, self.dense_outputs)]
         return sum(losses) / len(losses)

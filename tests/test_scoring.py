@@ -44,3 +44,27 @@ def test_output_tensor_finds_the_tensor():
     assert output_tensor({"hidden": torch.zeros(1), "logits": t}) is t
     with pytest.raises(SpdyError, match="holds no tensor"):
         output_tensor("text")
+
+
+class _Outputs(nn.Module):
+    """A Linear whose forward returns an argmax or a scalar instead of its outputs."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.fc, self.kind = nn.Linear(8, 4), kind
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y.argmax(-1) if self.kind == "argmax" else y.sum()
+
+
+@pytest.mark.parametrize("kind, loss, match", [
+    ("argmax", "nmse", "output is int64 \\[6\\], which no loss can tell apart"),
+    ("scalar", "kl", "--loss kl compares class scores per sample, and the model's output has "
+                     "shape \\[\\]; .* or use --loss nmse"),
+    ("scalar", "cosine", "--loss cosine compares feature vectors per sample"),
+])
+def test_outputs_a_loss_cannot_compare_are_one_line_errors(kind, loss, match):
+    batches = [torch.randn(6, 8)]
+    with pytest.raises(SpdyError, match=match):
+        HeldOutScorer(_Outputs(kind).eval(), batches, loss=loss)({})
