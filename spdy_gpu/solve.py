@@ -132,7 +132,15 @@ class Planner:
         """Chosen option per searched layer. `matrix` (from error_matrix) skips the name
         check in hot loops that already hold a checked matrix."""
         matrix = self.error_matrix(errors) if matrix is None else matrix
-        picks = self.grid(speedup).solve(matrix)
+        grid = self.grid(speedup)
+        # Every layer at its least-error option is optimal when it fits; checked on exact
+        # times, since the DP's buckets round each layer's time up and can miss an exact fit
+        # (all dense at 1x on a table whose layers and fixed time add up to the dense time).
+        picks = matrix.argmin(axis=1)
+        rows = np.arange(len(self.layers))
+        if math.fsum([self.fixed_ms, *self.times[rows, picks]]) > \
+                self.table.dense_total_ms / speedup:
+            picks = grid.solve(matrix)
         return {name: self.options[p] for name, p in zip(self.layers, picks)}
 
     def solve(self, speedup: float, errors: LayerErrors | None = None) -> Profile:

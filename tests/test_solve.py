@@ -147,3 +147,16 @@ def test_total_error_is_the_dp_objective_at_a_profile_and_ignores_excluded_layer
     prior = prior_errors(toy_table.options)
     assert planner.total_error(profile) == pytest.approx(
         sum(prior[toy_table.options.index(profile.choices[n])] for n in ("layer1", "layer2")))
+
+
+def test_all_dense_at_1x_when_the_layers_and_fixed_time_add_up_to_the_dense_time(toy_table):
+    """1 + 4 + 2 + 3 = 10 ms exactly: the DP's buckets, rounded up per layer, missed it."""
+    profile = solve_profile(toy_table, 1.0)
+    assert all(o.pattern == "dense" for o in profile.choices.values())
+    assert profile.predicted_ms == profile.budget_ms == 10.0
+    # the least-error choice is taken only where it fits: layer2's (3.5 ms) exceeds 10 ms
+    errors = {"layer0": [0.0, 1, 2, 3], "layer1": [0.0, 1, 2, 3], "layer2": [1.0, 0, 2, 3]}
+    profile = Planner(toy_table).solve(1.0, errors)
+    assert profile.predicted_ms <= profile.budget_ms
+    assert [o.name for o in profile.choices.values()] != [o.name for o in toy_table.options[:1]
+                                                           * 2 + toy_table.options[1:2]]
