@@ -82,6 +82,9 @@ class CompareSettings:
     def __post_init__(self) -> None:
         if not self.speedups:
             raise SpdyError("give at least one target speedup, e.g. --speedups 1.5 2 3")
+        # each once (`--speedups 2 2` would run a target twice, list a method twice)
+        object.__setattr__(self, "speedups", tuple(dict.fromkeys(self.speedups)))
+        object.__setattr__(self, "methods", tuple(dict.fromkeys(self.methods)))
         for speedup in self.speedups:                  # each target's run checks it first
             dataclasses.replace(self.run, speedup=speedup)
         unknown = [m for m in self.methods if m not in METHODS]
@@ -114,6 +117,10 @@ def compare(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
     """Every method at every target: measured speedup, quality and held-out loss. SPDY's
     runs go to DIR/spdy-<target>x (sharing DIR/timings.json and the database, by default
     DIR/database)."""
+    if backend.estimated:
+        raise SpdyError(f"compare times every method end to end, which an estimated "
+                        f"{backend.name} backend cannot; run it where the backend measures "
+                        "(without --estimate)")
     with exclusive_directory(out_dir, "comparison directory") as out:
         report = _resume(out, entry, backend, setting, settings)
         done = {t["target"] for t in report.targets}
@@ -159,10 +166,9 @@ def _compare_target(entry: ModelEntry, setting: ModelSetting, backend: LatencyBa
         spdy = run(entry, setting, backend, run_settings, run_dir, progress=progress)
     except InfeasibleTargetError as e:
         log.warning("target %gx: %s", target, e)
+        _share_table(run_dir, shared_table)
         return {"target": target, "unreachable": True, "max_speedup": e.max_speedup}
-    table = TimingTable.load(run_dir / "timings.json")
-    if not shared_table.exists():
-        table.save(shared_table)                     # the next targets reuse it
+    table = _share_table(run_dir, shared_table)
     planner = Planner(table, (*entry.exclude, *run_settings.exclude))
     database = Database.open(database_dir)
     fit, held_out = calibration_split(entry, setting, example, run_settings)
@@ -300,6 +306,15 @@ def _row(method: str, choices: Choices | None, planner: Planner, target: float,
 
 
 # ---- outputs ---------------------------------------------------------------------------
+
+def _share_table(run_dir: Path, shared: Path) -> TimingTable:
+    """The first target's table, measured by its run, serves every later target (an
+    unreachable target's too: each would measure its own and name another largest speedup)."""
+    table = TimingTable.load(run_dir / "timings.json")
+    if not shared.exists():
+        table.save(shared)
+    return table
+
 
 def _save(report: CompareReport, settings: CompareSettings, out: Path) -> None:
     from .plots import plot_comparison

@@ -29,6 +29,7 @@ class FakeBackend:
     name = "fake"
     summary = "nowhere; default grid: N:M"
     default_pattern = "nm"
+    estimated = False
     cli_options = (CliOption("--repeats", "ignored", int),
                    CliOption("--speed", "how fast", float))
 

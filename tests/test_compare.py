@@ -181,3 +181,37 @@ def test_a_pair_session_in_a_slow_state_is_timed_again(tmp_path):
     rows = {row["method"]: row for row in report.targets[0]["rows"]}
     for method in methods:          # the kept pair is the one whose dense matches the table
         assert rows[method]["dense_ms"] == pytest.approx(table["dense_total_ms"], rel=0.01)
+
+
+def test_unreachable_targets_first_share_one_table_and_nothing_is_listed_twice(tmp_path,
+                                                                              capsys):
+    from spdy_gpu.cli.compare import summary
+
+    class CountingBackend(FakeBackend):
+        tables = 0
+
+        def measure_table(self, *args, **kwargs):
+            CountingBackend.tables += 1
+            return super().measure_table(*args, **kwargs)
+
+    report = compare(QUALITY_ENTRY, ModelSetting(), CountingBackend(),
+                     compare_settings(50.0, 60.0, 50.0), tmp_path, progress=False)
+    assert CountingBackend.tables == 1 and (tmp_path / "timings.json").exists()
+    assert [t["target"] for t in report.targets] == [50.0, 60.0]
+    assert report.targets[0]["max_speedup"] == report.targets[1]["max_speedup"]
+    assert not (tmp_path / "compare.png").exists()
+    assert summary(report, str(tmp_path)).endswith(": compare.json, compare.md")
+    assert compare_settings(2.0, methods=("spdy", "uniform", "spdy")).methods == \
+        ("spdy", "uniform")
+
+
+def test_an_estimated_backend_is_refused_before_any_work(tmp_path):
+    from spdy_gpu.errors import SpdyError
+
+    class Estimated(FakeBackend):
+        estimated = True
+
+    with pytest.raises(SpdyError, match="an estimated fake backend cannot; run it where"):
+        compare(QUALITY_ENTRY, ModelSetting(), Estimated(), compare_settings(2.0), tmp_path,
+                progress=False)
+    assert list(tmp_path.iterdir()) == []

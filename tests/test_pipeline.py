@@ -49,6 +49,7 @@ class FakeBackend:
 
     name = "fake"
     default_pattern = "unstructured"
+    estimated = False
 
     def __init__(self, slowdown=1.0):
         self.slowdown = slowdown

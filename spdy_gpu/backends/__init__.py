@@ -85,6 +85,7 @@ class LatencyBackend(Protocol):
     summary: str                          # one line for --help: where it runs, what it prunes
     default_pattern: str                  # option family of the default grid
     cli_options: tuple[CliOption, ...]    # the command-line options it takes
+    estimated: bool                       # times modelled, not measured: no latency()
 
     def fingerprint(self, example: Any) -> Fingerprint:
         """Where this backend measures (device, versions, threads, dtype) and what: the batch

@@ -110,6 +110,7 @@ class DeepSparseBackend:
     name = "deepsparse"
     summary = "CPU, DeepSparse engine; default grid: 41 unstructured levels"
     default_pattern = "unstructured"
+    estimated = False
     cli_options = (
         CliOption("--threads", "cores to use (default: all available)", int),
         CliOption("--repeats", "analysis calls per option in interleaved passes and "

@@ -5,6 +5,7 @@ latency, each measured end to end."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..compare import (
     METHODS,
@@ -71,5 +72,6 @@ def summary(report: CompareReport, out: str) -> str:
             shown = "n/a" if value is None else f"{value:.4g}"
             cells.append(f"{row['method']} {shown} @ {row['measured_speedup']:.2f}x")
         lines.append(f"  {target['target']:g}x: " + "; ".join(cells))
-    lines.append(f"written to {out}: compare.json, compare.md, compare.png")
+    written = [n for n in ("compare.json", "compare.md", "compare.png") if (Path(out) / n).exists()]
+    lines.append(f"written to {out}: {', '.join(written)}")
     return "\n".join(lines)
