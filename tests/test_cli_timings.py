@@ -129,3 +129,11 @@ def test_verify_on_triton_without_a_gpu_says_it_needs_one(tmp_path, capsys):
             "--backend", "triton"]
     assert main(args) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_options_and_grid_flags_together_are_refused(tmp_path, capsys):
+    code = main(["timings", "--model", SPEC, "--backend", "deepsparse", *FAST, "--options",
+                 "dense", "unstructured@0.5", "--levels", "3", "--block", "16",
+                 "--out", str(tmp_path / "t.json")])
+    assert code == 2 and "--options lists the options itself, so --levels, --block would be " \
+        "ignored; drop one or the other" in capsys.readouterr().err

@@ -55,7 +55,10 @@ def minilm():
 def test_estimated_table_for_minilm_is_marked_everywhere(minilm, tmp_path):
     model, example, layers, setting = minilm
     options = option_grid("block", count=5, block=32)
-    backend = get_backend("triton", estimate="h100-sxm", cache_dir=tmp_path, repeats=5)
+    with pytest.raises(SpdyError, match="--estimate times nothing, so --repeats would be "
+                                        "ignored; drop it"):
+        get_backend("triton", estimate="h100-sxm", repeats=5)
+    backend = get_backend("triton", estimate="h100-sxm")
     assert isinstance(backend, TritonEstimateBackend) and backend.dtype == "bf16"
     assert isinstance(backend, LatencyBackend)
     table = backend.measure_table(model, example, layers, options, model_name="minilm")

@@ -250,15 +250,16 @@ class TritonBackend(TritonTables):
     def create(cls, estimate: str | GpuSpec | None = None, dtype: str = "bf16",
                **measuring: Any) -> TritonTables:
         """The measuring backend, or with `estimate` the roofline estimate for that GPU
-        (which has nothing to repeat or cache: those settings are ignored; `compile` fuses
-        the non-GEMM ops between two GEMMs into one kernel)."""
+        (which has nothing to repeat or cache: such settings are refused, not ignored;
+        `compile` fuses the non-GEMM ops between two GEMMs into one kernel)."""
         if estimate is None:
             return cls(dtype=dtype, **measuring)
         from .triton_estimate import TritonEstimateBackend
 
         compile = bool(measuring.pop("compile", False))
         if measuring:
-            log.info("--estimate ignores %s", ", ".join(sorted(measuring)))
+            flags = ", ".join(f"--{key.replace('_', '-')}" for key in sorted(measuring))
+            raise SpdyError(f"--estimate times nothing, so {flags} would be ignored; drop it")
         return TritonEstimateBackend(estimate, dtype=dtype, compile=compile)
 
     def fingerprint(self, example: Any) -> Fingerprint:

@@ -48,16 +48,21 @@ def exclude_patterns(args: argparse.Namespace, entry: ModelEntry) -> list[str]:
     return list(entry.exclude) + list(args.exclude)
 
 
+GRID_DEFAULTS = {"levels": 41, "min_sparsity": 0.40, "max_sparsity": 0.99, "block": [32]}
+
+
 def add_option_args(parser: argparse.ArgumentParser) -> None:
+    """The option grid (--pattern, --levels, --min/--max-sparsity, --block), or --options
+    instead; the grid's flags default to None so that mixing both is caught."""
     group = parser.add_argument_group("sparsity options")
     group.add_argument("--pattern", default=None,
                        choices=["unstructured", "block", "nm", "block+nm", "unstructured+nm"],
                        help="option family, or families mixed per layer (default: the "
                             "backend's own; --backend's help names it)")
-    group.add_argument("--levels", type=int, default=41, help="number of sparsity levels (41)")
-    group.add_argument("--min-sparsity", type=float, default=0.40, help="lowest level (0.40)")
-    group.add_argument("--max-sparsity", type=float, default=0.99, help="highest level (0.99)")
-    group.add_argument("--block", type=int, nargs="+", default=[32], metavar="SIDE",
+    group.add_argument("--levels", type=int, help="number of sparsity levels (41)")
+    group.add_argument("--min-sparsity", type=float, help="lowest level (0.40)")
+    group.add_argument("--max-sparsity", type=float, help="highest level (0.99)")
+    group.add_argument("--block", type=int, nargs="+", metavar="SIDE",
                        help="square block size(s): levels for each (32)")
     group.add_argument("--options", nargs="+", metavar="OPTION", default=None,
                        help="explicit option list instead of a grid, e.g. dense "
@@ -65,10 +70,16 @@ def add_option_args(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace, default_pattern: str) -> list[SparsityOption]:
+    grid = {key: getattr(args, key) for key in ("pattern", *GRID_DEFAULTS)}
     if args.options:
+        given = [f"--{key.replace('_', '-')}" for key, value in grid.items() if value is not None]
+        if given:
+            raise SpdyError(f"--options lists the options itself, so {', '.join(given)} would "
+                            "be ignored; drop one or the other")
         return parse_options(args.options)
-    return option_grid(args.pattern or default_pattern, args.levels, args.min_sparsity,
-                       args.max_sparsity, args.block)
+    values = {key: GRID_DEFAULTS[key] if grid[key] is None else grid[key] for key in GRID_DEFAULTS}
+    return option_grid(args.pattern or default_pattern, values["levels"],
+                       values["min_sparsity"], values["max_sparsity"], values["block"])
 
 
 def add_backend_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
