@@ -97,3 +97,17 @@ def test_solve_lists_an_excluded_layer_once_and_its_rows_add_up(tmp_path, toy_ta
     assert sum(n[1] for n in numbers) == pytest.approx(profile.predicted_ms, abs=1e-3)
     assert float(total[1]) == pytest.approx(toy_table.dense_total_ms, abs=1e-3)
     assert float(total[2]) == pytest.approx(profile.predicted_ms, abs=1e-3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["solve", "--timings", "t.json", "--speedup", "2", "--out", "p.json", "--bogus"],
+     "spdy-gpu solve: error: unrecognized arguments: --bogus; see spdy-gpu solve --help"),
+    (["timings", "--pattern", "foo"], "spdy-gpu timings: error: argument --pattern: invalid "
+                                      "choice: 'foo'"),
+    (["nocommand"], "spdy-gpu: error: argument COMMAND: invalid choice: 'nocommand'"),
+])
+def test_usage_errors_are_one_line_naming_the_command(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(message) and err.count("\n") == 1

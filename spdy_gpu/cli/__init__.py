@@ -17,8 +17,16 @@ from ..errors import SpdyError, first_line
 DEBUG_HELP = "on an error, also print the full traceback (with the original cause)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line naming the command and --help, as every other error is
+    (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spdy-gpu",
         description="Prune a network to a guaranteed speedup on its inference backend (SPDY).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -35,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:                 # named by the command's parser, whose options they missed
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     # Our own progress at INFO; libraries (gensim, transformers...) only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("spdy_gpu").setLevel(logging.DEBUG if args.verbose else logging.INFO)
