@@ -306,7 +306,12 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
         note["rounds"] = len(report.rounds)
     # made with the model at hand: consumers can check the profile belongs to it
     profile = dataclasses.replace(
-        profile, model_fingerprint=model_fingerprint(model, list(profile.choices)))
+        profile, model_fingerprint=model_fingerprint(model, list(profile.choices)),
+        provenance={"made_by": "spdy_gpu.run (coefficient search, DP, measured guarantee)",
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "run": str(out), "timings": str(out / "timings.json"),
+                    "database": str(database.path), "loss": scorer.loss_name,
+                    "round": next((r["round"] for r in report.rounds if r.get("kept")), None)})
     report.profile, report.predicted_speedup = profile, profile.predicted_speedup
     report.held_out_loss = _baselines(planner, database, scorer, settings, profile)
     if settings.gap is not None:

@@ -118,6 +118,9 @@ def test_run_writes_everything_and_meets_the_target(tmp_path):
     assert "Where the time went" in (out / "report.md").read_text()
     saved = Profile.load(out / "profile.json")        # made with the model: says which
     assert saved.model_fingerprint == model_fingerprint(build()[0], list(saved.choices))
+    kept = next(r["round"] for r in doc["rounds"] if r.get("kept"))
+    assert saved.provenance["run"] == str(out) and saved.provenance["round"] == kept
+    assert saved.provenance["database"] == str(out / "database")
 
 
 def test_a_second_run_reuses_every_stage_and_ends_the_same(tmp_path):
