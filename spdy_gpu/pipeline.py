@@ -285,6 +285,8 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
     with _stage(report, "calibration") as note:
         fit, held_out = calibration_split(entry, setting, example, settings)
         note["samples"] = {"database": fit.samples, "search": held_out.samples}
+        # scores the dense outputs now: an output no loss can compare fails before any work
+        scorer = HeldOutScorer(model, held_out.batches, None, settings.loss or entry.loss)
     with _stage(report, "timings") as note:
         table = _timing_table(entry, model, example, backend, fingerprint, settings, out,
                               note, progress)
@@ -292,7 +294,7 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
     planner.grid(settings.speedup)                     # an unreachable target fails here
     with _stage(report, "database") as note:
         database = _database(entry, model, planner, fit, settings, out, progress, note)
-    scorer = HeldOutScorer(model, held_out.batches, database, settings.loss or entry.loss)
+    scorer.database = database              # the search stitches its weights from now on
     base = _base_errors(planner, database, settings)
     with _stage(report, "search") as note:
         result = _search(planner, database, base, scorer, settings, out, progress)

@@ -30,6 +30,7 @@ class HeldOutScorer:
         self.database = database
         self.loss_name, self.loss = get_loss(loss)
         self.dense_outputs = [self._forward(batch) for batch in self.batches]
+        self._loss(self.dense_outputs[0], self.dense_outputs[0], self.batches[0])  # usable?
 
     def __call__(self, choices: Mapping[str, SparsityOption]) -> float:
         backup = stitch_(self.model, choices, self.database)
@@ -40,13 +41,16 @@ class HeldOutScorer:
 
     def loss_of(self, model: nn.Module) -> float:
         """Mean loss of `model` (e.g. a pruned copy after gAP) against the dense outputs."""
+        losses = [self._loss(self._forward(batch, model), dense, batch)
+                  for batch, dense in zip(self.batches, self.dense_outputs)]
+        return sum(losses) / len(losses)
+
+    def _loss(self, pruned: torch.Tensor, dense: torch.Tensor, batch: Any) -> float:
         own = self.loss_name in LOSSES and self.loss is LOSSES[self.loss_name]
         with torch.inference_mode(), user_code(
                 f"the loss {self.loss_name}",
                 "pick another --loss" if own else "fix the model's loss function"):
-            losses = [float(self.loss(self._forward(batch, model), dense, batch))
-                      for batch, dense in zip(self.batches, self.dense_outputs)]
-        return sum(losses) / len(losses)
+            return float(self.loss(pruned, dense, batch))
 
     def _forward(self, batch: Any, model: nn.Module | None = None) -> torch.Tensor:
         with torch.inference_mode():

@@ -399,3 +399,25 @@ def test_auto_errors_are_the_prior_on_one_family_and_the_databases_on_a_mixed_gr
     assert _base_errors(Stub(mixed), Stub(mixed), auto) == "database"
     assert _base_errors(Stub(sizes), Stub(sizes), auto) == "database"   # two block sizes
     assert _base_errors(Stub(mixed), Stub(mixed), prior) == "prior"
+
+
+class _Argmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc(x).argmax(-1)
+
+
+def test_an_output_no_loss_can_compare_stops_the_run_before_any_timing(tmp_path):
+    entry = ModelEntry("argmax", "toy classifier returning predictions",
+                       build=lambda setting=None: (_Argmax().eval(), torch.randn(4, 16)),
+                       calibration=calibration)
+
+    class NeverTimed(FakeBackend):
+        def measure_table(self, *args, **kwargs):
+            raise AssertionError("timed a model the search cannot score")
+
+    with pytest.raises(SpdyError, match="output is int64 \\[16\\], which no loss can tell"):
+        run(entry, ModelSetting(), NeverTimed(), settings(), tmp_path / "run", progress=False)
