@@ -293,10 +293,9 @@ def test_a_failing_loss_or_quality_function_is_one_line_naming_it():
         raise OSError("test set not found")
 
     model, example = tiny()
-    scorer = HeldOutScorer(model, [example], None, broken_loss)
     with pytest.raises(SpdyError, match="the loss broken_loss raised ZeroDivisionError: "
-                                        "labels missing; fix") as error:
-        scorer.loss_of(model)
+                                        "labels missing; fix the model's loss") as error:
+        HeldOutScorer(model, [example], None, broken_loss)     # tried on the dense outputs
     assert isinstance(error.value.__cause__, ZeroDivisionError)
     entry = ModelEntry("toy", "", tiny, quality=broken_quality)
     with pytest.raises(SpdyError, match="quality function of model toy raised OSError"):
