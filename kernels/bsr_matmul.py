@@ -408,7 +408,8 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor
                bias: torch.Tensor | None = None, activation: str | None = None, *,
                indices: LayoutIndices | None = None, allow_tf32: bool | None = None,
                stream_k: int | None = None, block_t: int | None = None,
-               tma: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+               tma: bool | None = None, out: torch.Tensor | None = None,
+               check_indices: bool | None = None) -> torch.Tensor:
     """act(x @ W^T + bias) with W [N, K] = `shape` block-sparse.
 
     x: [..., K] in the values' dtype (fp32, fp16 or bf16), on their device; values
@@ -423,11 +424,19 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor
     tma: None uses TMA descriptors where the layout allows (Hopper and newer); False forces
     pointer loads; True forces descriptors (the interpreter emulates them).
     out: optional contiguous [..., N] result tensor in x's dtype (written, and returned).
-    A CPU tensor runs under Triton's interpreter (slow; meant for tests).
+    check_indices: check the index layout's contents (layout_problem); None: on the CPU only,
+    since on a GPU it costs a sync per call (BSRWeight checks its layout once when built).
+    values, indices and bias must be contiguous; x may be strided. A CPU tensor runs under
+    Triton's interpreter (slow; meant for tests).
     """
     n, k = int(shape[0]), int(shape[1])
+    checking = check_indices or (check_indices is None and isinstance(x, torch.Tensor)
+                                 and x.device.type == "cpu")
     _check(x, values, crow_indices, col_indices, (n, k), bias, activation, stream_k, block_t,
-           out)
+           out, checking)
+    if checking and indices is not None and not _indices_match(indices, crow_indices):
+        raise KernelInputError("bsr_linear: indices belong to another layout; pass "
+                               "layout_indices(crow_indices) of this weight")
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype) if out is None else out.view(m, n)
@@ -496,10 +505,25 @@ def _set_boxes(nargs: dict) -> None:
 
 def _check(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
            shape: tuple[int, int], bias: torch.Tensor | None, activation: str | None,
-           stream_k: int | None, block_t: int | None, out: torch.Tensor | None) -> None:
+           stream_k: int | None, block_t: int | None, out: torch.Tensor | None,
+           check_indices: bool) -> None:
     n, k = shape
     problem = None
-    if values.dim() != 3 or values.dtype not in DTYPES:
+    tensors = {"x": x, "values": values, "crow_indices": crow, "col_indices": col,
+               **({} if bias is None else {"bias": bias})}
+    not_tensor = next((name for name, t in tensors.items()
+                       if not isinstance(t, torch.Tensor)), None)
+    if not_tensor is not None:
+        raise KernelInputError(f"bsr_linear: {not_tensor} must be a torch.Tensor, got "
+                               f"{type(tensors[not_tensor]).__name__}")
+    strided = next((name for name, t in tensors.items()
+                    if name != "x" and not t.is_contiguous()), None)
+    if n < 1 or k < 1:
+        problem = f"the weight shape {(n, k)} must be positive"
+    elif strided is not None:
+        problem = (f"{strided} must be contiguous (the kernel reads it densely); pass "
+                   f"{strided}.contiguous()")
+    elif values.dim() != 3 or values.dtype not in DTYPES:
         problem = (f"values must be [nnz, rows, cols] in float32, float16 or bfloat16, got "
                    f"{values.dtype} {tuple(values.shape)}")
     elif any(int(side) not in BLOCK_SIDES for side in values.shape[1:]):
@@ -531,5 +555,32 @@ def _check(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch
                               or out.device != x.device or not out.is_contiguous()):
         problem = (f"out must be a contiguous {x.dtype} tensor of shape {(*x.shape[:-1], n)} "
                    f"on {x.device}; got {out.dtype} {tuple(out.shape)}")
+    if problem is None and check_indices:
+        problem = layout_problem(crow, col, values.shape[0], -(-k // values.shape[2]))
     if problem is not None:
         raise KernelInputError(f"bsr_linear: {problem}")
+
+
+def _indices_match(indices: LayoutIndices, crow: torch.Tensor) -> bool:
+    """Whether `indices` fit the layout `crow`: its block-rows and empty rows, and an order
+    of the rows (any permutation: the order only schedules the work)."""
+    expected = layout_indices(crow)
+    rows = torch.arange(crow.numel() - 1, device=crow.device)
+    return (torch.equal(indices.block_rows, expected.block_rows)
+            and torch.equal(indices.empty_rows, expected.empty_rows)
+            and torch.equal(indices.row_order.sort().values.long(), rows))
+
+
+def layout_problem(crow: torch.Tensor, col: torch.Tensor, nnz: int, block_cols: int
+                   ) -> str | None:
+    """What is wrong with a BSR index layout, or None: crow starts at 0, never decreases and
+    ends at nnz; every column index lies in [0, block_cols). Reading them costs a device
+    sync on a GPU, which bsr_linear only pays when asked (check_indices=True)."""
+    steps = crow.diff()
+    if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((steps < 0).any()):
+        return (f"crow_indices must start at 0, never decrease and end at nnz={nnz}; repack "
+                "the weight")
+    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= block_cols):
+        return (f"col_indices must lie in [0, {block_cols}) (block columns of K); repack the "
+                "weight")
+    return None

@@ -204,6 +204,24 @@ def test_bad_calls_raise_one_line_errors():
         (lambda: bsr_matmul.bsr_linear(x, packed.values, packed.crow_indices.long(),
                                        packed.col_indices, packed.shape), "int32"),
     ]
+    values, crow, col = packed.values, packed.crow_indices, packed.col_indices
+    strided = values.transpose(1, 2).contiguous().transpose(1, 2)
+    cases += [   # silently wrong before: strided weights, indices out of their range
+        (lambda: bsr_matmul.bsr_linear(x, strided, crow, col, packed.shape),
+         "values must be contiguous"),
+        (lambda: bsr_linear(x, packed, torch.randn(64).half()[::2]), "bias must be contiguous"),
+        (lambda: bsr_matmul.bsr_linear(x, values, crow, torch.full_like(col, 5), packed.shape),
+         "col_indices must lie in \\[0, 2\\)"),
+        (lambda: bsr_matmul.bsr_linear(x, values, crow.flip(0).contiguous(), col,
+                                       packed.shape), "crow_indices must start at 0"),
+        (lambda: bsr_matmul.bsr_linear(x, values, crow, col, packed.shape,
+                                       indices=_case(32, 32, 16, 0.9, F16, seed=3).indices),
+         "indices belong to another layout"),
+        (lambda: bsr_matmul.bsr_linear(x.tolist(), values, crow, col, packed.shape),
+         "x must be a torch.Tensor, got list"),
+        (lambda: bsr_matmul.bsr_linear(x[:, :0], values, crow, col, (32, 0)),
+         "weight shape \\(32, 0\\) must be positive"),
+    ]
     for call, match in cases:
         with pytest.raises(KernelInputError, match=match) as error:
             call()
