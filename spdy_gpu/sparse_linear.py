@@ -56,7 +56,6 @@ class BlockSparseLinear(nn.Module):
         self.bias = (None if bias is None else
                      nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False))
         self._packed_cache: tuple[tuple, BSRWeight] | None = None
-        self._dense_cache: tuple[tuple, torch.Tensor] | None = None   # CPU fallback only
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None,
@@ -96,7 +95,11 @@ class BlockSparseLinear(nn.Module):
         if x.is_cuda or interpret_requested() or torch.compiler.is_compiling():
             return self._kernel(x)
         _note_fallback()
-        return activate(F.linear(x, self._dense_weight(), self.bias), self.activation)
+        self._check_input(x)
+        # the dense weight is rebuilt per call: a write through .values.data leaves no trace
+        # (no version bump) that a cached copy could be keyed on
+        weight = self._packed().to_dense()
+        return activate(F.linear(x, weight, self.bias), self.activation)
 
     def to_dense(self) -> nn.Linear:
         """The masked dense layer (nn.Linear in the value dtype); the activation is dropped."""
@@ -147,11 +150,20 @@ class BlockSparseLinear(nn.Module):
             self._packed_cache = (key, self.weight)
         return self._packed_cache[1]
 
-    def _dense_weight(self) -> torch.Tensor:
-        key = (self.values.data_ptr(), self.values._version, self.values.dtype, self.values.device)
-        if self._dense_cache is None or self._dense_cache[0] != key:
-            self._dense_cache = (key, self._packed().to_dense())
-        return self._dense_cache[1]
+    def _check_input(self, x: torch.Tensor) -> None:
+        """The fallback refuses what the kernel refuses, in the same words (the kernel's own
+        checks need Triton)."""
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            problem = (f"input of shape {tuple(x.shape)} does not end in K={self.in_features}; "
+                       f"pass [..., {self.in_features}]")
+        elif x.dtype != self.values.dtype:
+            problem = (f"input dtype {x.dtype} differs from the weight's {self.values.dtype}; "
+                       "cast one of them")
+        elif x.device != self.values.device:
+            problem = "input, weight and bias must be on one device; move them with .to(device)"
+        else:
+            return
+        raise SpdyError(f"bsr_linear: {problem}")
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
                               **kwargs: Any) -> None:
@@ -171,7 +183,6 @@ class BlockSparseLinear(nn.Module):
                     setattr(self, name, resized)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._packed_cache = None
-        self._dense_cache = None
         self._set_derived_indices(self._packed())     # validates what was loaded
 
 

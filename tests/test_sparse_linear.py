@@ -91,13 +91,27 @@ def test_block_sparse_model_traces_as_one_op_per_layer(mode, monkeypatch):
         torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_call_the_kernel_cannot_run_is_a_one_line_spdy_error(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+@pytest.mark.parametrize("x, match", [
+    (torch.randn(3, 70, dtype=torch.float64), "input dtype torch.float64 differs from the "
+                                              "weight's torch.float32; cast one of them"),
+    (torch.randn(3, 69), "input of shape \\(3, 69\\) does not end in K=70"),
+])
+def test_a_call_the_kernel_cannot_run_is_the_same_one_line_spdy_error_on_both_paths(
+        x, match, kernel_path):
     layer = BlockSparseLinear.from_linear(_mlp()[0], option="block16x16@0.5")
-    with pytest.raises(SpdyError, match="differs from the weight") as error:
-        layer(torch.randn(3, 70, dtype=torch.float64))
+    with pytest.raises(SpdyError, match=match) as error:
+        layer(x)
     assert "\n" not in str(error.value)
+
+
+def test_the_cpu_fallback_follows_writes_through_values_data(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layer = BlockSparseLinear.from_linear(_mlp()[0], option="block16x16@0.5")
+    x = torch.randn(3, 70)
+    before = layer(x)
+    layer.values.data.mul_(2)                      # no version bump on the parameter
+    bias = layer.bias
+    torch.testing.assert_close(layer(x), 2 * before - bias)
 
 
 def test_state_dict_round_trip_adopts_the_saved_pattern():
