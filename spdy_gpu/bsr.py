@@ -181,6 +181,10 @@ class BSRWeight:
                        f"got {v.dtype} {tuple(v.shape)}")
         elif min(v.shape[1:]) < 1 or n < 1 or k < 1:
             problem = f"empty block {tuple(v.shape[1:])} or shape {self.shape}"
+        elif any(int(side) not in BLOCK_SIDES for side in v.shape[1:]):
+            problem = (f"block {tuple(v.shape[1:])} is not a kernel block (sides in "
+                       f"{', '.join(map(str, BLOCK_SIDES))}; kernel_block(block) picks the one "
+                       "a block mask packs into exactly)")
         elif any(t.dtype != torch.int32 or t.dim() != 1 for t in (crow, col, order)):
             problem = "crow_indices, col_indices and row_order must be 1-D int32"
         elif crow.numel() != -(-n // v.shape[1]) + 1 or order.numel() != crow.numel() - 1:

@@ -170,3 +170,10 @@ def test_packing_modules_do_not_import_triton():
     code = ("import sys, spdy_gpu, spdy_gpu.bsr, spdy_gpu.sparse_linear, spdy_gpu.roofline; "
             "sys.exit('triton' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("block", [8, 200, (8, 16), (16, 24)])
+def test_a_block_the_kernel_cannot_run_is_refused_when_packing(block):
+    """Refused on the CPU where it is built, not on the GPU where it is deployed."""
+    with pytest.raises(SpdyError, match="is not a kernel block .sides in 16, 32, 64, 128"):
+        BSRWeight.from_dense(_weight((256, 256)), block=block)

@@ -193,7 +193,9 @@ def test_bad_calls_raise_one_line_errors():
     cases = [
         (lambda: bsr_linear(x.float(), packed), "dtype"),
         (lambda: bsr_linear(torch.randn(4, 31).half(), packed), "does not end in K=32"),
-        (lambda: bsr_linear(x, BSRWeight.from_dense(torch.randn(32, 32), block=8, dtype=F16)),
+        (lambda: bsr_matmul.bsr_linear(x, torch.randn(16, 8, 8).half(),
+                                       torch.arange(0, 17, 4, dtype=torch.int32),
+                                       torch.arange(4, dtype=torch.int32).repeat(4), (32, 32)),
          "not supported"),
         (lambda: bsr_linear(x, packed, activation="tanh"), "activation"),
         (lambda: bsr_linear(x, packed, torch.randn(31)), "bias"),
