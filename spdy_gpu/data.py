@@ -141,24 +141,34 @@ def _file_batches(path: Path, samples: int, batch_size: int, example: Any) -> It
             raise SpdyError(f"--calib {file}: not a file of saved tensors (torch.load: "
                             f"{type(e).__name__}: {why}); save inputs with "
                             f"torch.save(tensor, path){other}") from None
-        count = _count(data, file)
-        _check_like_example(data, example, file)
-        for start in range(0, min(count, left), batch_size):
-            yield _slice(data, start, min(start + batch_size, left))
-        left -= min(count, left)
+        batches = list(sample_batches(data, example, batch_size, left, f"--calib {file}"))
+        yield from batches
+        left -= sum(batch_samples(batch) for batch in batches)
         if left <= 0:
             return
 
 
-def _count(data: Any, file: Path) -> int:
+def sample_batches(data: Any, example: Any, batch_size: int, samples: int | None = None,
+                   where: str = "calibration") -> Iterator[Any]:
+    """Batches of `batch_size` from `data`, a tensor (or tuple/dict of tensors) whose first
+    dimension is samples shaped like the example input's (at most `samples` of them);
+    `where` names the data in errors."""
+    count = _count(data, where)
+    _check_like_example(data, example, where)
+    stop = count if samples is None else min(count, samples)
+    for start in range(0, stop, batch_size):
+        yield _slice(data, start, min(start + batch_size, stop))
+
+
+def _count(data: Any, where: str) -> int:
     first = _first(data)
     if not isinstance(first, torch.Tensor) or first.dim() == 0:
-        raise SpdyError(f"--calib {file}: expected a tensor (or tuple/dict of tensors) whose "
+        raise SpdyError(f"{where}: expected a tensor (or tuple/dict of tensors) whose "
                         "first dimension is samples")
     return first.shape[0]
 
 
-def _check_like_example(data: Any, example: Any, file: Path) -> None:
+def _check_like_example(data: Any, example: Any, where: str) -> None:
     """Refuse a file whose samples cannot be the example input's: a tensor with another
     number of dimensions per sample (a [128, 384] file for a [1, 128, 384] example would
     pass silently as 128 samples of [384]) or of another kind (floating or integer)."""
@@ -169,13 +179,13 @@ def _check_like_example(data: Any, example: Any, file: Path) -> None:
                    f"tensor {key}" if isinstance(data, (tuple, list)) else "the tensor")
         if got.dim() != want.dim():
             wanted = ", ".join(["samples", *map(str, want.shape[1:])])
-            raise SpdyError(f"--calib {file}: {subject} of shape {list(got.shape)} holds "
+            raise SpdyError(f"{where}: {subject} of shape {list(got.shape)} holds "
                             f"samples of shape {list(got.shape[1:])}, but the model's example "
                             f"input {list(want.shape)} has samples of shape "
                             f"{list(want.shape[1:])}; save it as [{wanted}]")
         if got.is_floating_point() != want.is_floating_point():
             dtype = str(want.dtype).removeprefix("torch.")
-            raise SpdyError(f"--calib {file}: {subject} is "
+            raise SpdyError(f"{where}: {subject} is "
                             f"{str(got.dtype).removeprefix('torch.')}, but the model's example "
                             f"input is {dtype}; save it as {dtype}")
 

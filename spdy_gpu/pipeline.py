@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 from .backends import LatencyBackend, check_options_supported
@@ -340,13 +341,21 @@ def prune(model: nn.Module, example: Any, *, speedup: float,
           loss: str | Any = None, **settings: Any) -> tuple[nn.Module, RunReport]:
     """The whole method from a notebook: (pruned copy of `model`, report).
 
-    calibration: a list of input batches (the form `model` takes), a file or directory of
-    saved tensors, or None (the example input, with a warning). `settings` are RunSettings
-    fields (search=SearchConfig(...), gap=GapSettings(), exclude=..., options=...).
+    calibration: a list of input batches (the form `model` takes), one tensor (or dict of
+    tensors) whose first dimension is samples (cut into batches of 32), a file or directory
+    of saved tensors, or None (the example input, with a warning). `settings` are
+    RunSettings fields (search=SearchConfig(...), gap=GapSettings(), exclude=...,
+    options=...). The pruned copy is returned in eval mode, as it was measured.
     """
     from .backends import get_backend
+    from .data import sample_batches
     from .deploy import load_pruned
 
+    if not isinstance(backend, str) and not callable(getattr(backend, "measure_table", None)):
+        raise SpdyError(f"backend must be a backend name (e.g. 'deepsparse') or a "
+                        f"LatencyBackend, not {type(backend).__name__}")
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        calibration = list(sample_batches(calibration, example, CalibrationSpec().batch_size))
     given = isinstance(calibration, Sequence) and not isinstance(calibration, str)
     batches = list(calibration) if given else None
     entry = ModelEntry(name=name, description=f"notebook model {name}",
@@ -357,7 +366,8 @@ def prune(model: nn.Module, example: Any, *, speedup: float,
     backend = get_backend(backend) if isinstance(backend, str) else backend
     report = run(entry, ModelSetting(), backend,
                  RunSettings(speedup=speedup, calibration=spec, **settings), out_dir)
-    return load_pruned(copy.deepcopy(model), Path(out_dir) / "pruned.safetensors"), report
+    pruned = load_pruned(copy.deepcopy(model), Path(out_dir) / "pruned.safetensors")
+    return pruned.eval(), report
 
 
 # ---- stages --------------------------------------------------------------------------------

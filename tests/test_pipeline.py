@@ -296,6 +296,24 @@ def test_prune_from_a_notebook_returns_the_pruned_copy(tmp_path):
     assert zeros > 0
 
 
+def test_prune_takes_one_tensor_of_samples_and_returns_an_eval_model(tmp_path):
+    from spdy_gpu import prune
+    model, example = build()
+    samples = torch.cat(list(calibration(ModelSetting(batch_size=16), 96)))      # [96, 16]
+    pruned, report = prune(model.train(), example, speedup=1.6, backend=FakeBackend(),
+                           calibration=samples, out_dir=tmp_path,
+                           measure_grid=tuple(option_grid("unstructured", 6)),
+                           search_samples=32,
+                           search=SearchConfig(seed=0, random_candidates=8, patience=5))
+    assert not pruned.training and report.stages["calibration"]["samples"] == \
+        {"database": 64, "search": 32}
+    with pytest.raises(SpdyError, match="calibration: the tensor of shape \\[96\\] holds"):
+        prune(model, example, speedup=1.6, backend=FakeBackend(), calibration=samples[:, 0],
+              out_dir=tmp_path / "b")
+    with pytest.raises(SpdyError, match="backend must be a backend name .* not NoneType"):
+        prune(model, example, speedup=1.6, backend=None, out_dir=tmp_path / "c")
+
+
 def test_run_mixes_block_sizes_and_two_four_in_one_profile(tmp_path):
     """A grid of several families (block 4x4 and 8x8 levels plus 2:4): the database, the DP
     and the search treat them as one option list, each layer gets one, and the pruned
