@@ -90,11 +90,10 @@ class Profile:
         return profile
 
     def check_model(self, model_name: str | None, model: nn.Module) -> None:
-        """Refuse using this profile on another model: another model name, a chosen layer
-        that is not a weighted layer of `model`, or (when recorded) other dense weights."""
-        if model_name and self.model and self.model != model_name:
-            raise SpdyError(f"the profile is for model {self.model!r}, not {model_name!r}; "
-                            f"pass --model {self.model}")
+        """Refuse using this profile on another model: a chosen layer that is not a weighted
+        layer of `model`, other dense weights (when recorded: then the name may differ, e.g.
+        a notebook's prune(name=...) used with --model module:function), or else another
+        model name."""
         modules = dict(model.named_modules())
         absent = next((n for n in self.choices
                        if getattr(modules.get(n), "weight", None) is None), None)
@@ -102,10 +101,14 @@ class Profile:
             raise SpdyError(f"layer {absent} is not a weighted layer of this model: the "
                             "profile belongs to another model; pass the --model it was made for")
         from .reconstruct.database import model_fingerprint
-        if self.model_fingerprint and (model_fingerprint(model, list(self.choices))
-                                       != self.model_fingerprint):
-            raise SpdyError(f"the profile was made for other dense weights of {self.model!r} "
-                            "(its model fingerprint differs); pass the model it was made for")
+        if self.model_fingerprint:
+            if model_fingerprint(model, list(self.choices)) != self.model_fingerprint:
+                raise SpdyError(f"the profile was made for other dense weights of "
+                                f"{self.model!r} (its model fingerprint differs); pass the "
+                                "model it was made for")
+        elif model_name and self.model and self.model != model_name:
+            raise SpdyError(f"the profile is for model {self.model!r}, not {model_name!r}; "
+                            f"pass --model {self.model}")
 
 
 def check_for_model(model: nn.Module, model_name: str | None, profile: Profile | None = None,

@@ -1,7 +1,9 @@
+import dataclasses
 import json
 import math
 
 import pytest
+import torch
 
 from spdy_gpu import Profile, SpdyError, TimingTable, solve_profile
 
@@ -85,3 +87,21 @@ def test_saving_is_atomic(tmp_path, toy_table, monkeypatch):
         toy_table.save(path)
     assert path.read_text() == before
     assert list(tmp_path.iterdir()) == [path], "no temporary file left behind"
+
+
+def test_a_profile_whose_weights_fingerprint_matches_is_taken_under_another_model_name(
+        toy_table):
+    """prune(name="cnn") in a notebook, then --model cnn:build on the command line."""
+    from spdy_gpu.reconstruct.database import model_fingerprint
+    from spdy_gpu.solve import Planner
+
+    model = torch.nn.ModuleDict({f"layer{i}": torch.nn.Linear(8, 8) for i in range(3)})
+    profile = Planner(toy_table).solve(1.2)
+    made = dataclasses.replace(profile, model="cnn",
+                               model_fingerprint=model_fingerprint(model, list(profile.choices)))
+    made.check_model("cnn:build", model)
+    with pytest.raises(SpdyError, match="pass --model cnn$"):
+        dataclasses.replace(made, model_fingerprint=None).check_model("cnn:build", model)
+    other = torch.nn.ModuleDict({f"layer{i}": torch.nn.Linear(8, 8) for i in range(3)})
+    with pytest.raises(SpdyError, match="other dense weights of 'cnn'"):
+        made.check_model("cnn", other)
