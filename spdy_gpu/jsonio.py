@@ -32,8 +32,10 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         tmp = _new_file(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     except OSError as e:
         raise _cannot_write(path, e) from e
+    mode = os.stat(tmp).st_mode
     try:
         yield Path(tmp)
+        os.chmod(tmp, mode)             # writers that recreate the file (safetensors) make it 0600
         with open(tmp, "rb") as f:      # on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)

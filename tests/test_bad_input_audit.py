@@ -245,12 +245,16 @@ def test_another_broken_pipe_is_still_an_internal_error(monkeypatch, capsys):
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_outputs_honour_the_umask(tmp_path, umask, mode):
+    from spdy_gpu.deploy import save_pruned
+
     old = os.umask(umask)
     try:
         atomic_write_bytes(tmp_path / "out.json", b"{}")
+        save_pruned(torch.nn.Linear(4, 4), tmp_path / "w.safetensors")  # safetensors: 0600
     finally:
         os.umask(old)
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == mode
 
 
 # ---- 11. --exclude matching nothing ------------------------------------------------------------
