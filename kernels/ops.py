@@ -30,6 +30,11 @@ def bsr_linear_op(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Ten
 @bsr_linear_op.register_fake
 def _(x, values, crow_indices, col_indices, row_order, block_rows, empty_rows, out_features,
       in_features, bias, activation):
-    torch._check(x.shape[-1] == in_features, lambda: "input does not end in in_features")
-    torch._check(x.dtype == values.dtype, lambda: "input and weight dtypes differ")
+    # the kernel's own words (bsr_matmul._check), for tracers that never run it
+    torch._check(x.shape[-1] == in_features, lambda: (
+        f"bsr_linear: input of shape {tuple(x.shape)} does not end in K={in_features}; pass "
+        f"[..., {in_features}]"))
+    torch._check(x.dtype == values.dtype, lambda: (
+        f"bsr_linear: input dtype {x.dtype} differs from the weight's {values.dtype}; cast one "
+        "of them"))
     return x.new_empty((*x.shape[:-1], out_features))
