@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SpdyError, first_line
+from .errors import SpdyError, first_line, user_code
 from .jsonio import check_output_file, replacing
 from .options import SparsityOption
 from .profile import Profile, check_for_model
@@ -186,9 +186,20 @@ def load_pruned(model: nn.Module, path: PathLike) -> nn.Module:
     if meta.get("format") == BLOCK_FORMAT:
         raise SpdyError(f"{path} is a block-sparse (Triton) artifact; load it with "
                         "spdy_gpu.deploy.load_block_sparse")
+    _check_target(model, path)
     _check_state(model, state, path)
     model.load_state_dict(state, strict=False)     # tied names are filled through their twin
     return model
+
+
+def _check_target(model: Any, path: PathLike) -> None:
+    """A model the weights of `path` can be loaded into: a module with real tensors."""
+    if not isinstance(model, nn.Module):
+        raise SpdyError(f"loading {path} needs the model (an nn.Module, or a function "
+                        f"returning one), got {type(model).__name__}")
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise SpdyError(f"the model has tensors on the meta device, which loading {path} "
+                        "cannot fill; build it on a real device (e.g. the CPU) first")
 
 
 def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -313,8 +324,11 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
 
     state, meta = _read_safetensors(path)
     layout = _read_layout(meta, path)
-    model = (model_factory_or_model if isinstance(model_factory_or_model, nn.Module)
-             else model_factory_or_model())
+    model = model_factory_or_model
+    if not isinstance(model, nn.Module) and callable(model):
+        with user_code("the model function given to load_block_sparse", "fix it"):
+            model = model()
+    _check_target(model, path)
     modules = dict(model.named_modules())
     for name, entry in layout.items():
         module = modules.get(name)

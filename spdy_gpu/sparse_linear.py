@@ -72,6 +72,9 @@ class BlockSparseLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise SpdyError(f"BlockSparseLinear replaces nn.Linear, not {type(linear).__name__}; "
                             "exclude this layer")
+        if linear.weight.is_meta:
+            raise SpdyError("the layer's weight is on the meta device, which holds no values "
+                            "to pack; build the model on a real device (or load its weights)")
         if (mask is None) == (option is None):
             raise SpdyError("pass exactly one of mask= or option= to BlockSparseLinear.from_linear")
         if isinstance(option, str):
@@ -229,6 +232,10 @@ class BlockSparseConv1x1(nn.Module):
                                                  dtype=dtype), conv.stride, padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = self.linear.in_features
+        if x.dim() not in (3, 4) or x.shape[-3] != channels:
+            raise SpdyError(f"BlockSparseConv1x1 takes [batch, {channels}, H, W] or "
+                            f"[{channels}, H, W] inputs, got {tuple(x.shape)}")
         if any(self.padding):
             x = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
         if self.stride != (1, 1):
@@ -311,6 +318,9 @@ def sparsify_(model: nn.Module,
 def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOption | str],
             block: int | tuple[int, int] | None) -> dict[str, dict[str, Any]]:
     """from_linear arguments per named layer to swap (dense choices dropped)."""
+    if not isinstance(choices, Mapping):
+        raise SpdyError(f"choices must map layer names to masks or options, not "
+                        f"{type(choices).__name__}; e.g. {{'fc1': 'block32x32@0.5'}}")
     modules = dict(model.named_modules())
     missing = [name for name in choices if name not in modules]
     if missing:

@@ -237,3 +237,20 @@ def test_block_sparse_loader_refuses_wrong_files_and_models(tmp_path):
     with pytest.raises(SpdyError, match=r"its 4\.(weight|bias) is not in the model"):
         load_block_sparse(shorter, tmp_path / "m.safetensors")
     assert type(shorter[0]) is nn.Linear, "a refused model gets its Linear back"
+
+
+def test_loaders_refuse_what_they_cannot_fill_in_one_line(tmp_path):
+    """A meta-device model was returned untouched (load_state_dict cannot fill it); a
+    factory returning something else ended in AttributeError."""
+    from spdy_gpu.deploy import load_block_sparse, load_pruned, save_block_sparse, save_pruned
+
+    save_pruned(nn.Linear(4, 4), tmp_path / "w.safetensors")
+    with torch.device("meta"):
+        meta = nn.Linear(4, 4)
+    with pytest.raises(SpdyError, match="tensors on the meta device"):
+        load_pruned(meta, tmp_path / "w.safetensors")
+    with pytest.raises(SpdyError, match="needs the model .* got int"):
+        load_pruned(42, tmp_path / "w.safetensors")
+    save_block_sparse(mlp(), CHOICES, tmp_path / "a.safetensors")
+    with pytest.raises(SpdyError, match="needs the model .* got int"):
+        load_block_sparse(lambda: 42, tmp_path / "a.safetensors")

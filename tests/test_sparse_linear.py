@@ -9,7 +9,7 @@ from torch import nn
 
 from spdy_gpu import BlockSparseLinear, SparsityOption, SpdyError
 from spdy_gpu.masks import block_mask, build_mask
-from spdy_gpu.sparse_linear import detect_block, sparsify_
+from spdy_gpu.sparse_linear import BlockSparseConv1x1, detect_block, sparsify_
 
 OPTIONS = {"0": SparsityOption.blocked(0.5, 16), "2": "block32x32@0.6", "4": "dense"}
 
@@ -210,3 +210,18 @@ def test_cpu_fallback_is_said_once_in_the_log(monkeypatch, caplog):
         layer(torch.randn(2, 70))
         layer(torch.randn(2, 70))
     assert sum("exact dense fallback" in r.message for r in caplog.records) == 1
+
+
+def test_layer_level_bad_input_is_one_line():
+    with pytest.raises(SpdyError, match="choices must map layer names .* not list"):
+        sparsify_(_mlp(), ["0"])
+    conv = BlockSparseConv1x1.from_conv(nn.Conv2d(32, 16, 1), option="block16x16@0.5")
+    with pytest.raises(SpdyError, match="takes \\[batch, 32, H, W\\] or \\[32, H, W\\] "
+                                        "inputs, got \\(1, 31, 7, 7\\)"):
+        conv(torch.randn(1, 31, 7, 7))
+    with pytest.raises(SpdyError, match="got \\(32, 5\\)"):
+        conv(torch.randn(32, 5))
+    with torch.device("meta"):
+        meta = nn.Linear(64, 32)
+    with pytest.raises(SpdyError, match="meta device"):
+        BlockSparseLinear.from_linear(meta, option="block16x16@0.5")
