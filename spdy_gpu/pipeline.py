@@ -205,8 +205,10 @@ class RunSettings:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.speedup) and self.speedup > 0):
-            raise SpdyError(f"target speedup {self.speedup} must be a finite number > 0")
+        if not (isinstance(self.speedup, (int, float)) and not isinstance(self.speedup, bool)
+                and math.isfinite(self.speedup) and self.speedup > 0):
+            raise SpdyError(f"target speedup {self.speedup!r} must be a finite number > 0, "
+                            "e.g. 2.0")
         if self.speedup < 1:
             raise SpdyError(f"target speedup {self.speedup:g}x is below 1x: the dense model "
                             "already meets it; ask for a speedup of at least 1")

@@ -439,3 +439,9 @@ def test_an_output_no_loss_can_compare_stops_the_run_before_any_timing(tmp_path)
 
     with pytest.raises(SpdyError, match="output is int64 \\[16\\], which no loss can tell"):
         run(entry, ModelSetting(), NeverTimed(), settings(), tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("speedup", ["2", True, None])
+def test_a_speedup_that_is_not_a_number_is_one_line(speedup):
+    with pytest.raises(SpdyError, match="must be a finite number > 0, e.g. 2.0"):
+        settings(speedup=speedup)
