@@ -145,6 +145,18 @@ def _sparsity_of(model: nn.Module, layers: Iterable[str]) -> float:
     return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
 
 
+def _check_made_for(plan: Plan, weights: PathLike) -> None:
+    """Refuse weights whose file records another profile's choices: sparser weights pass
+    the pattern check (_check_pruned) but are not what the profile was timed for."""
+    recorded = json.loads(_read_safetensors(weights)[1].get("choices", "{}"))
+    differs = next((name for name, option in plan.choices.items()
+                    if name in recorded and recorded[name] != option.name), None)
+    if differs is not None:
+        raise SpdyError(f"{weights} was pruned to another profile (layer {differs}: "
+                        f"{recorded[differs]} there, {plan.choices[differs].name} here); pass "
+                        "the weights made for this profile")
+
+
 def _check_pruned(model: nn.Module, plan: Plan, source: PathLike) -> None:
     """Refuse weights (read from `source`) that are not pruned to the plan: a chosen layer
     with a nonzero outside its option's mask (a mask built on already pruned weights keeps
@@ -477,6 +489,7 @@ def export_profile(model: nn.Module, example: Any, profile: ProfileLike, out: Pa
     check_for_model(model, model_name, plan.profile, database)
     if weights is not None:
         load_pruned(model, weights)
+        _check_made_for(plan, weights)
         _check_pruned(model, plan, weights)
     else:
         prune_(model, plan, database)

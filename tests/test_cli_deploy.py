@@ -144,10 +144,14 @@ def test_export_refuses_wrong_weights_and_writes_nothing(work, capsys):
     assert main(["apply", "--model", MODEL, "--profile",
                  write_profile(work / "d.json", choices={"0": "dense"}),
                  "--out", str(dense)]) == 0
-    assert "outside the block16x16@0.5 pattern" in error_line(
-        capsys, export + ["--weights", str(dense)])
-    alien = work / "alien.safetensors"
+    assert "was pruned to another profile (layer 0: dense there, block16x16@0.5 here)" in \
+        error_line(capsys, export + ["--weights", str(dense)])
     from safetensors.torch import save_model
+    unrecorded = work / "unrecorded.safetensors"          # no choices in its metadata
+    save_model(toy()[0], str(unrecorded))
+    assert "outside the block16x16@0.5 pattern" in error_line(
+        capsys, export + ["--weights", str(unrecorded)])
+    alien = work / "alien.safetensors"
     save_model(nn.Sequential(nn.Linear(32, 8)), str(alien))
     assert "does not fit this model: 0.weight has shape" in error_line(
         capsys, export + ["--weights", str(alien)])
