@@ -111,3 +111,24 @@ def test_usage_errors_are_one_line_naming_the_command(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith(message) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command, says", [("solve", "its output was not written; run it again "
+                                                    "to start over"),
+                                           ("timings", "run the same command again to resume")])
+def test_an_interrupt_says_whether_a_rerun_resumes(command, says, tmp_path, toy_table, capsys,
+                                                   monkeypatch):
+    import spdy_gpu.cli.solve
+    import spdy_gpu.cli.timings
+
+    def interrupt(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr({"solve": spdy_gpu.cli.solve,
+                         "timings": spdy_gpu.cli.timings}[command], "run", interrupt)
+    toy_table.save(tmp_path / "t.json")
+    argv = {"solve": ["solve", "--timings", str(tmp_path / "t.json"), "--speedup", "1.2",
+                      "--out", str(tmp_path / "p.json")],
+            "timings": ["timings", "--model", "minilm", "--backend", "deepsparse",
+                        "--out", str(tmp_path / "t2.json")]}[command]
+    assert main(argv) == 130
+    assert capsys.readouterr().err == f"spdy-gpu {command}: interrupted; {says}\n"

@@ -15,6 +15,7 @@ import traceback
 from ..errors import SpdyError, first_line
 
 DEBUG_HELP = "on an error, also print the full traceback (with the original cause)"
+RESUMABLE = ("timings", "database", "run", "compare")   # keep their progress on disk
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spdy-gpu {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"spdy-gpu {args.command}: interrupted; run the same command again to resume",
-              file=sys.stderr)
+        again = ("run the same command again to resume" if args.command in RESUMABLE
+                 else "its output was not written; run it again to start over")
+        print(f"spdy-gpu {args.command}: interrupted; {again}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - a bug of ours (or of a library): say so in one line
         return _internal_error(args, e)
