@@ -221,8 +221,14 @@ class DeepSparseBackend:
         calibration = fixed_calibration(table, {n: m.median_ms for n, m in measured.items()})
         fixed = statistics.median(c["residual_ms"] for c in calibration)
         if fixed < 0:
-            log.warning("the prunable layers alone take longer than the measured model "
-                        "(median residual %.3f ms); fixed time clamped to 0", fixed)
+            dense = table.dense_times()
+            slowest = table.layer_names[int(dense.argmax())]
+            log.warning("the prunable layers alone take %.2fx the measured model (median "
+                        "residual %.3f ms; slowest layer %s at %.4g ms dense); fixed time "
+                        "clamped to 0. A layer time is likely an outlier: measure again with "
+                        "more --repeats, or without it (the adaptive protocol re-measures "
+                        "outliers)", dense.sum() / table.dense_total_ms, fixed, slowest,
+                        dense.max())
         provenance = dict(table.provenance, fixed_calibration=calibration,
                           calibration_engines=engines,
                           collection_s=round(time.perf_counter() - started, 1)
