@@ -97,7 +97,7 @@ def load_plan(profile_or_choices: ProfileLike | Plan, exclude: Iterable[str] = (
         plan = Plan(dict(profile_or_choices.choices), profile_or_choices)
     elif isinstance(profile_or_choices, (str, os.PathLike)):
         profile = Profile.load(profile_or_choices)
-        plan = Plan(dict(profile.choices), profile, str(profile_or_choices))
+        plan = Plan(dict(profile.choices), profile, str(Path(profile_or_choices).resolve()))
     else:
         plan = Plan({str(name): SparsityOption.parse(o) if isinstance(o, str) else o
                      for name, o in profile_or_choices.items()})

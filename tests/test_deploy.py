@@ -94,12 +94,13 @@ def test_prune_refuses_another_models_database_or_a_missing_option(database):
         prune_(mlp(), {"2": "unstructured@0.5"}, database)
 
 
-def test_pruned_weights_round_trip_with_profile_metadata(tmp_path):
+def test_pruned_weights_round_trip_with_profile_metadata(tmp_path, monkeypatch):
     model = mlp()
     prune_(model, CHOICES)
     (tmp_path / "p.json").write_text("")
     profile().save(tmp_path / "p.json")
-    path = save_pruned(model, tmp_path / "w.safetensors", profile=tmp_path / "p.json",
+    monkeypatch.chdir(tmp_path)             # a relative profile path is recorded in full
+    path = save_pruned(model, tmp_path / "w.safetensors", profile="p.json",
                        metadata={"note": "test", "run": {"id": 3}})
     fresh = load_pruned(mlp(seed=5), path)
     x = torch.randn(3, 32)
