@@ -47,8 +47,10 @@ from .layout import (
     DTYPES,
     KernelInputError,
     LayoutIndices,
+    input_problem,
     interpret_requested,
     layout_indices,
+    layout_problem,
 )
 
 __all__ = ["ACTIVATIONS", "BLOCK_SIDES", "DTYPES", "KernelInputError", "LayoutIndices",
@@ -529,16 +531,13 @@ def _check(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch
     elif any(int(side) not in BLOCK_SIDES for side in values.shape[1:]):
         problem = (f"block {tuple(values.shape[1:])} is not supported (sides must be in "
                    f"{BLOCK_SIDES}); repack the weight with one of them")
-    elif x.dtype != values.dtype:
-        problem = (f"input dtype {x.dtype} differs from the weight's {values.dtype}; cast one "
-                   "of them")
-    elif x.dim() < 1 or x.shape[-1] != k:
-        problem = f"input of shape {tuple(x.shape)} does not end in K={k}; pass [..., {k}]"
+    elif (problem := input_problem(x, k, values)) is not None:
+        pass
     elif (crow.dtype != torch.int32 or col.dtype != torch.int32
           or crow.numel() != -(-n // values.shape[1]) + 1 or col.numel() != values.shape[0]):
         problem = (f"crow_indices must be int32 of length ceil(N / {values.shape[1]}) + 1 and "
                    "col_indices int32, one per block; repack the weight")
-    elif any(t.device != x.device for t in (values, crow, col)) or (
+    elif any(t.device != x.device for t in (crow, col)) or (
             bias is not None and bias.device != x.device):
         problem = "input, weight and bias must be on one device; move them with .to(device)"
     elif x.device.type not in ("cuda", "cpu"):
@@ -569,18 +568,3 @@ def _indices_match(indices: LayoutIndices, crow: torch.Tensor) -> bool:
     return (torch.equal(indices.block_rows, expected.block_rows)
             and torch.equal(indices.empty_rows, expected.empty_rows)
             and torch.equal(indices.row_order.sort().values.long(), rows))
-
-
-def layout_problem(crow: torch.Tensor, col: torch.Tensor, nnz: int, block_cols: int
-                   ) -> str | None:
-    """What is wrong with a BSR index layout, or None: crow starts at 0, never decreases and
-    ends at nnz; every column index lies in [0, block_cols). Reading them costs a device
-    sync on a GPU, which bsr_linear only pays when asked (check_indices=True)."""
-    steps = crow.diff()
-    if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((steps < 0).any()):
-        return (f"crow_indices must start at 0, never decrease and end at nnz={nnz}; repack "
-                "the weight")
-    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= block_cols):
-        return (f"col_indices must lie in [0, {block_cols}) (block columns of K); repack the "
-                "weight")
-    return None

@@ -1,6 +1,7 @@
 """Block-sparse layout facts the kernel relies on, in pure torch (importing this loads no
 Triton): the supported blocks, dtypes and activations, the per-weight index arrays, whether the
-interpreter is asked for, and the error a call the kernel cannot run raises."""
+interpreter is asked for, the error a call the kernel cannot run raises, and the checks of an
+input and of an index layout that the kernel and its pure-torch callers share."""
 
 from __future__ import annotations
 
@@ -39,3 +40,29 @@ def layout_indices(crow_indices: torch.Tensor) -> LayoutIndices:
     return LayoutIndices(torch.argsort(-counts, stable=True).to(torch.int32),
                          torch.repeat_interleave(rows, counts).to(torch.int32),
                          rows[counts == 0].to(torch.int32))
+
+
+def input_problem(x: torch.Tensor, k: int, values: torch.Tensor) -> str | None:
+    """What keeps `x` from being multiplied by a weight stored as `values` with K = `k`
+    (None: nothing): another dtype, another last dimension, another device."""
+    if x.dtype != values.dtype:
+        return f"input dtype {x.dtype} differs from the weight's {values.dtype}; cast one of them"
+    if x.dim() < 1 or x.shape[-1] != k:
+        return f"input of shape {tuple(x.shape)} does not end in K={k}; pass [..., {k}]"
+    if x.device != values.device:
+        return "input, weight and bias must be on one device; move them with .to(device)"
+    return None
+
+
+def layout_problem(crow: torch.Tensor, col: torch.Tensor, nnz: int, block_cols: int
+                   ) -> str | None:
+    """What is wrong with a BSR index layout, or None: crow starts at 0, never decreases and
+    ends at nnz; every column index lies in [0, block_cols). Reading them costs a device
+    sync on a GPU, which bsr_linear only pays when asked (check_indices=True)."""
+    if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow.diff() < 0).any()):
+        return (f"crow_indices must start at 0, never decrease and end at nnz={nnz}; repack "
+                "the weight")
+    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= block_cols):
+        return (f"col_indices must lie in [0, {block_cols}) (a column index past K's block "
+                "columns); repack the weight")
+    return None

@@ -14,7 +14,13 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from spdy_kernels.layout import BLOCK_SIDES, DTYPES, LayoutIndices, layout_indices
+from spdy_kernels.layout import (
+    BLOCK_SIDES,
+    DTYPES,
+    LayoutIndices,
+    layout_indices,
+    layout_problem,
+)
 
 from .errors import SpdyError
 from .masks import build_mask, gemm_view
@@ -189,12 +195,10 @@ class BSRWeight:
             problem = "crow_indices, col_indices and row_order must be 1-D int32"
         elif crow.numel() != -(-n // v.shape[1]) + 1 or order.numel() != crow.numel() - 1:
             problem = f"{crow.numel() - 1} block-rows (or {order.numel()} ordered) for N={n}"
-        elif col.numel() != v.shape[0] or int(crow[0]) != 0 or int(crow[-1]) != v.shape[0]:
-            problem = "crow_indices do not span the stored blocks"
-        elif bool((torch.diff(crow) < 0).any()):
-            problem = "crow_indices decrease"
-        elif col.numel() and not 0 <= int(col.min()) <= int(col.max()) < -(-k // v.shape[2]):
-            problem = "a column index lies outside the matrix"
+        elif col.numel() != v.shape[0]:
+            problem = f"{col.numel()} column indices for {v.shape[0]} stored blocks"
+        elif (layout := layout_problem(crow, col, v.shape[0], -(-k // v.shape[2]))) is not None:
+            problem = layout
         elif not torch.equal(torch.sort(order.long()).values,
                              torch.arange(order.numel(), device=order.device)):
             problem = "row_order is not a permutation of the block-rows"

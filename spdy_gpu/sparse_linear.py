@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from spdy_kernels.layout import ACTIVATIONS, interpret_requested
+from spdy_kernels.layout import ACTIVATIONS, input_problem, interpret_requested
 from torch import nn
 
 from .bsr import KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
@@ -154,19 +154,11 @@ class BlockSparseLinear(nn.Module):
         return self._packed_cache[1]
 
     def _check_input(self, x: torch.Tensor) -> None:
-        """The fallback refuses what the kernel refuses, in the same words (the kernel's own
-        checks need Triton)."""
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            problem = (f"input of shape {tuple(x.shape)} does not end in K={self.in_features}; "
-                       f"pass [..., {self.in_features}]")
-        elif x.dtype != self.values.dtype:
-            problem = (f"input dtype {x.dtype} differs from the weight's {self.values.dtype}; "
-                       "cast one of them")
-        elif x.device != self.values.device:
-            problem = "input, weight and bias must be on one device; move them with .to(device)"
-        else:
-            return
-        raise SpdyError(f"bsr_linear: {problem}")
+        """The fallback refuses what the kernel refuses, in the same words (input_problem,
+        which the kernel's checks call too)."""
+        problem = input_problem(x, self.in_features, self.values)
+        if problem is not None:
+            raise SpdyError(f"bsr_linear: {problem}")
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
                               **kwargs: Any) -> None:
