@@ -22,10 +22,17 @@ def check_plot_file(path: str | os.PathLike, flag: str = "--plot") -> Path:
     """`path` as a figure file to write, refused before any work: writable (see
     check_output_file) and named with a suffix in FORMATS, which picks the format."""
     path = check_output_file(path, flag)
-    if path.suffix.lower().lstrip(".") not in FORMATS:
-        raise SpdyError(f"{flag} {path}: unknown figure format {path.suffix or '(no suffix)'!r}; "
-                        f"end the name in {', '.join('.' + f for f in FORMATS)}")
+    _figure_format(path, flag)
     return path
+
+
+def _figure_format(path: str | os.PathLike, flag: str) -> str:
+    """The FORMATS entry `path`'s suffix names."""
+    suffix = Path(path).suffix
+    if suffix.lower().lstrip(".") not in FORMATS:
+        raise SpdyError(f"{flag} {path}: unknown figure format {suffix or '(no suffix)'!r}; "
+                        f"end the name in {', '.join('.' + f for f in FORMATS)}")
+    return suffix.lower().lstrip(".")
 
 
 def layer_role(name: str) -> str:
@@ -182,7 +189,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
     buffer = io.BytesIO()
     try:
         fig.tight_layout()
-        fig.savefig(buffer, format=check_plot_file(path, "figure").suffix.lower()[1:], dpi=120)
+        fig.savefig(buffer, format=_figure_format(path, "figure"), dpi=120)
     finally:
         _pyplot().close(fig)
     atomic_write_bytes(path, buffer.getvalue())
