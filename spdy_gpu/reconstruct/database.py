@@ -242,7 +242,7 @@ class Database:
     def error(self, layer: str, option: SparsityOption) -> float:
         """Relative layer error of the stored weight, on the calibration data; inf for an
         option the layer cannot take (which no backend can time either)."""
-        if layer in self.layer_shapes and option not in self.options_of(layer):
+        if layer in self.layer_shapes and unfit_reason(self.layer_shapes[layer], option):
             self.check_options([option])
             return math.inf
         error = self._entry(layer, option)["rel_error"]
