@@ -15,7 +15,6 @@ from ..data import CalibrationSpec
 from ..errors import SpdyError
 from ..jsonio import check_output_dir, check_output_file
 from ..layers import prunable_modules, warn_unmatched_excludes
-from ..masks import unfit_reason
 from ..options import SparsityOption
 from .common import (
     add_model_args,
@@ -114,12 +113,14 @@ def _takeable(options: list[SparsityOption], modules: Mapping[str, nn.Module]
               ) -> list[SparsityOption]:
     """`options` without those no layer can take (a block larger than every layer), with a
     warning; unless nothing sparse would be left (build_database then names the problem)."""
-    kept = [o for o in options
-            if any(unfit_reason(m.weight.shape, o) is None for m in modules.values())]
-    if kept == options or not any(o.pattern != "dense" for o in kept):
+    from ..reconstruct.database import options_no_layer_takes
+
+    dropped = options_no_layer_takes(modules, options)
+    kept = [o for o in options if o not in dropped]
+    if not dropped or not any(o.pattern != "dense" for o in kept):
         return options
-    dropped = [o.name for o in options if o not in kept]
-    log.warning("no layer of this model can take %s: left out of the grid", ", ".join(dropped))
+    log.warning("no layer of this model can take %s: left out of the grid",
+                ", ".join(o.name for o in dropped))
     return kept
 
 

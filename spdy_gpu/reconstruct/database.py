@@ -387,18 +387,28 @@ def fitting_options(shape: Sequence[int],
     return [option for option in options if unfit_reason(shape, option) is None]
 
 
+def options_no_layer_takes(modules: Mapping[str, nn.Module],
+                           options: Sequence[SparsityOption]) -> list[SparsityOption]:
+    """The options none of `modules` can take (a block larger than every layer, an N:M
+    group dividing none)."""
+    return [option for option in options
+            if all(unfit_reason(m.weight.shape, option) for m in modules.values())]
+
+
 def _check_fit(modules: Mapping[str, nn.Module], options: Sequence[SparsityOption]) -> None:
-    """Refuse an option no layer can take (a block larger than every layer, an N:M group
-    dividing none); say which layers keep out of which families: they get the others."""
+    """Refuse an option no layer can take; say which layers keep out of which families:
+    they get the others."""
+    useless = options_no_layer_takes(modules, options)
+    if useless:
+        name, module = next(iter(modules.items()))
+        raise SpdyError(f"no layer can take option {useless[0].name} (layer {name}: "
+                        f"{unfit_reason(module.weight.shape, useless[0])}); drop it from the "
+                        "options")
     left_out: dict[str, list[str]] = {}
     for option in options:
-        unfit = {name: unfit_reason(m.weight.shape, option) for name, m in modules.items()}
-        if all(unfit.values()):
-            raise SpdyError(f"no layer can take option {option.name} (layer "
-                            f"{next(iter(unfit))}: {next(iter(unfit.values()))}); drop it "
-                            "from the options")
         names = left_out.setdefault(_family_name(option), [])
-        names += [name for name, why in unfit.items() if why and name not in names]
+        names += [name for name, m in modules.items()
+                  if unfit_reason(m.weight.shape, option) and name not in names]
     for family, names in left_out.items():
         if names:
             log.warning("%d layer(s) cannot take %s and keep their other options: %s",
