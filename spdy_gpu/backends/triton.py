@@ -38,7 +38,7 @@ from ..errors import MissingDependencyError, SpdyError
 from ..gpu_specs import GPU_SPECS, GpuSpec
 from ..jsonio import load_json, save_json
 from ..layers import LayerInfo, call_model, hooks_attached
-from ..masks import block_mask
+from ..masks import block_mask, unfit_reason
 from ..options import SparsityOption
 from ..semi_structured import SEMI_STRUCTURED, SemiStructuredLinear
 from ..semi_structured import fits as semi_structured_fits
@@ -163,8 +163,8 @@ class TritonTables:
         if option.pattern == "dense":
             return True
         if option.pattern == "block" and (layer.kind == "linear" or _pointwise(layer)):
-            return (packs_exactly(option.block) and option.block[0] <= layer.n
-                    and option.block[1] <= layer.k)
+            return (packs_exactly(option.block)
+                    and unfit_reason((layer.n, layer.k), option) is None)
         if layer.kind != "linear":
             return False
         return option == SEMI_STRUCTURED and semi_structured_fits(layer.n, layer.k,
