@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parts", nargs="+", choices=("tests", "suite", "llama", "bert"),
                         default=["tests", "suite", "llama", "bert"])
     parser.add_argument("--quick", action="store_true", help="the suite's --quick subset")
+    parser.add_argument("--suite-budget-s", type=float, default=None,
+                        help="the suite's --budget-s: no case starts after this many seconds")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--work", default="runs/bench-gpu", help="run directories")
     parser.add_argument("--model", default="llama-decode", help="the decode model (built-in)")
@@ -136,7 +138,8 @@ def run_tests(args: argparse.Namespace, doc: dict[str, Any]) -> None:
 
 def run_suite(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     command = [sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--out", args.out,
-               *(["--quick"] if args.quick else [])]
+               *(["--quick"] if args.quick else []),
+               *(["--budget-s", str(args.suite_budget_s)] if args.suite_budget_s else [])]
     rc, seconds = run_command(command)
     found = sorted(Path(args.out).glob("gpu-suite-*.json"), key=lambda p: p.stat().st_mtime)
     suite = json.loads(found[-1].read_text()) if found else {}
