@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import spdy_gpu.backends.triton as triton_backend
 from spdy_gpu.backends import LatencyBackend, get_backend
 from spdy_gpu.backends.triton import (
     CONV_NOTE,
@@ -438,13 +439,14 @@ def test_measuring_loop_times_two_four_beside_blocks_under_torch_compile(tmp_pat
 
 def test_fixed_time_is_the_unattributed_rest_and_clamps_at_zero(tmp_path, caplog):
     options = [DENSE, block(0.5, 16)]
+    # The whole model is timed first (call 1), then the two layer kernels.
     fast_model = InterpretedBackend(cache_dir=tmp_path / "a",
-                                    clock=lambda call: (0.05 if call <= 2 else 1.0, 0.0))
+                                    clock=lambda call: (1.0 if call == 1 else 0.05, 0.0))
     table = measure(fast_model, TwoLayer(), options)
     assert table.dense_total_ms == 1.0 and table.fixed_ms == pytest.approx(1.0 - 2 * 0.05)
 
     slow_layers = InterpretedBackend(cache_dir=tmp_path / "b",
-                                     clock=lambda call: (0.6 if call <= 2 else 1.0, 0.0))
+                                     clock=lambda call: (1.0 if call == 1 else 0.6, 0.0))
     with caplog.at_level(logging.WARNING):
         table = measure(slow_layers, TwoLayer(), options)
     assert table.fixed_ms == 0.0 and "fixed time set to 0" in caplog.text
@@ -453,14 +455,14 @@ def test_fixed_time_is_the_unattributed_rest_and_clamps_at_zero(tmp_path, caplog
 def test_interrupted_measurement_resumes_from_checkpoint(tmp_path):
     options = [DENSE, block(0.5, 16), block(0.75, 16), block(0.9, 16)]
 
-    def dies_at_third(call):
-        if call == 3:
+    def dies_at_fourth(call):      # the whole model, two kernels, then the interrupt
+        if call == 4:
             raise KeyboardInterrupt
         return 0.01 * call, 0.0
 
     checkpoint = tmp_path / "run.partial"
     with pytest.raises(KeyboardInterrupt):
-        measure(InterpretedBackend(cache_dir=tmp_path / "c1", clock=dies_at_third),
+        measure(InterpretedBackend(cache_dir=tmp_path / "c1", clock=dies_at_fourth),
                 TwoLayer(), options, checkpoint=checkpoint)
     assert len(TimingCache(checkpoint).entries) == 2
     resumed = InterpretedBackend(cache_dir=tmp_path / "c2")   # empty cache: only the checkpoint
@@ -468,6 +470,57 @@ def test_interrupted_measurement_resumes_from_checkpoint(tmp_path):
     assert resumed.calls == 2 + 1                             # 2 options left + the whole model
     table.save(tmp_path / "run")
     assert not checkpoint.exists()                            # removed once the table is saved
+
+
+class GraphedBackend(InterpretedBackend):
+    """The dense model replays fastest from a CUDA graph: the layers are timed that way too.
+    `capture_cuda_graph` is stood in for by the monkeypatch in the test."""
+
+    def _modes(self, model, inputs):
+        modes = super()._modes(model, inputs)
+        return {**modes, "eager+cuda-graph": modes["eager"]}
+
+    def _copies(self, weight):
+        return 3
+
+
+def test_layers_are_timed_in_the_mode_the_dense_model_runs_fastest(tmp_path, monkeypatch):
+    captured = []
+
+    def capture(run):
+        captured.append(run)
+        return run
+
+    monkeypatch.setattr(triton_backend, "capture_cuda_graph", capture)
+    def clock(call):    # two rounds of (eager, graph), then two do_bench runs per kernel
+        if call <= 4:
+            return (2.0 if call % 2 else 1.0), 0.0
+        return (0.3 if call % 2 else 0.36), 0.0
+
+    backend = GraphedBackend(cache_dir=tmp_path, clock=clock, repeats=2)
+    table = measure(backend, TwoLayer(), [DENSE, block(0.5, 16)])
+    assert table.dense_total_ms == 1.0 and table.provenance["mode"].startswith("cuda-graph")
+    assert len(captured) == 2                           # one capture per (shape, option)
+    # A timed run is the layer on its 3 weight copies in turn: the time is per call.
+    assert table.layers[0].median_ms == pytest.approx((0.11, 0.11))
+    assert table.layers[0].spread_ms == pytest.approx((0.02, 0.02))
+    entries = TimingCache(tmp_path / "triton-timings.json").entries
+    assert entries and all(key.endswith("|cuda-graph") for key in entries)
+
+    eager = InterpretedBackend(cache_dir=tmp_path, repeats=2)   # eager times are not graph times
+    measure(eager, TwoLayer(), [DENSE, block(0.5, 16)])
+    assert eager.calls == 2 + 2 * 2
+
+
+def test_timed_runs_rotate_over_weight_copies_up_to_a_byte_budget():
+    backend = InterpretedBackend()
+    backend.device = torch.device("cuda")               # only the count, nothing runs
+    small = torch.empty(64, 64, dtype=torch.bfloat16, device="meta")
+    huge = torch.empty(1 << 14, 1 << 14, dtype=torch.bfloat16, device="meta")    # 512 MiB
+    quarter = torch.empty(1 << 13, 1 << 13, dtype=torch.bfloat16, device="meta")  # 128 MiB
+    assert backend._copies(small) == triton_backend.MAX_COPIES
+    assert backend._copies(huge) == 1 and backend._copies(quarter) == 2
+    assert InterpretedBackend()._copies(small) == 1     # off the GPU: one copy
 
 
 def test_conv_layers_stay_dense_with_a_note(tmp_path):
