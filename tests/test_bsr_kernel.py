@@ -307,9 +307,10 @@ def test_cuda_autotuned_kernel_matches_reference(dtype, m):
     _check(x, packed, bias, "gelu")
     _check(x, packed, None, None, stream_k=0)
     _check(x, packed, bias, None, tma=False)
-    if dtype == F32:
-        torch.testing.assert_close(bsr_linear(x, packed, allow_tf32=True),
-                                   bsr_linear(x, packed), rtol=1e-2, atol=1e-2)
+    if dtype == F32:    # TF32 keeps 10 mantissa bits: ~3e-4 relative, checked as a whole
+        ref = _reference(x, packed, None, None)
+        y = bsr_linear(x, packed, allow_tf32=True).double()
+        assert ((y - ref).norm() / ref.norm()).item() < 3e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -321,11 +322,13 @@ def test_cuda_every_block_schedule_load_path_and_layout(block, dtype):
     rows, cols = _pair(block)
     n, k = 3 * rows + 5, 4 * cols
     packed = _case(n, k, block, 0.5, dtype, seed=rows * cols, device="cuda")
-    for m in (1, 37, 64, 300):
+    # Fixed token tiles (one tile covers M <= 64): one compile per case, not a tuning sweep
+    # (test_cuda_autotuned_kernel_matches_reference covers the tuned path).
+    for m, stream_k in ((1, None), (37, None), (37, 0), (37, 3), (300, None)):
         x, bias = _inputs((m, k), n, dtype, seed=m, device="cuda")
-        for stream_k in ((None, 0, 3) if m <= 64 else (None,)):
-            for tma in (None, False):
-                _check(x, packed, bias, "gelu", stream_k=stream_k, tma=tma)
+        block_t = 64 if m <= 64 else 32
+        for tma in (None, False):
+            _check(x, packed, bias, "gelu", stream_k=stream_k, tma=tma, block_t=block_t)
     wide, bias = _inputs((40, 2 * k), n, dtype, seed=1, device="cuda")
     _check(wide[:, ::2], packed, bias)                              # column stride 2
     _check(wide[:, :k].t().contiguous().t(), packed, bias)          # transposed storage
