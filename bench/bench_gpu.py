@@ -95,12 +95,18 @@ def cli(*args: Any) -> list[str]:
             *map(str, args)]
 
 
-def run_command(command: list[str]) -> tuple[int, float]:
-    """Run in the repository root (so bench.models imports), output shown as it comes."""
+def run_command(command: list[str]) -> tuple[int, float, str]:
+    """Run in the repository root (so bench.models imports), output shown as it comes:
+    (exit status, seconds, the last line it wrote to stderr, which names a failure)."""
     print(f"$ {shown(command)}", flush=True)
     started = time.perf_counter()
-    rc = subprocess.run(command, cwd=REPO).returncode
-    return rc, round(time.perf_counter() - started, 1)
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    last = ""
+    for line in process.stderr:
+        sys.stderr.write(line)
+        last = line.strip() or last
+    rc = process.wait()
+    return rc, round(time.perf_counter() - started, 1), last
 
 
 def shown(command: list[str]) -> str:
@@ -131,7 +137,7 @@ def run_tests(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     """The CUDA-only tests, first: a broken GPU path shows here before anything is timed."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                *GPU_TEST_FILES, "-k", "cuda or gpu"]
-    rc, seconds = run_command(command)
+    rc, seconds, _ = run_command(command)
     record(doc, {"name": "CUDA tests", "command": shown(command), "rc": rc,
                  "seconds": seconds}, args)
 
@@ -140,7 +146,7 @@ def run_suite(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     command = [sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--out", args.out,
                *(["--quick"] if args.quick else []),
                *(["--budget-s", str(args.suite_budget_s)] if args.suite_budget_s else [])]
-    rc, seconds = run_command(command)
+    rc, seconds, _ = run_command(command)
     found = sorted(Path(args.out).glob("gpu-suite-*.json"), key=lambda p: p.stat().st_mtime)
     suite = json.loads(found[-1].read_text()) if found else {}
     record(doc, {"name": "kernel suite", "command": shown(command), "rc": rc,
@@ -168,12 +174,12 @@ def run_bert(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     work = REPO / args.work
     table = work / "bert-base.timings.json"
     grid = ["--levels", str(args.levels), "--block", str(args.block)]
-    rc, seconds = run_command(cli("timings", "--model", BERT, "--backend", "triton", *grid,
-                                  "--compile", "--out", table))
+    rc, seconds, last = run_command(cli("timings", "--model", BERT, "--backend", "triton",
+                                        *grid, "--compile", "--out", table))
     target = bert_target(table) if rc == 0 else None
     if target is None:
         record(doc, {"name": "bert-base timings", "rc": rc or 1, "seconds": seconds,
-                     "error": "no timing table, or no target above 1.05x on it"}, args)
+                     "error": last if rc else "no target above 1.05x on the table"}, args)
         return
     out = work / f"bert-base-{target:g}"
     command = cli("run", "--model", BERT, "--backend", "triton", "--speedup", target,
@@ -193,9 +199,12 @@ def bert_target(table_path: Path) -> float | None:
 def run_and_record(doc: dict[str, Any], name: str, command: list[str], out: Path,
                    args: argparse.Namespace) -> None:
     (out / "report.json").unlink(missing_ok=True)       # never read an older run's report
-    rc, seconds = run_command(command)
+    rc, seconds, last = run_command(command)
+    row = speedups(out / "report.json")
+    if rc and "error" in row:
+        row["error"] = last or row["error"]
     record(doc, {"name": name, "command": shown(command), "rc": rc, "seconds": seconds,
-                 "out": str(out), **speedups(out / "report.json")}, args)
+                 "out": str(out), **row}, args)
 
 
 def speedups(report_path: Path) -> dict[str, Any]:
@@ -270,7 +279,7 @@ def plan_without_gpu(args: argparse.Namespace) -> int:
     """The estimate's timing table and the DP's profiles at each target (no measurement)."""
     work = REPO / args.work
     table = work / f"{args.model}.estimate.timings.json"
-    rc, _ = run_command(cli("timings", "--model", args.model, "--backend", "triton",
+    rc, _, _ = run_command(cli("timings", "--model", args.model, "--backend", "triton",
                             "--estimate", args.estimate, "--compile", "--levels", args.levels,
                             "--block", args.block, "--out", table))
     if rc != 0:

@@ -176,6 +176,23 @@ def test_bench_gpu_collects_run_reports(tmp_path):
     assert not math.isnan(bench_gpu.BAND)
 
 
+def test_bench_gpu_records_why_a_run_failed(tmp_path, capsys):
+    """A run that stops before its report is recorded with its last stderr line (the
+    one-line error), not only "no report.json"."""
+    import argparse
+    import sys
+
+    fails = [sys.executable, "-c", "import sys; print('progress', file=sys.stderr); "
+             "sys.exit('spdy-gpu run: error: target speedup 3x is infeasible')"]
+    args = argparse.Namespace(parts=["llama"], out=str(tmp_path))
+    doc = {"device": "Test GPU", "date": "2026-01-01", "runs": [], "stem": str(tmp_path / "b")}
+    bench_gpu.run_and_record(doc, "llama-decode b1 3x", fails, tmp_path / "run", args)
+    run = doc["runs"][0]
+    assert run["rc"] == 1 and run["error"].endswith("target speedup 3x is infeasible")
+    assert "progress" in capsys.readouterr().err                  # shown as it came
+    assert "infeasible" in (tmp_path / "b.md").read_text()
+
+
 def test_bert_base_user_model_builds():
     pytest.importorskip("transformers")
     from spdy_gpu.models import ModelSetting, load_model
