@@ -91,6 +91,33 @@ def test_block_sparse_model_traces_as_one_op_per_layer(mode, monkeypatch):
         torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_an_eager_call_runs_the_kernel_without_the_ops_dispatch(monkeypatch):
+    """Outside a tracer the module calls the kernel directly (the custom op's dispatch costs
+    as much host time as the launch); the values are the traced op's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layer = BlockSparseLinear.from_linear(_mlp()[2], option="block16x16@0.5")
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad(), Seen() as seen:
+        direct = layer(x)
+    assert seen.ops and not any("spdy_kernels" in op for op in seen.ops)
+    with torch.no_grad():
+        traced = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(direct, traced, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("x, match", [
     (torch.randn(3, 70, dtype=torch.float64), "input dtype torch.float64 differs from the "
                                               "weight's torch.float32; cast one of them"),
