@@ -1,13 +1,15 @@
 """The GPU benchmarks in one command (`make bench-gpu`): the kernel suite, then SPDY end to end
 on the Triton backend, each run's measured speedup against its target.
 
-    python bench/bench_gpu.py [--parts suite llama bert] [--quick] [--out bench/results]
+    python bench/bench_gpu.py [--parts suite llama bert] [--quick] [--budget-s S]
+                              [--out bench/results]
 
 Parts (default all four, in this order; split them over several calls where one call has a
-time limit, results of the same day are merged):
+time limit, results of the same day are merged; with --budget-s no run starts after S
+seconds and the suite's cases stop by then too: the rest are recorded as skipped):
 - tests: the CUDA-only tests (`pytest -k "cuda or gpu"` on the kernel, 2:4, CUDA-graph,
   backend and solver test files), so a broken GPU path shows before anything is timed.
-- suite: `python bench/gpu_suite.py [--quick] --out OUT` (about 6 minutes on an H100).
+- suite: `python bench/gpu_suite.py [--quick] --out OUT` (172 s on an H200).
 - llama: `spdy-gpu run --model llama-decode --backend triton --batch-size B --speedup X
   --compile` (decode as deployed: torch.compile fuses the norms, rotary and SwiGLU glue,
   CUDA graphs replay it) for B in 1 and 16 and X in 1.5, 2, 3 into
@@ -72,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the suite's --quick subset")
     parser.add_argument("--suite-budget-s", type=float, default=None,
                         help="the suite's --budget-s: no case starts after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="no run starts after this many seconds (the rest are recorded "
+                             "as skipped), so a call with a time limit loses nothing midway")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--work", default="runs/bench-gpu", help="run directories")
     parser.add_argument("--model", default="llama-decode", help="the decode model (built-in)")
@@ -84,7 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="profiles the search scores at most (30)")
     parser.add_argument("--max-minutes", type=float, default=1.0, help="search minutes (1)")
     parser.add_argument("--estimate", default="h100-sxm", help="without a GPU: the spec")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.deadline = time.monotonic() + (math.inf if args.budget_s is None else args.budget_s)
+    return args
 
 
 # ---- running commands ---------------------------------------------------------------------
@@ -133,8 +140,19 @@ GPU_TEST_FILES = ("tests/test_bsr_kernel.py", "tests/test_semi_structured.py",
                   "tests/test_triton_backend.py", "tests/test_pointwise_conv.py")
 
 
+def out_of_time(doc: dict[str, Any], name: str, args: argparse.Namespace) -> bool:
+    """Whether --budget-s is spent; if so `name` is recorded as skipped instead of started."""
+    if time.monotonic() < args.deadline:
+        return False
+    record(doc, {"name": name, "rc": None, "seconds": 0.0,
+                 "error": "skipped: --budget-s was spent before it could start"}, args)
+    return True
+
+
 def run_tests(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     """The CUDA-only tests, first: a broken GPU path shows here before anything is timed."""
+    if out_of_time(doc, "CUDA tests", args):
+        return
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                *GPU_TEST_FILES, "-k", "cuda or gpu"]
     rc, seconds, _ = run_command(command)
@@ -143,9 +161,14 @@ def run_tests(args: argparse.Namespace, doc: dict[str, Any]) -> None:
 
 
 def run_suite(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    if out_of_time(doc, "kernel suite", args):
+        return
+    budget = args.suite_budget_s
+    if math.isfinite(args.deadline):        # no suite case starts after our own deadline
+        budget = min(budget or math.inf, args.deadline - time.monotonic())
     command = [sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--out", args.out,
                *(["--quick"] if args.quick else []),
-               *(["--budget-s", str(args.suite_budget_s)] if args.suite_budget_s else [])]
+               *(["--budget-s", f"{budget:.0f}"] if budget else [])]
     rc, seconds, _ = run_command(command)
     found = sorted(Path(args.out).glob("gpu-suite-*.json"), key=lambda p: p.stat().st_mtime)
     suite = json.loads(found[-1].read_text()) if found else {}
@@ -161,6 +184,8 @@ def run_llama(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         first = work / f"{args.model}-b{batch}-{TARGETS[0]:g}"
         for target in TARGETS:
             out = work / f"{args.model}-b{batch}-{target:g}"
+            if out_of_time(doc, f"{args.model} b{batch} {target:g}x", args):
+                continue
             table = first / "timings.json"
             reuse = ["--timings", str(table)] if out != first and table.is_file() else []
             command = cli("run", "--model", args.model, "--backend", "triton",
@@ -172,6 +197,8 @@ def run_llama(args: argparse.Namespace, doc: dict[str, Any]) -> None:
 
 def run_bert(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     work = REPO / args.work
+    if out_of_time(doc, "bert-base timings", args):
+        return
     table = work / "bert-base.timings.json"
     grid = ["--levels", str(args.levels), "--block", str(args.block)]
     rc, seconds, last = run_command(cli("timings", "--model", BERT, "--backend", "triton",
@@ -182,6 +209,8 @@ def run_bert(args: argparse.Namespace, doc: dict[str, Any]) -> None:
                      "error": last if rc else "no target above 1.05x on the table"}, args)
         return
     out = work / f"bert-base-{target:g}"
+    if out_of_time(doc, f"bert-base {target:g}x compiled", args):
+        return
     command = cli("run", "--model", BERT, "--backend", "triton", "--speedup", target,
                   "--timings", table, "--out", out, "--compile", *search_flags(args))
     run_and_record(doc, f"bert-base {target:g}x compiled", command, out, args)
@@ -257,7 +286,8 @@ def markdown(doc: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in doc["runs"]:
         within = {True: "yes", False: "NO", None: "n/a"}[r.get("within_5pct")]
-        lines.append(f"| {r['name']} | {r['rc']} | {r['seconds']} | {_x(r.get('target'))} | "
+        rc = "skipped" if r["rc"] is None else r["rc"]
+        lines.append(f"| {r['name']} | {rc} | {r['seconds']} | {_x(r.get('target'))} | "
                      f"{_x(r.get('predicted'))} | {_x(r.get('measured'))} | {within} |")
     for r in doc["runs"]:
         if r.get("error"):

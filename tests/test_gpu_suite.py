@@ -193,6 +193,20 @@ def test_bench_gpu_records_why_a_run_failed(tmp_path, capsys):
     assert "infeasible" in (tmp_path / "b.md").read_text()
 
 
+def test_bench_gpu_budget_skips_runs_instead_of_starting_them(tmp_path):
+    args = bench_gpu.parse_args(["--budget-s", "0", "--out", str(tmp_path)])
+    doc = {"device": "Test GPU", "date": "2026-01-01", "runs": [], "stem": str(tmp_path / "b")}
+    bench_gpu.run_llama(args, doc)                  # would start three runs per batch
+    bench_gpu.run_suite(args, doc)
+    names = [r["name"] for r in doc["runs"]]
+    assert names == ["llama-decode b1 1.5x", "llama-decode b1 2x", "llama-decode b1 3x",
+                     "llama-decode b16 1.5x", "llama-decode b16 2x", "llama-decode b16 3x",
+                     "kernel suite"]
+    assert all(r["rc"] is None and r["error"].startswith("skipped") for r in doc["runs"])
+    assert "| kernel suite | skipped | 0.0 |" in (tmp_path / "b.md").read_text()
+    assert math.isinf(bench_gpu.parse_args([]).deadline)
+
+
 def test_bert_base_user_model_builds():
     pytest.importorskip("transformers")
     from spdy_gpu.models import ModelSetting, load_model
