@@ -250,6 +250,8 @@ def test_launch_configurations_fit_the_shape_bucket():
     assert kept and all(bsr_matmul._shared_bytes(128, 128, c.kwargs["BLOCK_T"], 4, c.num_stages)
                         <= 160 * 1024 for c in kept)
     assert [bsr_matmul._m_bucket(m) for m in (1, 17, 64, 65, 10**6)] == [16, 32, 64, 128, 4096]
+    assert all(bsr_matmul._m_bucket(m) == max(16, min(triton.next_power_of_2(m), 4096))
+               for m in range(1, 5000))
     assert [bsr_matmul._density_bucket(nnz, 4, 4) for nnz in (0, 1, 8, 16)] == [0, 0, 4, 8]
 
 
