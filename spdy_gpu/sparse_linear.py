@@ -128,17 +128,20 @@ class BlockSparseLinear(nn.Module):
     # ---- internals ----------------------------------------------------------------------
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """The kernel on a plain tensor outside any tracer: called directly, which skips the
-        custom op's dispatch (~15 us of host time a call, as much as the launch itself).
-        Traced (fake or functional tensors, torch.compile, torch.export): the torch op
-        spdy_kernels::bsr_linear, which reads only this module's tensors. A call the kernel
-        cannot run is a SpdyError naming the fix."""
+        """The kernel on a plain tensor outside any tracer and autograd: called directly,
+        which skips the custom op's dispatch (~15 us of host time a call, as much as the
+        launch itself). Otherwise (fake or functional tensors, torch.compile, torch.export,
+        an input that needs gradients) the torch op spdy_kernels::bsr_linear, which reads
+        only this module's tensors and has no backward: a backward through it says so
+        instead of the gradient silently stopping here. A call the kernel cannot run is a
+        SpdyError naming the fix."""
         import spdy_kernels.ops  # noqa: F401  (registers the op)
         from spdy_kernels.bsr_matmul import bsr_linear
         from spdy_kernels.layout import KernelInputError, LayoutIndices
 
         try:
-            if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+            if (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+                    and not self._tracks_gradients(x)):
                 indices = LayoutIndices(self.row_order, self.block_rows, self.empty_rows)
                 return bsr_linear(x, self.values, self.crow_indices, self.col_indices,
                                   (self.out_features, self.in_features), self.bias,
@@ -149,6 +152,10 @@ class BlockSparseLinear(nn.Module):
                 self.bias, self.activation)
         except KernelInputError as e:
             raise SpdyError(str(e)) from None
+
+    def _tracks_gradients(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, self.values, self.bias))
 
     def _set_derived_indices(self, weight: BSRWeight) -> None:
         # Derived from crow_indices, so not saved; buffers so that .to(device) moves them.
