@@ -131,7 +131,7 @@ class BlockSparseLinear(nn.Module):
         """The kernel on a plain tensor outside any tracer and autograd: called directly,
         which skips the custom op's dispatch (~15 us of host time a call, as much as the
         launch itself). Otherwise (fake or functional tensors, torch.compile, torch.export,
-        an input that needs gradients) the torch op spdy_kernels::bsr_linear, which reads
+        vmap, an input that needs gradients) the torch op spdy_kernels::bsr_linear, which reads
         only this module's tensors and has no backward: a backward through it says so
         instead of the gradient silently stopping here. A call the kernel cannot run is a
         SpdyError naming the fix."""
@@ -140,8 +140,8 @@ class BlockSparseLinear(nn.Module):
         from spdy_kernels.layout import KernelInputError, LayoutIndices
 
         try:
-            if (type(x) is torch.Tensor and not torch.compiler.is_compiling()
-                    and not self._tracks_gradients(x)):
+            if (not torch.compiler.is_compiling() and _plain(x)       # compiling first:
+                    and not self._tracks_gradients(x)):                 # dynamo folds it
                 indices = LayoutIndices(self.row_order, self.block_rows, self.empty_rows)
                 return bsr_linear(x, self.values, self.crow_indices, self.col_indices,
                                   (self.out_features, self.in_features), self.bias,
@@ -252,6 +252,13 @@ class BlockSparseConv1x1(nn.Module):
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, padding={self.padding}"
+
+
+def _plain(x: torch.Tensor) -> bool:
+    """A tensor with storage the raw kernel can read: no subclass (fake, functional) and no
+    functorch wrapper (vmap, grad), which look like torch.Tensor from Python."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return type(x) is torch.Tensor and wrapped is not None and not wrapped(x)
 
 
 def candidate_blocks() -> list[tuple[int, int]]:
