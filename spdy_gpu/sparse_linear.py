@@ -128,20 +128,18 @@ class BlockSparseLinear(nn.Module):
     # ---- internals ----------------------------------------------------------------------
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """The kernel on a plain tensor outside any tracer and autograd: called directly,
-        which skips the custom op's dispatch (~15 us of host time a call, as much as the
-        launch itself). Otherwise (fake or functional tensors, torch.compile, torch.export,
-        vmap, an input that needs gradients) the torch op spdy_kernels::bsr_linear, which reads
-        only this module's tensors and has no backward: a backward through it says so
-        instead of the gradient silently stopping here. A call the kernel cannot run is a
-        SpdyError naming the fix."""
+        """The kernel, called directly where `_runs_directly` (the custom op's dispatch costs
+        ~15 us of host time a call, as much as the launch itself), else the torch op
+        spdy_kernels::bsr_linear, which tracers see and which reads only this module's
+        tensors. The op has no backward: a backward through it says so instead of the
+        gradient silently stopping here. A call the kernel cannot run is a SpdyError naming
+        the fix."""
         import spdy_kernels.ops  # noqa: F401  (registers the op)
         from spdy_kernels.bsr_matmul import bsr_linear
         from spdy_kernels.layout import KernelInputError, LayoutIndices
 
         try:
-            if (not torch.compiler.is_compiling() and _plain(x)       # compiling first:
-                    and not self._tracks_gradients(x)):                 # dynamo folds it
+            if self._runs_directly(x):
                 indices = LayoutIndices(self.row_order, self.block_rows, self.empty_rows)
                 return bsr_linear(x, self.values, self.crow_indices, self.col_indices,
                                   (self.out_features, self.in_features), self.bias,
@@ -153,9 +151,13 @@ class BlockSparseLinear(nn.Module):
         except KernelInputError as e:
             raise SpdyError(str(e)) from None
 
-    def _tracks_gradients(self, x: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, self.values, self.bias))
+    def _runs_directly(self, x: torch.Tensor) -> bool:
+        """Outside torch.compile / export (tested first: dynamo folds it to True and never
+        reaches _plain, which it cannot trace) and jit.trace, on a tensor the kernel can
+        read, with no gradient to track."""
+        return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and _plain(x) and not (torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in (x, self.values, self.bias))))
 
     def _set_derived_indices(self, weight: BSRWeight) -> None:
         # Derived from crow_indices, so not saved; buffers so that .to(device) moves them.

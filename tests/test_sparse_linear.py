@@ -116,6 +116,10 @@ def test_an_eager_call_runs_the_kernel_without_the_ops_dispatch(monkeypatch):
     with torch.no_grad():
         traced = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(direct, traced, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():               # jit.trace records the op, not a launch it cannot see
+        scripted = torch.jit.trace(layer, x)
+    assert "spdy_kernels::bsr_linear" in str(scripted.graph)
+    torch.testing.assert_close(scripted(2 * x), layer(2 * x), rtol=1e-6, atol=1e-6)
     with torch.no_grad():               # vmap wraps its input: the op's fallback runs it
         batched = torch.vmap(layer)(torch.stack([x, 2 * x]))
     torch.testing.assert_close(batched, torch.stack([direct, layer(2 * x)]), rtol=1e-6,
