@@ -512,6 +512,17 @@ def test_layers_are_timed_in_the_mode_the_dense_model_runs_fastest(tmp_path, mon
     assert eager.calls == 2 + 2 * 2
 
 
+def test_an_option_that_cannot_be_captured_is_timed_eagerly_with_a_warning(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(triton_backend, "capture_cuda_graph", lambda run: None)
+    backend = GraphedBackend(cache_dir=tmp_path,        # the replay is the faster mode
+                             clock=lambda call: (1.0 if call == 1 else 0.5, 0.0))
+    with caplog.at_level(logging.WARNING, logger="spdy_gpu.backends.triton"):
+        table = measure(backend, TwoLayer(), [DENSE, block(0.5, 16)])
+    assert all(None not in row.median_ms for row in table.layers)
+    assert "could not be captured in a CUDA graph" in caplog.text
+
+
 def test_timed_runs_rotate_over_weight_copies_up_to_a_byte_budget():
     backend = InterpretedBackend()
     backend.device = torch.device("cuda")               # only the count, nothing runs

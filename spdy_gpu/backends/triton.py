@@ -387,6 +387,10 @@ class TritonBackend(TritonTables):
 
         with torch.inference_mode():
             fn = (graphed and capture_cuda_graph(run)) or run
+            if graphed and fn is run:
+                log.warning("a layer option could not be captured in a CUDA graph and is "
+                            "timed eagerly, host overhead included; a model using it runs "
+                            "eagerly too (see the log line above for why)")
             median, spread = self._bench_ms(fn)
         return median / len(calls), spread / len(calls)
 
