@@ -43,6 +43,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from spdy_gpu.cli.common import positive_seconds
+
 REPO = Path(__file__).resolve().parent.parent
 FORMAT, VERSION = "spdy-gpu/bench-gpu", 1
 TARGETS = (1.5, 2.0, 3.0)
@@ -72,13 +74,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parts", nargs="+", choices=("tests", "suite", "llama", "bert"),
                         default=["tests", "suite", "llama", "bert"])
     parser.add_argument("--quick", action="store_true", help="the suite's --quick subset")
-    parser.add_argument("--suite-budget-s", type=float, default=None,
+    parser.add_argument("--suite-budget-s", type=positive_seconds, default=None,
                         help="the suite's --budget-s: no case starts after this many seconds")
-    parser.add_argument("--budget-s", type=float, default=None,
+    parser.add_argument("--budget-s", type=positive_seconds, default=None,
                         help="no run starts after this many seconds (the rest are recorded "
                              "as skipped), so a call with a time limit loses nothing midway")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
-    parser.add_argument("--work", default="runs/bench-gpu", help="run directories")
+    parser.add_argument("--work", default=str(REPO / "runs" / "bench-gpu"),
+                        help="run directories")
     parser.add_argument("--model", default="llama-decode", help="the decode model (built-in)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16],
                         help="decode batch sizes (1 16); one per call where calls are short")
@@ -90,6 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=1.0, help="search minutes (1)")
     parser.add_argument("--estimate", default="h100-sxm", help="without a GPU: the spec")
     args = parser.parse_args(argv)
+    # Paths as given from here; the commands run in the repository root (bench.models).
+    args.out, args.work = str(Path(args.out).resolve()), Path(args.work).resolve()
     args.deadline = time.monotonic() + (math.inf if args.budget_s is None else args.budget_s)
     return args
 
@@ -165,21 +170,24 @@ def run_suite(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         return
     budget = args.suite_budget_s
     if math.isfinite(args.deadline):        # no suite case starts after our own deadline
-        budget = min(budget or math.inf, args.deadline - time.monotonic())
+        budget = max(1.0, min(budget or math.inf, args.deadline - time.monotonic()))
     command = [sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--out", args.out,
                *(["--quick"] if args.quick else []),
-               *(["--budget-s", f"{budget:.0f}"] if budget else [])]
-    rc, seconds, _ = run_command(command)
-    found = sorted(Path(args.out).glob("gpu-suite-*.json"), key=lambda p: p.stat().st_mtime)
-    suite = json.loads(found[-1].read_text()) if found else {}
+               *(["--budget-s", f"{budget:.1f}"] if budget else [])]
+    started = time.time()
+    rc, took, last = run_command(command)
+    written = [p for p in Path(args.out).glob("gpu-suite-*.json") if p.stat().st_mtime >= started]
+    found = max(written, key=lambda p: p.stat().st_mtime, default=None)  # never an older run's
+    suite = json.loads(found.read_text()) if found else {}
     record(doc, {"name": "kernel suite", "command": shown(command), "rc": rc,
-                 "seconds": seconds, "file": str(found[-1]) if found else None,
+                 "seconds": took, "file": str(found) if found else None,
+                 **({"error": last} if rc and last else {}),
                  "targets": [{k: t[k] for k in ("name", "status", "summary")}
                              for t in suite.get("targets", [])]}, args)
 
 
 def run_llama(args: argparse.Namespace, doc: dict[str, Any]) -> None:
-    work = REPO / args.work
+    work = args.work
     for batch in args.batches:
         first = work / f"{args.model}-b{batch}-{TARGETS[0]:g}"
         for target in TARGETS:
@@ -196,7 +204,7 @@ def run_llama(args: argparse.Namespace, doc: dict[str, Any]) -> None:
 
 
 def run_bert(args: argparse.Namespace, doc: dict[str, Any]) -> None:
-    work = REPO / args.work
+    work = args.work
     if out_of_time(doc, "bert-base timings", args):
         return
     table = work / "bert-base.timings.json"
@@ -273,7 +281,8 @@ def record(doc: dict[str, Any], run: dict[str, Any], args: argparse.Namespace) -
     from spdy_gpu.jsonio import atomic_write_bytes, save_json
 
     doc["runs"] = [r for r in doc["runs"] if r["name"] != run["name"]] + [run]
-    doc["settings"] = {k: v for k, v in vars(args).items() if k not in ("parts",)}
+    doc["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                       if k not in ("parts", "deadline")}
     stem = Path(doc["stem"])
     save_json(stem.with_suffix(".json"), FORMAT, VERSION,
               {k: v for k, v in doc.items() if k != "stem"})
@@ -307,7 +316,7 @@ def _x(value: float | None) -> str:
 
 def plan_without_gpu(args: argparse.Namespace) -> int:
     """The estimate's timing table and the DP's profiles at each target (no measurement)."""
-    work = REPO / args.work
+    work = args.work
     table = work / f"{args.model}.estimate.timings.json"
     rc, _, _ = run_command(cli("timings", "--model", args.model, "--backend", "triton",
                             "--estimate", args.estimate, "--compile", "--levels", args.levels,

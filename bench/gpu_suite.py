@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from spdy_gpu import errors
+from spdy_gpu.cli.common import positive_seconds
 from spdy_gpu.jsonio import slug
 from spdy_gpu.masks import build_mask
 from spdy_gpu.roofline import gemm_cost
@@ -1014,9 +1015,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-check", action="store_true",
                         help="without a GPU: correctness under Triton's interpreter on tiny "
                              "shapes and the report on fake times")
-    parser.add_argument("--budget-s", type=float, default=None,
+    parser.add_argument("--budget-s", type=positive_seconds, default=None,
                         help="no case starts after this many seconds (default 420; quick 150)")
-    parser.add_argument("--torch-tune-s", type=float, default=15.0,
+    parser.add_argument("--torch-tune-s", type=positive_seconds, default=15.0,
                         help="time box of each bsr_dense_mm tuning (default 15)")
     parser.add_argument("--warmup-ms", type=int, default=10, help="do_bench warm-up (10 ms)")
     parser.add_argument("--rep-ms", type=int, default=40, help="do_bench repetitions (40 ms)")

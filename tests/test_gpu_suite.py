@@ -194,7 +194,8 @@ def test_bench_gpu_records_why_a_run_failed(tmp_path, capsys):
 
 
 def test_bench_gpu_budget_skips_runs_instead_of_starting_them(tmp_path):
-    args = bench_gpu.parse_args(["--budget-s", "0", "--out", str(tmp_path)])
+    args = bench_gpu.parse_args(["--budget-s", "1", "--out", str(tmp_path)])
+    args.deadline -= 2                              # the budget is spent
     doc = {"device": "Test GPU", "date": "2026-01-01", "runs": [], "stem": str(tmp_path / "b")}
     bench_gpu.run_llama(args, doc)                  # would start three runs per batch
     bench_gpu.run_suite(args, doc)
@@ -205,6 +206,37 @@ def test_bench_gpu_budget_skips_runs_instead_of_starting_them(tmp_path):
     assert all(r["rc"] is None and r["error"].startswith("skipped") for r in doc["runs"])
     assert "| kernel suite | skipped | 0.0 |" in (tmp_path / "b.md").read_text()
     assert math.isinf(bench_gpu.parse_args([]).deadline)
+    saved = json.loads((tmp_path / "b.json").read_text(), parse_constant=pytest.fail)
+    assert "deadline" not in saved["settings"]       # strict JSON, no clock readings
+
+
+@pytest.mark.parametrize("flag", ["--budget-s", "--suite-budget-s"])
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "x"])
+def test_bench_gpu_budgets_must_be_positive_seconds(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        bench_gpu.parse_args([flag, value])
+    assert f"argument {flag}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--budget-s", value])
+
+
+def test_bench_gpu_suite_record_never_takes_an_older_runs_file(tmp_path, monkeypatch):
+    """A suite that fails before writing is recorded with its error, not with the targets
+    of an older results file in the same folder."""
+    old = tmp_path / "gpu-suite-old-2026-01-01.json"
+    old.write_text(json.dumps({"targets": [{"name": "t", "status": "met", "summary": "s"}]}))
+    monkeypatch.setattr(bench_gpu, "run_command", lambda command: (1, 0.5, "CUDA error: x"))
+    args = bench_gpu.parse_args(["--out", str(tmp_path)])
+    doc = {"device": "Test GPU", "date": "2026-01-01", "runs": [], "stem": str(tmp_path / "b")}
+    bench_gpu.run_suite(args, doc)
+    (run,) = doc["runs"]
+    assert run["file"] is None and run["targets"] == [] and run["error"] == "CUDA error: x"
+
+
+def test_bench_gpu_paths_are_relative_to_where_it_is_called(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = bench_gpu.parse_args(["--out", "o", "--work", "w"])
+    assert args.out == str(tmp_path / "o") and args.work == tmp_path / "w"
 
 
 def test_bert_base_user_model_builds():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from ..backends import (
@@ -16,6 +17,14 @@ from ..backends import (
 from ..errors import SpdyError
 from ..models import ModelEntry, ModelSetting, load_model
 from ..options import SparsityOption, option_grid, parse_options
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds (argparse names the flag)."""
+    value = float(text)         # a ValueError reads "invalid positive_seconds value: 'x'"
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
