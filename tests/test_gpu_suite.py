@@ -127,6 +127,36 @@ def test_targets_met_and_not_met_with_numbers():
     assert "## Not run (time budget)" in text
 
 
+def test_kernel_comparisons_take_graph_times_where_both_sides_have_them():
+    """Host overhead (plain time far above the graph replay) decides no kernel target."""
+    host_bound = _row(4096, 4096, 2048, (128, 128), 0.5, ours=1.0, cublas=1.0, graph=0.5,
+                      tuned=0.9)
+    host_bound["torch_bsr_tuned"]["graph"] = [0.75] * 3
+    host_bound["derived"] = suite.derive(host_bound, {})
+    targets = {t["name"]: t for t in suite.evaluate_targets([host_bound])}
+    compute, torch_tuned = targets[TARGET_NAMES[0]], targets[TARGET_NAMES[3]]
+    assert compute["status"] == "met" and compute["cells"][0]["value"] == 0.5
+    assert torch_tuned["cells"][0]["value"] == pytest.approx(1.5)     # 0.75 / 0.5, not 0.9
+    assert host_bound["derived"]["compared"] == "graph"
+
+
+def test_reevaluate_rewrites_derived_figures_and_targets_not_measurements(tmp_path, capsys):
+    row = _row(4096, 4096, 2048, (128, 128), 0.5, ours=1.0, cublas=1.0, graph=0.5)
+    row["derived"]["compared"] = "stale"                      # as an older version derived
+    doc = {"device": "Test GPU", "date": "2026-01-01", "command": "python x", "mode": "full",
+           "software": {}, "ceilings": {}, "correctness": None, "cases": [row],
+           "skipped": [], "targets": [{"name": "old", "status": "not met", "summary": "",
+                                       "cells": []}], "seconds": 12.5, "complete": True}
+    suite.write(doc, tmp_path / "r")
+    assert suite.main(["--reevaluate", str(tmp_path / "r.json")]) == 0
+    again = load_json(tmp_path / "r.json", suite.SUITE_FORMAT, suite.SUITE_VERSION)
+    assert again["cases"][0]["ours"] == row["ours"] and again["seconds"] == 12.5
+    assert again["cases"][0]["derived"]["compared"] == "graph"
+    assert again["targets"][0]["status"] == "met" and again["reevaluated"]["rule"]
+    assert "re-evaluated from these measurements" in (tmp_path / "r.md").read_text()
+    assert "MET  compute-bound 128x128" in capsys.readouterr().out
+
+
 def test_derived_roofline_matches_the_formula():
     row = _row(4096, 4096, 16, (64, 64), 0.5, ours=0.02, cublas=0.03)
     d = row["derived"]
