@@ -437,6 +437,26 @@ def test_measuring_loop_times_two_four_beside_blocks_under_torch_compile(tmp_pat
     assert "model end to end: compiled" in caplog.text
 
 
+def test_a_compiled_model_compiles_with_room_beyond_the_recompile_limit(tmp_path,
+                                                                         monkeypatch):
+    """Past torch.compile's recompile limit (8 per forward) a model would silently run
+    eagerly under a "compiled" label; the limit is lifted while each model compiles."""
+    import torch._dynamo
+
+    limits = []
+
+    def fake_compile(model, **kwargs):
+        def compiled(*args, **kw):
+            limits.append(torch._dynamo.config.recompile_limit)
+            return model(*args, **kw)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    backend = InterpretedBackend(cache_dir=tmp_path, compile=True)
+    backend.latency({"a": TwoLayer(), "b": TwoLayer()}, torch.randn(8, 4, 4, 4))
+    assert limits and limits[0] > 8 and torch._dynamo.config.recompile_limit == 8
+
+
 def test_fixed_time_is_the_unattributed_rest_and_clamps_at_zero(tmp_path, caplog):
     options = [DENSE, block(0.5, 16)]
     # The whole model is timed first (call 1), then the two layer kernels.
@@ -505,7 +525,7 @@ def test_layers_are_timed_in_the_mode_the_dense_model_runs_fastest(tmp_path, mon
     assert table.layers[0].median_ms == pytest.approx((0.11, 0.11))
     assert table.layers[0].spread_ms == pytest.approx((0.02, 0.02))
     entries = TimingCache(tmp_path / "triton-timings.json").entries
-    assert entries and all(key.endswith("|cuda-graph") for key in entries)
+    assert entries and all("|cuda-graph," in key for key in entries)
 
     eager = InterpretedBackend(cache_dir=tmp_path, repeats=2)   # eager times are not graph times
     measure(eager, TwoLayer(), [DENSE, block(0.5, 16)])
@@ -521,6 +541,19 @@ def test_an_option_that_cannot_be_captured_is_timed_eagerly_with_a_warning(
         table = measure(backend, TwoLayer(), [DENSE, block(0.5, 16)])
     assert all(None not in row.median_ms for row in table.layers)
     assert "could not be captured in a CUDA graph" in caplog.text
+
+
+def test_cache_keys_tell_apart_a_bias_and_the_timing_protocol(tmp_path, monkeypatch):
+    measure(InterpretedBackend(cache_dir=tmp_path), TwoLayer(), [DENSE])
+    no_bias = TwoLayer()
+    no_bias.fc1, no_bias.fc2 = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)
+    again = InterpretedBackend(cache_dir=tmp_path)
+    measure(again, no_bias, [DENSE])
+    assert again.calls == 1 + 1                         # the bias-free GEMM is timed anew
+    monkeypatch.setattr(triton_backend, "MAX_COPIES", 4)
+    third = InterpretedBackend(cache_dir=tmp_path)
+    measure(third, TwoLayer(), [DENSE])
+    assert third.calls == 1 + 1                         # another protocol: timed anew
 
 
 def test_timed_runs_rotate_over_weight_copies_up_to_a_byte_budget():
