@@ -2,13 +2,16 @@
 
 Registered with a fake (meta) implementation, so a model calling it traces under
 torch.compile and torch.export (the op stays one node of the graph) and replays in CUDA
-graphs. Raw tensors in, like bsr_matmul.bsr_linear; the launch settings are the defaults
+graphs, and with a backward (gradients of the input, the stored block values and the bias;
+the pruned-away weights stay zero), so gradients flow through a pruned layer to the layers
+before it. Raw tensors in, like bsr_matmul.bsr_linear; the launch settings are the defaults
 (autotuned on CUDA, the interpreter on a CPU). Importing this module registers the op.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .layout import LayoutIndices
 
@@ -38,3 +41,66 @@ def _(x, values, crow_indices, col_indices, row_order, block_rows, empty_rows, o
         f"bsr_linear: input dtype {x.dtype} differs from the weight's {values.dtype}; cast one "
         "of them"))
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+# The epilogue's activations as torch functions (the backward differentiates these).
+_ACTIVATION_FNS = {"relu": torch.relu, "gelu": F.gelu,
+                   "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}
+
+
+def _setup_context(ctx, inputs, output):
+    (x, values, crow_indices, col_indices, row_order, block_rows, empty_rows, out_features,
+     in_features, bias, activation) = inputs
+    ctx.save_for_backward(x, values, crow_indices, col_indices, row_order, block_rows,
+                          empty_rows, bias)
+    ctx.shape, ctx.activation = (out_features, in_features), activation
+
+
+def _backward(ctx, grad):
+    """y = act(x W^T + b): grad_x = g W, grad_W = g^T x on the stored blocks, grad_b = sum g,
+    with g = grad * act'(z) and z recomputed by the kernel (the forward keeps no copy)."""
+    x, values, crow, col, row_order, block_rows, empty_rows, bias = ctx.saved_tensors
+    n, k = ctx.shape
+    if ctx.activation is not None:
+        z = bsr_linear_op(x, values, crow, col, row_order, block_rows, empty_rows, n, k, bias,
+                          None)
+        with torch.enable_grad():
+            z = z.detach().float().requires_grad_()
+            (grad,) = torch.autograd.grad(_ACTIVATION_FNS[ctx.activation](z), z, grad.float())
+    g = grad.reshape(-1, n).float()                                        # [M, N]
+    x2 = x.reshape(-1, k).float()                                          # [M, K]
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (g @ _dense(values.float(), block_rows, col, n, k)).reshape(x.shape).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_values = _blocks(g.t() @ x2, values.shape, block_rows, col).to(values.dtype)
+    if bias is not None and ctx.needs_input_grad[9]:
+        grad_bias = g.sum(0).to(bias.dtype)
+    return grad_x, grad_values, None, None, None, None, None, None, None, grad_bias, None
+
+
+def _grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
+    return -(-shape[0] // block[0]), -(-shape[1] // block[1])
+
+
+def _dense(values: torch.Tensor, block_rows: torch.Tensor, col: torch.Tensor, n: int,
+           k: int) -> torch.Tensor:
+    """W [n, k] from its stored blocks (zeros elsewhere)."""
+    bn, bk = values.shape[1:]
+    rows, cols = _grid((n, k), (bn, bk))
+    tiles = values.new_zeros(rows, cols, bn, bk)
+    tiles[block_rows.long(), col.long()] = values
+    return tiles.permute(0, 2, 1, 3).reshape(rows * bn, cols * bk)[:n, :k]
+
+
+def _blocks(dense: torch.Tensor, shape: torch.Size, block_rows: torch.Tensor,
+            col: torch.Tensor) -> torch.Tensor:
+    """The stored blocks' entries of a dense [n, k] matrix, as [nnz, bn, bk]."""
+    _, bn, bk = shape
+    rows, cols = _grid(tuple(dense.shape), (bn, bk))
+    padded = F.pad(dense, (0, cols * bk - dense.shape[1], 0, rows * bn - dense.shape[0]))
+    tiles = padded.reshape(rows, bn, cols, bk).permute(0, 2, 1, 3)
+    return tiles[block_rows.long(), col.long()]
+
+
+bsr_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -130,14 +130,15 @@ class BlockSparseLinear(nn.Module):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel, called directly where `_runs_directly` (the custom op's dispatch costs
         ~15 us of host time a call, as much as the launch itself), else the torch op
-        spdy_kernels::bsr_linear, which tracers see and which reads only this module's
-        tensors. The op has no backward: a backward through it says so instead of the
-        gradient silently stopping here. A call the kernel cannot run is a SpdyError naming
-        the fix."""
+        spdy_kernels::bsr_linear, which tracers see, which reads only this module's tensors
+        and whose backward gives the input's, the stored blocks' and the bias's gradients.
+        A call the kernel cannot run is a SpdyError naming the fix."""
         import spdy_kernels.ops  # noqa: F401  (registers the op)
         from spdy_kernels.bsr_matmul import bsr_linear
         from spdy_kernels.layout import KernelInputError, LayoutIndices
 
+        if not torch.compiler.is_compiling():
+            _refuse_unsupported_derivatives(x)
         try:
             if self._runs_directly(x):
                 indices = LayoutIndices(self.row_order, self.block_rows, self.empty_rows)
@@ -254,6 +255,22 @@ class BlockSparseConv1x1(nn.Module):
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, padding={self.padding}"
+
+
+def _refuse_unsupported_derivatives(x: torch.Tensor) -> None:
+    """The op has a backward for torch.autograd only: forward-mode AD (jvp, dual tensors)
+    would give a zero tangent and torch.func's grad transforms fail deep inside PyTorch, so
+    both are refused here in one line."""
+    from torch.autograd import forward_ad
+
+    if (getattr(forward_ad, "_current_level", -1) >= 0
+            and forward_ad.unpack_dual(x).tangent is not None):
+        raise SpdyError("BlockSparseLinear has no forward-mode derivative (jvp, dual tensors); "
+                        "differentiate its dense form, layer.to_dense(), instead")
+    tracking = getattr(torch._C._functorch, "is_gradtrackingtensor", None)
+    if tracking is not None and tracking(x):
+        raise SpdyError("BlockSparseLinear supports torch.autograd (loss.backward()), not "
+                        "torch.func.grad / jacrev; use autograd or layer.to_dense()")
 
 
 def _plain(x: torch.Tensor) -> bool:

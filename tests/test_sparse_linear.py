@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from spdy_gpu import BlockSparseLinear, SparsityOption, SpdyError
+from spdy_gpu.bsr import BSRWeight
 from spdy_gpu.masks import block_mask, build_mask
-from spdy_gpu.sparse_linear import BlockSparseConv1x1, detect_block, sparsify_
+from spdy_gpu.sparse_linear import BlockSparseConv1x1, activate, detect_block, sparsify_
 
 OPTIONS = {"0": SparsityOption.blocked(0.5, 16), "2": "block32x32@0.6", "4": "dense"}
 
@@ -124,12 +125,65 @@ def test_an_eager_call_runs_the_kernel_without_the_ops_dispatch(monkeypatch):
         batched = torch.vmap(layer)(torch.stack([x, 2 * x]))
     torch.testing.assert_close(batched, torch.stack([direct, layer(2 * x)]), rtol=1e-6,
                                atol=1e-6)
-    # An input that needs gradients goes through the op: backward says it has no formula
-    # instead of the gradient silently stopping at this layer.
+    # An input that needs gradients goes through the op (its backward), never around it.
     y = layer(x.requires_grad_())
     assert y.grad_fn is not None
-    with pytest.raises(RuntimeError, match="no autograd formula"):
-        y.sum().backward()
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh"])
+def test_gradients_flow_through_the_kernel_like_through_the_masked_dense_layer(
+        activation, monkeypatch):
+    """The op's backward: the input's gradient, the stored blocks' (the pruned-away weights
+    stay zero) and the bias's, against float64 autograd through the masked dense layer."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layer = BlockSparseLinear.from_linear(nn.Linear(70, 50), option="block16x16@0.5",
+                                          activation=activation)     # ragged N and K
+    layer.values.requires_grad_(True)
+    layer.bias.requires_grad_(True)
+    dense = layer.to_dense().double()
+    x = torch.randn(2, 3, 70, dtype=torch.float64)
+    grad = torch.randn(2, 3, 50, dtype=torch.float64)
+    x_ours, x_ref = x.float().requires_grad_(), x.clone().requires_grad_()
+    layer(x_ours).backward(grad.float())
+    activate(dense(x_ref), activation).backward(grad)
+    torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad.double(), dense.bias.grad, rtol=1e-4, atol=1e-5)
+    values_grad = BSRWeight(layer.values.grad, layer.crow_indices, layer.col_indices,
+                            layer.row_order, (50, 70)).to_dense().double()
+    stored = layer.to_dense().weight != 0
+    torch.testing.assert_close(values_grad, dense.weight.grad * stored, rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_model_trains_through_a_block_sparse_layer(monkeypatch):
+    """Grad mode under torch.compile (trainable layers before the pruned one) compiles the
+    op's backward too, and the upstream layer gets the eager gradient."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64),
+                          BlockSparseLinear.from_linear(nn.Linear(64, 32), option="block16x16@0.5"))
+    x = torch.randn(5, 64)
+    model(x).square().sum().backward()
+    eager = model[0].weight.grad.clone()
+    model.zero_grad()
+    torch.compile(model, backend="aot_eager")(x).square().sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_derivatives_the_op_cannot_give_are_one_line_errors(monkeypatch):
+    from torch.autograd import forward_ad
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layer = BlockSparseLinear.from_linear(nn.Linear(64, 32), option="block16x16@0.5")
+    x, tangent = torch.randn(3, 64), torch.randn(3, 64)
+    with pytest.raises(SpdyError, match="no forward-mode derivative"):
+        torch.func.jvp(layer, (x,), (tangent,))
+    with pytest.raises(SpdyError, match="no forward-mode derivative"), forward_ad.dual_level():
+        layer(forward_ad.make_dual(x, tangent))
+    with pytest.raises(SpdyError, match="not torch.func.grad"):
+        torch.func.grad(lambda inputs: layer(inputs).sum())(x)
 
 
 @pytest.mark.parametrize("x, match", [
