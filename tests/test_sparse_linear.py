@@ -199,6 +199,23 @@ def test_a_call_the_kernel_cannot_run_is_the_same_one_line_spdy_error_on_both_pa
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("x, match", [
+    (torch.randn(3, 70, dtype=torch.float16), "input dtype torch.float16 differs"),
+    (torch.randn(3, 69), "input of shape \\(3, 69\\) does not end in K=70"),
+])
+@pytest.mark.parametrize("tracer", ["compile", "export"])
+def test_traced_bad_input_is_the_same_one_line_spdy_error(x, match, tracer, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layer = BlockSparseLinear.from_linear(_mlp()[0], option="block16x16@0.5")
+    with pytest.raises(SpdyError, match=match) as error, torch.no_grad():
+        if tracer == "compile":
+            torch.compile(layer, backend="aot_eager")(x)
+        else:
+            torch.export.export(layer, (x,))
+    assert "\n" not in str(error.value)
+
+
 def test_the_cpu_fallback_follows_writes_through_values_data(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     layer = BlockSparseLinear.from_linear(_mlp()[0], option="block16x16@0.5")
