@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from spdy_kernels.layout import ACTIVATIONS, input_problem, interpret_requested
 from torch import nn
+from torch.autograd import forward_ad
 
 from .bsr import KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
 from .errors import SpdyError
@@ -264,8 +265,6 @@ def _refuse_unsupported_derivatives(x: torch.Tensor) -> None:
     """The op has a backward for torch.autograd only: forward-mode AD (jvp, dual tensors)
     would give a zero tangent and torch.func's grad transforms fail deep inside PyTorch, so
     both are refused here in one line."""
-    from torch.autograd import forward_ad
-
     if (getattr(forward_ad, "_current_level", -1) >= 0
             and forward_ad.unpack_dual(x).tangent is not None):
         raise SpdyError("BlockSparseLinear has no forward-mode derivative (jvp, dual tensors); "
