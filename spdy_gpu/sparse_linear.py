@@ -141,7 +141,7 @@ class BlockSparseLinear(nn.Module):
         if torch.compiler.is_compiling():
             self._check_input(x)        # the fake op's check would surface as a long trace
         else:
-            _refuse_unsupported_derivatives(x)
+            _host_only(_refuse_unsupported_derivatives)(x)
         try:
             if self._runs_directly(x):
                 indices = LayoutIndices(self.row_order, self.block_rows, self.empty_rows)
@@ -160,7 +160,7 @@ class BlockSparseLinear(nn.Module):
         reaches _plain, which it cannot trace) and jit.trace, on a tensor the kernel can
         read, with no gradient to track."""
         return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-                and _plain(x) and not (torch.is_grad_enabled() and any(
+                and _host_only(_plain)(x) and not (torch.is_grad_enabled() and any(
                     t is not None and t.requires_grad for t in (x, self.values, self.bias))))
 
     def _set_derived_indices(self, weight: BSRWeight) -> None:
@@ -260,7 +260,14 @@ class BlockSparseConv1x1(nn.Module):
         return f"stride={self.stride}, padding={self.padding}"
 
 
-@torch.compiler.disable         # host-side checks: dynamo never traces them (builtins)
+@functools.cache
+def _host_only(check: Any) -> Any:
+    """`check` hidden from dynamo, which cannot trace the builtins host-side checks read (a
+    traced call that fails is re-run eagerly, and dynamo would warn at them). Wrapped on
+    first use: torch.compiler.disable imports dynamo, and with it Triton."""
+    return torch.compiler.disable(check)
+
+
 def _refuse_unsupported_derivatives(x: torch.Tensor) -> None:
     """The op has a backward for torch.autograd only: forward-mode AD (jvp, dual tensors)
     would give a zero tangent and torch.func's grad transforms fail deep inside PyTorch, so
@@ -275,7 +282,6 @@ def _refuse_unsupported_derivatives(x: torch.Tensor) -> None:
                         "torch.func.grad / jacrev; use autograd or layer.to_dense()")
 
 
-@torch.compiler.disable
 def _plain(x: torch.Tensor) -> bool:
     """A tensor with storage the raw kernel can read: no subclass (fake, functional) and no
     functorch wrapper (vmap, grad), which look like torch.Tensor from Python."""
