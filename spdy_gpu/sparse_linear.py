@@ -156,9 +156,8 @@ class BlockSparseLinear(nn.Module):
             raise SpdyError(str(e)) from None
 
     def _runs_directly(self, x: torch.Tensor) -> bool:
-        """Outside torch.compile / export (tested first: dynamo folds it to True and never
-        reaches _plain, which it cannot trace) and jit.trace, on a tensor the kernel can
-        read, with no gradient to track."""
+        """Outside torch.compile / export and jit.trace (which must record the op), on a
+        tensor the kernel can read, with no gradient to track (the op's backward does)."""
         return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
                 and _host_only(_plain)(x) and not (torch.is_grad_enabled() and any(
                     t is not None and t.requires_grad for t in (x, self.values, self.bias))))
