@@ -1073,7 +1073,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if args.reevaluate:
-        return reevaluate(Path(args.reevaluate), REEVALUATION_RULE)
+        try:
+            return reevaluate(Path(args.reevaluate), REEVALUATION_RULE)
+        except (errors.SpdyError, KeyError, TypeError) as e:
+            print(f"gpu_suite: {errors.first_line(e) or type(e).__name__}; pass a results "
+                  "file this script wrote", file=sys.stderr)
+            return 2
     if args.cpu_check:
         return run_cpu_check(args)
     if not torch.cuda.is_available():

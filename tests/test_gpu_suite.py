@@ -157,6 +157,13 @@ def test_reevaluate_rewrites_derived_figures_and_targets_not_measurements(tmp_pa
     assert "MET  compute-bound 128x128" in capsys.readouterr().out
 
 
+def test_reevaluate_refuses_what_is_not_a_results_file_in_one_line(tmp_path, capsys):
+    (tmp_path / "other.json").write_text("{}")
+    for path in (tmp_path / "missing.json", tmp_path / "other.json"):
+        assert suite.main(["--reevaluate", str(path)]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+
+
 def test_derived_roofline_matches_the_formula():
     row = _row(4096, 4096, 16, (64, 64), 0.5, ours=0.02, cublas=0.03)
     d = row["derived"]
