@@ -3,9 +3,10 @@
 Registered with a fake (meta) implementation, so a model calling it traces under
 torch.compile and torch.export (the op stays one node of the graph) and replays in CUDA
 graphs, and with a backward (gradients of the input, the stored block values and the bias;
-the pruned-away weights stay zero), so gradients flow through a pruned layer to the layers
-before it. Raw tensors in, like bsr_matmul.bsr_linear; the launch settings are the defaults
-(autotuned on CUDA, the interpreter on a CPU). Importing this module registers the op.
+pruned weights, whole blocks or zeros inside stored blocks, get no gradient and stay zero),
+so gradients flow through a pruned layer to the layers before it, also to second order.
+Raw tensors in, like bsr_matmul.bsr_linear; the launch settings are the defaults (autotuned
+on CUDA, the interpreter on a CPU). Importing this module registers the op.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from .layout import LayoutIndices
 
-__all__ = ["bsr_linear_op"]
+__all__ = ["bsr_linear_op", "block_dense"]
 
 
 @torch.library.custom_op("spdy_kernels::bsr_linear", mutates_args=())
@@ -57,39 +58,53 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    """y = act(x W^T + b): grad_x = g W, grad_W = g^T x on the stored blocks, grad_b = sum g,
-    with g = grad * act'(z) and z recomputed by the kernel (the forward keeps no copy)."""
+    """y = act(x W^T + b): grad_x = g W, grad_W = g^T x on the stored nonzeros, grad_b =
+    sum g, with g = grad * act'(z) and z recomputed by the kernel (the forward keeps no
+    copy). Under backward(create_graph=True) all of it stays differentiable."""
     x, values, crow, col, row_order, block_rows, empty_rows, bias = ctx.saved_tensors
     n, k = ctx.shape
     if ctx.activation is not None:
-        z = bsr_linear_op(x, values, crow, col, row_order, block_rows, empty_rows, n, k, bias,
-                          None)
-        with torch.enable_grad():
-            z = z.detach().float().requires_grad_()
-            (grad,) = torch.autograd.grad(_ACTIVATION_FNS[ctx.activation](z), z, grad.float())
+        grad = _through_activation(ctx.activation, grad, (x, values, crow, col, row_order,
+                                                          block_rows, empty_rows, n, k, bias))
     g = grad.reshape(-1, n).float()                                        # [M, N]
     x2 = x.reshape(-1, k).float()                                          # [M, K]
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = (g @ _dense(values.float(), block_rows, col, n, k)).reshape(x.shape).to(x.dtype)
+        grad_x = (g @ block_dense(values.float(), block_rows, col, n, k)).reshape(x.shape)
+        grad_x = grad_x.to(x.dtype)
     if ctx.needs_input_grad[1]:
-        grad_values = _blocks(g.t() @ x2, values.shape, block_rows, col).to(values.dtype)
+        grad_values = _blocks(g.t() @ x2, values.shape, block_rows, col) * (values != 0)
+        grad_values = grad_values.to(values.dtype)
     if bias is not None and ctx.needs_input_grad[9]:
         grad_bias = g.sum(0).to(bias.dtype)
     return grad_x, grad_values, None, None, None, None, None, None, None, grad_bias, None
+
+
+def _through_activation(activation: str, grad: torch.Tensor, inputs: tuple) -> torch.Tensor:
+    """grad * act'(z), z = x W^T + b recomputed; differentiable in x, W and b when the
+    backward builds a graph (create_graph=True)."""
+    higher = torch.is_grad_enabled()
+    with torch.enable_grad():
+        z = bsr_linear_op(*inputs, None).float()
+        if not (higher and z.requires_grad):
+            z = z.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(_ACTIVATION_FNS[activation](z), z, grad.float(),
+                                      create_graph=higher)
+    return grad
 
 
 def _grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
     return -(-shape[0] // block[0]), -(-shape[1] // block[1])
 
 
-def _dense(values: torch.Tensor, block_rows: torch.Tensor, col: torch.Tensor, n: int,
-           k: int) -> torch.Tensor:
-    """W [n, k] from its stored blocks (zeros elsewhere)."""
+def block_dense(values: torch.Tensor, block_rows: torch.Tensor, col: torch.Tensor, n: int,
+                k: int) -> torch.Tensor:
+    """W [n, k] from its stored blocks (zeros elsewhere; differentiable in `values`).
+    block_rows: each block's block-row (layout_indices); col: its block-column."""
     bn, bk = values.shape[1:]
     rows, cols = _grid((n, k), (bn, bk))
     tiles = values.new_zeros(rows, cols, bn, bk)
-    tiles[block_rows.long(), col.long()] = values
+    tiles = tiles.index_put((block_rows.long(), col.long()), values)
     return tiles.permute(0, 2, 1, 3).reshape(rows * bn, cols * bk)[:n, :k]
 
 

@@ -3,7 +3,8 @@ Triton kernel, and `sparsify_`, which swaps a model's pruned Linears for it in p
 
 Forward: on CUDA the Triton kernel; on a CPU the same kernel under Triton's interpreter
 when TRITON_INTERPRET=1 is set, otherwise an exact torch fallback (a dense matmul of the
-masked weight), so a pruned model runs anywhere. Inference only: no backward.
+masked weight), so a pruned model runs anywhere. Both have a backward (torch.autograd):
+gradients of the input, the stored values and the bias; pruned weights stay zero.
 """
 
 from __future__ import annotations
@@ -98,11 +99,16 @@ class BlockSparseLinear(nn.Module):
         # kernel is always the op: the graph holds what deploys.
         if x.is_cuda or interpret_requested() or torch.compiler.is_compiling():
             return self._kernel(x)
+        from spdy_kernels.ops import block_dense
+
         _note_fallback()
         self._check_input(x)
-        # the dense weight is rebuilt per call: a write through .values.data leaves no trace
-        # (no version bump) that a cached copy could be keyed on
-        weight = self._packed().to_dense()
+        # The dense weight is rebuilt per call: a write through .values.data leaves no trace
+        # (no version bump) that a cached copy could be keyed on. Differentiable in values as
+        # the kernel's op is: stored zeros (pruned inside a block) get no gradient.
+        values = self.values * (self.values != 0)
+        weight = block_dense(values, self.block_rows, self.col_indices, self.out_features,
+                             self.in_features)
         return activate(F.linear(x, weight, self.bias), self.activation)
 
     def to_dense(self) -> nn.Linear:
@@ -141,7 +147,7 @@ class BlockSparseLinear(nn.Module):
         if torch.compiler.is_compiling():
             self._check_input(x)        # the fake op's check would surface as a long trace
         else:
-            _host_only(_refuse_unsupported_derivatives)(x)
+            _host_only(_refuse_unsupported_derivatives)(x, self.values, self.bias)
         try:
             if self._runs_directly(x):
                 indices = LayoutIndices(self.row_order, self.block_rows, self.empty_rows)
@@ -267,16 +273,17 @@ def _host_only(check: Any) -> Any:
     return torch.compiler.disable(check)
 
 
-def _refuse_unsupported_derivatives(x: torch.Tensor) -> None:
+def _refuse_unsupported_derivatives(*tensors: torch.Tensor | None) -> None:
     """The op has a backward for torch.autograd only: forward-mode AD (jvp, dual tensors)
-    would give a zero tangent and torch.func's grad transforms fail deep inside PyTorch, so
-    both are refused here in one line."""
-    if (getattr(forward_ad, "_current_level", -1) >= 0
-            and forward_ad.unpack_dual(x).tangent is not None):
+    would give no tangent and torch.func's grad transforms fail deep inside PyTorch, so
+    both are refused here in one line, whichever of input, values or bias carries them."""
+    given = [t for t in tensors if t is not None]
+    if getattr(forward_ad, "_current_level", -1) >= 0 and any(
+            forward_ad.unpack_dual(t).tangent is not None for t in given):
         raise SpdyError("BlockSparseLinear has no forward-mode derivative (jvp, dual tensors); "
                         "differentiate its dense form, layer.to_dense(), instead")
     tracking = getattr(torch._C._functorch, "is_gradtrackingtensor", None)
-    if tracking is not None and tracking(x):
+    if tracking is not None and any(tracking(t) for t in given):
         raise SpdyError("BlockSparseLinear supports torch.autograd (loss.backward()), not "
                         "torch.func.grad / jacrev; use autograd or layer.to_dense()")
 

@@ -132,11 +132,10 @@ def test_an_eager_call_runs_the_kernel_without_the_ops_dispatch(monkeypatch):
 
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh"])
 def test_gradients_flow_through_the_kernel_like_through_the_masked_dense_layer(
-        activation, monkeypatch):
-    """The op's backward: the input's gradient, the stored blocks' (the pruned-away weights
-    stay zero) and the bias's, against float64 autograd through the masked dense layer."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+        activation, kernel_path):
+    """The op's backward (and the CPU fallback's): the input's gradient, the stored blocks'
+    (the pruned-away weights stay zero) and the bias's, against float64 autograd through the
+    masked dense layer."""
     layer = BlockSparseLinear.from_linear(nn.Linear(70, 50), option="block16x16@0.5",
                                           activation=activation)     # ragged N and K
     layer.values.requires_grad_(True)
@@ -153,6 +152,44 @@ def test_gradients_flow_through_the_kernel_like_through_the_masked_dense_layer(
                             layer.row_order, (50, 70)).to_dense().double()
     stored = layer.to_dense().weight != 0
     torch.testing.assert_close(values_grad, dense.weight.grad * stored, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_second_order_gradients_match_the_masked_dense_layer(activation, kernel_path):
+    """backward(create_graph=True) then a gradient of that gradient, through the
+    activation's derivative too."""
+    layer = BlockSparseLinear.from_linear(nn.Linear(40, 30), option="block16x16@0.5",
+                                          activation=activation)
+    layer.values.requires_grad_(True)
+    dense = layer.to_dense().double()
+    x = torch.randn(4, 40, dtype=torch.float64)
+
+    def second_order(fn, x, weight):
+        (gx,) = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), weight)[0]
+
+    ours = second_order(layer, x.float().requires_grad_(), layer.values)
+    ref = second_order(lambda t: activate(dense(t), activation), x.clone().requires_grad_(),
+                       dense.weight)
+    ours_dense = BSRWeight(ours, layer.crow_indices, layer.col_indices, layer.row_order,
+                           (30, 40)).to_dense().double()
+    stored = layer.to_dense().weight != 0
+    torch.testing.assert_close(ours_dense, ref * stored, rtol=1e-3, atol=1e-4)
+
+
+def test_zeros_inside_stored_blocks_stay_zero_when_values_train(kernel_path):
+    """An unstructured mask packed in blocks: its zeros are pruned weights too."""
+    layer = BlockSparseLinear.from_linear(nn.Linear(64, 64), option="unstructured@0.5")
+    layer.values.requires_grad_(True)
+    before = layer.values.detach().clone()
+    zeros = before == 0
+    optimizer = torch.optim.SGD([layer.values], lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        layer(torch.randn(8, 64)).square().sum().backward()
+        optimizer.step()
+    assert zeros.any() and bool((layer.values.detach()[zeros] == 0).all())
+    assert not torch.equal(layer.values.detach(), before)          # the others trained
 
 
 def test_a_compiled_model_trains_through_a_block_sparse_layer(monkeypatch):
@@ -184,6 +221,12 @@ def test_derivatives_the_op_cannot_give_are_one_line_errors(monkeypatch):
         layer(forward_ad.make_dual(x, tangent))
     with pytest.raises(SpdyError, match="not torch.func.grad"):
         torch.func.grad(lambda inputs: layer(inputs).sum())(x)
+    for name in ("values", "bias"):      # a tangent on a weight, not the input
+        dual = getattr(layer, name).detach()
+        with pytest.raises(SpdyError, match="no forward-mode derivative"), \
+                forward_ad.dual_level():
+            torch.func.functional_call(
+                layer, {name: forward_ad.make_dual(dual, torch.randn_like(dual))}, (x,))
 
 
 @pytest.mark.parametrize("x, match", [
