@@ -72,14 +72,16 @@ def main(argv: list[str] | None = None) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", choices=("tests", "suite", "llama", "bert"),
-                        default=["tests", "suite", "llama", "bert"])
+                        default=["tests", "suite", "llama", "bert"],
+                        help="what to run, in this order (default: all four)")
     parser.add_argument("--quick", action="store_true", help="the suite's --quick subset")
     parser.add_argument("--suite-budget-s", type=positive_seconds, default=None,
                         help="the suite's --budget-s: no case starts after this many seconds")
     parser.add_argument("--budget-s", type=positive_seconds, default=None,
                         help="no run starts after this many seconds (the rest are recorded "
                              "as skipped), so a call with a time limit loses nothing midway")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"),
+                        help="results folder (default bench/results)")
     parser.add_argument("--work", default=str(REPO / "runs" / "bench-gpu"),
                         help="run directories")
     parser.add_argument("--model", default="llama-decode", help="the decode model (built-in)")

@@ -927,10 +927,12 @@ def save(doc: dict[str, Any], stem: Path, started: float) -> None:
 
 
 def write(doc: dict[str, Any], stem: Path) -> None:
+    """STEM.json and STEM.md (appended, not with_suffix: a stem may hold dots)."""
     from spdy_gpu.jsonio import atomic_write_bytes, save_json
 
-    save_json(stem.with_suffix(".json"), SUITE_FORMAT, SUITE_VERSION, doc)
-    atomic_write_bytes(stem.with_suffix(".md"), markdown(doc).encode())
+    text = markdown(doc)            # first: a document it cannot render writes nothing
+    save_json(Path(f"{stem}.json"), SUITE_FORMAT, SUITE_VERSION, doc)
+    atomic_write_bytes(Path(f"{stem}.md"), text.encode())
 
 
 # ---- running ------------------------------------------------------------------------------
@@ -1013,6 +1015,8 @@ def reevaluate(path: Path, rule: str) -> int:
     version's rules (the measurements stay as they are) and rewrite its .json and .md."""
     from spdy_gpu.jsonio import load_json
 
+    if path.suffix != ".json":
+        raise errors.SpdyError(f"{path} is not a .json results file")
     doc = load_json(path, SUITE_FORMAT, SUITE_VERSION)
     for row in doc["cases"]:
         if "derived" in row:
@@ -1020,9 +1024,11 @@ def reevaluate(path: Path, rule: str) -> int:
     doc["targets"] = evaluate_targets(doc["cases"])
     doc["reevaluated"] = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
                           "git": software().get("git", "?"), "rule": rule}
-    write(doc, path.with_suffix(""))
+    stem = path.with_suffix("")
+    write(doc, stem)
     for t in doc["targets"]:
         print(f"{t['status'].upper():>8}  {t['name']}: {t['summary']}")
+    print(f"rewrote {stem}.json and {stem}.md")
     return 0
 
 
@@ -1075,9 +1081,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.reevaluate:
         try:
             return reevaluate(Path(args.reevaluate), REEVALUATION_RULE)
-        except (errors.SpdyError, KeyError, TypeError) as e:
-            print(f"gpu_suite: {errors.first_line(e) or type(e).__name__}; pass a results "
-                  "file this script wrote", file=sys.stderr)
+        except errors.SpdyError as e:
+            print(f"gpu_suite: {errors.first_line(e)}", file=sys.stderr)
+            return 2
+        except Exception as e:  # noqa: BLE001 - any malformed content: one line, not a trace
+            print(f"gpu_suite: {args.reevaluate} is not a complete results file "
+                  f"({first_line(e)}); pass one this script wrote", file=sys.stderr)
             return 2
     if args.cpu_check:
         return run_cpu_check(args)

@@ -159,9 +159,28 @@ def test_reevaluate_rewrites_derived_figures_and_targets_not_measurements(tmp_pa
 
 def test_reevaluate_refuses_what_is_not_a_results_file_in_one_line(tmp_path, capsys):
     (tmp_path / "other.json").write_text("{}")
-    for path in (tmp_path / "missing.json", tmp_path / "other.json"):
-        assert suite.main(["--reevaluate", str(path)]) == 2
+    (tmp_path / "plain.txt").write_text("{}")
+    broken = tmp_path / "broken.json"
+    suite.write({"device": "x", "date": "d", "command": "c", "mode": "full", "software": {},
+                 "ceilings": {}, "cases": [], "targets": []}, tmp_path / "broken")
+    doc = json.loads(broken.read_text())
+    doc["cases"] = "abc"
+    broken.write_text(json.dumps(doc))
+    before = broken.read_text()
+    for path in ("missing.json", "other.json", "plain.txt", "broken.json"):
+        assert suite.main(["--reevaluate", str(tmp_path / path)]) == 2
         assert capsys.readouterr().err.count("\n") == 1
+    assert broken.read_text() == before                      # nothing half-written
+
+
+def test_reevaluate_keeps_a_dotted_name(tmp_path, capsys):
+    row = _row(4096, 4096, 2048, (128, 128), 0.5, ours=1.0, cublas=1.0)
+    suite.write({"device": "x", "date": "d", "command": "c", "mode": "full", "software": {},
+                 "ceilings": {}, "correctness": None, "cases": [row], "skipped": [],
+                 "targets": [], "seconds": 1.0}, tmp_path / "suite.v2")
+    assert suite.main(["--reevaluate", str(tmp_path / "suite.v2.json")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.v2.json", "suite.v2.md"]
+    assert "rewrote" in capsys.readouterr().out
 
 
 def test_derived_roofline_matches_the_formula():
