@@ -178,8 +178,10 @@ def run_suite(args: argparse.Namespace, doc: dict[str, Any]) -> None:
                *(["--budget-s", f"{budget:.1f}"] if budget else [])]
     started = time.time()
     rc, took, last = run_command(command)
-    written = [p for p in Path(args.out).glob("gpu-suite-*.json") if p.stat().st_mtime >= started]
-    found = max(written, key=lambda p: p.stat().st_mtime, default=None)  # never an older run's
+    # Only a file this call wrote (1 s of slack for coarse file-system clocks).
+    written = [p for p in Path(args.out).glob("gpu-suite-*.json")
+               if p.stat().st_mtime >= started - 1.0]
+    found = max(written, key=lambda p: p.stat().st_mtime, default=None)
     suite = json.loads(found.read_text()) if found else {}
     record(doc, {"name": "kernel suite", "command": shown(command), "rc": rc,
                  "seconds": took, "file": str(found) if found else None,

@@ -5,6 +5,7 @@ and bench/bench_gpu.py's collection of run reports."""
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -281,6 +282,7 @@ def test_bench_gpu_suite_record_never_takes_an_older_runs_file(tmp_path, monkeyp
     of an older results file in the same folder."""
     old = tmp_path / "gpu-suite-old-2026-01-01.json"
     old.write_text(json.dumps({"targets": [{"name": "t", "status": "met", "summary": "s"}]}))
+    os.utime(old, (0, 1e9))                                        # written in 2001
     monkeypatch.setattr(bench_gpu, "run_command", lambda command: (1, 0.5, "CUDA error: x"))
     args = bench_gpu.parse_args(["--out", str(tmp_path)])
     doc = {"device": "Test GPU", "date": "2026-01-01", "runs": [], "stem": str(tmp_path / "b")}
