@@ -24,9 +24,9 @@ On a CUDA GPU, in this order (one process, so a 10-minute call holds all of it):
    tuned by `torch.sparse._triton_ops_meta.tune_bsr_dense_addmm` (time-boxed: its do_bench
    capped at 10/25 ms and no new evaluation after --torch-tune-s seconds), and 2:4
    (`to_sparse_semi_structured` on a 2:4 magnitude mask, `F.linear`).
-Cost model: Triton compiles 3-9 launch configurations for every new tuning key (M bucket,
-N, K, block, density bucket, dtype), a few seconds a case; the full matrix is planned at
-about 6 minutes on an H100, --quick at about 2. No case starts after --budget-s; the ones
+Cost: Triton compiles 3-12 launch configurations for every new tuning key (M bucket, N, K,
+block, density bucket, dtype), a few seconds a case; the full matrix took 172 s on an H200
+(2026-11-26, 37 cases). No case starts after --budget-s; the ones
 left are listed as skipped.
 
 Output under --out: gpu-suite-<gpu>-<date>[-quick].json (format spdy-gpu/kernel-suite v2)
