@@ -33,6 +33,7 @@ printing each profile's summary; exit status 0 unless the timing table cannot be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shlex
@@ -109,16 +110,28 @@ def cli(*args: Any) -> list[str]:
             *map(str, args)]
 
 
-def run_command(command: list[str]) -> tuple[int, float, str]:
+def run_command(command: list[str], log: Path | None = None) -> tuple[int, float, str]:
     """Run in the repository root (so bench.models imports), output shown as it comes:
-    (exit status, seconds, the last line it wrote to stderr, which names a failure)."""
+    (exit status, seconds, the last line it wrote to stderr, which names a failure). With
+    `log`, stdout and stderr are appended to that file too, line by line, so a call cut off
+    keeps what was printed, and the last line is the last of either."""
     print(f"$ {shown(command)}", flush=True)
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    if log is None:
+        process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        stream, echo = process.stderr, sys.stderr
+    else:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        stream, echo = process.stdout, sys.stdout
     last = ""
-    for line in process.stderr:
-        sys.stderr.write(line)
-        last = line.strip() or last
+    with open(log, "a") if log else contextlib.nullcontext() as copy:
+        for line in stream:
+            echo.write(line)
+            if copy:
+                copy.write(line)
+                copy.flush()
+            last = line.strip() or last
     rc = process.wait()
     return rc, round(time.perf_counter() - started, 1), last
 
@@ -160,11 +173,12 @@ def run_tests(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     """The CUDA-only tests, first: a broken GPU path shows here before anything is timed."""
     if out_of_time(doc, "CUDA tests", args):
         return
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               *GPU_TEST_FILES, "-k", "cuda or gpu"]
-    rc, seconds, _ = run_command(command)
+    command = [sys.executable, "-m", "pytest", "-v", "-rfE", "--tb=short", "-p",
+               "no:cacheprovider", *GPU_TEST_FILES, "-k", "cuda or gpu"]
+    log = Path(f"{doc['stem']}-cuda-tests.log")     # each test's outcome as it finishes
+    rc, seconds, last = run_command(command, log)
     record(doc, {"name": "CUDA tests", "command": shown(command), "rc": rc,
-                 "seconds": seconds}, args)
+                 "seconds": seconds, "summary": last, "log": str(log)}, args)
 
 
 def run_suite(args: argparse.Namespace, doc: dict[str, Any]) -> None:

@@ -250,6 +250,20 @@ def test_bench_gpu_records_why_a_run_failed(tmp_path, capsys):
     assert "infeasible" in (tmp_path / "b.md").read_text()
 
 
+def test_bench_gpu_logs_a_commands_output_as_it_comes(tmp_path, capsys):
+    """The CUDA tests' log keeps every line (stdout and stderr) even if the call is cut off
+    later; the last line (pytest's summary) is returned."""
+    import sys
+
+    command = [sys.executable, "-c", "import sys; print('PASSED a', flush=True); "
+               "print('warn', file=sys.stderr, flush=True); print('1 failed, 1 passed')"]
+    log = tmp_path / "t.log"
+    rc, _, last = bench_gpu.run_command(command, log)
+    assert rc == 0 and last == "1 failed, 1 passed"
+    assert log.read_text().splitlines() == ["PASSED a", "warn", "1 failed, 1 passed"]
+    assert "PASSED a" in capsys.readouterr().out
+
+
 def test_bench_gpu_budget_skips_runs_instead_of_starting_them(tmp_path):
     args = bench_gpu.parse_args(["--budget-s", "1", "--out", str(tmp_path)])
     args.deadline -= 2                              # the budget is spent
