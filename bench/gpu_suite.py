@@ -14,7 +14,8 @@ On a CUDA GPU, in this order (one process, so a 10-minute call holds all of it):
    compile each; the autotuned path is checked on every timed case. A failure is printed,
    recorded, and makes the exit status 1 (the timing still runs).
 2. Ceilings measured here: a 1 GiB device-to-device copy (bytes/s) and cuBLAS bf16 at the
-   largest GEMM of the matrix (FLOP/s); datasheet ceilings from spdy_gpu.gpu_specs.
+   largest GEMM of the matrix (FLOP/s); datasheet ceilings from spdy_gpu.gpu_specs. Host
+   time per call of each way of calling the kernel on a tiny problem (host_paths).
 3. The cases (MATRIX / QUICK below; the full cross product of the axes would take hours),
    each timed with triton.testing.do_bench (L2 flushed between runs; p10/p50/p90), plain and
    as a CUDA-graph replay: ours (`bsr_linear`, autotuned on its first call; the tuned config
@@ -599,6 +600,65 @@ def measure_semi(x: torch.Tensor, weight: torch.Tensor, env: Env) -> dict[str, A
 
 # ---- ceilings -----------------------------------------------------------------------------
 
+# ---- host overhead --------------------------------------------------------------------------
+
+def host_paths(device: str) -> dict[str, Callable[[], Any]]:
+    """One small call (M = 1, 256 x 256, 64x64 blocks at 50%: microseconds of GPU work) per
+    way of calling the kernel, from the whole module down to a launch without the autotuner,
+    so the host time of each layer shows by difference."""
+    import spdy_kernels.ops  # noqa: F401  (registers the op)
+    from spdy_kernels.bsr_matmul import bsr_linear
+
+    from spdy_gpu.sparse_linear import BlockSparseLinear
+
+    gen = torch.Generator().manual_seed(0)
+    packed, dense = random_weight(256, 256, (64, 64), 0.5, torch.float16, gen, "cpu")
+    packed = packed.to(device)
+    dense = dense.to(device)
+    layer = BlockSparseLinear(packed).to(device)
+    x = torch.randn(1, 256, generator=gen).to(device=device, dtype=torch.float16)
+    raw = (x, packed.values, packed.crow_indices, packed.col_indices, packed.shape)
+    op_args = (x, layer.values, layer.crow_indices, layer.col_indices, layer.row_order,
+               layer.block_rows, layer.empty_rows, 256, 256, None, None)
+    return {
+        "cuBLAS F.linear": lambda: F.linear(x, dense),
+        "BlockSparseLinear (direct call)": lambda: layer(x),
+        "torch op spdy_kernels::bsr_linear": lambda: torch.ops.spdy_kernels.bsr_linear(*op_args),
+        "bsr_linear, autotuned, TMA where possible": lambda: bsr_linear(
+            *raw, indices=packed.indices),
+        "bsr_linear, autotuned, pointer loads": lambda: bsr_linear(
+            *raw, indices=packed.indices, tma=False),
+        "bsr_linear, fixed tile (no autotuner), pointer loads": lambda: bsr_linear(
+            *raw, indices=packed.indices, tma=False, block_t=16)}
+
+
+def measure_host_overhead(device: str, calls: int = 2000,
+                          sync: Callable[[], None] = torch.cuda.synchronize) -> dict[str, Any]:
+    """Microseconds per call of each host path, the calls back to back (their GPU work is
+    far shorter, so the host sets the pace), after a warm-up that autotunes; median of three
+    rounds. What the plain times of small cases consist of."""
+    paths = host_paths(device)
+    result: dict[str, Any] = {"calls": calls, "us_per_call": {}}
+    with torch.inference_mode():
+        for name, call in paths.items():
+            try:
+                for _ in range(3):
+                    call()
+                sync()
+                rounds = []
+                for _ in range(3):
+                    began = time.perf_counter()
+                    for _ in range(calls):
+                        call()
+                    sync()
+                    rounds.append(1e6 * (time.perf_counter() - began) / calls)
+                result["us_per_call"][name] = statistics.median(rounds)
+            except Exception as e:  # noqa: BLE001 - a path failing is a result too
+                result["us_per_call"][name] = None
+                result.setdefault("errors", {})[name] = first_line(e)
+    return result
+
+
 def guess_spec(device: str) -> Any:
     """The datasheet spec (spdy_gpu.gpu_specs) this device name matches, or None."""
     from spdy_gpu.gpu_specs import GPU_SPECS, datasheet_for
@@ -786,7 +846,9 @@ def markdown(doc: dict[str, Any]) -> str:
              *_header(doc), "", "## Targets", ""]
     lines += [f"- **{t['status'].upper()}** {t['name']}: {t['summary']}"
               for t in doc.get("targets", [])] or ["- (not evaluated yet)"]
-    lines += ["", "## Correctness (before timing)", "", *_correctness_lines(doc), "",
+    lines += ["", "## Host time per call (M = 1, 256 x 256: the host sets the pace)", "",
+              *_host_lines(doc), "", "## Correctness (before timing)", "",
+              *_correctness_lines(doc), "",
               "## Cases", "", *_case_lines(doc.get("cases", []))]
     if doc.get("skipped"):
         lines += ["", "## Not run (time budget)", ""]
@@ -814,6 +876,16 @@ def _header(doc: dict[str, Any]) -> list[str]:
             lines.append(f"Ceilings, {name} ({what}): {c['peak_flops'] / 1e12:.0f} TFLOP/s "
                          f"bf16, {c['bandwidth'] / 1e12:.2f} TB/s.")
     return lines
+
+
+def _host_lines(doc: dict[str, Any]) -> list[str]:
+    host = doc.get("host_overhead")
+    if not host:
+        return ["(not measured)"]
+    errors_by_path = host.get("errors", {})
+    return ["| path | us per call |", "|---|---|"] + [
+        f"| {name} | {_num(us, 1) if us is not None else 'FAILED: ' + errors_by_path[name]} |"
+        for name, us in host["us_per_call"].items()]
 
 
 def _correctness_lines(doc: dict[str, Any]) -> list[str]:
@@ -1005,6 +1077,7 @@ def run_gpu(args: argparse.Namespace) -> int:
     doc["correctness"] = run_checks(checks, "cuda")
     save(doc, stem, started)
     doc["ceilings"]["measured"] = guarded(lambda: measure_ceilings_here(cases))
+    doc["host_overhead"] = measure_host_overhead("cuda")
     env = Env("cuda", CudaTimer(args.warmup_ms, args.rep_ms), args.torch_tune_s)
     run_cases(cases, env, doc, stem, started, started + args.budget_s)
     return finish(doc, stem, started)
@@ -1046,6 +1119,7 @@ def run_cpu_check(args: argparse.Namespace) -> int:
         "peak_flops": 0.9 * spec["peak_flops"], "bandwidth": 0.9 * spec["bandwidth"],
         "source": "FAKE (cpu-check): 0.9 x the spec"}}
     doc["correctness"] = run_checks(correctness_checks(True, args.quick, big_m=80), "cpu")
+    doc["host_overhead"] = measure_host_overhead("cpu", calls=1, sync=lambda: None)
     run_cases(CPU_CASES, Env("cpu", FakeTimer(), args.torch_tune_s), doc, stem, started,
               math.inf)
     return finish(doc, stem, started)

@@ -53,8 +53,11 @@ def test_cpu_check_writes_json_and_markdown(tmp_path):
         assert row["derived"]["speedup_vs_cublas"] > 0
         assert "error" in row["torch_bsr"] and "error" in row["semi_2_4"]   # CUDA only
     assert [t["name"] for t in doc["targets"]] == TARGET_NAMES
+    host = doc["host_overhead"]["us_per_call"]              # every path ran (interpreted)
+    assert len(host) == 6 and all(us > 0 for us in host.values())
 
     text = json_path.with_suffix(".md").read_text()
+    assert "| BlockSparseLinear (direct call) |" in text
     assert doc["device"] in text and doc["date"] in text and "TIMES ARE FAKE" in text
     for name in TARGET_NAMES:
         assert re.search(rf"^- \*\*(MET|NOT MET|NO DATA)\*\* {re.escape(name)}: ", text, re.M)
