@@ -1,7 +1,8 @@
 """Block-sparse layout facts the kernel relies on, in pure torch (importing this loads no
 Triton): the supported blocks, dtypes and activations, the per-weight index arrays, whether the
-interpreter is asked for, the error a call the kernel cannot run raises, and the checks of an
-input and of an index layout that the kernel and its pure-torch callers share."""
+interpreter is asked for, the error a call the kernel cannot run raises, the checks of an
+input and of an index layout that the kernel and its pure-torch callers share, and the
+conversions between stored blocks and the dense matrix."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 BLOCK_SIDES = (16, 32, 64, 128)     # supported block sides (any pair: square or rectangular)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,3 +68,28 @@ def layout_problem(crow: torch.Tensor, col: torch.Tensor, nnz: int, block_cols: 
         return (f"col_indices must lie in [0, {block_cols}) (a column index past K's block "
                 "columns); repack the weight")
     return None
+
+
+def _grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
+    return -(-shape[0] // block[0]), -(-shape[1] // block[1])
+
+
+def block_dense(values: torch.Tensor, block_rows: torch.Tensor, col: torch.Tensor, n: int,
+                k: int) -> torch.Tensor:
+    """W [n, k] from its stored blocks (zeros elsewhere; differentiable in `values`).
+    block_rows: each block's block-row (layout_indices); col: its block-column."""
+    bn, bk = values.shape[1:]
+    rows, cols = _grid((n, k), (bn, bk))
+    tiles = values.new_zeros(rows, cols, bn, bk)
+    tiles = tiles.index_put((block_rows.long(), col.long()), values)
+    return tiles.permute(0, 2, 1, 3).reshape(rows * bn, cols * bk)[:n, :k]
+
+
+def stored_blocks(dense: torch.Tensor, shape: torch.Size, block_rows: torch.Tensor,
+                  col: torch.Tensor) -> torch.Tensor:
+    """The stored blocks' entries of a dense [n, k] matrix, as [nnz, bn, bk]."""
+    _, bn, bk = shape
+    rows, cols = _grid(tuple(dense.shape), (bn, bk))
+    padded = F.pad(dense, (0, cols * bk - dense.shape[1], 0, rows * bn - dense.shape[0]))
+    tiles = padded.reshape(rows, bn, cols, bk).permute(0, 2, 1, 3)
+    return tiles[block_rows.long(), col.long()]

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layout import LayoutIndices
+from .layout import LayoutIndices, block_dense, stored_blocks
 
-__all__ = ["bsr_linear_op", "block_dense"]
+__all__ = ["bsr_linear_op"]
 
 
 @torch.library.custom_op("spdy_kernels::bsr_linear", mutates_args=())
@@ -73,7 +73,7 @@ def _backward(ctx, grad):
         grad_x = (g @ block_dense(values.float(), block_rows, col, n, k)).reshape(x.shape)
         grad_x = grad_x.to(x.dtype)
     if ctx.needs_input_grad[1]:
-        grad_values = _blocks(g.t() @ x2, values.shape, block_rows, col) * (values != 0)
+        grad_values = stored_blocks(g.t() @ x2, values.shape, block_rows, col) * (values != 0)
         grad_values = grad_values.to(values.dtype)
     if bias is not None and ctx.needs_input_grad[9]:
         grad_bias = g.sum(0).to(bias.dtype)
@@ -91,31 +91,6 @@ def _through_activation(activation: str, grad: torch.Tensor, inputs: tuple) -> t
         (grad,) = torch.autograd.grad(_ACTIVATION_FNS[activation](z), z, grad.float(),
                                       create_graph=higher)
     return grad
-
-
-def _grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
-    return -(-shape[0] // block[0]), -(-shape[1] // block[1])
-
-
-def block_dense(values: torch.Tensor, block_rows: torch.Tensor, col: torch.Tensor, n: int,
-                k: int) -> torch.Tensor:
-    """W [n, k] from its stored blocks (zeros elsewhere; differentiable in `values`).
-    block_rows: each block's block-row (layout_indices); col: its block-column."""
-    bn, bk = values.shape[1:]
-    rows, cols = _grid((n, k), (bn, bk))
-    tiles = values.new_zeros(rows, cols, bn, bk)
-    tiles = tiles.index_put((block_rows.long(), col.long()), values)
-    return tiles.permute(0, 2, 1, 3).reshape(rows * bn, cols * bk)[:n, :k]
-
-
-def _blocks(dense: torch.Tensor, shape: torch.Size, block_rows: torch.Tensor,
-            col: torch.Tensor) -> torch.Tensor:
-    """The stored blocks' entries of a dense [n, k] matrix, as [nnz, bn, bk]."""
-    _, bn, bk = shape
-    rows, cols = _grid(tuple(dense.shape), (bn, bk))
-    padded = F.pad(dense, (0, cols * bk - dense.shape[1], 0, rows * bn - dense.shape[0]))
-    tiles = padded.reshape(rows, bn, cols, bk).permute(0, 2, 1, 3)
-    return tiles[block_rows.long(), col.long()]
 
 
 bsr_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -18,6 +18,7 @@ from spdy_kernels.layout import (
     BLOCK_SIDES,
     DTYPES,
     LayoutIndices,
+    block_dense,
     layout_indices,
     layout_problem,
 )
@@ -152,14 +153,7 @@ class BSRWeight:
 
     def to_dense(self) -> torch.Tensor:
         """[N, K] in the value dtype: the masked weight, exactly."""
-        rows, cols = self.block
-        r, c = self.n_block_rows, self.n_block_cols
-        dense = self.values.new_zeros(r, c, rows, cols)
-        counts = torch.diff(self.crow_indices.long())
-        row_of = torch.repeat_interleave(torch.arange(r, device=self.device), counts)
-        dense[row_of, self.col_indices.long()] = self.values
-        dense = dense.permute(0, 2, 1, 3).reshape(r * rows, c * cols)
-        return dense[: self.shape[0], : self.shape[1]]
+        return block_dense(self.values, self.indices.block_rows, self.col_indices, *self.shape)
 
     def to_torch_sparse(self) -> torch.Tensor:
         """The padded matrix as a torch sparse BSR tensor (same blocks, no copy of values)."""

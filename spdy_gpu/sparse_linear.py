@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from spdy_kernels.layout import ACTIVATIONS, input_problem, interpret_requested
+from spdy_kernels.layout import ACTIVATIONS, block_dense, input_problem, interpret_requested
 from torch import nn
 from torch.autograd import forward_ad
 
@@ -99,8 +99,6 @@ class BlockSparseLinear(nn.Module):
         # kernel is always the op: the graph holds what deploys.
         if x.is_cuda or interpret_requested() or torch.compiler.is_compiling():
             return self._kernel(x)
-        from spdy_kernels.ops import block_dense
-
         _note_fallback()
         self._check_input(x)
         # The dense weight is rebuilt per call: a write through .values.data leaves no trace
