@@ -1051,12 +1051,16 @@ def _progress_text(case: Case, row: dict[str, Any]) -> str:
             f"{_num(d['roofline_fraction'].get('measured'), 2)}")
 
 
+def print_targets(doc: dict[str, Any]) -> None:
+    for t in doc["targets"]:
+        print(f"{t['status'].upper():>8}  {t['name']}: {t['summary']}")
+
+
 def finish(doc: dict[str, Any], stem: Path, started: float) -> int:
     doc["targets"] = evaluate_targets(doc["cases"])
     doc["complete"] = not doc["skipped"]
     save(doc, stem, started)
-    for t in doc["targets"]:
-        print(f"{t['status'].upper():>8}  {t['name']}: {t['summary']}")
+    print_targets(doc)
     print(f"wrote {stem}.json and {stem}.md in {doc['seconds']:.0f} s")
     bad_case = any("error" in r or not r.get("rel_err_ok") for r in doc["cases"])
     return 0 if doc["correctness"]["passed"] and not bad_case else 1
@@ -1099,8 +1103,7 @@ def reevaluate(path: Path, rule: str) -> int:
                           "git": software().get("git", "?"), "rule": rule}
     stem = path.with_suffix("")
     write(doc, stem)
-    for t in doc["targets"]:
-        print(f"{t['status'].upper():>8}  {t['name']}: {t['summary']}")
+    print_targets(doc)
     print(f"rewrote {stem}.json and {stem}.md")
     return 0
 

@@ -62,6 +62,7 @@ BENCH_WARMUP_MS, BENCH_REP_MS = 25, 100                         # do_bench's own
 # them in all: a graph replay's launch cost is shared by the calls, and no call finds its
 # weights in L2 (do_bench flushes it before each run).
 MAX_COPIES, COPIES_BYTES = 8, 256 << 20
+GRAPHED = "cuda-graph"          # the mode name of a CUDA-graph replay (a suffix in _modes)
 CACHE_FORMAT, CACHE_VERSION = "spdy-gpu/triton-timing-cache", 1
 CONV_NOTE = "Conv2d wider than 1x1 or grouped: no BSR path, kept dense (fixed time)"
 NO_DEVICE = ("no CUDA device for the triton backend; run on a GPU, plan from a table measured "
@@ -307,7 +308,7 @@ class TritonBackend(TritonTables):
         gpu_model = self._to_device(model)
         inputs = self._inputs_to_device(example)
         latencies, modes = self._interleaved({"model": gpu_model}, inputs)
-        mode = "cuda-graph" if modes["model"].endswith("cuda-graph") else "eager"
+        mode = GRAPHED if modes["model"].endswith(GRAPHED) else "eager"
         conv_shapes = _capture_input_shapes(
             gpu_model, inputs, [layer.name for layer in layers if layer.kind == "conv2d"])
         cache = TimingCache(self.cache_path)
@@ -328,7 +329,7 @@ class TritonBackend(TritonTables):
             hits += timing is not None
             if timing is None:
                 calls = self._layer_calls(module, layer, option, conv_shapes.get(layer.name))
-                timing = self._per_call_ms(calls, graphed=mode == "cuda-graph")
+                timing = self._per_call_ms(calls, graphed=mode == GRAPHED)
                 cache.put(key, *timing)
                 partial.put(key, *timing)
             times[(layer.name, option)] = timing
@@ -449,7 +450,7 @@ class TritonBackend(TritonTables):
         name = "compiled" if self.compile else "eager"
         modes = {name: eager}
         if self.device.type == "cuda" and (replay := capture_cuda_graph(eager)) is not None:
-            modes[f"{name}+cuda-graph"] = replay
+            modes[f"{name}+{GRAPHED}"] = replay
         return modes
 
     def _to_device(self, model: nn.Module) -> nn.Module:
