@@ -317,8 +317,9 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['name']} | {rc} | {r['seconds']} | {_x(r.get('target'))} | "
                      f"{_x(r.get('predicted'))} | {_x(r.get('measured'))} | {within} |")
     for r in doc["runs"]:
-        if r.get("error"):
-            lines.append(f"\n{r['name']}: {r['error']}")
+        for key in ("error", "note"):
+            if r.get(key):
+                lines.append(f"\n{r['name']}: {r[key]}")
         if r.get("targets"):
             lines += ["", f"Kernel suite targets ({r.get('file')}):", ""]
             lines += [f"- **{t['status'].upper()}** {t['name']}: {t['summary']}"
