@@ -162,6 +162,16 @@ def _family(pattern: str, count: int, min_sparsity: float, max_sparsity: float,
                     "several joined by '+' (e.g. block+nm)")
 
 
+def blocks_left_out(options: list[SparsityOption], dropped: list[SparsityOption]) -> str:
+    """The block shapes of a grid that would lose every level if `dropped` were left out,
+    as "24x24, 1024x1024" ("" if none). A grid may lose options no layer can run, but not a
+    whole block shape: that shape (the --block asked for) is what has to change."""
+    gone = set(dropped)
+    shapes = sorted({o.block for o in options if o.pattern == "block"
+                     and all(x in gone for x in options if x.block == o.block)})
+    return ", ".join(f"{rows}x{cols}" for rows, cols in shapes)
+
+
 def parse_options(names: list[str]) -> list[SparsityOption]:
     """Parse option names; the list must start with dense and hold no duplicates."""
     options = [SparsityOption.parse(n) for n in names]

@@ -76,17 +76,25 @@ def head(batch_size=4):
     return model, torch.randn(batch_size, 64)
 
 
-def test_a_head_narrower_than_the_block_stays_dense_and_a_family_no_layer_takes_is_dropped(
-        tmp_path, caplog, capsys):
+def test_a_head_narrower_than_the_block_stays_dense(tmp_path, caplog, capsys):
     out = tmp_path / "db"
     with caplog.at_level(logging.WARNING):
         assert main(["database", "--model", "tests.test_reconstruct_cli:head", "--out",
-                     str(out), "--pattern", "block", "--block", "32", "128", "--levels", "3",
+                     str(out), "--pattern", "block", "--block", "32", "--levels", "3",
                      "--quiet"]) == 0
-    assert "no layer of this model can take block128x128" in caplog.text
     assert "1 layer(s) cannot take block32x32 and keep their other options: 2" in caplog.text
     db = Database.open(out)
     assert [o.name for o in db.options_of("0")] == [o.name for o in db.options]
     assert [o.name for o in db.options_of("2")] == ["dense"]
     printed = capsys.readouterr().out
     assert f"sparsest option, {db.options[-1].name}," in printed and "(1 layers)" in printed
+
+
+def test_a_block_shape_no_layer_takes_is_refused_not_dropped(tmp_path, capsys):
+    code = main(["database", "--model", "tests.test_reconstruct_cli:head", "--out",
+                 str(tmp_path / "db"), "--pattern", "block", "--block", "32", "128",
+                 "--levels", "3", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no layer of this model can take blocks of 128x128; choose another " \
+        "--block" in err and "Traceback" not in err
+    assert not (tmp_path / "db").exists()

@@ -339,17 +339,31 @@ def test_supports_block_options_on_linears_that_fit_them():
     assert not backend.supports(linear, block(0.5, 64, 40))
 
 
-def test_block_sides_the_kernel_cannot_pack_are_refused_or_left_out_loudly(caplog):
+def test_block_sides_the_kernel_cannot_pack_are_refused_in_a_list_and_in_a_grid(caplog):
     from spdy_gpu.backends import check_options_supported
     backend = TritonEstimateBackend("h100-sxm")
     layers = [LayerInfo("fc", "linear", (384, 1536), m=128)]
     with pytest.raises(SpdyError, match="multiples of 16"):
         check_options_supported(backend, layers, [DENSE, block(0.5, 8)])
-    grid = option_grid("block+nm", 3, block=8)
+    # --block 8 in a grid: 2:4 alone would remain, which is not what was asked for
+    for side in (8, 24, 1024):      # unpackable, unpackable, larger than every layer
+        grid = option_grid("block+nm", 3, block=side)
+        with pytest.raises(SpdyError, match=f"no block option of {side}x{side}.*--block"):
+            check_options_supported(backend, layers, grid, grid=True)
+    grid = option_grid("block", 3, block=[32, 24])          # one shape runs, one never does
+    with pytest.raises(SpdyError, match="no block option of 24x24 "):
+        check_options_supported(backend, layers, grid, grid=True)
+
+
+def test_a_grid_leaves_out_loudly_what_no_layer_of_this_model_fits(caplog):
+    from spdy_gpu.backends import check_options_supported
+    backend = TritonEstimateBackend("h100-sxm")
+    narrow = [LayerInfo("head", "linear", (48, 384), m=128)]     # 48 rows: no 2:4 storage
+    grid = option_grid("block+nm", 3, block=16)
     with caplog.at_level("WARNING"):
-        kept = check_options_supported(backend, layers, grid, grid=True)
-    assert [o.pattern for o in kept] == ["dense", "nm"]
-    assert "left out of the grid" in caplog.text
+        kept = check_options_supported(backend, narrow, grid, grid=True)
+    assert [o.pattern for o in kept] == ["dense", "block", "block", "block"]
+    assert "nm2:4 on no layer of this model: left out of the grid" in caplog.text
 
 
 def test_a_model_with_nothing_the_kernel_runs_is_refused():

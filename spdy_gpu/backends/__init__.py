@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import SpdyError
 from ..layers import LayerInfo, example_shape  # noqa: F401  (part of this seam)
-from ..options import SparsityOption
+from ..options import SparsityOption, blocks_left_out
 from ..timing import Fingerprint, TimingTable
 
 log = logging.getLogger(__name__)
@@ -148,17 +148,23 @@ def check_options_supported(backend: LatencyBackend, layers: Sequence[LayerInfo]
     """The options to measure. Sparse options `backend` runs on no layer of the model would
     make an all-null column, a measurement that silently measured nothing: a list the user
     gave is refused for them; a grid (grid=True, e.g. block+nm on a model without 2:4-sized
-    layers) drops them, with a log line, unless nothing sparse would remain."""
+    layers) drops them, with a log line, unless nothing sparse would remain or a block shape
+    of the grid would lose all its levels (then that shape is what the user must change)."""
     sparse = [o for o in options if o.pattern != "dense"]
     unsupported = [o.name for o in sparse if not any(backend.supports(x, o) for x in layers)]
     if not unsupported:
         return list(options)
     supported = [o.name for o in sparse if o.name not in unsupported]
+    kinds = ", ".join(sorted({x.kind for x in layers}))
+    shapes = blocks_left_out(sparse, [o for o in sparse if o.name in unsupported])
+    if grid and supported and shapes:
+        raise SpdyError(f"backend {backend.name} runs no block option of {shapes} on this "
+                        f"model's layers ({kinds}; the backend: {backend.summary}); choose "
+                        "another --block")
     if grid and supported:
         log.warning("%s runs %s on no layer of this model: left out of the grid",
                     backend.name, _listed(unsupported))
         return [o for o in options if o.name not in unsupported]
-    kinds = ", ".join(sorted({x.kind for x in layers}))
     if not supported:
         raise SpdyError(f"backend {backend.name} supports none of the options "
                         f"{_listed(unsupported)} on this model's layers ({kinds}; the backend: "

@@ -15,7 +15,7 @@ from ..data import CalibrationSpec
 from ..errors import SpdyError
 from ..jsonio import check_output_dir, check_output_file
 from ..layers import prunable_modules, warn_unmatched_excludes
-from ..options import SparsityOption
+from ..options import SparsityOption, blocks_left_out
 from .common import (
     add_model_args,
     add_option_args,
@@ -111,14 +111,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _takeable(options: list[SparsityOption], modules: Mapping[str, nn.Module]
               ) -> list[SparsityOption]:
-    """`options` without those no layer can take (a block larger than every layer), with a
-    warning; unless nothing sparse would be left (build_database then names the problem)."""
+    """`options` without those no layer can take (a block larger than some layers), with a
+    warning; unless nothing sparse would be left (build_database then names the problem).
+    A block shape no layer takes at all is refused: the --block asked for has to change."""
     from ..reconstruct.database import options_no_layer_takes
 
     dropped = options_no_layer_takes(modules, options)
     kept = [o for o in options if o not in dropped]
     if not dropped or not any(o.pattern != "dense" for o in kept):
         return options
+    shapes = blocks_left_out(options, dropped)
+    if shapes:
+        raise SpdyError(f"no layer of this model can take blocks of {shapes}; choose another "
+                        "--block")
     log.warning("no layer of this model can take %s: left out of the grid",
                 ", ".join(o.name for o in dropped))
     return kept
