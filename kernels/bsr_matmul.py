@@ -36,7 +36,9 @@ under the interpreter when TRITON_INTERPRET was unset at import.
 from __future__ import annotations
 
 import functools
+import re
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -285,7 +287,27 @@ def _tuned(stream_k: bool) -> triton.runtime.Autotuner:
 def _interpreted() -> object:
     """The kernel run by Triton's CPU interpreter, whatever TRITON_INTERPRET said at import."""
     from triton.runtime.interpreter import InterpretedFunction
+
+    problem = interpreter_problem(triton.__version__, np.__version__)
+    if problem:
+        raise KernelInputError(problem)
     return InterpretedFunction(_bsr_linear_kernel)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run this kernel with these versions (None: it can).
+    Up to Triton 3.6 the interpreter turns a loop bound read from memory into a Python int
+    with int() of a one-element array, which NumPy 2.4 refuses (seen with 3.6; 3.7, 3.8, 3.9
+    and 3.6 with NumPy 2.3 work; releases before 3.6 are taken to share 3.6's code)."""
+    def major_minor(version: str) -> tuple[int, int]:
+        found = re.match(r"(\d+)\.(\d+)", version)
+        return (int(found[1]), int(found[2])) if found else (0, 0)
+
+    if major_minor(triton_version) <= (3, 6) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter cannot run the kernel with NumPy "
+                f"{numpy_version} (loop bounds read from memory fail from NumPy 2.4 on); "
+                "install triton>=3.7 or numpy<2.4")
+    return None
 
 
 @functools.cache

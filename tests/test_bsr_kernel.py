@@ -230,6 +230,25 @@ def test_bad_calls_raise_one_line_errors():
         assert "\n" not in str(error.value)
 
 
+def test_an_interpreter_that_cannot_run_the_kernel_is_named_with_the_fix(monkeypatch):
+    problem = bsr_matmul.interpreter_problem
+    assert problem("3.6.0", "2.4.6") == (
+        "Triton 3.6.0's CPU interpreter cannot run the kernel with NumPy 2.4.6 (loop bounds "
+        "read from memory fail from NumPy 2.4 on); install triton>=3.7 or numpy<2.4")
+    assert problem("3.2.0+git1a2b", "2.5.0") is not None
+    for triton_version, numpy_version in [("3.6.0", "2.3.5"), ("3.7.1", "2.4.6"),
+                                          ("3.9.0", "1.26.4"), ("4.0.0", "2.4.0")]:
+        assert problem(triton_version, numpy_version) is None
+    monkeypatch.setattr(bsr_matmul.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(bsr_matmul.np, "__version__", "2.4.6")
+    bsr_matmul._interpreted.cache_clear()
+    try:
+        with pytest.raises(KernelInputError, match="install triton>=3.7 or numpy<2.4"):
+            bsr_linear(torch.randn(4, 32), _case(32, 32, 16, 0.5, F32))
+    finally:
+        bsr_matmul._interpreted.cache_clear()
+
+
 def test_launch_configurations_fit_the_shape_bucket():
     direct, stream = bsr_matmul._configs(False), bsr_matmul._configs(True)
     x16, x32 = torch.empty(1, dtype=F16), torch.empty(1, dtype=F32)
