@@ -50,9 +50,11 @@ class SemiStructuredLinear(nn.Linear):
 
     Same parameters and state dict as nn.Linear (the masked dense weight), so a pruned
     checkpoint loads into it unchanged. The semi-structured copy is built on the first eager
-    CUDA forward and rebuilt when the weight changes device, dtype or values; run the model
-    once eagerly before torch.compile so that the compiled graph uses it. A weight that
-    cannot be stored 2:4 (fp32, odd shapes) runs dense, with a warning once."""
+    CUDA forward and rebuilt when the weight changes device, dtype or values (in-place
+    writes counted by its version counter: `copy_` under no_grad, load_state_dict; a write
+    through `.data` bypasses that counter, so call `refresh()` after one); run the model once
+    eagerly before torch.compile so that the compiled graph uses it. A weight that cannot be
+    stored 2:4 (fp32, odd shapes) runs dense, with a warning once."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None,
@@ -79,6 +81,10 @@ class SemiStructuredLinear(nn.Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._sparse: tuple[tuple, torch.Tensor] | None = None
+
+    def refresh(self) -> None:
+        """Drop the semi-structured copy; the next CUDA forward rebuilds it from the weight."""
+        self._sparse = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_cuda:

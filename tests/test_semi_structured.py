@@ -92,6 +92,23 @@ def test_cuda_runs_on_sparse_tensor_cores_and_matches():
     torch.testing.assert_close(compiled(x).float(), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_copy_follows_in_place_weight_writes_and_refresh_after_a_data_write():
+    layer = SemiStructuredLinear.from_linear(nn.Linear(256, 128).cuda().half())
+    x = torch.randn(64, 256, device="cuda", dtype=torch.half)
+
+    def expected():
+        return nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+
+    layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)                            # counted: rebuilt on the next call
+    torch.testing.assert_close(layer(x).float(), expected(), rtol=2e-2, atol=5e-2)
+    layer.weight.data.mul_(0.5)                           # not counted: refresh() after it
+    layer.refresh()
+    torch.testing.assert_close(layer(x).float(), expected(), rtol=2e-2, atol=5e-2)
+
+
 def test_cuda_graphed_needs_a_cuda_model():
     from spdy_gpu import cuda_graphed
     with pytest.raises(SpdyError, match="CUDA device"):
