@@ -65,6 +65,17 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
         return model(inputs)
 
 
+def inputs_to(inputs: Any, device: torch.device | str) -> Any:
+    """A model input (tensor, tuple/list or dict of them, other values kept) on `device`."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {key: inputs_to(value, device) for key, value in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(inputs_to(value, device) for value in inputs)
+    return inputs
+
+
 def _describe(inputs: Any) -> str:
     if isinstance(inputs, torch.Tensor):
         return f"{tuple(inputs.shape)} {str(inputs.dtype).removeprefix('torch.')}"

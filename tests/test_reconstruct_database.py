@@ -190,3 +190,54 @@ def test_option_chains_group_families():
     chains = option_chains(OPTIONS[::-1])
     assert [c[0].pattern for c in chains] == ["block", "nm", "unstructured"]
     assert [o.sparsity for o in chains[2]] == sorted(o.sparsity for o in OPTIONS[1:5])
+
+
+def test_a_calibration_pass_that_fails_on_the_gpu_is_redone_on_the_cpu(built, tmp_path,
+                                                                        monkeypatch, caplog):
+    # The solver's device is asked first by the calibration pass: a GPU there, whose pass
+    # fails (out of memory, say); the CPU for everything after.
+    devices = iter([torch.device("cuda")])
+    monkeypatch.setattr(database_module, "solver_device",
+                        lambda: next(devices, torch.device("cpu")))
+    real = database_module.capture_statistics
+    tried = []
+
+    def capture(model, modules, batches, progress=None, device=None):
+        tried.append(device.type)
+        if device.type == "cuda":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 970 MiB\nmore detail")
+        return real(model, modules, batches, progress, device=device)
+
+    monkeypatch.setattr(database_module, "capture_statistics", capture)
+    model = toy_model()
+    with caplog.at_level("WARNING"):
+        db = build_database(model, LAYERS, OPTIONS, batches(), tmp_path / "db",
+                            model_name="toy", calibration={"source": "random"}, progress=False)
+    assert tried == ["cuda", "cpu"]
+    assert ("the calibration pass failed on cuda (CUDA out of memory. Tried to allocate 970 "
+            "MiB); running it on the CPU") in caplog.text
+    np.testing.assert_allclose(db.errors_matrix(LAYERS, OPTIONS),
+                               built.errors_matrix(LAYERS, OPTIONS), rtol=1e-6)
+
+
+def test_statistics_captured_elsewhere_come_back_on_the_cpu_and_the_model_stays_home():
+    from spdy_gpu.reconstruct.capture import capture_statistics
+    model = toy_model()
+    here = capture_statistics(model, {"3": model[3]}, batches())["3"]
+    moved = capture_statistics(model, {"3": model[3]}, batches(), device="cpu")["3"]
+    assert moved.gram.device.type == "cpu" and next(model.parameters()).device.type == "cpu"
+    torch.testing.assert_close(moved.gram, here.gram)
+    assert moved.rows == here.rows == 4 * 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_calibration_pass_matches_the_cpu_one():
+    from spdy_gpu.reconstruct.capture import capture_statistics
+    model = toy_model()
+    modules = {name: model.get_submodule(name) for name in LAYERS}
+    on_cpu = capture_statistics(model, modules, batches())
+    on_gpu = capture_statistics(model, modules, batches(), device="cuda")
+    assert next(model.parameters()).device.type == "cpu"
+    for name in LAYERS:
+        assert on_gpu[name].gram.device.type == "cpu" and on_gpu[name].rows == on_cpu[name].rows
+        torch.testing.assert_close(on_gpu[name].gram, on_cpu[name].gram, rtol=1e-4, atol=1e-4)

@@ -14,8 +14,10 @@ rows of real tokens enter the statistics (and the stored inputs of faithful AdaP
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpdyError
-from ..layers import call_model, hooks_attached
+from ..layers import call_model, hooks_attached, inputs_to
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +129,10 @@ def _real_rows(module: nn.Module, inputs: torch.Tensor,
 
 def _run_hooked(model: nn.Module, modules: Mapping[str, nn.Module], batches: Iterable[Any],
                 consume: Callable[[str, torch.Tensor, list[int]], None],
-                progress: Callable[[int], None] | None = None) -> int:
+                progress: Callable[[int], None] | None = None,
+                device: torch.device | None = None) -> int:
     """Run every batch through `model` with hooks calling consume(name, rows, sample_rows);
-    returns the number of batches."""
+    returns the number of batches. With `device`, model and batches run there."""
     state: dict[str, Any] = {"mask": None, "index": 0}
 
     def hook(name: str) -> Callable:
@@ -138,8 +141,9 @@ def _run_hooked(model: nn.Module, modules: Mapping[str, nn.Module], batches: Ite
         return record
 
     with hooks_attached([m.register_forward_hook(hook(name)) for name, m in modules.items()]),\
-            torch.no_grad():
+            torch.no_grad(), _moved(model, device):
         for batch in batches:
+            batch = batch if device is None else inputs_to(batch, device)
             state["mask"] = token_mask(batch)
             call_model(model, batch)
             state["index"] += 1
@@ -152,9 +156,11 @@ def _run_hooked(model: nn.Module, modules: Mapping[str, nn.Module], batches: Ite
 
 
 def capture_statistics(model: nn.Module, modules: Mapping[str, nn.Module],
-                       batches: Iterable[Any],
-                       progress: Callable[[int], None] | None = None) -> dict[str, LayerStats]:
-    """Gram matrices of every layer in `modules` over all `batches` (one forward each)."""
+                       batches: Iterable[Any], progress: Callable[[int], None] | None = None,
+                       device: torch.device | str | None = None) -> dict[str, LayerStats]:
+    """Gram matrices of every layer in `modules` over all `batches` (one forward each), on
+    the CPU. `device`: where the forwards and products run (default: where the model is);
+    the model is moved there for the pass and back after it."""
     stats: dict[str, LayerStats] = {}
 
     def consume(name: str, rows: torch.Tensor, sample_rows: list[int]) -> None:
@@ -162,17 +168,34 @@ def capture_statistics(model: nn.Module, modules: Mapping[str, nn.Module],
         rows = rows.float()                                            # [G, M, Kg]
         if name not in stats:
             g, _, kg = rows.shape
-            stats[name] = LayerStats(name, torch.zeros(g, kg, kg, dtype=torch.float64),
-                                     torch.zeros(g, kg, dtype=torch.float64), 0)
+            zeros = functools.partial(torch.zeros, dtype=torch.float64, device=rows.device)
+            stats[name] = LayerStats(name, zeros(g, kg, kg), zeros(g, kg), 0)
         entry = stats[name]
         entry.gram += torch.bmm(rows.transpose(1, 2), rows)
         entry.x_sum += rows.double().sum(1)
         entry.rows += rows.shape[1]
 
-    _run_hooked(model, modules, batches, consume, progress)
+    _run_hooked(model, modules, batches, consume, progress,
+                None if device is None else torch.device(device))
+    for entry in stats.values():
+        entry.gram, entry.x_sum = entry.gram.cpu(), entry.x_sum.cpu()
     for name in modules:
         check_statistics(name, stats.get(name))
     return stats
+
+
+@contextlib.contextmanager
+def _moved(model: nn.Module, device: torch.device | None) -> Iterator[None]:
+    """`model` on `device` inside the block, back where it was after (also on an error)."""
+    home = next(model.parameters(), torch.empty(0)).device
+    if device is None or device == home:
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
 
 
 def check_statistics(name: str, stats: LayerStats | None) -> None:

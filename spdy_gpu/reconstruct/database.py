@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import SpdyError
+from ..errors import SpdyError, first_line
 from ..jsonio import atomic_write_bytes, load_json, require, save_json
 from ..locks import LOCK_NAME, exclusive_directory, holder
 from ..masks import build_mask, unfit_reason
@@ -473,9 +473,7 @@ def _reconstruct(build: _Build, model: nn.Module, todo: dict[str, nn.Module],
     """Capture the calibration statistics of the `todo` layers and build their entries."""
     batches = list(calibration_batches)
     began = time.perf_counter()
-    with tqdm(total=len(batches), desc="calibration", unit="batch",
-              disable=not progress) as bar:
-        stats = capture_statistics(model, todo, batches, bar.update)
+    stats = _calibration_pass(model, todo, batches, progress)
     timing = build.document.setdefault("timing_s", {"capture": 0.0, "reconstruct": 0.0})
     timing["capture"] += time.perf_counter() - began
     began = time.perf_counter()
@@ -493,6 +491,26 @@ def _reconstruct(build: _Build, model: nn.Module, todo: dict[str, nn.Module],
         timing["reconstruct"] += time.perf_counter() - began
         if build.document["entries"]:
             build.save()    # the timing too; every entry is already in the manifest
+
+
+def _calibration_pass(model: nn.Module, todo: dict[str, nn.Module], batches: list[Any],
+                      progress: bool) -> dict[str, LayerStats]:
+    """The calibration statistics, captured where the solver runs (a GPU when there is one);
+    a pass that fails there (memory, an op without a CUDA kernel) is redone on the CPU."""
+    def capture(device: torch.device) -> dict[str, LayerStats]:
+        with tqdm(total=len(batches), desc=f"calibration ({device.type})", unit="batch",
+                  disable=not progress) as bar:
+            return capture_statistics(model, todo, batches, bar.update, device=device)
+
+    device = solver_device()
+    if device.type == "cuda":
+        try:
+            return capture(device)
+        except Exception as e:  # noqa: BLE001 - whatever failed on the GPU: the CPU pass
+            log.warning("the calibration pass failed on %s (%s); running it on the CPU",
+                        device, first_line(e) or type(e).__name__)
+            torch.cuda.empty_cache()
+    return capture(torch.device("cpu"))
 
 
 def _checked_modules(model: nn.Module, layers: Sequence[str],
