@@ -96,7 +96,8 @@ def global_adaprune_profile(entry: ModelEntry, setting: ModelSetting, database: 
                             metadata: dict[str, str] | None = None,
                             progress: bool = True) -> GapReport:
     """Stitch `profile` from `database`, fine-tune it against the dense model (gAP) and save
-    the weights (safetensors state dict) to `out`, atomically."""
+    the weights (safetensors state dict) to `out`, atomically; a killed run resumes from
+    `out`.gap-checkpoint.pt, which is removed once gAP has finished."""
     from .deploy import save_pruned
 
     model, example = entry.build(setting)
@@ -106,7 +107,8 @@ def global_adaprune_profile(entry: ModelEntry, setting: ModelSetting, database: 
     batches = calibration.load(entry, setting, example).batches
     report = global_adaprune_(model, dense, masks_of(model, profile.choices), batches,
                               lr=gap.lr, epochs=gap.epochs, only_pruned=gap.only_pruned,
-                              patience=gap.patience, progress=progress)
+                              patience=gap.patience, progress=progress,
+                              checkpoint=f"{out}.gap-checkpoint.pt")
     _check_finite_weights(model)
     save_pruned(model, out, profile=profile, metadata=metadata)
     return report
@@ -324,7 +326,8 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
             gap = global_adaprune_(pruned, model, masks_of(pruned, profile.choices),
                                    fit.batches, lr=settings.gap.lr, epochs=settings.gap.epochs,
                                    patience=settings.gap.patience,
-                                   only_pruned=settings.gap.only_pruned, progress=progress)
+                                   only_pruned=settings.gap.only_pruned, progress=progress,
+                                   checkpoint=out / "gap-checkpoint.pt")
             _check_finite_weights(pruned)
             note.update(loss_before=gap.loss_before, loss_after=gap.loss_after)
             report.held_out_loss["spdy+gap"] = scorer.loss_of(pruned)

@@ -106,3 +106,74 @@ def test_gap_accepts_precomputed_targets(db):
         targets.append({"2": dense[2](hidden).detach()})
     report = global_adaprune_(model, targets, masks, data, lr=1e-3, epochs=3, patience=1)
     assert report.loss_after <= report.loss_before
+
+
+def _gap_job(db):
+    model, dense = toy_model(), toy_model()
+    choices = {"0": OPTIONS[-2], "2": OPTIONS[-2], "4": OPTIONS[-1]}
+    stitch_(model, choices, db)
+    masks = {n: dict(model.named_children())[n].weight.detach() != 0 for n in choices}
+    return model, dense, masks
+
+
+def test_a_killed_gap_resumes_after_its_last_epoch_and_ends_where_an_unbroken_run_does(
+        db, tmp_path, monkeypatch, caplog):
+    settings = dict(lr=1e-3, epochs=4, patience=10)
+    model, dense, masks = _gap_job(db)
+    unbroken = global_adaprune_(model, dense, masks, batches(), **settings)
+
+    checkpoint = tmp_path / "gap-checkpoint.pt"
+    broken, dense, masks = _gap_job(db)
+    real_step, steps = torch.optim.Adam.step, []
+
+    def step_then_die(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2 * len(batches()) + 1:            # the first step of epoch 3
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        global_adaprune_(broken, dense, masks, batches(), checkpoint=checkpoint, **settings)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    assert checkpoint.is_file()
+
+    resumed, dense, masks = _gap_job(db)        # a new process: the stitched starting point
+    with caplog.at_level("INFO"):
+        report = global_adaprune_(resumed, dense, masks, batches(), checkpoint=checkpoint,
+                                  **settings)
+    assert "gAP resumes after epoch 2 of 4" in caplog.text
+    assert (report.epochs, report.steps) == (unbroken.epochs, unbroken.steps) == (4, 16)
+    assert report.loss_before == unbroken.loss_before
+    assert report.loss_after == pytest.approx(unbroken.loss_after, rel=1e-5)
+    for mine, theirs in zip(resumed.parameters(), model.parameters()):
+        torch.testing.assert_close(mine, theirs)
+    assert not checkpoint.exists()                            # removed once finished
+
+
+def test_a_gap_checkpoint_of_other_work_or_damaged_is_ignored(db, tmp_path, monkeypatch,
+                                                              caplog):
+    checkpoint = tmp_path / "gap-checkpoint.pt"
+    real_step, steps = torch.optim.Adam.step, []
+
+    def step_then_die(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) > len(batches()):                      # in epoch 2
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        global_adaprune_(*_gap_job(db), batches(), lr=1e-3, epochs=2, checkpoint=checkpoint)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    assert checkpoint.is_file()
+    with caplog.at_level("WARNING"):                 # another learning rate: other work
+        report = global_adaprune_(*_gap_job(db), batches(), lr=2e-3, epochs=2, patience=10,
+                                  checkpoint=checkpoint)
+    assert "it is of other work" in caplog.text and (report.epochs, report.steps) == (2, 8)
+    checkpoint.write_bytes(b"not a checkpoint")
+    with caplog.at_level("WARNING"):
+        report = global_adaprune_(*_gap_job(db), batches(), lr=2e-3, epochs=1,
+                                  checkpoint=checkpoint)
+    assert "ignoring an unreadable gAP checkpoint" in caplog.text and report.steps == 4
+    assert not checkpoint.exists()
