@@ -8,8 +8,8 @@ Parts (default all four, in this order; split them over several calls where one 
 time limit, results of the same day are merged; with --budget-s no run starts after S
 seconds and the suite's cases stop by then too: the rest are recorded as skipped):
 - tests: the CUDA-only tests (`pytest -k "cuda or gpu"` on the kernel, 2:4, CUDA-graph,
-  backend, solver and database test files), so a broken GPU path shows before anything is
-  timed.
+  backend, solver, database and scoring test files), so a broken GPU path shows before
+  anything is timed.
 - suite: `python bench/gpu_suite.py [--quick] --out OUT` (172 s on an H200).
 - llama: `spdy-gpu run --model llama-decode --backend triton --batch-size B --speedup X
   --compile` (decode as deployed: torch.compile fuses the norms, rotary and SwiGLU glue,
@@ -159,7 +159,7 @@ def search_flags(args: argparse.Namespace) -> list[str]:
 GPU_TEST_FILES = ("tests/test_bsr_kernel.py", "tests/test_semi_structured.py",
                   "tests/test_llama_decode.py", "tests/test_reconstruct_solvers.py",
                   "tests/test_triton_backend.py", "tests/test_pointwise_conv.py",
-                  "tests/test_reconstruct_database.py")
+                  "tests/test_reconstruct_database.py", "tests/test_scoring.py")
 
 
 def out_of_time(doc: dict[str, Any], name: str, args: argparse.Namespace) -> bool:

@@ -23,7 +23,7 @@ from spdy_gpu.data import CalibrationSpec
 from spdy_gpu.models import ModelSetting, load_model
 from spdy_gpu.pipeline import GapSettings, masks_of, uniform_choices
 from spdy_gpu.reconstruct import build_database, global_adaprune_, stitch_
-from spdy_gpu.scoring import HeldOutScorer
+from spdy_gpu.scoring import held_out_scorer
 from spdy_gpu.search import SearchConfig, search
 from spdy_gpu.solve import Planner
 from spdy_gpu.timing import TimingTable
@@ -56,7 +56,7 @@ def main() -> None:
                               Path(args.work) / "database", model_name=entry.name,
                               calibration=fit.description)
     database_s = time.perf_counter() - began
-    scorer = HeldOutScorer(model, held_out.batches, database, entry.loss)
+    scorer = held_out_scorer(model, held_out.batches, database, entry.loss)
     db_errors = database.errors_by_layer(planner.layers, planner.options)
     rows = []
     for target in args.targets:

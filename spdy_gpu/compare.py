@@ -54,7 +54,7 @@ from .pipeline import (
     uniform_choices,
 )
 from .reconstruct import Database, global_adaprune_, stitch_
-from .scoring import HeldOutScorer
+from .scoring import HeldOutScorer, held_out_scorer
 from .solve import Planner
 from .timing import TimingTable
 
@@ -172,7 +172,8 @@ def _compare_target(entry: ModelEntry, setting: ModelSetting, backend: LatencyBa
     planner = Planner(table, (*entry.exclude, *run_settings.exclude))
     database = Database.open(database_dir)
     fit, held_out = calibration_split(entry, setting, example, run_settings)
-    scorer = HeldOutScorer(model, held_out.batches, database, run_settings.loss or entry.loss)
+    scorer = held_out_scorer(model, held_out.batches, database,
+                             run_settings.loss or entry.loss)
     budget_target = spdy.profile.dense_total_ms / spdy.profile.budget_ms
     choices = _method_choices(planner, model, database, scorer, spdy, budget_target,
                               settings, progress)

@@ -65,6 +65,11 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
         return model(inputs)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where `model`'s parameters are (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def inputs_to(inputs: Any, device: torch.device | str) -> Any:
     """A model input (tensor, tuple/list or dict of them, other values kept) on `device`."""
     if isinstance(inputs, torch.Tensor):

@@ -43,7 +43,7 @@ from .reconstruct import (
     model_fingerprint,
     stitch_,
 )
-from .scoring import HeldOutScorer
+from .scoring import HeldOutScorer, held_out_scorer
 from .search import SearchConfig, SearchResult, search
 from .solve import Planner
 from .timing import TimingTable
@@ -291,7 +291,7 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
         fit, held_out = calibration_split(entry, setting, example, settings)
         note["samples"] = {"database": fit.samples, "search": held_out.samples}
         # scores the dense outputs now: an output no loss can compare fails before any work
-        scorer = HeldOutScorer(model, held_out.batches, None, settings.loss or entry.loss)
+        scorer = held_out_scorer(model, held_out.batches, None, settings.loss or entry.loss)
     with _stage(report, "timings") as note:
         table = _timing_table(entry, model, example, backend, fingerprint, settings, out,
                               note, progress)

@@ -1,32 +1,58 @@
 """Scoring a profile on held-out data: stitch its weights from the database into the model,
 run the held-out batches, compare with the dense model's outputs by a model-level loss,
-and put the dense weights back. The search calls this for every distinct candidate."""
+and put the dense weights back. The search calls this for every distinct candidate, so
+where there is a GPU the forwards run there (held_out_scorer)."""
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import user_code
-from .layers import call_model
+from .errors import first_line, user_code
+from .layers import call_model, inputs_to, model_device
 from .losses import LOSSES, Loss, get_loss, output_tensor
 from .options import SparsityOption
 from .reconstruct.stitch import WeightSource, restore_, stitch_
+
+log = logging.getLogger(__name__)
+
+
+def held_out_scorer(model: nn.Module, batches: Sequence[Any],
+                    database: WeightSource | None = None,
+                    loss: str | Loss | None = None) -> HeldOutScorer:
+    """A HeldOutScorer on the GPU where there is one, else where the model is; a model whose
+    forward fails on the GPU (an op without a CUDA kernel, memory) is scored where it is,
+    with a warning."""
+    if torch.cuda.is_available() and model_device(model).type != "cuda":
+        try:
+            return HeldOutScorer(model, batches, database, loss, device="cuda")
+        except Exception as e:  # noqa: BLE001 - whatever failed on the GPU: score on the CPU
+            log.warning("scoring on the GPU failed (%s); the search scores on the CPU",
+                        first_line(e) or type(e).__name__)
+            torch.cuda.empty_cache()
+    return HeldOutScorer(model, batches, database, loss)
 
 
 class HeldOutScorer:
     """score(choices) -> mean loss of the stitched model against the dense outputs.
 
     model: the dense model (changed only while a score is computed); database: where the
-    chosen weights come from (None: magnitude masks on the dense weights)."""
+    chosen weights come from (None: magnitude masks on the dense weights); device: where the
+    forwards run (default: where the model is; elsewhere the scorer runs its own copy of
+    the model there, and the caller's model is never changed)."""
 
     def __init__(self, model: nn.Module, batches: Sequence[Any],
-                 database: WeightSource | None = None, loss: str | Loss | None = None):
-        self.model = model
-        self.batches = list(batches)
+                 database: WeightSource | None = None, loss: str | Loss | None = None,
+                 device: torch.device | str | None = None):
+        home = model_device(model)
+        self.device = home if device is None else torch.device(device)
+        self.model = model if self.device == home else copy.deepcopy(model).to(self.device)
+        self.batches = [inputs_to(batch, self.device) for batch in batches]
         self.database = database
         self.loss_name, self.loss = get_loss(loss)
         self.dense_outputs = [self._forward(batch) for batch in self.batches]
@@ -40,9 +66,13 @@ class HeldOutScorer:
             restore_(self.model, backup)
 
     def loss_of(self, model: nn.Module) -> float:
-        """Mean loss of `model` (e.g. a pruned copy after gAP) against the dense outputs."""
-        losses = [self._loss(self._forward(batch, model), dense, batch)
-                  for batch, dense in zip(self.batches, self.dense_outputs)]
+        """Mean loss of `model` (e.g. a pruned copy after gAP, on any device) against the
+        dense outputs."""
+        device = model_device(model)
+        losses = []
+        for batch, dense in zip(self.batches, self.dense_outputs):
+            batch, dense = inputs_to(batch, device), dense.to(device)
+            losses.append(self._loss(self._forward(batch, model), dense, batch))
         return sum(losses) / len(losses)
 
     def _loss(self, pruned: torch.Tensor, dense: torch.Tensor, batch: Any) -> float:

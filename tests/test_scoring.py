@@ -68,3 +68,34 @@ def test_outputs_a_loss_cannot_compare_are_one_line_errors(kind, loss, match):
     batches = [torch.randn(6, 8)]
     with pytest.raises(SpdyError, match=match):
         HeldOutScorer(_Outputs(kind).eval(), batches, loss=loss)({})
+
+
+def test_a_scorer_falls_back_to_the_cpu_when_the_gpu_fails(monkeypatch, caplog):
+    from spdy_gpu.scoring import held_out_scorer
+    model = toy()
+    batches = [torch.randn(32, 8) for _ in range(2)]
+    half = {"0": SparsityOption.parse("unstructured@0.5"), "2": SparsityOption.dense()}
+    expected = HeldOutScorer(model, batches)(half)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # but no CUDA build
+    with caplog.at_level("WARNING"):
+        scorer = held_out_scorer(model, batches)
+    assert "scoring on the GPU failed" in caplog.text and "the search scores on the CPU" \
+        in caplog.text
+    assert scorer.model is model and scorer(half) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scorer_runs_its_own_copy_and_agrees_with_the_cpu():
+    from spdy_gpu.scoring import held_out_scorer
+    model = toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(32, 8) for _ in range(2)]
+    half = {"0": SparsityOption.parse("unstructured@0.5"), "2": SparsityOption.dense()}
+    on_cpu = HeldOutScorer(model, batches)
+    on_gpu = held_out_scorer(model, batches)
+    assert on_gpu.device.type == "cuda" and on_gpu.model is not model
+    assert on_gpu(half) == pytest.approx(on_cpu(half), rel=1e-4)
+    pruned = toy()
+    pruned[0].weight.data[:, ::2] = 0
+    assert on_gpu.loss_of(pruned) == pytest.approx(on_cpu.loss_of(pruned), rel=1e-4)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpdyError
-from ..layers import call_model, hooks_attached, inputs_to
+from ..layers import call_model, hooks_attached, inputs_to, model_device
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def capture_statistics(model: nn.Module, modules: Mapping[str, nn.Module],
 @contextlib.contextmanager
 def _moved(model: nn.Module, device: torch.device | None) -> Iterator[None]:
     """`model` on `device` inside the block, back where it was after (also on an error)."""
-    home = next(model.parameters(), torch.empty(0)).device
+    home = model_device(model)
     if device is None or device == home:
         yield
         return
