@@ -120,3 +120,22 @@ def test_a_model_function_that_raises_is_a_one_line_error():
     with pytest.raises(SpdyError, match="raised RuntimeError: weights file not found;") as info:
         entry.build(ModelSetting())
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("source, match", [
+    ("def f(:\n", "raised SyntaxError: invalid syntax .*; fix the module"),
+    ("x = undefined_name + 1\n", "raised NameError: name 'undefined_name' is not defined; fix"),
+])
+def test_a_module_that_fails_to_import_is_named_with_its_error(tmp_path, monkeypatch, source,
+                                                               match):
+    (tmp_path / "broken_user_module.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SpdyError, match="importing broken_user_module for --model "
+                                        f"broken_user_module:f {match}") as info:
+        load_model("broken_user_module:f")
+    assert "\n" not in str(info.value)
+
+
+def test_a_builtin_without_a_signature_is_refused_with_the_fix():
+    with pytest.raises(SpdyError, match="torch:randn has no Python signature to read"):
+        load_model("torch:randn")

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import SpdyError, user_code
+from ..errors import SpdyError, first_line, user_code
 from ..layers import example_shape
 
 log = logging.getLogger(__name__)
@@ -142,10 +142,17 @@ def _user_entry(spec: str) -> ModelEntry:
     except (ImportError, AttributeError) as e:
         raise SpdyError(f"cannot load model function {spec!r} ({e}); check that the module is "
                         "importable (on PYTHONPATH) and defines the function") from None
+    except Exception as e:  # noqa: BLE001 - the module's own code failed while importing
+        raise SpdyError(f"importing {module_name} for --model {spec} raised "
+                        f"{type(e).__name__}: {first_line(e)}; fix the module") from e
     if not callable(function):
         raise SpdyError(f"{spec} is a {type(function).__name__}, not a function; name a "
                         "function returning (model, example_input)")
-    parameters = inspect.signature(function).parameters
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        raise SpdyError(f"{spec} has no Python signature to read (a builtin?); wrap it in a "
+                        "Python function returning (model, example_input)") from None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         accepted = {"batch_size", *GENERIC_DEFAULTS}                 # **kwargs takes them all
     else:
