@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import MissingDependencyError, SpdyError, user_code
-from .layers import named_inputs, prunable_modules
+from .layers import hooks_attached, named_inputs, prunable_modules
 from .options import SparsityOption
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
 
     The example input may be a tensor, a tuple of tensors or a dict of keyword tensors; with
     `dynamic`, dim 0 (batch) of every input and dim 1 (sequence) of 2-D integer inputs are
-    dynamic axes. Raises SpdyError if a prunable module cannot be located in the graph.
+    dynamic axes. Raises SpdyError if a prunable module the forward calls cannot be located
+    in the graph (one it never calls on the example is left out, as discover_layers does).
     """
     _check_exportable(model, example)
     path = Path(path)
@@ -138,11 +139,16 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
     else:
         args, kwargs = (tuple(example) if isinstance(example, (tuple, list)) else (example,)), None
     axes = _dynamic_axes(example, names) if dynamic else None
+    modules = prunable_modules(model, exclude)
+    called: set[str] = set()            # a module the forward never calls is not in the graph
+    hooks = [m.register_forward_hook(lambda *_, name=name: called.add(name))
+             for name, m in modules.items()]
     with torch.no_grad(), _quiet_export(), user_code(
             "the ONNX export of the model (for DeepSparse)",
             f"make its forward return tensors (a tensor, or a tuple or dict of them) and use "
             f"ops ONNX opset {OPSET} has, or use --backend triton"):
-        output = model(*args, **(kwargs or {}))
+        with hooks_attached(hooks):
+            output = model(*args, **(kwargs or {}))
         outputs = output_names(output)
         if not outputs:
             raise SpdyError(f"the model's forward returned {type(output).__name__}, no tensor "
@@ -151,7 +157,8 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
                           output_names=outputs, opset_version=OPSET, dynamo=False,
                           dynamic_axes=axes, do_constant_folding=True)
     onnx = require_onnx()
-    layers = map_layers(onnx.load(str(path)), prunable_modules(model, exclude))
+    layers = map_layers(onnx.load(str(path)),
+                        {name: m for name, m in modules.items() if name in called})
     return OnnxExport(path=path, input_names=names, layers=layers)
 
 

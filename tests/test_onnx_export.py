@@ -91,6 +91,21 @@ def test_unexported_module_is_a_clear_error(tmp_path):
         map_layers(onnx.load(str(export.path)), extra)
 
 
+class WithUnusedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.unused = nn.Linear(96, 96)         # defined, never called by forward
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_layer_the_forward_never_calls_is_left_out_of_the_mapping(tmp_path):
+    export = export_onnx(WithUnusedLayer().eval(), torch.randn(2, 6), tmp_path / "m.onnx")
+    assert [layer.module for layer in export.layers] == ["fc"]
+
+
 def test_prune_onnx_writes_magnitude_masked_weights(tmp_path):
     torch.manual_seed(0)
     model = Encoder().eval()

@@ -98,3 +98,27 @@ def test_a_block_shape_no_layer_takes_is_refused_not_dropped(tmp_path, capsys):
     assert code == 2 and "no layer of this model can take blocks of 128x128; choose another " \
         "--block" in err and "Traceback" not in err
     assert not (tmp_path / "db").exists()
+
+
+class WithUnusedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.unused = nn.Linear(96, 96)         # defined, never called by forward
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def with_unused_layer(batch_size=4):
+    torch.manual_seed(0)
+    return WithUnusedLayer().eval(), torch.randn(batch_size, 16)
+
+
+def test_a_layer_the_forward_never_calls_gets_no_entries(tmp_path, caplog):
+    out = tmp_path / "db"
+    with caplog.at_level(logging.INFO):
+        assert main(["database", "--model", "tests.test_reconstruct_cli:with_unused_layer",
+                     "--out", str(out), "--levels", "2", "--quiet"]) == 0
+    assert "never called on the example input, so not pruned: unused" in caplog.text
+    assert Database.open(out).layers == ("body.0", "body.2")

@@ -14,7 +14,7 @@ from torch import nn
 from ..data import CalibrationSpec
 from ..errors import SpdyError
 from ..jsonio import check_output_dir, check_output_file
-from ..layers import prunable_modules, warn_unmatched_excludes
+from ..layers import discover_layers, prunable_modules, warn_unmatched_excludes
 from ..options import SparsityOption, blocks_left_out
 from .common import (
     add_model_args,
@@ -87,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
     spec = calibration_from_args(args)
     entry, setting = model_from_args(args)
     model, example = entry.build(setting)
-    modules = prunable_modules(model, exclude_patterns(args, entry))
-    if not modules:
-        raise SpdyError("no prunable layer left; check the --exclude patterns")
+    # the layers timings measures: called on the example input, weights not tied
+    modules = {layer.name: model.get_submodule(layer.name)
+               for layer in discover_layers(model, example, exclude_patterns(args, entry))}
     warn_unmatched_excludes(args.exclude, prunable_modules(model))
     options = options_from_args(args, "unstructured")
     if not args.options:        # a grid's family no layer can take is dropped, as timings does
