@@ -485,6 +485,12 @@ def export_profile(model: nn.Module, example: Any, profile: ProfileLike, out: Pa
         raise SpdyError("pass either a database or a weights file, not both")
     check_output_file(out)
     plan = load_plan(profile, exclude)
+    if format == "triton" and plan.pruned and not _block_layers(model, plan.pruned):
+        kinds = sorted({o.pattern for o in plan.pruned.values()})
+        raise SpdyError(f"none of the profile's {len(plan.pruned)} pruned layers runs sparse on "
+                        f"a GPU (they are {', '.join(kinds)}; the triton format runs block and "
+                        "2:4 choices on Linear and 1x1 conv layers): plan the profile with "
+                        "--backend triton, or export it with --format onnx")
     database = _open_database(database)
     check_for_model(model, model_name, plan.profile, database)
     if weights is not None:
@@ -499,8 +505,10 @@ def export_profile(model: nn.Module, example: Any, profile: ProfileLike, out: Pa
         return DeployResult(path, len(plan.pruned), sparsity)
     layout = save_block_sparse(model, plan, out)
     two_four = sum(SparsityOption.parse(x["option"]).pattern == "nm" for x in layout.values())
-    if plan.pruned and not layout:
-        log.warning("none of the %d pruned layers runs sparse on a GPU (the Triton artifact "
-                    "runs block and 2:4 options): they are stored dense with zeros; plan the "
-                    "profile with --backend triton", len(plan.pruned))
+    dense_stored = [name for name in plan.pruned if name not in layout]
+    if dense_stored:
+        log.warning("%d of the %d pruned layers run dense on a GPU (stored with their zeros; "
+                    "the Triton artifact runs block and 2:4 choices on Linear and 1x1 conv "
+                    "layers): %s", len(dense_stored), len(plan.pruned),
+                    ", ".join(dense_stored[:5]) + (", ..." if len(dense_stored) > 5 else ""))
     return DeployResult(Path(out), len(plan.pruned), sparsity, len(layout) - two_four, two_four)

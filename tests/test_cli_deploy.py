@@ -160,9 +160,20 @@ def test_export_refuses_wrong_weights_and_writes_nothing(work, capsys):
     assert list((work / "out").iterdir()) == []
 
 
-def test_export_triton_of_a_profile_nothing_of_which_runs_sparse_on_a_gpu_warns(work, caplog):
+def test_export_triton_of_a_profile_nothing_of_which_runs_sparse_on_a_gpu_is_refused(
+        work, capsys):
     profile = write_profile(work / "u.json", {"0": "unstructured@0.5", "2": "dense"})
+    out = work / "out" / "u.safetensors"
+    assert ("none of the profile's 1 pruned layers runs sparse on a GPU (they are "
+            "unstructured;" in error_line(capsys, ["export", "--model", MODEL, "--profile",
+                                                   profile, "--format", "triton", "--out",
+                                                   str(out)]))
+    assert not out.exists()
+
+
+def test_export_triton_names_the_pruned_layers_that_stay_dense(work, caplog):
+    profile = write_profile(work / "m.json", {"0": "unstructured@0.5", "2": "block16x16@0.5"})
     with caplog.at_level("WARNING"):
         assert main(["export", "--model", MODEL, "--profile", profile, "--format", "triton",
-                     "--out", str(work / "out" / "u.safetensors")]) == 0
-    assert "none of the 1 pruned layers runs sparse on a GPU" in caplog.text
+                     "--out", str(work / "out" / "m.safetensors")]) == 0
+    assert "1 of the 2 pruned layers run dense on a GPU" in caplog.text and ": 0" in caplog.text
