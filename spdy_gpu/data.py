@@ -161,10 +161,16 @@ def sample_batches(data: Any, example: Any, batch_size: int, samples: int | None
 
 
 def _count(data: Any, where: str) -> int:
+    """The number of samples in `data`: the first dimension, the same for every tensor."""
     first = _first(data)
     if not isinstance(first, torch.Tensor) or first.dim() == 0:
         raise SpdyError(f"{where}: expected a tensor (or tuple/dict of tensors) whose "
                         "first dimension is samples")
+    counts = {name: t.shape[0] for name, t in _tensors(data).items()}
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{name!r}: {count}" for name, count in counts.items())
+        raise SpdyError(f"{where}: its tensors hold different numbers of samples ({shown}); "
+                        "save every input with the same first dimension")
     return first.shape[0]
 
 

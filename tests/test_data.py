@@ -40,3 +40,12 @@ def test_split_holds_out_whole_batches_from_the_end():
     assert fit.samples == 24 and held.samples == 16 and held.description["held_out"]
     with pytest.raises(SpdyError, match="too few to hold 64 out"):
         calib.split(64)
+
+
+def test_a_file_whose_inputs_hold_different_sample_counts_is_refused(tmp_path):
+    torch.save({"inp": torch.randn(100, 5), "bias": torch.randn(97, 10)}, tmp_path / "x.pt")
+    example = {"inp": torch.randn(1, 5), "bias": torch.randn(1, 10)}
+    with pytest.raises(SpdyError, match=r"x.pt: its tensors hold different numbers of samples "
+                                        r"\('inp': 100, 'bias': 97\); save every input"):
+        CalibrationSpec(tmp_path / "x.pt", samples=100, batch_size=32).load(
+            entry(0), ModelSetting(), example)
