@@ -75,27 +75,36 @@ def get_loss(loss: str | Loss | None) -> tuple[str, Loss]:
     return loss, LOSSES[loss]
 
 
-def output_tensor(output: Any) -> torch.Tensor:
-    """The tensor a loss compares: the output itself, a model output's `logits` or
-    `last_hidden_state`, else its first tensor (tuples, dicts, dataclasses); it must be
-    floating point."""
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors a loss compares (each scored, the losses averaged): the output itself, a
+    model output's `logits` or `last_hidden_state`, else every floating tensor of at least
+    one dimension it holds (nested tuples, lists, dicts), so no head of a multi-output model
+    goes unscored; integer outputs beside them (an argmax) are left out."""
     if isinstance(output, torch.Tensor):
-        return _floating(output)
-    if isinstance(output, Mapping):
-        for key in ("logits", "last_hidden_state"):
-            if isinstance(output.get(key), torch.Tensor):
-                return _floating(output[key])
-        values = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        values = list(output)
-    else:
-        values = [getattr(output, k) for k in ("logits", "last_hidden_state")
-                  if hasattr(output, k)]
-    for value in values:
+        return [_floating(output)]
+    for key in ("logits", "last_hidden_state"):
+        value = output.get(key) if isinstance(output, Mapping) else getattr(output, key, None)
         if isinstance(value, torch.Tensor):
-            return _floating(value)
+            return [_floating(value)]
+    leaves = _tensor_leaves(output)
+    scored = ([t for t in leaves if t.is_floating_point() and t.dim() > 0]
+              or [t for t in leaves if t.is_floating_point()])
+    if scored:
+        return scored
+    if leaves:
+        return [_floating(leaves[0])]           # refused: integer outputs only
     raise SpdyError(f"the model returned {type(output).__name__}, which holds no tensor to "
                     "score; return a tensor (or a tuple/dict of them) from forward")
+
+
+def _tensor_leaves(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [leaf for value in output for leaf in _tensor_leaves(value)]
+    return []
 
 
 def _floating(output: torch.Tensor) -> torch.Tensor:

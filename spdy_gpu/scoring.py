@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import first_line, user_code
 from .layers import call_model, inputs_to, model_device
-from .losses import LOSSES, Loss, get_loss, output_tensor
+from .losses import LOSSES, Loss, get_loss, output_tensors
 from .options import SparsityOption
 from .reconstruct.stitch import WeightSource, restore_, stitch_
 
@@ -56,7 +56,8 @@ class HeldOutScorer:
         self.database = database
         self.loss_name, self.loss = get_loss(loss)
         self.dense_outputs = [self._forward(batch) for batch in self.batches]
-        self._loss(self.dense_outputs[0], self.dense_outputs[0], self.batches[0])  # usable?
+        for output in self.dense_outputs[0]:                 # can the loss compare them?
+            self._loss(output, output, self.batches[0])
 
     def __call__(self, choices: Mapping[str, SparsityOption]) -> float:
         backup = stitch_(self.model, choices, self.database)
@@ -71,8 +72,9 @@ class HeldOutScorer:
         device = model_device(model)
         losses = []
         for batch, dense in zip(self.batches, self.dense_outputs):
-            batch, dense = inputs_to(batch, device), dense.to(device)
-            losses.append(self._loss(self._forward(batch, model), dense, batch))
+            batch = inputs_to(batch, device)
+            pruned = self._forward(batch, model)
+            losses += [self._loss(p, d.to(device), batch) for p, d in zip(pruned, dense)]
         return sum(losses) / len(losses)
 
     def _loss(self, pruned: torch.Tensor, dense: torch.Tensor, batch: Any) -> float:
@@ -82,6 +84,8 @@ class HeldOutScorer:
                 "pick another --loss" if own else "fix the model's loss function"):
             return float(self.loss(pruned, dense, batch))
 
-    def _forward(self, batch: Any, model: nn.Module | None = None) -> torch.Tensor:
+    def _forward(self, batch: Any, model: nn.Module | None = None) -> list[torch.Tensor]:
+        """The outputs the loss compares (several for a multi-output model: output_tensors)."""
         with torch.inference_mode():
-            return output_tensor(call_model(model or self.model, batch)).float()
+            outputs = output_tensors(call_model(model or self.model, batch))
+            return [output.float() for output in outputs]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from spdy_gpu import SparsityOption, SpdyError
-from spdy_gpu.losses import cosine, get_loss, kl, nmse, output_tensor
+from spdy_gpu.losses import cosine, get_loss, kl, nmse, output_tensors
 from spdy_gpu.scoring import HeldOutScorer
 
 
@@ -37,13 +37,38 @@ def test_losses_behave():
         get_loss("l1")
 
 
-def test_output_tensor_finds_the_tensor():
-    t = torch.ones(2)
-    assert output_tensor(t) is t
-    assert output_tensor((t, torch.zeros(1))) is t
-    assert output_tensor({"hidden": torch.zeros(1), "logits": t}) is t
+def test_output_tensors_finds_every_head_a_loss_can_compare():
+    t, u = torch.ones(2), torch.zeros(1)
+    assert output_tensors(t) == [t]
+    assert output_tensors({"hidden": u, "logits": t})[0] is t
+    heads = output_tensors((t.argmax(), {"out": [t, {"h": u}], "n": 3}, torch.tensor(2.0)))
+    assert [h.shape for h in heads] == [t.shape, u.shape]     # not the argmax or the scalar
     with pytest.raises(SpdyError, match="holds no tensor"):
-        output_tensor("text")
+        output_tensors("text")
+    with pytest.raises(SpdyError, match="output is int64"):
+        output_tensors((t.long(), t.long()))
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head1, self.head2 = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.head1(h), self.head2(h)
+
+
+def test_every_head_of_a_multi_output_model_counts_in_the_score():
+    scorer = HeldOutScorer(TwoHeads().eval(), [torch.randn(32, 8) for _ in range(2)])
+    dense = SparsityOption.dense()
+    half = SparsityOption.parse("unstructured@0.9")
+    first = scorer({"body": dense, "head1": half, "head2": dense})
+    second = scorer({"body": dense, "head1": dense, "head2": half})
+    assert first > 0 and second > 0          # the second head was free before: loss 0
+    assert scorer({"body": dense, "head1": half, "head2": half}) == pytest.approx(
+        first + second)
 
 
 class _Outputs(nn.Module):
