@@ -451,6 +451,8 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
     prunable = set(prunable_modules(model))
     warn_unmatched_excludes(settings.exclude, prunable)
     layers = discover_layers(model, example, (*entry.exclude, *settings.exclude))
+    _refuse_a_database_of_another_model(entry, model, [layer.name for layer in layers],
+                                        settings, out)
     shapes = {layer.name: (layer.n, layer.k) for layer in layers}   # excluded: not timed
     for path in (out / "timings.json", *settings.timings):
         if not Path(path).exists():
@@ -474,6 +476,23 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
     table.save(out / "timings.json")
     note["measured"] = True
     return table
+
+
+def _refuse_a_database_of_another_model(entry: ModelEntry, model: nn.Module,
+                                        layers: Sequence[str], settings: RunSettings,
+                                        out: Path) -> None:
+    """Before anything is measured: a database the run could not use (another model, other
+    layers, shapes or weights) is refused now, not after the timing table (minutes on a
+    CPU) is measured and saved over the directory's own. --overwrite replaces the run's own
+    database later instead."""
+    from .reconstruct.database import other_model_in, other_work_error
+
+    path = settings.database or out / "database"
+    if settings.overwrite and settings.database is None:
+        return
+    other = other_model_in(path, entry.name, model, layers)
+    if other is not None:
+        raise other_work_error(path, other)
 
 
 def _mismatch(table: TimingTable, model: str, fingerprint: Any,

@@ -394,6 +394,29 @@ def test_overwrite_rebuilds_the_runs_own_database_when_the_weights_changed(tmp_p
     Database.open(tmp_path / "database").check_model(retrained()[0])
 
 
+def test_a_database_of_a_reshaped_model_is_refused_before_anything_is_measured(tmp_path):
+    def wider(setting=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
+                              nn.Linear(32, 8)).eval()
+        return model, torch.randn(4, 16)
+
+    run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    table = (tmp_path / "timings.json").read_bytes()
+    measured = []
+
+    class Counting(FakeBackend):
+        def measure_table(self, *args, **kwargs):
+            measured.append(1)
+            return super().measure_table(*args, **kwargs)
+
+    changed = ModelEntry("toy", "toy MLP, wider", build=wider, calibration=calibration)
+    with pytest.raises(SpdyError, match=r"another layers \(0: \[32, 16\] stored, \[64, 16\] "
+                                        r"now; 2: \[32, 32\] stored, \[32, 64\] now\); delete"):
+        run(changed, ModelSetting(), Counting(), settings(), tmp_path, progress=False)
+    assert not measured and (tmp_path / "timings.json").read_bytes() == table
+
+
 def test_auto_errors_are_the_prior_on_one_family_and_the_databases_on_a_mixed_grid():
     from spdy_gpu.options import SparsityOption
     from spdy_gpu.pipeline import _base_errors

@@ -347,8 +347,7 @@ def _start(out_dir: Path, header: dict[str, Any], replace_other: bool) -> _Build
             log.info("resuming the database in %s", out_dir)
             return _Build(out_dir, document)
         if not replace_other:
-            raise SpdyError(f"{out_dir} holds a database of {other}; delete it or choose "
-                            "another directory (a run's own database: pass --overwrite)")
+            raise other_work_error(out_dir, other)
         log.warning("replacing the database in %s: it was one of %s", out_dir, other)
         shutil.rmtree(out_dir / "entries", ignore_errors=True)
         manifest.unlink()
@@ -360,25 +359,56 @@ def _start(out_dir: Path, header: dict[str, Any], replace_other: bool) -> _Build
                             "entries": {}})
 
 
-def _other_work(document: Mapping[str, Any], header: Mapping[str, Any]) -> str | None:
+def other_work_error(path: Path, other: str) -> SpdyError:
+    return SpdyError(f"{path} holds a database of {other}; delete it or choose another "
+                     "directory (a run's own database: pass --overwrite)")
+
+
+def other_model_in(path: str | os.PathLike, model_name: str, model: nn.Module,
+                   layers: Sequence[str]) -> str | None:
+    """What the database in `path` was built for, where its model, layers or their shapes or
+    dense weights differ from these (None: no database there, or one that may fit): checked
+    before a run measures anything; options and calibration are checked when it is built."""
+    if not (Path(path) / MANIFEST).exists():
+        return None
+    modules = dict(model.named_modules())
+    header = {"model": model_name,
+              "layers": {name: list(modules[name].weight.shape) for name in layers},
+              "layer_sha256": layer_hashes(model, list(layers))}
+    return _other_work(_load_manifest(Path(path)), header, ("model", "layers"))
+
+
+# What a stored database and new work are compared on, most telling first; the combined
+# weight fingerprint last (layer_sha256 names the layer whose weights differ).
+_WORK_KEYS = ("model", "layers", "options", "method", "config", "calibration")
+
+
+def _other_work(document: Mapping[str, Any], header: Mapping[str, Any],
+                keys: Sequence[str] = _WORK_KEYS) -> str | None:
     """What the stored database was built for, where that differs from `header` (None: the
     same work)."""
+    for key in keys:
+        before, now = document.get(key), header[key]
+        if before != now:
+            return _difference(key, before, now)
     stored = document.get("layer_sha256", {})
     changed = next((n for n, h in header["layer_sha256"].items() if stored.get(n) != h), None)
-    if changed is not None and document.get("layers") == header["layers"]:
+    if changed is not None:
         return f"other dense weights (layer {changed} differs)"
-    for key in ("model", "fingerprint", "options", "layers", "method", "config", "calibration"):
-        before, now = document.get(key), header[key]
-        if before == now:
-            continue
-        if isinstance(before, Mapping) and isinstance(now, Mapping):
-            fields = [f"{k} {before.get(k)} -> {now.get(k)}"
-                      for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
-            return f"another {key} ({', '.join(fields)})"
-        if isinstance(before, list) and isinstance(now, list):
-            return f"other {key} ({len(before)} stored, {len(now)} now)"
-        return f"another {key} ({before!r} stored, {now!r} now)"
+    if "fingerprint" in header and document.get("fingerprint") != header["fingerprint"]:
+        return "other dense weights"
     return None
+
+
+def _difference(key: str, before: Any, now: Any) -> str:
+    if isinstance(before, Mapping) and isinstance(now, Mapping):
+        fields = [f"{k}: {before.get(k, 'absent')} stored, {now.get(k, 'absent')} now"
+                  for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+        more = f"; {len(fields) - 3} more" if len(fields) > 3 else ""
+        return f"another {key} ({'; '.join(fields[:3])}{more})"
+    if isinstance(before, list) and isinstance(now, list):
+        return f"other {key} ({len(before)} stored, {len(now)} now)"
+    return f"another {key} ({before!r} stored, {now!r} now)"
 
 
 def fitting_options(shape: Sequence[int],
