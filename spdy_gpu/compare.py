@@ -143,12 +143,25 @@ def _resume(out: Path, entry: ModelEntry, backend: LatencyBackend, setting: Mode
     if not path.exists():
         return fresh
     doc = load_json(path, COMPARE_FORMAT, COMPARE_VERSION)
-    if (doc.get("model"), doc.get("backend"), doc.get("setting"), doc.get("identity")) != (
-            entry.name, backend.name, fresh.setting, settings.identity()):
-        raise SpdyError(f"{path} holds a comparison of other settings (model "
-                        f"{doc.get('model')!r}, backend {doc.get('backend')!r}, input "
-                        f"{doc.get('setting')}); choose another --out or delete it")
+    stored = {key: doc.get(key) for key in ("model", "backend", "setting", "identity")}
+    now = {"model": entry.name, "backend": backend.name, "setting": fresh.setting,
+           "identity": settings.identity()}
+    changed = _changed_fields(stored, now)
+    if changed:
+        raise SpdyError(f"{path} holds a comparison of other settings (differs in "
+                        f"{', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); "
+                        "choose another --out or delete it")
     return CompareReport(entry.name, backend.name, fresh.setting, list(doc.get("targets", [])))
+
+
+def _changed_fields(before: Any, now: Any, name: str = "") -> list[str]:
+    """The dotted names of the fields two JSON documents differ in (identity.methods,
+    identity.run.search.max_evaluations, ...), the document itself if it is not a dict."""
+    if isinstance(before, Mapping) and isinstance(now, Mapping):
+        return [field for key in sorted(before.keys() | now.keys(), key=str)
+                for field in _changed_fields(before.get(key), now.get(key),
+                                             f"{name}.{key}" if name else str(key))]
+    return [] if before == now else [name or "the document"]
 
 
 def _compare_target(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,

@@ -149,10 +149,11 @@ def test_a_comparison_of_other_settings_is_refused(tmp_path):
     from spdy_gpu import SpdyError
     compare(QUALITY_ENTRY, ModelSetting(), FakeBackend(), compare_settings(1.4), tmp_path,
             progress=False)
-    with pytest.raises(SpdyError, match="holds a comparison of other settings"):
+    with pytest.raises(SpdyError, match=r"holds a comparison of other settings \(differs in "
+                                        r"setting.batch_size\); choose another --out"):
         compare(QUALITY_ENTRY, ModelSetting(batch_size=8), FakeBackend(),
                 compare_settings(1.4), tmp_path, progress=False)
-    with pytest.raises(SpdyError, match="holds a comparison of other settings"):
+    with pytest.raises(SpdyError, match=r"other settings \(differs in identity.methods\)"):
         compare(QUALITY_ENTRY, ModelSetting(), FakeBackend(),
                 compare_settings(1.4, methods=("uniform", "spdy")), tmp_path, progress=False)
 
