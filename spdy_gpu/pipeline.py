@@ -45,7 +45,7 @@ from .reconstruct import (
 )
 from .scoring import HeldOutScorer, held_out_scorer
 from .search import SearchConfig, SearchResult, search
-from .solve import Planner
+from .solve import Planner, check_target
 from .timing import TimingTable
 
 log = logging.getLogger(__name__)
@@ -207,13 +207,7 @@ class RunSettings:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.speedup, (int, float)) and not isinstance(self.speedup, bool)
-                and math.isfinite(self.speedup) and self.speedup > 0):
-            raise SpdyError(f"target speedup {self.speedup!r} must be a finite number > 0, "
-                            "e.g. 2.0")
-        if self.speedup < 1:
-            raise SpdyError(f"target speedup {self.speedup:g}x is below 1x: the dense model "
-                            "already meets it; ask for a speedup of at least 1")
+        check_target(self.speedup)
         if self.errors not in ("auto", "prior", "database"):
             raise SpdyError(f"--errors {self.errors!r}: use auto, prior or database")
         if self.search_samples < 1:

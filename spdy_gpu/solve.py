@@ -12,6 +12,7 @@ import fnmatch
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,19 @@ def prior_errors(options: Sequence[SparsityOption]) -> np.ndarray:
     """The reference's shared prior: (rank of the option by sparsity / (count - 1))^2, dense 0."""
     ranks = np.argsort(np.argsort([o.sparsity for o in options], kind="stable"), kind="stable")
     return (ranks / max(len(options) - 1, 1)) ** 2
+
+
+def check_target(speedup: Any) -> float:
+    """A target speedup a user may ask for: a finite number of at least 1 (below 1 the dense
+    model already meets it). The library's Planner takes any target > 0 (budget arithmetic
+    of the guarantee and the baselines)."""
+    if not (isinstance(speedup, (int, float)) and not isinstance(speedup, bool)
+            and math.isfinite(speedup) and speedup > 0):
+        raise SpdyError(f"target speedup {speedup!r} must be a finite number > 0, e.g. 2.0")
+    if speedup < 1:
+        raise SpdyError(f"target speedup {speedup:g}x is below 1x: the dense model already "
+                        "meets it; ask for a speedup of at least 1")
+    return float(speedup)
 
 
 class Planner:

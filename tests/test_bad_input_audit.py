@@ -334,3 +334,13 @@ def test_a_target_below_one_is_refused():
     from spdy_gpu.pipeline import RunSettings
     with pytest.raises(SpdyError, match="below 1x: the dense model already meets it"):
         RunSettings(speedup=0.5)
+
+
+def test_solve_refuses_a_target_below_one_as_run_does(tmp_path, capsys):
+    from spdy_gpu.cli import main
+    code = main(["solve", "--timings", "examples/minilm-deepsparse-b1.timings.json",
+                 "--speedup", "0.5", "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "target speedup 0.5x is below 1x: the dense model already meets it" \
+        in err and err.count("\n") == 1
+    assert not (tmp_path / "p.json").exists()

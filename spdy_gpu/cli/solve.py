@@ -12,7 +12,7 @@ from ..jsonio import check_output_file
 from ..layers import warn_unmatched_excludes
 from ..plots import check_plot_file
 from ..profile import Profile
-from ..solve import Planner, load_errors
+from ..solve import Planner, check_target, load_errors
 from ..timing import TimingTable
 
 
@@ -40,6 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    speedup = check_target(args.speedup)
     check_output_file(args.out)
     if args.plot:
         check_plot_file(args.plot)
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     planner = Planner(table, args.exclude, args.buckets)
     warn_unmatched_excludes(args.exclude, table.layer_names)
     errors = None if args.errors is None else load_errors(args.errors, table.options)
-    profile = planner.solve(args.speedup, errors)
+    profile = planner.solve(speedup, errors)
     profile = dataclasses.replace(profile, provenance={
         "command": shlex.join(["spdy-gpu", *sys.argv[1:]]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
