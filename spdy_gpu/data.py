@@ -87,7 +87,9 @@ class CalibrationSpec:
         """The batches, and a description of what was really loaded for the records."""
         batches, source = self._batches(entry, setting, example)
         if not batches:
-            raise SpdyError(f"{source} gave no calibration batches; pass --calib FILE")
+            fix = ("save samples along its first dimension" if self.calib
+                   else "pass --calib FILE")
+            raise SpdyError(f"{source} gave no calibration batches (no samples); {fix}")
         counts = [batch_samples(batch) for batch in batches]
         found = sum(counts)                   # what was really loaded, not what was asked
         if found < self.samples and source != "example-input":
@@ -107,8 +109,9 @@ class CalibrationSpec:
         if entry.calibration is not None:
             calib_setting = ModelSetting(self.batch_size, setting.seq_len, setting.image_size)
             return _model_batches(entry, calib_setting, self.samples), f"model:{entry.name}"
-        log.warning("no calibration data for %s: using its example input; pass --calib "
-                    "with real data for a much better database", entry.name)
+        log.warning("no calibration data for %s: using its example input (--samples %d not "
+                    "used); pass --calib with real data for a much better database",
+                    entry.name, self.samples)
         return [example], "example-input"
 
 

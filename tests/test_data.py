@@ -49,3 +49,11 @@ def test_a_file_whose_inputs_hold_different_sample_counts_is_refused(tmp_path):
                                         r"\('inp': 100, 'bias': 97\); save every input"):
         CalibrationSpec(tmp_path / "x.pt", samples=100, batch_size=32).load(
             entry(0), ModelSetting(), example)
+
+
+def test_an_empty_calibration_file_says_so_and_not_to_pass_one(tmp_path):
+    torch.save(torch.randn(0, 4), tmp_path / "x.pt")
+    with pytest.raises(SpdyError, match=r"gave no calibration batches \(no samples\); save "
+                                        "samples along its first dimension"):
+        CalibrationSpec(tmp_path / "x.pt", samples=10, batch_size=10).load(
+            entry(0), ModelSetting(), torch.randn(1, 4))
