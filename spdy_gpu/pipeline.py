@@ -222,6 +222,7 @@ class RunSettings:
         return _jsonable({
             "speedup": self.speedup, "exclude": self.exclude,
             "options": None if self.options is None else [o.name for o in self.options],
+            "grid": None if self.measure_grid is None else [o.name for o in self.measure_grid],
             "calibration": dataclasses.asdict(self.calibration),
             "search_samples": self.search_samples, "search": dataclasses.asdict(self.search),
             "errors": self.errors, "loss": self.loss, "fast": dataclasses.asdict(self.fast),
@@ -448,11 +449,16 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
     _refuse_a_database_of_another_model(entry, model, [layer.name for layer in layers],
                                         settings, out)
     shapes = {layer.name: (layer.n, layer.k) for layer in layers}   # excluded: not timed
+    options = list(settings.options or settings.measure_grid
+                   or option_grid(backend.default_pattern))
+    options = check_options_supported(backend, layers, options, grid=not settings.options)
     for path in (out / "timings.json", *settings.timings):
         if not Path(path).exists():
             continue
         table = TimingTable.load(path)
-        why = _mismatch(table, entry.name, fingerprint, shapes, prunable, settings.options)
+        # the run's own table must hold the grid asked for; a table passed in brings its own
+        wanted = options if Path(path) == out / "timings.json" else settings.options
+        why = _mismatch(table, entry.name, fingerprint, shapes, prunable, wanted)
         if why is None:
             note["reused"] = str(path)
             run_table = table.restricted_to(set(shapes))    # layers it times beyond: fixed
@@ -460,9 +466,6 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
                 run_table.save(out / "timings.json")
             return run_table
         log.warning("not reusing %s: %s", path, why)
-    options = list(settings.options or settings.measure_grid
-                   or option_grid(backend.default_pattern))
-    options = check_options_supported(backend, layers, options, grid=not settings.options)
     log.info("measuring the timing table: %d layers x %d options on %s", len(layers),
              len(options), backend.name)
     table = backend.measure_table(model, example, layers, options, model_name=entry.name,

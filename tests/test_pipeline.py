@@ -1,6 +1,7 @@
 """`run`, the whole method, on a tiny model with a fake latency backend whose end-to-end
 time follows the sparsity of the weights it is given."""
 
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -415,6 +416,20 @@ def test_a_database_of_a_reshaped_model_is_refused_before_anything_is_measured(t
                                         r"now; 2: \[32, 32\] stored, \[32, 64\] now\); delete"):
         run(changed, ModelSetting(), Counting(), settings(), tmp_path, progress=False)
     assert not measured and (tmp_path / "timings.json").read_bytes() == table
+
+
+def test_another_grid_is_refused_and_with_overwrite_measured_anew(tmp_path):
+    run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    five = settings(measure_grid=tuple(option_grid("unstructured", 5)))
+    with pytest.raises(SpdyError, match=r"differs in grid\); pass --overwrite"):
+        run(ENTRY, ModelSetting(), FakeBackend(), five, tmp_path, progress=False)
+    report = run(ENTRY, ModelSetting(), FakeBackend(), dataclasses.replace(five, overwrite=True),
+                 tmp_path, progress=False)
+    assert report.stages["timings"].get("measured") and not report.stages["timings"].get(
+        "reused")
+    assert list(TimingTable.load(tmp_path / "timings.json").options) == list(five.measure_grid)
+    from spdy_gpu.reconstruct import Database
+    assert list(Database.open(tmp_path / "database").options) == list(five.measure_grid)
 
 
 def test_auto_errors_are_the_prior_on_one_family_and_the_databases_on_a_mixed_grid():
