@@ -258,3 +258,20 @@ def test_cuda_calibration_pass_matches_the_cpu_one():
     for name in LAYERS:
         assert on_gpu[name].gram.device.type == "cpu" and on_gpu[name].rows == on_cpu[name].rows
         torch.testing.assert_close(on_gpu[name].gram, on_cpu[name].gram, rtol=1e-4, atol=1e-4)
+
+
+def test_a_build_killed_in_its_first_entry_starts_afresh(built, tmp_path, caplog):
+    path = tmp_path / "db"
+    (path / "entries" / "0").mkdir(parents=True)              # the first entry, no manifest
+    (path / "entries" / "0" / "dense.safetensors").write_bytes(b"half writ")
+    with caplog.at_level("WARNING"):
+        db = build_database(toy_model(), LAYERS, OPTIONS, batches(), path, model_name="toy",
+                            calibration={"source": "random"}, progress=False)
+    assert "killed before its first entry was recorded" in caplog.text
+    np.testing.assert_allclose(db.errors_matrix(LAYERS, OPTIONS),
+                               built.errors_matrix(LAYERS, OPTIONS), rtol=1e-6)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SpdyError, match="exists, is not empty and holds no database"):
+        build_database(toy_model(), LAYERS, OPTIONS, batches(), tmp_path / "other",
+                       model_name="toy", progress=False)

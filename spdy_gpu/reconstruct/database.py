@@ -351,9 +351,14 @@ def _start(out_dir: Path, header: dict[str, Any], replace_other: bool) -> _Build
         log.warning("replacing the database in %s: it was one of %s", out_dir, other)
         shutil.rmtree(out_dir / "entries", ignore_errors=True)
         manifest.unlink()
-    if any(p.name != LOCK_NAME for p in out_dir.iterdir()):
+    leftover = {p.name for p in out_dir.iterdir()} - {LOCK_NAME}
+    if leftover == {"entries"}:         # a build killed in its first entry, before the manifest
+        log.warning("%s holds the entries of a build killed before its first entry was "
+                    "recorded; starting it afresh", out_dir)
+        shutil.rmtree(out_dir / "entries")
+    elif leftover:
         raise SpdyError(f"{out_dir} exists, is not empty and holds no database; choose an "
-                        "empty or new --out directory")
+                        "empty or new directory, or delete it")
     # Nothing is written until the first entry: a failed capture leaves no directory.
     return _Build(out_dir, {"format": DB_FORMAT, "version": DB_VERSION, **header,
                             "entries": {}})
