@@ -55,9 +55,9 @@ REPORT_FORMAT, REPORT_VERSION = "spdy-gpu/run-report", 1
 # What `run` writes into its directory; --overwrite removes only these.
 MEASURED = ("timings.json", "database", "search-state.json")   # reused whenever they match
 PROGRESS = ("search-state.json", "profile.json", "pruned.safetensors", "report.json")
-OUTPUTS = ("run.json", "profile.json", "pruned.safetensors",
-           "model.onnx", "model.triton.safetensors", "report.json", "report.md",
-           "report.png", "timings.json.partial")
+RESULTS = ("profile.json", "pruned.safetensors", "model.onnx", "model.triton.safetensors",
+           "report.json", "report.md", "report.png")     # written by the export, report last
+OUTPUTS = ("run.json", *RESULTS, "timings.json.partial")
 
 
 # ---- gAP and verify -----------------------------------------------------------------------
@@ -713,6 +713,7 @@ def _export(backend: LatencyBackend, pruned: nn.Module, example: Any, profile: P
             out: Path) -> dict[str, str]:
     from .deploy import save_pruned
 
+    _remove(out, RESULTS)       # a killed export leaves no earlier run's files beside its own
     profile.save(out / "profile.json")
     outputs = {"profile": str(out / "profile.json"),
                "weights": str(save_pruned(pruned, out / "pruned.safetensors",

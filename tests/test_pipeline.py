@@ -432,6 +432,22 @@ def test_another_grid_is_refused_and_with_overwrite_measured_anew(tmp_path):
     assert list(Database.open(tmp_path / "database").options) == list(five.measure_grid)
 
 
+def test_an_export_killed_midway_leaves_no_earlier_runs_outputs_beside_its_own(tmp_path):
+    run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+
+    class KilledInExport(FakeBackend):
+        def export(self, model, example, profile, out_dir):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(ENTRY, ModelSetting(), KilledInExport(), settings(), tmp_path, progress=False)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert {"profile.json", "pruned.safetensors"} <= left          # this run's, written
+    assert not left & {"report.json", "report.md", "report.png"}     # no finished run here
+    run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    assert (tmp_path / "report.json").exists()
+
+
 def test_auto_errors_are_the_prior_on_one_family_and_the_databases_on_a_mixed_grid():
     from spdy_gpu.options import SparsityOption
     from spdy_gpu.pipeline import _base_errors
