@@ -47,6 +47,12 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def problem_of(error: SpdyError) -> str:
+    """A one-line error's problem without its fix (the text before its first '; '), for a
+    caller that knows a better fix."""
+    return str(error).split("; ")[0]
+
+
 def function_name(function: object) -> str:
     """module.qualname of a function, for messages."""
     return (f"{getattr(function, '__module__', '?')}."

@@ -28,7 +28,7 @@ from torch import nn
 
 from .backends import LatencyBackend, check_options_supported
 from .data import Calibration, CalibrationSpec
-from .errors import SpdyError
+from .errors import SpdyError, problem_of
 from .jsonio import load_json, save_json
 from .layers import discover_layers, prunable_modules, warn_unmatched_excludes
 from .locks import LOCK_NAME, exclusive_directory
@@ -389,7 +389,15 @@ def _claim(out: Path, model: str, fingerprint: Any, settings: RunSettings) -> No
     identity = _jsonable({"model": model, "fingerprint": dataclasses.asdict(fingerprint),
                           "settings": settings.identity()})
     if manifest.exists():
-        previous = load_json(manifest, RUN_FORMAT, RUN_VERSION).get("identity", {})
+        try:
+            previous = load_json(manifest, RUN_FORMAT, RUN_VERSION).get("identity", {})
+        except SpdyError as e:
+            if not settings.overwrite:
+                raise SpdyError(f"{problem_of(e)}; pass --overwrite to replace the run (its "
+                                "measurements are kept where they still match) or delete "
+                                "the directory") from None
+            log.warning("replacing the run in %s: its run.json is damaged", out)
+            previous = {}
         same_setting = all(previous.get(k) == identity[k] for k in ("model", "fingerprint"))
         # a run that stopped before its search (e.g. on bad input) left nothing to lose
         unfinished = not any((out / name).exists() for name in PROGRESS)
@@ -455,7 +463,13 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
     for path in (out / "timings.json", *settings.timings):
         if not Path(path).exists():
             continue
-        table = TimingTable.load(path)
+        try:
+            table = TimingTable.load(path)
+        except SpdyError as e:
+            if Path(path) != out / "timings.json":
+                raise                   # a table passed in is the user's to fix
+            log.warning("not reusing %s: it is damaged (%s)", path, e)
+            continue
         # the run's own table must hold the grid asked for; a table passed in brings its own
         wanted = options if Path(path) == out / "timings.json" else settings.options
         why = _mismatch(table, entry.name, fingerprint, shapes, prunable, wanted)

@@ -168,7 +168,7 @@ def search(planner: Planner, speedup: float, score: Score, *,
     base = planner.error_matrix(errors)                           # [layers, options]
     layers = len(planner.layers)
     key = _state_key(planner, speedup, base, config, identity)
-    state = (_resume(checkpoint, key, replace_other)
+    state = (_resume(checkpoint, key, replace_other, layers)
              or _State(rng=np.random.default_rng(config.seed)))
     option_index = {o: i for i, o in enumerate(planner.options)}
     started = time.monotonic() - state.seconds
@@ -233,24 +233,38 @@ def _state_key(planner: Planner, speedup: float, base: np.ndarray, config: Searc
 
 
 def _resume(checkpoint: str | os.PathLike | None, key: dict[str, Any],
-            replace_other: bool) -> _State | None:
+            replace_other: bool, layers: int) -> _State | None:
+    """The saved state of this search, or None (none saved; or, with `replace_other`, one of
+    another search or a damaged one, with a log line: the caller owns the file)."""
     if checkpoint is None or not Path(checkpoint).exists():
         return None
-    doc = load_json(checkpoint, STATE_FORMAT, STATE_VERSION)
-    if doc.get("key") != _normalised(key):
+    try:
+        saved_key, state = _read_state(checkpoint, layers)
+    except (SpdyError, KeyError, TypeError, ValueError) as e:
+        if replace_other:
+            log.warning("%s is damaged (%s); starting the search afresh", checkpoint, e)
+            return None
+        raise SpdyError(f"{checkpoint}: malformed search state ({e}); delete it to start "
+                        "afresh") from None
+    if saved_key != _normalised(key):
         if replace_other:
             log.info("%s holds another search; starting afresh", checkpoint)
             return None
         raise SpdyError(f"{checkpoint} holds the state of another search (other table, "
                         "target, errors, seed or data); delete it or choose another output")
-    try:
-        state = _State.from_json(doc["state"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise SpdyError(f"{checkpoint}: malformed search state ({e}); delete it to start "
-                        "afresh") from None
     log.info("resuming the search from %s: %d candidates, %d evaluations done", checkpoint,
              state.candidates, state.evaluations)
     return state
+
+
+def _read_state(checkpoint: str | os.PathLike, layers: int) -> tuple[Any, _State]:
+    """(the search's key, its state) from a state file; raises where the file is damaged."""
+    doc = load_json(checkpoint, STATE_FORMAT, STATE_VERSION)
+    state = _State.from_json(doc["state"])
+    if state.best is not None and state.best.shape != (layers,):
+        raise ValueError(f"its best vector has {state.best.size} coefficients for {layers} "
+                         "layers")
+    return doc.get("key"), state
 
 
 def _normalised(value: Any) -> Any:

@@ -499,3 +499,21 @@ def test_an_output_no_loss_can_compare_stops_the_run_before_any_timing(tmp_path)
 def test_a_speedup_that_is_not_a_number_is_one_line(speedup):
     with pytest.raises(SpdyError, match="must be a finite number > 0, e.g. 2.0"):
         settings(speedup=speedup)
+
+
+@pytest.mark.parametrize("damaged", ["timings.json", "search-state.json",
+                                     "database/manifest.json", "run.json"])
+def test_a_damaged_file_of_the_runs_own_is_rebuilt_or_names_the_fix(tmp_path, damaged, caplog):
+    first = run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    path = tmp_path / damaged
+    path.write_bytes(path.read_bytes()[:40])                          # truncated
+    if damaged in ("run.json", "database/manifest.json"):            # refused, fix named
+        with pytest.raises(SpdyError, match="pass --overwrite") as error:
+            run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+        assert "regenerate" not in str(error.value)
+    with caplog.at_level("WARNING"):
+        again = run(ENTRY, ModelSetting(), FakeBackend(),
+                    settings(overwrite=damaged in ("run.json", "database/manifest.json")),
+                    tmp_path, progress=False)
+    assert "damaged" in caplog.text or "unreadable" in caplog.text
+    assert again.measured.speedup == pytest.approx(first.measured.speedup, rel=0.05)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import SpdyError, first_line
+from ..errors import SpdyError, first_line, problem_of
 from ..jsonio import atomic_write_bytes, load_json, require, save_json
 from ..locks import LOCK_NAME, exclusive_directory, holder
 from ..masks import build_mask, unfit_reason
@@ -341,8 +341,14 @@ def _start(out_dir: Path, header: dict[str, Any], replace_other: bool) -> _Build
     database of other work is refused, or (replace_other) deleted with a warning."""
     manifest = out_dir / MANIFEST
     if manifest.exists():
-        document = _load_manifest(out_dir)
-        other = _other_work(document, header)
+        try:
+            document = _load_manifest(out_dir)
+            other = _other_work(document, header)
+        except SpdyError as e:          # unreadable: replaced like a database of other work
+            if not replace_other:
+                raise SpdyError(f"{problem_of(e)}; delete {out_dir} to rebuild it (a run's "
+                                "own database: pass --overwrite)") from None
+            other = f"an unreadable manifest ({problem_of(e)})"
         if other is None:
             log.info("resuming the database in %s", out_dir)
             return _Build(out_dir, document)
@@ -380,7 +386,11 @@ def other_model_in(path: str | os.PathLike, model_name: str, model: nn.Module,
     header = {"model": model_name,
               "layers": {name: list(modules[name].weight.shape) for name in layers},
               "layer_sha256": layer_hashes(model, list(layers))}
-    return _other_work(_load_manifest(Path(path)), header, ("model", "layers"))
+    try:
+        document = _load_manifest(Path(path))
+    except SpdyError as e:
+        return f"an unreadable manifest ({problem_of(e)})"
+    return _other_work(document, header, ("model", "layers"))
 
 
 # What a stored database and new work are compared on, most telling first; the combined
