@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -52,12 +53,13 @@ log = logging.getLogger(__name__)
 
 RUN_FORMAT, RUN_VERSION = "spdy-gpu/run", 1
 REPORT_FORMAT, REPORT_VERSION = "spdy-gpu/run-report", 1
+GUARANTEE_FORMAT, GUARANTEE_VERSION = "spdy-gpu/guarantee", 1
 # What `run` writes into its directory; --overwrite removes only these.
 MEASURED = ("timings.json", "database", "search-state.json")   # reused whenever they match
 PROGRESS = ("search-state.json", "profile.json", "pruned.safetensors", "report.json")
 RESULTS = ("profile.json", "pruned.safetensors", "model.onnx", "model.triton.safetensors",
            "report.json", "report.md", "report.png")     # written by the export, report last
-OUTPUTS = ("run.json", *RESULTS, "timings.json.partial")
+OUTPUTS = ("run.json", "guarantee.json", *RESULTS, "timings.json.partial")
 
 
 # ---- gAP and verify -----------------------------------------------------------------------
@@ -303,8 +305,14 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
     # the searched costs: each layer's base errors times its coefficient
     costs = {name: result.coefficients[name] * base[name] for name in planner.layers}
     with _stage(report, "guarantee") as note:
-        profile, pruned = _guarantee(backend, planner, database, costs, model, example,
-                                     settings, report)
+        profile, pruned = _kept_guarantee(planner, database, costs, model, settings, report,
+                                          out / "guarantee.json", note)
+        if profile is None:
+            earlier_notes = len(report.notes)
+            profile, pruned = _guarantee(backend, planner, database, costs, model, example,
+                                         settings, report)
+            _save_guarantee(planner, costs, settings, report.rounds,
+                            report.notes[earlier_notes:], out / "guarantee.json")
         note["rounds"] = len(report.rounds)
     # made with the model at hand: consumers can check the profile belongs to it
     profile = dataclasses.replace(
@@ -637,6 +645,60 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
         accepted = (profile, pruned, measured, len(report.rounds) - 1)
     profile, pruned, report.measured, kept = accepted
     report.rounds[kept]["kept"] = True
+    return profile, pruned
+
+
+def _guarantee_key(planner: Planner, costs: Mapping[str, Any],
+                   settings: RunSettings) -> str:
+    """A digest of what the guarantee's rounds depend on besides the measurements: the
+    table's times, the searched costs, the target and the rules."""
+    described = json.dumps({
+        "layers": planner.layers, "options": [o.name for o in planner.options],
+        "times": planner.times.tolist(), "fixed_ms": planner.fixed_ms,
+        "fingerprint": dataclasses.asdict(planner.table.fingerprint),
+        "costs": {name: [float(c) for c in costs[name]] for name in planner.layers},
+        "speedup": settings.speedup, "tolerance": settings.tolerance,
+        "max_rounds": settings.max_rounds}, sort_keys=True)
+    return hashlib.sha256(described.encode()).hexdigest()
+
+
+def _save_guarantee(planner: Planner, costs: Mapping[str, Any], settings: RunSettings,
+                    rounds: list[dict[str, Any]], notes: list[str], path: Path) -> None:
+    """The measured rounds and the guarantee's notes, so a rerun (after a kill in gAP or the
+    export, say) keeps the profile they chose instead of measuring again (spdy-gpu verify
+    re-measures)."""
+    if rounds:                                          # estimated tables measure nothing
+        save_json(path, GUARANTEE_FORMAT, GUARANTEE_VERSION, {
+            "key": _guarantee_key(planner, costs, settings), "rounds": rounds,
+            "notes": notes})
+
+
+def _kept_guarantee(planner: Planner, database: Database, costs: Mapping[str, Any],
+                    dense: nn.Module, settings: RunSettings, report: RunReport, path: Path,
+                    note: dict[str, Any]) -> tuple[Profile | None, nn.Module | None]:
+    """The profile and pruned model of a finished guarantee of this very search, re-solved
+    from its kept round (the DP is exact and deterministic), or (None, None)."""
+    if not path.exists():
+        return None, None
+    try:
+        doc = load_json(path, GUARANTEE_FORMAT, GUARANTEE_VERSION)
+        kept = next(r for r in doc["rounds"] if r.get("kept"))
+        measured = Measurement(**{f.name: kept[f.name]
+                                  for f in dataclasses.fields(Measurement)})
+    except (SpdyError, KeyError, TypeError, StopIteration) as e:
+        log.warning("not reusing %s: it is damaged (%s)", path, e)
+        return None, None
+    if doc.get("key") != _guarantee_key(planner, costs, settings):
+        return None, None
+    profile = dataclasses.replace(planner.solve(kept["solved_for"], costs),
+                                  target_speedup=settings.speedup)
+    pruned = copy.deepcopy(dense)
+    stitch_(pruned, profile.choices, database)
+    report.rounds, report.measured = doc["rounds"], measured
+    report.notes.extend(doc.get("notes", []))
+    note["reused"] = str(path)
+    log.info("keeping the measured guarantee of %s: %.3fx (spdy-gpu verify re-measures)",
+             path, measured.speedup)
     return profile, pruned
 
 

@@ -126,10 +126,38 @@ def test_run_writes_everything_and_meets_the_target(tmp_path):
 
 def test_a_second_run_reuses_every_stage_and_ends_the_same(tmp_path):
     first = run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
-    again = run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    backend = FakeBackend()
+    again = run(ENTRY, ModelSetting(), backend, settings(), tmp_path, progress=False)
     assert again.stages["timings"]["reused"] and again.stages["database"]["reused"]
+    assert again.stages["guarantee"]["reused"] and backend.latency_calls == 0
     assert again.profile.choices == first.profile.choices
     assert again.search["evaluations"] == first.search["evaluations"]
+    assert again.rounds == first.rounds and again.measured == first.measured
+
+
+def test_a_run_killed_in_gap_keeps_its_guarantee_and_resumes_gap(tmp_path, monkeypatch,
+                                                                caplog):
+    from spdy_gpu.pipeline import GapSettings
+    gap = settings(gap=GapSettings(lr=1e-3, epochs=3, patience=10))
+    real_step, steps = torch.optim.Adam.step, []
+
+    def step_then_die(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 5:                         # in gAP's second epoch (4 fit batches)
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(ENTRY, ModelSetting(), FakeBackend(slowdown=1.1), gap, tmp_path, progress=False)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    assert (tmp_path / "guarantee.json").exists() and (tmp_path / "gap-checkpoint.pt").exists()
+    backend = FakeBackend(slowdown=1.1)
+    with caplog.at_level("INFO"):
+        report = run(ENTRY, ModelSetting(), backend, gap, tmp_path, progress=False)
+    assert backend.latency_calls == 0 and report.stages["guarantee"]["reused"]
+    assert "gAP resumes after epoch 1 of 3" in caplog.text
+    assert not (tmp_path / "gap-checkpoint.pt").exists()
 
 
 def test_overwrite_to_add_gap_keeps_the_finished_search(tmp_path):
