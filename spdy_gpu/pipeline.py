@@ -478,8 +478,10 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
                 raise                   # a table passed in is the user's to fix
             log.warning("not reusing %s: it is damaged (%s)", path, e)
             continue
-        # the run's own table must hold the grid asked for; a table passed in brings its own
-        wanted = options if Path(path) == out / "timings.json" else settings.options
+        # a table the run measured must hold the grid asked for; one passed in with
+        # --timings (and the run's copy of it) brings its own
+        measured_here = Path(path) == out / "timings.json" and not settings.timings
+        wanted = options if measured_here else settings.options
         why = _mismatch(table, entry.name, fingerprint, shapes, prunable, wanted)
         if why is None:
             note["reused"] = str(path)

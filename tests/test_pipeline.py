@@ -545,3 +545,15 @@ def test_a_damaged_file_of_the_runs_own_is_rebuilt_or_names_the_fix(tmp_path, da
                     tmp_path, progress=False)
     assert "damaged" in caplog.text or "unreadable" in caplog.text
     assert again.measured.speedup == pytest.approx(first.measured.speedup, rel=0.05)
+
+
+def test_the_runs_copy_of_a_table_passed_in_is_reused_whatever_grid_is_asked(tmp_path):
+    shipped = tmp_path / "shipped.timings.json"
+    run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path / "first", progress=False)
+    (tmp_path / "first" / "timings.json").rename(shipped)         # 6 levels
+    eleven = settings(measure_grid=tuple(option_grid("unstructured", 11)), timings=(shipped,))
+    for _ in range(2):                                 # as make demo, twice
+        report = run(ENTRY, ModelSetting(), FakeBackend(), eleven, tmp_path / "demo",
+                     progress=False)
+        assert report.stages["timings"].get("reused") and not report.stages["timings"].get(
+            "measured")
