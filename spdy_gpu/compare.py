@@ -106,6 +106,7 @@ class CompareReport:
     backend: str
     setting: dict[str, Any]
     targets: list[dict[str, Any]] = field(default_factory=list)   # one per finished target
+    fingerprint: dict[str, Any] = field(default_factory=dict)     # where it is measured
 
     def to_json(self) -> dict[str, Any]:
         return json_ready(dataclasses.asdict(self))
@@ -139,19 +140,23 @@ def compare(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
 def _resume(out: Path, entry: ModelEntry, backend: LatencyBackend, setting: ModelSetting,
             settings: CompareSettings) -> CompareReport:
     path = out / "compare.json"
-    fresh = CompareReport(entry.name, backend.name, json_ready(dataclasses.asdict(setting)))
+    _, example = entry.build(setting)
+    fresh = CompareReport(entry.name, backend.name, json_ready(dataclasses.asdict(setting)),
+                          fingerprint=json_ready(dataclasses.asdict(
+                              backend.fingerprint(example))))
     if not path.exists():
         return fresh
     doc = load_json(path, COMPARE_FORMAT, COMPARE_VERSION)
-    stored = {key: doc.get(key) for key in ("model", "backend", "setting", "identity")}
+    keys = ("model", "backend", "setting", "fingerprint", "identity")
+    stored = {key: doc.get(key) for key in keys}
     now = {"model": entry.name, "backend": backend.name, "setting": fresh.setting,
-           "identity": settings.identity()}
+           "fingerprint": fresh.fingerprint, "identity": settings.identity()}
     changed = _changed_fields(stored, now)
     if changed:
         raise SpdyError(f"{path} holds a comparison of other settings (differs in "
                         f"{', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); "
                         "choose another --out or delete it")
-    return CompareReport(entry.name, backend.name, fresh.setting, list(doc.get("targets", [])))
+    return dataclasses.replace(fresh, targets=list(doc.get("targets", [])))
 
 
 def _changed_fields(before: Any, now: Any, name: str = "") -> list[str]:

@@ -1,6 +1,7 @@
 """`compare`: every method at SPDY's guaranteed budget, each timed against dense, resumable, with
 unreachable targets reported (a fake backend whose time follows the weights' sparsity)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -156,6 +157,14 @@ def test_a_comparison_of_other_settings_is_refused(tmp_path):
     with pytest.raises(SpdyError, match=r"other settings \(differs in identity.methods\)"):
         compare(QUALITY_ENTRY, ModelSetting(), FakeBackend(),
                 compare_settings(1.4, methods=("uniform", "spdy")), tmp_path, progress=False)
+
+    class TwoThreads(FakeBackend):          # the backend measuring elsewhere (--threads 2)
+        def fingerprint(self, example):
+            return dataclasses.replace(super().fingerprint(example), threads=2)
+
+    with pytest.raises(SpdyError, match=r"other settings \(differs in fingerprint.threads\)"):
+        compare(QUALITY_ENTRY, ModelSetting(), TwoThreads(), compare_settings(1.4), tmp_path,
+                progress=False)
 
 
 class SlowEveryOtherSession(FakeBackend):
