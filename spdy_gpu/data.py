@@ -64,10 +64,12 @@ def batch_samples(batch: Any) -> int:
 
 
 def _first(batch: Any) -> Any:
-    """The first value of a batch given as a tensor, a tuple/list or a dict."""
+    """The first value of a batch given as a tensor, a tuple/list or a dict (None: empty)."""
     if isinstance(batch, dict):
-        return next(iter(batch.values()))
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+        return next(iter(batch.values()), None)
+    if isinstance(batch, (tuple, list)):
+        return batch[0] if batch else None
+    return batch
 
 
 @dataclass(frozen=True)

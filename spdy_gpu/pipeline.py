@@ -405,7 +405,8 @@ def _claim(out: Path, model: str, fingerprint: Any, settings: RunSettings) -> No
                                 "measurements are kept where they still match) or delete "
                                 "the directory") from None
             log.warning("replacing the run in %s: its run.json is damaged", out)
-            previous = {}
+            # its measurements may be of this setting: each is checked before it is reused
+            previous = {k: identity[k] for k in ("model", "fingerprint")}
         same_setting = all(previous.get(k) == identity[k] for k in ("model", "fingerprint"))
         # a run that stopped before its search (e.g. on bad input) left nothing to lose
         unfinished = not any((out / name).exists() for name in PROGRESS)
@@ -547,12 +548,27 @@ def _database(entry: ModelEntry, model: nn.Module, planner: Planner, fit: Calibr
     from .reconstruct import build_database
 
     path = settings.database or out / "database"
-    note["reused"] = (path / "manifest.json").exists()
+    before = _stored_entries(path)
     # --overwrite replaces the run's own database when it is of other work, never a shared one
-    return build_database(model, planner.layers, planner.options, fit.batches, path, "fast",
-                          model_name=entry.name, calibration=fit.description,
-                          fast=settings.fast, progress=progress,
-                          replace_other=settings.overwrite and settings.database is None)
+    database = build_database(model, planner.layers, planner.options, fit.batches, path,
+                              "fast", model_name=entry.name, calibration=fit.description,
+                              fast=settings.fast, progress=progress,
+                              replace_other=settings.overwrite and settings.database is None)
+    after = _stored_entries(path)
+    note["reused"] = bool(before) and after == before        # nothing built now
+    note["resumed"] = bool(before) and before < after        # built on what was there
+    return database
+
+
+def _stored_entries(path: Path) -> set[tuple[str, str, str]]:
+    """(layer, option, content hash) of every entry a database's manifest records (empty
+    where there is none or it is damaged), to tell reused, resumed and rebuilt apart."""
+    try:
+        entries = json.loads((path / "manifest.json").read_text())["entries"]
+        return {(layer, option, str(entry.get("blake2b")))
+                for layer, options in entries.items() for option, entry in options.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def _search(planner: Planner, database: Database, errors: Mapping[str, Any],

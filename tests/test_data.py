@@ -57,3 +57,11 @@ def test_an_empty_calibration_file_says_so_and_not_to_pass_one(tmp_path):
                                         "samples along its first dimension"):
         CalibrationSpec(tmp_path / "x.pt", samples=10, batch_size=10).load(
             entry(0), ModelSetting(), torch.randn(1, 4))
+
+
+@pytest.mark.parametrize("empty", [[], (), {}])
+def test_an_empty_container_in_a_calibration_file_is_a_one_line_error(tmp_path, empty):
+    torch.save(empty, tmp_path / "x.pt")
+    with pytest.raises(SpdyError, match="expected a tensor .* whose first dimension is samples"):
+        CalibrationSpec(tmp_path / "x.pt", samples=10, batch_size=10).load(
+            entry(0), ModelSetting(), torch.randn(1, 4))

@@ -125,6 +125,7 @@ def test_a_model_function_that_raises_is_a_one_line_error():
 @pytest.mark.parametrize("source, match", [
     ("def f(:\n", "raised SyntaxError: invalid syntax .*; fix the module"),
     ("x = undefined_name + 1\n", "raised NameError: name 'undefined_name' is not defined; fix"),
+    ("import sys\nsys.exit(0)\n", r"exited \(status 0\); move the module's script code"),
 ])
 def test_a_module_that_fails_to_import_is_named_with_its_error(tmp_path, monkeypatch, source,
                                                                match):

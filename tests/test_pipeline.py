@@ -415,7 +415,7 @@ def test_overwrite_rebuilds_the_runs_own_database_when_the_weights_changed(tmp_p
 
     run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
     changed = ModelEntry("toy", "toy MLP, retrained", build=retrained, calibration=calibration)
-    with pytest.raises(SpdyError, match=r"other dense weights .*pass --overwrite"):
+    with pytest.raises(SpdyError, match=r"other dense weights .*run --overwrite replaces it"):
         run(changed, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
     run(changed, ModelSetting(), FakeBackend(), settings(overwrite=True), tmp_path,
         progress=False)
@@ -440,7 +440,7 @@ def test_a_database_of_a_reshaped_model_is_refused_before_anything_is_measured(t
             return super().measure_table(*args, **kwargs)
 
     changed = ModelEntry("toy", "toy MLP, wider", build=wider, calibration=calibration)
-    with pytest.raises(SpdyError, match=r"another layers \(0: \[32, 16\] stored, \[64, 16\] "
+    with pytest.raises(SpdyError, match=r"other layer shapes \(0: \[32, 16\] stored, \[64, 16\] "
                                         r"now; 2: \[32, 32\] stored, \[32, 64\] now\); delete"):
         run(changed, ModelSetting(), Counting(), settings(), tmp_path, progress=False)
     assert not measured and (tmp_path / "timings.json").read_bytes() == table
@@ -456,6 +456,7 @@ def test_another_grid_is_refused_and_with_overwrite_measured_anew(tmp_path):
     assert report.stages["timings"].get("measured") and not report.stages["timings"].get(
         "reused")
     assert list(TimingTable.load(tmp_path / "timings.json").options) == list(five.measure_grid)
+    assert not report.stages["database"]["reused"] and not report.stages["database"]["resumed"]
     from spdy_gpu.reconstruct import Database
     assert list(Database.open(tmp_path / "database").options) == list(five.measure_grid)
 
@@ -536,7 +537,7 @@ def test_a_damaged_file_of_the_runs_own_is_rebuilt_or_names_the_fix(tmp_path, da
     path = tmp_path / damaged
     path.write_bytes(path.read_bytes()[:40])                          # truncated
     if damaged in ("run.json", "database/manifest.json"):            # refused, fix named
-        with pytest.raises(SpdyError, match="pass --overwrite") as error:
+        with pytest.raises(SpdyError, match="(pass|run) --overwrite") as error:
             run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
         assert "regenerate" not in str(error.value)
     with caplog.at_level("WARNING"):
@@ -545,6 +546,8 @@ def test_a_damaged_file_of_the_runs_own_is_rebuilt_or_names_the_fix(tmp_path, da
                     tmp_path, progress=False)
     assert "damaged" in caplog.text or "unreadable" in caplog.text
     assert again.measured.speedup == pytest.approx(first.measured.speedup, rel=0.05)
+    if damaged != "timings.json":                  # the other measurements were kept
+        assert again.stages["timings"].get("reused")
 
 
 def test_the_runs_copy_of_a_table_passed_in_is_reused_whatever_grid_is_asked(tmp_path):

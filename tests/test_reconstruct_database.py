@@ -132,15 +132,15 @@ def test_other_layer_shapes_are_named_not_hashed(built, tmp_path):
     from spdy_gpu.reconstruct.database import other_model_in
     wider = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
-    expected = (r"another layers \(3: \[16, 288\] stored, \[32, 288\] now; 5: \[8, 16\] "
+    expected = (r"other layer shapes \(3: \[16, 288\] stored, \[32, 288\] now; 5: \[8, 16\] "
                 r"stored, \[8, 32\] now\)")
     with pytest.raises(SpdyError, match=expected):
         build_database(wider, LAYERS, OPTIONS, batches(), built.path, model_name="toy",
                        calibration={"source": "random"}, progress=False)
     assert other_model_in(built.path, "toy", toy_model(), LAYERS) is None
-    assert "another layers (3: [16, 288]" in other_model_in(built.path, "toy", wider, LAYERS)
+    assert "other layer shapes (3: [16, 288]" in other_model_in(built.path, "toy", wider, LAYERS)
     assert other_model_in(built.path, "toy", toy_model(), ["0", "3"]) == (
-        "another layers (5: [8, 16] stored, absent now)")
+        "other layer shapes (5: [8, 16] stored, absent now)")
     assert other_model_in(tmp_path, "toy", wider, LAYERS) is None       # no database there
 
 

@@ -118,12 +118,12 @@ def _takeable(options: list[SparsityOption], modules: Mapping[str, nn.Module]
 
     dropped = options_no_layer_takes(modules, options)
     kept = [o for o in options if o not in dropped]
-    if not dropped or not any(o.pattern != "dense" for o in kept):
-        return options
     shapes = blocks_left_out(options, dropped)
     if shapes:
         raise SpdyError(f"no layer of this model can take blocks of {shapes}; choose another "
                         "--block")
+    if not dropped or not any(o.pattern != "dense" for o in kept):
+        return options
     log.warning("no layer of this model can take %s: left out of the grid",
                 ", ".join(o.name for o in dropped))
     return kept

@@ -160,6 +160,7 @@ def summary(report: RunReport) -> str:
             for k, v in report.held_out_loss.items()))
     lines.append("time: " + ", ".join(f"{name} {stage['seconds']:.0f} s"
                                       + (" (reused)" if stage.get("reused") else "")
+                                      + (" (resumed)" if stage.get("resumed") else "")
                                       for name, stage in report.stages.items()))
     lines += [f"note: {note}" for note in report.notes]
     lines.append(f"written to {Path(report.outputs.get('report', '.')).parent}: "

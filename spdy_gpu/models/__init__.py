@@ -145,6 +145,10 @@ def _user_entry(spec: str) -> ModelEntry:
     except Exception as e:  # noqa: BLE001 - the module's own code failed while importing
         raise SpdyError(f"importing {module_name} for --model {spec} raised "
                         f"{type(e).__name__}: {first_line(e)}; fix the module") from e
+    except SystemExit as e:   # sys.exit() or argparse at import: it would end spdy-gpu
+        raise SpdyError(f"importing {module_name} for --model {spec} exited (status "
+                        f"{e.code!r}); move the module's script code (sys.exit, argument "
+                        "parsing) under `if __name__ == '__main__':`") from None
     if not callable(function):
         raise SpdyError(f"{spec} is a {type(function).__name__}, not a function; name a "
                         "function returning (model, example_input)")

@@ -347,7 +347,7 @@ def _start(out_dir: Path, header: dict[str, Any], replace_other: bool) -> _Build
         except SpdyError as e:          # unreadable: replaced like a database of other work
             if not replace_other:
                 raise SpdyError(f"{problem_of(e)}; delete {out_dir} to rebuild it (a run's "
-                                "own database: pass --overwrite)") from None
+                                "own database: spdy-gpu run --overwrite replaces it)") from None
             other = f"an unreadable manifest ({problem_of(e)})"
         if other is None:
             log.info("resuming the database in %s", out_dir)
@@ -372,7 +372,7 @@ def _start(out_dir: Path, header: dict[str, Any], replace_other: bool) -> _Build
 
 def other_work_error(path: Path, other: str) -> SpdyError:
     return SpdyError(f"{path} holds a database of {other}; delete it or choose another "
-                     "directory (a run's own database: pass --overwrite)")
+                     "directory (a run's own database: spdy-gpu run --overwrite replaces it)")
 
 
 def other_model_in(path: str | os.PathLike, model_name: str, model: nn.Module,
@@ -415,15 +415,21 @@ def _other_work(document: Mapping[str, Any], header: Mapping[str, Any],
     return None
 
 
+_WORK_NAMES = {"model": "another model", "layers": "other layer shapes",
+               "options": "other options", "method": "another method",
+               "config": "another solver configuration", "calibration": "another calibration"}
+
+
 def _difference(key: str, before: Any, now: Any) -> str:
+    name = _WORK_NAMES.get(key, f"another {key}")
     if isinstance(before, Mapping) and isinstance(now, Mapping):
         fields = [f"{k}: {before.get(k, 'absent')} stored, {now.get(k, 'absent')} now"
                   for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
         more = f"; {len(fields) - 3} more" if len(fields) > 3 else ""
-        return f"another {key} ({'; '.join(fields[:3])}{more})"
+        return f"{name} ({'; '.join(fields[:3])}{more})"
     if isinstance(before, list) and isinstance(now, list):
-        return f"other {key} ({len(before)} stored, {len(now)} now)"
-    return f"another {key} ({before!r} stored, {now!r} now)"
+        return f"{name} ({len(before)} stored, {len(now)} now)"
+    return f"{name} ({before!r} stored, {now!r} now)"
 
 
 def fitting_options(shape: Sequence[int],

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import SpdyError
+from ..errors import SpdyError, first_line
 from ..jsonio import atomic_write_bytes
 from ..layers import call_model, hooks_attached
 from .capture import token_mask
@@ -208,7 +208,8 @@ class _Checkpoint:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a damaged file is a fresh start
-            log.warning("ignoring an unreadable gAP checkpoint %s (%s)", self.path, e)
+            log.warning("ignoring an unreadable gAP checkpoint %s (%s)", self.path,
+                        first_line(e) or type(e).__name__)
             return None
         if not isinstance(state, dict) or state.get("key") != self.key:
             log.warning("ignoring the gAP checkpoint %s: it is of other work (another profile, "
