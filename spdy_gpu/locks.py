@@ -13,7 +13,10 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import socket
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +49,26 @@ def exclusive_directory(directory: str | os.PathLike, what: str = "directory") -
         if created:
             with contextlib.suppress(OSError):
                 directory.rmdir()         # only succeeds when empty
+
+
+ABANDONED_AFTER_S = 60      # a scratch lock this old and unheld: its process is gone
+
+
+@contextlib.contextmanager
+def scratch_directory(prefix: str) -> Iterator[Path]:
+    """A temporary directory, locked while in use. A SIGKILL skips the cleanup of temporary
+    directories, so the unlocked ones of `prefix` that a killed process left (its lock file
+    older than ABANDONED_AFTER_S and held by no one) are removed first."""
+    for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        lock = path / LOCK_NAME
+        with contextlib.suppress(OSError):
+            old = time.time() - lock.stat().st_mtime > ABANDONED_AFTER_S
+            if old and holder(path) is None:
+                log.info("removing %s, left by a killed process", path)
+                shutil.rmtree(path, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, \
+            exclusive_directory(tmp, "scratch directory") as held:
+        yield held
 
 
 def holder(directory: str | os.PathLike) -> str | None:

@@ -288,3 +288,25 @@ def test_a_build_killed_mid_entry_loses_only_that_entry_and_resumes_the_same(
         for option in OPTIONS:
             torch.testing.assert_close(resumed.weight(layer, option),
                                        database.weight(layer, option), rtol=0, atol=0)
+
+
+def test_scratch_directories_a_killed_process_left_are_removed_and_live_ones_kept(
+        tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from spdy_gpu.locks import LOCK_NAME, exclusive_directory, scratch_directory
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    abandoned, fresh, unlocked = (tmp_path / f"spdy-test-{name}" for name in "afu")
+    for path in (abandoned, fresh, unlocked):
+        path.mkdir()
+        (path / "model.onnx").write_bytes(b"x" * 100)
+    (abandoned / LOCK_NAME).write_text("pid 999999\nhost gone\n")     # nobody holds it
+    os.utime(abandoned / LOCK_NAME, (1, 1))
+    (fresh / LOCK_NAME).write_text("pid 1\n")       # young: its process may be locking it
+    with exclusive_directory(tmp_path / "spdy-test-held") as held:    # a live one
+        os.utime(held / LOCK_NAME, (1, 1))
+        with scratch_directory("spdy-test-") as scratch:
+            assert scratch.parent == tmp_path and (scratch / LOCK_NAME).exists()
+        assert not abandoned.exists() and not scratch.exists()
+        assert fresh.exists() and unlocked.exists() and held.exists()

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from ..errors import MissingDependencyError, SpdyError
 from ..jsonio import atomic_write_bytes
 from ..layers import LayerInfo, prunable_modules
+from ..locks import scratch_directory
 from ..onnx_export import (
     OnnxExport,
     example_arrays,
@@ -192,7 +193,7 @@ class DeepSparseBackend:
         store = _Checkpoint(checkpoint, self._checkpoint_key(fingerprint, options, layers,
                                                              model_name))
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="spdy-deepsparse-") as tmp:
+        with scratch_directory("spdy-deepsparse-") as tmp:
             export = self._export(model, example, layers, Path(tmp) / "model.onnx")
             inputs = export.inputs_numpy(example)
             self._check_compiles(export.path, inputs, batch)
@@ -330,7 +331,7 @@ class DeepSparseBackend:
             raise SpdyError("no models to time; pass at least one")
         batch, _ = example_shape(example)
         inputs = example_arrays(example, input_names_of(example))
-        with tempfile.TemporaryDirectory(prefix="spdy-deepsparse-") as tmp:
+        with scratch_directory("spdy-deepsparse-") as tmp:
             paths = {}
             for i, (name, model) in enumerate(models.items()):
                 paths[name] = Path(tmp) / f"model-{i}.onnx"
