@@ -70,14 +70,17 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
 
-def inputs_to(inputs: Any, device: torch.device | str) -> Any:
-    """A model input (tensor, tuple/list or dict of them, other values kept) on `device`."""
+def inputs_to(inputs: Any, device: torch.device | str,
+              dtype: torch.dtype | None = None) -> Any:
+    """A model input (tensor, tuple/list or dict of them, other values kept) on `device`,
+    its floating tensors cast to `dtype` when one is given."""
     if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
+        cast = dtype if dtype is not None and inputs.is_floating_point() else inputs.dtype
+        return inputs.to(device=device, dtype=cast)
     if isinstance(inputs, dict):
-        return {key: inputs_to(value, device) for key, value in inputs.items()}
+        return {key: inputs_to(value, device, dtype) for key, value in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(inputs_to(value, device) for value in inputs)
+        return type(inputs)(inputs_to(value, device, dtype) for value in inputs)
     return inputs
 
 

@@ -43,7 +43,7 @@ from ..deploy import capture_cuda_graph
 from ..errors import MissingDependencyError, SpdyError
 from ..gpu_specs import GPU_SPECS, GpuSpec
 from ..jsonio import load_json, save_json
-from ..layers import LayerInfo, call_model, hooks_attached
+from ..layers import LayerInfo, call_model, hooks_attached, inputs_to
 from ..masks import block_mask, unfit_reason
 from ..options import SparsityOption
 from ..semi_structured import SEMI_STRUCTURED, SemiStructuredLinear
@@ -457,16 +457,7 @@ class TritonBackend(TritonTables):
         return copy.deepcopy(model).to(device=self.device, dtype=self.torch_dtype).eval()
 
     def _inputs_to_device(self, example: Any) -> Any:
-        def move(t: Any) -> Any:
-            if not isinstance(t, torch.Tensor):
-                return t
-            dtype = self.torch_dtype if t.is_floating_point() else t.dtype
-            return t.to(device=self.device, dtype=dtype)
-        if isinstance(example, dict):
-            return {key: move(value) for key, value in example.items()}
-        if isinstance(example, (tuple, list)):
-            return type(example)(move(value) for value in example)
-        return move(example)
+        return inputs_to(example, self.device, self.torch_dtype)
 
     def _has_device(self) -> bool:
         return torch.cuda.is_available()
