@@ -546,29 +546,19 @@ def _database(entry: ModelEntry, model: nn.Module, planner: Planner, fit: Calibr
               settings: RunSettings, out: Path, progress: bool,
               note: dict[str, Any]) -> Database:
     from .reconstruct import build_database
+    from .reconstruct.database import stored_entries
 
     path = settings.database or out / "database"
-    before = _stored_entries(path)
+    before = stored_entries(path)
     # --overwrite replaces the run's own database when it is of other work, never a shared one
     database = build_database(model, planner.layers, planner.options, fit.batches, path,
                               "fast", model_name=entry.name, calibration=fit.description,
                               fast=settings.fast, progress=progress,
                               replace_other=settings.overwrite and settings.database is None)
-    after = _stored_entries(path)
+    after = stored_entries(path)
     note["reused"] = bool(before) and after == before        # nothing built now
     note["resumed"] = bool(before) and before < after        # built on what was there
     return database
-
-
-def _stored_entries(path: Path) -> set[tuple[str, str, str]]:
-    """(layer, option, content hash) of every entry a database's manifest records (empty
-    where there is none or it is damaged), to tell reused, resumed and rebuilt apart."""
-    try:
-        entries = json.loads((path / "manifest.json").read_text())["entries"]
-        return {(layer, option, str(entry.get("blake2b")))
-                for layer, options in entries.items() for option, entry in options.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()
 
 
 def _search(planner: Planner, database: Database, errors: Mapping[str, Any],

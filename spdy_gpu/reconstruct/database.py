@@ -393,6 +393,17 @@ def other_model_in(path: str | os.PathLike, model_name: str, model: nn.Module,
     return _other_work(document, header, ("model", "layers"))
 
 
+def stored_entries(path: str | os.PathLike) -> set[tuple[str, str, str]]:
+    """(layer, option, content hash) of every entry the database in `path` records (empty
+    where there is none or its manifest is unreadable): what a build added or replaced."""
+    try:
+        entries = _load_manifest(Path(path))["entries"]
+        return {(layer, option, str(entry.get("blake2b")))
+                for layer, options in entries.items() for option, entry in options.items()}
+    except (SpdyError, KeyError, TypeError, AttributeError):
+        return set()
+
+
 # What a stored database and new work are compared on, most telling first; the combined
 # weight fingerprint last (layer_sha256 names the layer whose weights differ).
 _WORK_KEYS = ("model", "layers", "options", "method", "config", "calibration")
