@@ -661,9 +661,7 @@ def _guarantee_key(planner: Planner, costs: Mapping[str, Any],
     """A digest of what the guarantee's rounds depend on besides the measurements: the
     table's times, the searched costs, the target and the rules."""
     described = json.dumps({
-        "layers": planner.layers, "options": [o.name for o in planner.options],
-        "times": planner.times.tolist(), "fixed_ms": planner.fixed_ms,
-        "fingerprint": dataclasses.asdict(planner.table.fingerprint),
+        **planner.identity(),
         "costs": {name: [float(c) for c in costs[name]] for name in planner.layers},
         "speedup": settings.speedup, "tolerance": settings.tolerance,
         "max_rounds": settings.max_rounds}, sort_keys=True)

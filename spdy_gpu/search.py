@@ -224,12 +224,8 @@ def _state_key(planner: Planner, speedup: float, base: np.ndarray, config: Searc
     settings = dataclasses.asdict(config)
     settings.pop("max_evaluations")
     settings.pop("max_minutes")
-    return {"model": planner.table.model, "fingerprint": dataclasses.asdict(
-                planner.table.fingerprint),
-            "layers": list(planner.layers), "options": [o.name for o in planner.options],
-            "times": planner.times.tolist(), "fixed_ms": planner.fixed_ms,
-            "speedup": speedup, "errors": base.tolist(), "config": settings,
-            "identity": dict(identity or {})}
+    return {**planner.identity(), "speedup": speedup, "errors": base.tolist(),
+            "config": settings, "identity": dict(identity or {})}
 
 
 def _resume(checkpoint: str | os.PathLike | None, key: dict[str, Any],

@@ -8,6 +8,7 @@ layer name, so they can never pair with the wrong row of a table.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import os
@@ -77,6 +78,15 @@ class Planner:
     @property
     def options(self) -> tuple[SparsityOption, ...]:
         return self.table.options
+
+    def identity(self) -> dict[str, Any]:
+        """What the DP solves on, for the keys of saved work derived from it (the search's
+        state, the guarantee's rounds): the table's model, setting, layers, options, the
+        searched layers' times and the fixed time."""
+        return {"model": self.table.model,
+                "fingerprint": dataclasses.asdict(self.table.fingerprint),
+                "layers": list(self.layers), "options": [o.name for o in self.options],
+                "times": self.times.tolist(), "fixed_ms": self.fixed_ms}
 
     @property
     def max_speedup(self) -> float:
