@@ -126,15 +126,27 @@ def test_a_model_function_that_raises_is_a_one_line_error():
     ("def f(:\n", "raised SyntaxError: invalid syntax .*; fix the module"),
     ("x = undefined_name + 1\n", "raised NameError: name 'undefined_name' is not defined; fix"),
     ("import sys\nsys.exit(0)\n", r"exited \(status 0\); move the module's script code"),
+    ("import argparse\nargparse.ArgumentParser().parse_args(['--lr'])\n",
+     r"exited \(status 2, after printing '.*error: unrecognized arguments: --lr'\); move"),
 ])
-def test_a_module_that_fails_to_import_is_named_with_its_error(tmp_path, monkeypatch, source,
-                                                               match):
+def test_a_module_that_fails_to_import_is_named_with_its_error(tmp_path, monkeypatch, capsys,
+                                                               source, match):
     (tmp_path / "broken_user_module.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(SpdyError, match="importing broken_user_module for --model "
                                         f"broken_user_module:f {match}") as info:
         load_model("broken_user_module:f")
     assert "\n" not in str(info.value)
+    assert capsys.readouterr().err == ""       # no usage block above the one-line error
+
+
+def test_what_a_module_prints_while_importing_still_reaches_stderr(tmp_path, monkeypatch,
+                                                                   capsys):
+    (tmp_path / "chatty_user_module.py").write_text(
+        "import sys\nprint('loading weights', file=sys.stderr)\ndef f():\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    load_model("chatty_user_module:f")
+    assert capsys.readouterr().err == "loading weights\n"
 
 
 def test_a_builtin_without_a_signature_is_refused_with_the_fix():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
+import io
 import logging
 import os
 import sys
@@ -142,13 +144,14 @@ def _user_entry(spec: str) -> ModelEntry:
     except (ImportError, AttributeError) as e:
         raise SpdyError(f"cannot load model function {spec!r} ({e}); check that the module is "
                         "importable (on PYTHONPATH) and defines the function") from None
+    except _ImportExited as e:   # sys.exit() or argparse at import: it would end spdy-gpu
+        said = f", after printing {e.last_line!r}" if e.last_line else ""
+        raise SpdyError(f"importing {module_name} for --model {spec} exited (status "
+                        f"{e.code!r}{said}); move the module's script code (sys.exit, "
+                        "argument parsing) under `if __name__ == '__main__':`") from None
     except Exception as e:  # noqa: BLE001 - the module's own code failed while importing
         raise SpdyError(f"importing {module_name} for --model {spec} raised "
                         f"{type(e).__name__}: {first_line(e)}; fix the module") from e
-    except SystemExit as e:   # sys.exit() or argparse at import: it would end spdy-gpu
-        raise SpdyError(f"importing {module_name} for --model {spec} exited (status "
-                        f"{e.code!r}); move the module's script code (sys.exit, argument "
-                        "parsing) under `if __name__ == '__main__':`") from None
     if not callable(function):
         raise SpdyError(f"{spec} is a {type(function).__name__}, not a function; name a "
                         "function returning (model, example_input)")
@@ -196,13 +199,32 @@ def _own_defaults(parameters: Mapping[str, inspect.Parameter],
     return defaults
 
 
+class _ImportExited(Exception):
+    """The user's module called sys.exit while importing (argparse does on unknown args)."""
+
+    def __init__(self, code: object, last_line: str):
+        super().__init__(code)
+        self.code, self.last_line = code, last_line
+
+
 def _import_user_module(name: str) -> Any:
     """Import the user's module as `python -m` would: the working directory is searched
-    too (a console script's sys.path does not hold it)."""
+    too (a console script's sys.path does not hold it). What the import prints to stderr is
+    held back and passed on, unless the module exits: then its last line goes into our
+    one-line error instead of an argparse usage block above it."""
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.append(cwd)
-    return importlib.import_module(name)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            return importlib.import_module(name)
+    except SystemExit as e:
+        lines = printed.getvalue().strip().splitlines()
+        printed = io.StringIO()
+        raise _ImportExited(e.code, lines[-1].strip() if lines else "") from None
+    finally:
+        sys.stderr.write(printed.getvalue())
 
 
 def _setting_kwargs(spec: str, setting: ModelSetting, accepted: set[str]) -> dict[str, int]:
