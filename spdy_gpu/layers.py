@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from .errors import SpdyError, user_code
+from .errors import SpdyError, first_line, user_code
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,19 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 def model_device(model: nn.Module) -> torch.device:
     """Where `model`'s parameters are (the CPU for a model without any)."""
     return next(model.parameters(), torch.empty(0)).device
+
+
+def on_gpu_else_cpu(work: Callable[[torch.device], T], what: str) -> T:
+    """work(device) on the GPU where there is one; where it fails there (memory, an op
+    without a CUDA kernel), again on the CPU, with a warning naming `what`."""
+    if torch.cuda.is_available():
+        try:
+            return work(torch.device("cuda"))
+        except Exception as e:  # noqa: BLE001 - whatever failed on the GPU: the CPU
+            log.warning("%s failed on the GPU (%s); running it on the CPU", what,
+                        first_line(e) or type(e).__name__)
+            torch.cuda.empty_cache()
+    return work(torch.device("cpu"))
 
 
 def inputs_to(inputs: Any, device: torch.device | str,

@@ -6,20 +6,17 @@ where there is a GPU the forwards run there (held_out_scorer)."""
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import first_line, user_code
-from .layers import call_model, inputs_to, model_device
+from .errors import user_code
+from .layers import call_model, inputs_to, model_device, on_gpu_else_cpu
 from .losses import LOSSES, Loss, get_loss, output_tensors
 from .options import SparsityOption
 from .reconstruct.stitch import WeightSource, restore_, stitch_
-
-log = logging.getLogger(__name__)
 
 
 def held_out_scorer(model: nn.Module, batches: Sequence[Any],
@@ -28,14 +25,11 @@ def held_out_scorer(model: nn.Module, batches: Sequence[Any],
     """A HeldOutScorer on the GPU where there is one, else where the model is; a model whose
     forward fails on the GPU (an op without a CUDA kernel, memory) is scored where it is,
     with a warning."""
-    if torch.cuda.is_available() and model_device(model).type != "cuda":
-        try:
-            return HeldOutScorer(model, batches, database, loss, device="cuda")
-        except Exception as e:  # noqa: BLE001 - whatever failed on the GPU: score on the CPU
-            log.warning("scoring on the GPU failed (%s); the search scores on the CPU",
-                        first_line(e) or type(e).__name__)
-            torch.cuda.empty_cache()
-    return HeldOutScorer(model, batches, database, loss)
+    if model_device(model).type == "cuda":
+        return HeldOutScorer(model, batches, database, loss)
+    return on_gpu_else_cpu(
+        lambda device: HeldOutScorer(model, batches, database, loss, device=device),
+        "scoring the search's candidates")
 
 
 class HeldOutScorer:

@@ -104,8 +104,8 @@ def test_a_scorer_falls_back_to_the_cpu_when_the_gpu_fails(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # but no CUDA build
     with caplog.at_level("WARNING"):
         scorer = held_out_scorer(model, batches)
-    assert "scoring on the GPU failed" in caplog.text and "the search scores on the CPU" \
-        in caplog.text
+    assert "scoring the search's candidates failed on the GPU" in caplog.text
+    assert "running it on the CPU" in caplog.text
     assert scorer.model is model and scorer(half) == expected
 
 

@@ -36,8 +36,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import SpdyError, first_line, problem_of
+from ..errors import SpdyError, problem_of
 from ..jsonio import atomic_write_bytes, load_json, require, save_json
+from ..layers import on_gpu_else_cpu
 from ..locks import LOCK_NAME, exclusive_directory, holder
 from ..masks import build_mask, unfit_reason
 from ..options import SparsityOption
@@ -557,22 +558,14 @@ def _reconstruct(build: _Build, model: nn.Module, todo: dict[str, nn.Module],
 
 def _calibration_pass(model: nn.Module, todo: dict[str, nn.Module], batches: list[Any],
                       progress: bool) -> dict[str, LayerStats]:
-    """The calibration statistics, captured where the solver runs (a GPU when there is one);
-    a pass that fails there (memory, an op without a CUDA kernel) is redone on the CPU."""
+    """The calibration statistics, captured where the solver runs (solver_device: a GPU
+    when there is one), or on the CPU where the pass fails on the GPU."""
     def capture(device: torch.device) -> dict[str, LayerStats]:
         with tqdm(total=len(batches), desc=f"calibration ({device.type})", unit="batch",
                   disable=not progress) as bar:
             return capture_statistics(model, todo, batches, bar.update, device=device)
 
-    device = solver_device()
-    if device.type == "cuda":
-        try:
-            return capture(device)
-        except Exception as e:  # noqa: BLE001 - whatever failed on the GPU: the CPU pass
-            log.warning("the calibration pass failed on %s (%s); running it on the CPU",
-                        device, first_line(e) or type(e).__name__)
-            torch.cuda.empty_cache()
-    return capture(torch.device("cpu"))
+    return on_gpu_else_cpu(capture, "the calibration pass")
 
 
 def _checked_modules(model: nn.Module, layers: Sequence[str],
