@@ -38,13 +38,19 @@ def prior_errors(options: Sequence[SparsityOption]) -> np.ndarray:
 def check_target(speedup: Any) -> float:
     """A target speedup a user may ask for: a finite number of at least 1 (below 1 the dense
     model already meets it). The library's Planner takes any target > 0 (budget arithmetic
-    of the guarantee and the baselines)."""
-    if not (isinstance(speedup, (int, float)) and not isinstance(speedup, bool)
-            and math.isfinite(speedup) and speedup > 0):
-        raise SpdyError(f"target speedup {speedup!r} must be a finite number > 0, e.g. 2.0")
+    of the guarantee and the baselines: positive_target)."""
+    speedup = positive_target(speedup)
     if speedup < 1:
         raise SpdyError(f"target speedup {speedup:g}x is below 1x: the dense model already "
                         "meets it; ask for a speedup of at least 1")
+    return speedup
+
+
+def positive_target(speedup: Any) -> float:
+    """A target speedup the DP can budget for: a finite number > 0."""
+    if not (isinstance(speedup, (int, float)) and not isinstance(speedup, bool)
+            and math.isfinite(speedup) and speedup > 0):
+        raise SpdyError(f"target speedup {speedup!r} must be a finite number > 0, e.g. 2.0")
     return float(speedup)
 
 
@@ -133,9 +139,7 @@ class Planner:
 
     def grid(self, speedup: float) -> TimeGrid:
         """The bucketed time side of the DP for a target (cached)."""
-        if not (isinstance(speedup, (int, float)) and math.isfinite(speedup) and speedup > 0):
-            raise SpdyError(f"target speedup {speedup} must be a finite number > 0, e.g. 1.5")
-        speedup = float(speedup)
+        speedup = positive_target(speedup)
         if speedup not in self._grids:
             layer_budget = self.table.dense_total_ms / speedup - self.fixed_ms
             if layer_budget <= 0:
