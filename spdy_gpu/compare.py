@@ -40,7 +40,7 @@ from torch import nn
 from .backends import Latency, LatencyBackend
 from .errors import InfeasibleTargetError, SpdyError
 from .evolution import EvolutionConfig, evolve
-from .jsonio import atomic_write_bytes, load_json, save_json
+from .jsonio import atomic_write_bytes, changed_fields, load_json, save_json
 from .locks import exclusive_directory
 from .models import ModelEntry, ModelSetting
 from .options import SparsityOption
@@ -151,22 +151,12 @@ def _resume(out: Path, entry: ModelEntry, backend: LatencyBackend, setting: Mode
     stored = {key: doc.get(key) for key in keys}
     now = {"model": entry.name, "backend": backend.name, "setting": fresh.setting,
            "fingerprint": fresh.fingerprint, "identity": settings.identity()}
-    changed = _changed_fields(stored, now)
+    changed = changed_fields(stored, now)
     if changed:
         raise SpdyError(f"{path} holds a comparison of other settings (differs in "
                         f"{', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); "
                         "choose another --out or delete it")
     return dataclasses.replace(fresh, targets=list(doc.get("targets", [])))
-
-
-def _changed_fields(before: Any, now: Any, name: str = "") -> list[str]:
-    """The dotted names of the fields two JSON documents differ in (identity.methods,
-    identity.run.search.max_evaluations, ...), the document itself if it is not a dict."""
-    if isinstance(before, Mapping) and isinstance(now, Mapping):
-        return [field for key in sorted(before.keys() | now.keys(), key=str)
-                for field in _changed_fields(before.get(key), now.get(key),
-                                             f"{name}.{key}" if name else str(key))]
-    return [] if before == now else [name or "the document"]
 
 
 def _compare_target(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,

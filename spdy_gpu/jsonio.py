@@ -8,7 +8,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -176,3 +176,13 @@ def located(path: str | os.PathLike, error: Exception) -> SpdyError:
     """`error` as a SpdyError whose message starts with the file it is about."""
     message = str(error)
     return SpdyError(message if message.startswith(str(path)) else f"{path}: {message}")
+
+
+def changed_fields(before: Any, now: Any, name: str = "") -> list[str]:
+    """The dotted names of the fields two JSON documents differ in (identity.methods,
+    identity.run.search.max_evaluations, ...), the document itself if it is not a dict."""
+    if isinstance(before, Mapping) and isinstance(now, Mapping):
+        return [field for key in sorted(before.keys() | now.keys(), key=str)
+                for field in changed_fields(before.get(key), now.get(key),
+                                             f"{name}.{key}" if name else str(key))]
+    return [] if before == now else [name or "the document"]

@@ -30,7 +30,7 @@ from torch import nn
 from .backends import LatencyBackend, check_options_supported
 from .data import Calibration, CalibrationSpec
 from .errors import SpdyError, problem_of
-from .jsonio import load_json, save_json
+from .jsonio import changed_fields, load_json, save_json
 from .layers import discover_layers, prunable_modules, warn_unmatched_excludes
 from .locks import LOCK_NAME, exclusive_directory
 from .models import ModelEntry, ModelSetting
@@ -428,9 +428,9 @@ def _claim(out: Path, model: str, fingerprint: Any, settings: RunSettings) -> No
 
 def _differences(previous: Mapping[str, Any], identity: Mapping[str, Any]) -> str:
     """The settings two run identities differ in, named as run's options are."""
-    before, now = previous.get("settings", {}), identity["settings"]
-    names = [k for k in ("model", "fingerprint") if previous.get(k) != identity[k]]
-    names += [k for k in sorted(now.keys() | before.keys()) if before.get(k) != now.get(k)]
+    names = changed_fields({k: previous.get(k) for k in ("model", "fingerprint")},
+                           {k: identity[k] for k in ("model", "fingerprint")})
+    names += changed_fields(previous.get("settings", {}), identity["settings"])
     return ", ".join(names) or "its format"
 
 
