@@ -503,10 +503,10 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
 def _refuse_a_database_of_another_model(entry: ModelEntry, model: nn.Module,
                                         layers: Sequence[str], settings: RunSettings,
                                         out: Path) -> None:
-    """Before anything is measured: a database the run could not use (another model, other
-    layers, shapes or weights) is refused now, not after the timing table (minutes on a
-    CPU) is measured and saved over the directory's own. --overwrite replaces the run's own
-    database later instead."""
+    """Before anything is measured: a database of another model, other layers or shapes is
+    refused now, not after the timing table (minutes on a CPU) is measured and saved over
+    the directory's own (other weights of the same shapes: when the database is built).
+    --overwrite replaces the run's own database later instead."""
     from .reconstruct.database import other_model_in, other_work_error
 
     path = settings.database or out / "database"

@@ -414,9 +414,11 @@ def test_overwrite_rebuilds_the_runs_own_database_when_the_weights_changed(tmp_p
         return model, example
 
     run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    table = (tmp_path / "timings.json").read_bytes()
     changed = ModelEntry("toy", "toy MLP, retrained", build=retrained, calibration=calibration)
     with pytest.raises(SpdyError, match=r"other dense weights .*run --overwrite replaces it"):
         run(changed, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    assert (tmp_path / "timings.json").read_bytes() == table    # same shapes: reused as is
     run(changed, ModelSetting(), FakeBackend(), settings(overwrite=True), tmp_path,
         progress=False)
     from spdy_gpu.reconstruct import Database

@@ -378,20 +378,21 @@ def other_work_error(path: Path, other: str) -> SpdyError:
 
 def other_model_in(path: str | os.PathLike, model_name: str, model: nn.Module,
                    layers: Sequence[str]) -> str | None:
-    """What the database in `path` was built for, where its model, layers or their shapes or
-    dense weights differ from these (None: no database there, or one that may fit): checked
-    before a run measures anything; options and calibration are checked when it is built."""
+    """What the database in `path` was built for, where its model, layers or their shapes
+    differ from these (None: no database there, or one that may fit): checked before a run
+    measures anything. The dense weights (hashed, seconds for a large model), options and
+    calibration are checked once, when the database is built; a timing table measured
+    before that refusal is of the same shapes, so a rerun reuses it."""
     if not (Path(path) / MANIFEST).exists():
         return None
     modules = dict(model.named_modules())
     header = {"model": model_name,
-              "layers": {name: list(modules[name].weight.shape) for name in layers},
-              "layer_sha256": layer_hashes(model, list(layers))}
+              "layers": {name: list(modules[name].weight.shape) for name in layers}}
     try:
         document = _load_manifest(Path(path))
     except SpdyError as e:
         return f"an unreadable manifest ({problem_of(e)})"
-    return _other_work(document, header, ("model", "layers"))
+    return _other_work(document, header, ("model", "layers"), weights=False)
 
 
 def stored_entries(path: str | os.PathLike) -> set[tuple[str, str, str]]:
@@ -411,13 +412,15 @@ _WORK_KEYS = ("model", "layers", "options", "method", "config", "calibration")
 
 
 def _other_work(document: Mapping[str, Any], header: Mapping[str, Any],
-                keys: Sequence[str] = _WORK_KEYS) -> str | None:
+                keys: Sequence[str] = _WORK_KEYS, weights: bool = True) -> str | None:
     """What the stored database was built for, where that differs from `header` (None: the
-    same work)."""
+    same work); the dense weights are compared too unless `weights` is False."""
     for key in keys:
         before, now = document.get(key), header[key]
         if before != now:
             return _difference(key, before, now)
+    if not weights:
+        return None
     stored = document.get("layer_sha256", {})
     changed = next((n for n, h in header["layer_sha256"].items() if stored.get(n) != h), None)
     if changed is not None:
