@@ -14,6 +14,7 @@ Imports `onnx` lazily: `import spdy_gpu` must not load it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -46,7 +47,9 @@ class OnnxLayer:
     W^T (MatMul of a Linear, [in, out]) rather than W as torch stores it; node/output: the
     consuming MatMul/Gemm/Conv node and its output tensor (what engines report);
     channel_scale: per-output-channel factors of a BatchNorm the exporter folded into the
-    weight (None: stored as the module holds it).
+    weight (None: stored as the module holds it); later_outputs: the outputs of further
+    nodes reading the same initialiser (a module the forward calls more than once), whose
+    time is the module's too.
     """
 
     module: str
@@ -56,6 +59,7 @@ class OnnxLayer:
     node: str
     output: str
     channel_scale: tuple[float, ...] | None = None
+    later_outputs: tuple[str, ...] = ()
 
     def unfolded(self, stored: torch.Tensor) -> torch.Tensor:
         """The module's own weight (torch layout) behind the stored initialiser: pruning
@@ -75,8 +79,9 @@ class OnnxExport:
     layers: tuple[OnnxLayer, ...]               # in graph order
 
     def module_of_output(self) -> dict[str, str]:
-        """ONNX tensor name -> torch module name, for every mapped layer's output."""
-        return {layer.output: layer.module for layer in self.layers}
+        """ONNX tensor name -> torch module name, for every output of a mapped layer."""
+        return {output: layer.module for layer in self.layers
+                for output in (layer.output, *layer.later_outputs)}
 
     def inputs_numpy(self, example: Any) -> list[np.ndarray]:
         """The example input as the list of arrays an engine takes, in graph input order."""
@@ -214,8 +219,11 @@ def map_layers(model_proto: Any, modules: Mapping[str, nn.Module]) -> tuple[Onnx
     the modules' weights (W for Gemm/Conv, W^T for MatMul). A weight the exporter folded a
     BatchNorm into is the module's weight scaled per output channel: it is matched by that
     relation and its scales are recorded. Modules with identical weights are told apart by
-    the node's scope name when it has one, else taken in module order. Returns the layers in
-    graph order; raises SpdyError naming every module it cannot locate and why.
+    the node's scope name when it has one, else taken in module order. A node left with no
+    module whose initialiser is already mapped (a module called again) adds its output to
+    that layer.
+    Returns the layers in graph order; raises SpdyError naming every module it cannot
+    locate and why.
     """
     from onnx import numpy_helper
 
@@ -254,7 +262,12 @@ def map_layers(model_proto: Any, modules: Mapping[str, nn.Module]) -> tuple[Onnx
                       and (s := folded_scale(stored, weights[name])) is not None}
             module = _pick(list(scales), node, found)
             scale = scales.get(module)
-        if module is not None:
+        again = next((layer for layer in found.values() if layer.initializer == source
+                      and layer.transposed == holds_wt), None)
+        if module is None and again is not None:        # no other module: this one again
+            found[again.module] = dataclasses.replace(
+                again, later_outputs=(*again.later_outputs, node.output[0]))
+        elif module is not None:
             found[module] = OnnxLayer(module=module, op_type=node.op_type, initializer=source,
                                       transposed=holds_wt, node=node.name,
                                       output=node.output[0], channel_scale=scale)

@@ -68,6 +68,25 @@ def test_conv_and_gemm_layers_map_to_their_modules(tmp_path):
         assert outputs[layer.output].op_type == layer.op_type
 
 
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.again, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.again(torch.relu(self.again(self.first(x)))))
+
+
+def test_a_module_called_twice_owns_both_of_its_nodes(tmp_path):
+    torch.manual_seed(0)
+    export = export_onnx(CalledTwice().eval(), torch.randn(2, 8), tmp_path / "t.onnx")
+    assert [layer.module for layer in export.layers] == ["first", "again", "head"]
+    to_module = export.module_of_output()
+    assert sorted(to_module.values()) == ["again", "again", "first", "head"]
+    gemms = [n for n in onnx.load(str(export.path)).graph.node if n.op_type == "Gemm"]
+    assert [to_module[n.output[0]] for n in gemms] == ["first", "again", "again", "head"]
+
+
 def test_matmul_layers_map_with_tied_values_and_dynamic_axes(tmp_path):
     torch.manual_seed(0)
     model = Encoder().eval()
