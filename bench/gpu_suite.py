@@ -443,6 +443,7 @@ def measure_case(case: Case, env: Env) -> dict[str, Any]:
 
 
 def measure_ours(x: torch.Tensor, packed: Any, ref: torch.Tensor, env: Env) -> dict[str, Any]:
+    from spdy_kernels import bsr_matmul
     from spdy_kernels.bsr_matmul import bsr_linear
 
     indices = packed.indices
@@ -464,25 +465,21 @@ def measure_ours(x: torch.Tensor, packed: Any, ref: torch.Tensor, env: Env) -> d
     del y, out
     result = {"ours": env.timer.measure(call), "rel_err": _finite(err),
               "rel_err_ok": err <= TOLERANCE[_dtype_name(x.dtype)], "first_call_s": first_s}
-    result["stream_k"] = use_stream_k(x.shape[0])
     if tuner is None:
         result["config"] = "interpreter (fixed tiles)"
+        result["stream_k"] = bool(bsr_matmul._use_stream_k(x.shape[0], None))
     else:
         result.update(tuned_config(x, packed, tuner, len(tuner.cache) > tuned_keys))
+        # the schedule is the tuner's choice where M <= 64
+        result["stream_k"] = bool((result["config"] or {}).get("STREAM_K"))
     return result
-
-
-def use_stream_k(m: int) -> bool:
-    from spdy_kernels import bsr_matmul
-
-    return bool(bsr_matmul._use_stream_k(m, None))
 
 
 def autotuner(m: int) -> Any:
     """The Triton autotuner the kernel's call at M rows goes through (private API)."""
     from spdy_kernels import bsr_matmul
 
-    return bsr_matmul._tuned(use_stream_k(m))
+    return bsr_matmul._tuned(*bsr_matmul._schedules(m, None))
 
 
 def tuned_config(x: torch.Tensor, packed: Any, tuner: Any, tuned_now: bool) -> dict[str, Any]:

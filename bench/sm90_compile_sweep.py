@@ -37,10 +37,10 @@ def jobs() -> list[tuple]:
     found = []
     for dtype, block, stream, tma in itertools.product(DTYPES, BLOCKS, (False, True),
                                                        (False, True)):
-        for bucket in ((16, 64) if stream else (128, 4096)):
-            kept = bsr_matmul._prune(bsr_matmul._configs(stream),
+        for bucket in ((16, 64) if stream else (16, 64, 128, 4096)):
+            kept = bsr_matmul._prune(bsr_matmul._configs(stream=stream, direct=not stream),
                                      {"x_ptr": torch.empty(1, dtype=dtype), "M_BUCKET": bucket},
-                                     BLOCK_N=block[0], BLOCK_K=block[1], STREAM_K=stream)
+                                     BLOCK_N=block[0], BLOCK_K=block[1])
             found += [(dtype, block, stream, tma, bucket, c) for c in kept]
     return found
 

@@ -25,7 +25,10 @@ go through TMA descriptors where the layout allows (Hopper, X with unit column s
 
 On CUDA the launch configuration is autotuned per (M bucket, N, K, block, density bucket,
 dtype) and kept for the process (a pre-hook sets the TMA boxes per configuration, which
-keeps the choice off Triton's disk cache: each process tunes once per bucket). On a CPU
+keeps the choice off Triton's disk cache: each process tunes once per bucket). For M <= 64
+the schedule is part of the configuration: stream-K competes with direct launches of one
+token tile (a program per block-row, no atomics), which may win where few blocks are left
+and stream-K's per-row bookkeeping dominates (not yet measured on a GPU). On a CPU
 the same kernel runs under Triton's interpreter with one fixed configuration (correctness
 only, slow). bf16 `tl.dot` is wrong in the
 interpreter (triton 3.9): there bf16 operands are upcast to fp32. The kernel calls only
@@ -82,7 +85,8 @@ def _bsr_linear_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,       # the weight's block shape
     BLOCK_T: tl.constexpr, GROUP_T: tl.constexpr,       # tuned (stream-K: BLOCK_T >= M)
     WAVES: tl.constexpr,            # tuned, read by the launch grid only: stream-K programs per SM
-    STREAM_K: tl.constexpr, USE_TMA: tl.constexpr,
+    STREAM_K: tl.constexpr,         # tuned for M <= 64 (else direct), or forced by the caller
+    USE_TMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     EVEN_K: tl.constexpr,           # K % BLOCK_K == 0: no column mask on X
     UPCAST: tl.constexpr,           # interpreter only: run the dot in fp32
@@ -209,8 +213,10 @@ _KERNEL = triton.jit(_bsr_linear_kernel)
 
 # direct: BLOCK_T -> (num_warps, num_stages) candidates; stream-K tiles are fixed by M.
 # Stages 4-5 keep 3-4 tiles in flight (Triton allocates stages - 1 buffers); 3 where the
-# tiles are large.
+# tiles are large. BLOCK_T 0 stands for one tile of M's bucket (set by _prune): stream-K's
+# always, and the direct schedule's for M <= 64 (_DIRECT_ONE_TILE).
 _DIRECT = {64: [(4, 4), (4, 5)], 128: [(4, 3), (4, 4), (8, 4)], 256: [(8, 3), (8, 4)]}
+_DIRECT_ONE_TILE = [(4, 4), (4, 5)]
 _STREAM = [(4, 4), (4, 5), (8, 4)]
 # Stream-K programs per SM. On an H200 (gpu-suite 2026-11-26) 4, the largest offered, won
 # 13 of the 17 tuned stream-K cases, the large weights faster at each step from 1 to 2 to 4
@@ -221,28 +227,50 @@ _TUNE_KEY = ["M_BUCKET", "N", "K", "BLOCK_N", "BLOCK_K", "DENSITY_BUCKET"]  # + 
 _ACC_PER_THREAD = 128       # fp32 accumulators per thread at most (a 128 x 256 tile on 8 warps)
 
 
-def _configs(stream_k: bool) -> list[triton.Config]:
-    if stream_k:
-        return [triton.Config({"BLOCK_T": 0, "GROUP_T": 1, "WAVES": waves}, num_warps=w,
-                              num_stages=s, pre_hook=_set_boxes)
-                for w, s in _STREAM for waves in _WAVES]
-    return [triton.Config({"BLOCK_T": bt, "GROUP_T": 8, "WAVES": 1}, num_warps=w, num_stages=s,
-                          pre_hook=_set_boxes)
-            for bt, options in _DIRECT.items() for w, s in options]
+def _configs(stream: bool, direct: bool) -> list[triton.Config]:
+    """The launch configurations of the schedules asked for (STREAM_K is a config value)."""
+    def config(stream_k: bool, block_t: int, group_t: int, waves: int, warps: int,
+               stages: int) -> triton.Config:
+        return triton.Config({"BLOCK_T": block_t, "GROUP_T": group_t, "WAVES": waves,
+                              "STREAM_K": stream_k}, num_warps=warps, num_stages=stages,
+                             pre_hook=_set_boxes)
+
+    configs = []
+    if stream:
+        configs += [config(True, 0, 1, waves, w, s) for w, s in _STREAM for waves in _WAVES]
+    if direct:
+        configs += [config(False, bt, 8, 1, w, s) for bt, options in _DIRECT.items()
+                    for w, s in options]
+        configs += [config(False, 0, 8, 1, w, s) for w, s in _DIRECT_ONE_TILE]
+    return configs
+
+
+def _schedules(m: int, stream_k: int | None) -> tuple[bool, bool]:
+    """(stream-K, direct): the schedules a CUDA call at M rows may be tuned over."""
+    if stream_k is None:
+        return m <= SMALL_M, True
+    return stream_k > 0, stream_k == 0
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Stream-K: the token tile is M's bucket. Direct: tiles no taller than the M bucket whose
-    accumulators fit in registers and whose pipeline fits in shared memory; where none fits,
-    the smallest tile with as many stages as fit."""
+    """Stream-K: the token tile is M's bucket. Direct: one tile of M's bucket where M <= 64,
+    and tiles no taller than the M bucket; of these, those whose accumulators fit in
+    registers and whose pipeline fits in shared memory; where none fits, the smallest tile
+    with as many stages as fit."""
     args = {**named_args, **kwargs}
     bucket, bn, bk = args["M_BUCKET"], args["BLOCK_N"], args["BLOCK_K"]
     item = args["x_ptr"].element_size()
     budget = _smem_bytes(args["x_ptr"].device)
-    if args["STREAM_K"]:
-        configs = [triton.Config({**c.kwargs, "BLOCK_T": bucket}, num_warps=c.num_warps,
-                                 num_stages=c.num_stages, pre_hook=c.pre_hook) for c in configs]
-    suited = [c for c in configs if (args["STREAM_K"] or c.kwargs["BLOCK_T"] <= max(bucket, 64))
+    one_tile = {}                       # the bucket's tile in place of 0, duplicates dropped
+    for c in configs:
+        if c.kwargs["BLOCK_T"] or c.kwargs["STREAM_K"] or bucket <= SMALL_M:
+            c = triton.Config({**c.kwargs, "BLOCK_T": c.kwargs["BLOCK_T"] or bucket},
+                              num_warps=c.num_warps, num_stages=c.num_stages,
+                              pre_hook=c.pre_hook)
+            one_tile.setdefault((*sorted(c.kwargs.items()), c.num_warps, c.num_stages), c)
+    configs = list(one_tile.values())
+    suited = [c for c in configs
+              if (c.kwargs["STREAM_K"] or c.kwargs["BLOCK_T"] <= max(bucket, 64))
               and bn * c.kwargs["BLOCK_T"] <= _ACC_PER_THREAD * 32 * c.num_warps] or configs
 
     def smem(c: triton.Config, stages: int) -> int:
@@ -276,9 +304,10 @@ def _bench(fn, quantiles):
 
 
 @functools.cache
-def _tuned(stream_k: bool) -> triton.runtime.Autotuner:
+def _tuned(stream: bool, direct: bool) -> triton.runtime.Autotuner:
+    """The autotuner over the configurations of these schedules (_schedules)."""
     # The workspace needs no reset between tuning runs: every run leaves it zeroed.
-    return triton.autotune(configs=_configs(stream_k), key=_TUNE_KEY,
+    return triton.autotune(configs=_configs(stream, direct), key=_TUNE_KEY,
                            prune_configs_by={"early_config_prune": _prune},
                            do_bench=_bench, cache_results=True)(_KERNEL)
 
@@ -381,10 +410,11 @@ def compile_for(config: triton.Config, dtype: torch.dtype, block: tuple[int, int
               "x_desc": f"tensordesc<{name}[{config.kwargs['BLOCK_T']}, {bk}]>" if tma
               else "*" + name,
               "w_desc": f"tensordesc<{name}[{bn}, {bk}]>" if tma else "*" + name}
-    constants = dict(BLOCK_N=bn, BLOCK_K=bk, STREAM_K=stream_k, USE_TMA=tma, HAS_BIAS=True,
-                     ACTIVATION="gelu", EVEN_K=True, UPCAST=False,
-                     INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                     stride_xk=1, stride_yn=1, **config.kwargs)
+    constants = {**config.kwargs, **dict(
+        BLOCK_N=bn, BLOCK_K=bk, STREAM_K=stream_k, USE_TMA=tma, HAS_BIAS=True,
+        ACTIVATION="gelu", EVEN_K=True, UPCAST=False,
+        INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", stride_xk=1,
+        stride_yn=1)}
     kernel = JITFunction(_bsr_linear_kernel)
     names = kernel.arg_names
     signature, attrs = {}, {}
@@ -473,7 +503,8 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor
         return y.reshape(*x.shape[:-1], n)
     indices = indices or layout_indices(crow_indices)
     interpret = x.device.type != "cuda" or interpret_requested()
-    use_stream = _use_stream_k(m, stream_k)
+    stream_ok, direct_ok = _schedules(m, stream_k)
+    use_stream = _use_stream_k(m, stream_k)     # the interpreter's and a fixed block_t's
     bn, bk = int(values.shape[1]), int(values.shape[2])
     n_rows, nnz = crow_indices.numel() - 1, int(values.shape[0])
     n_empty = int(indices.empty_rows.numel())
@@ -482,7 +513,7 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor
         values, cols, block_rows = values.new_zeros(1, bn, bk), crow_indices, crow_indices
     if n_empty == 0:
         empty = crow_indices
-    ws, counts = _workspace(x.device, n_rows * bn, n_rows) if use_stream else (y, crow_indices)
+    ws, counts = _workspace(x.device, n_rows * bn, n_rows) if stream_ok else (y, crow_indices)
     if allow_tf32 is None:
         allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     # "ieee" keeps fp32 exact; 16-bit operands ignore the setting (Triton's default is "tf32").
@@ -501,27 +532,28 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor
             m, n, k, n_rows, nnz, n_empty, _m_bucket(m),
             _density_bucket(nnz, n_rows, -(-k // bk)),
             x2.stride(0), x2.stride(1), y.stride(0), y.stride(1))
-    meta = dict(BLOCK_N=bn, BLOCK_K=bk, STREAM_K=use_stream, USE_TMA=use_tma,
+    meta = dict(BLOCK_N=bn, BLOCK_K=bk, USE_TMA=use_tma,
                 HAS_BIAS=bias is not None, ACTIVATION=activation, EVEN_K=k % bk == 0,
                 UPCAST=interpret and x.dtype == torch.bfloat16, INPUT_PRECISION=precision)
 
     def grid(cfg: dict) -> tuple[int]:
-        if use_stream:
+        if cfg["STREAM_K"]:
             return (_stream_programs(nnz, x.device, stream_k, cfg["WAVES"]),)
         return (n_rows * triton.cdiv(m, cfg["BLOCK_T"]),)
 
     tile = _m_bucket(m) if use_stream else block_t
     if interpret:
-        fixed = dict(BLOCK_T=tile or min(64, _m_bucket(m)), GROUP_T=4, WAVES=2)
+        fixed = dict(BLOCK_T=tile or min(64, _m_bucket(m)), GROUP_T=4, WAVES=2,
+                     STREAM_K=use_stream)
         _set_boxes({**dict(zip(_KERNEL.arg_names, args)), **meta, **fixed})
         _interpreted()[grid](*args, **meta, **fixed)
     elif block_t is not None:
-        fixed = dict(BLOCK_T=block_t, GROUP_T=8, WAVES=2)
+        fixed = dict(BLOCK_T=block_t, GROUP_T=8, WAVES=2, STREAM_K=False)
         _set_boxes({**dict(zip(_KERNEL.arg_names, args)), **meta, **fixed})
         _KERNEL[grid](*args, **meta, **fixed, num_warps=8 if bn * block_t > 8192 else 4,
                       num_stages=3 if bn * block_t > 8192 else 4)
     else:
-        _tuned(use_stream)[grid](*args, **meta)
+        _tuned(stream_ok, direct_ok)[grid](*args, **meta)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -250,24 +250,41 @@ def test_an_interpreter_that_cannot_run_the_kernel_is_named_with_the_fix(monkeyp
 
 
 def test_launch_configurations_fit_the_shape_bucket():
-    direct, stream = bsr_matmul._configs(False), bsr_matmul._configs(True)
+    direct = bsr_matmul._configs(stream=False, direct=True)
+    stream = bsr_matmul._configs(stream=True, direct=False)
     x16, x32 = torch.empty(1, dtype=F16), torch.empty(1, dtype=F32)
 
     def tiles(configs, bucket, block, x, stream_k=False):
         kept = bsr_matmul._prune(configs, {"x_ptr": x, "M_BUCKET": bucket},
-                                 BLOCK_N=block, BLOCK_K=block, STREAM_K=stream_k)
-        return sorted({c.kwargs["BLOCK_T"] for c in kept})
+                                 BLOCK_N=block, BLOCK_K=block)
+        return sorted({c.kwargs["BLOCK_T"] for c in kept if c.kwargs["STREAM_K"] == stream_k})
 
     assert tiles(stream, 16, 64, x16, True) == [16]               # stream-K: the M bucket
     assert tiles(stream, 64, 128, x16, True) == [64]
+    assert tiles(direct, 16, 64, x16) == [16, 64]                 # one tile of M, or 64
     assert tiles(direct, 128, 64, x16) == [64, 128]
     assert tiles(direct, 4096, 64, x16) == [64, 128, 256]
     assert tiles(direct, 4096, 128, x16) == [64, 128]   # 256: 2 x 96 KiB > 160 KiB nominal
     # fp32 128x128 blocks: only what fits the (CPU-nominal, 160 KiB) shared memory
     kept = bsr_matmul._prune(direct, {"x_ptr": x32, "M_BUCKET": 4096}, BLOCK_N=128,
-                             BLOCK_K=128, STREAM_K=False)
+                             BLOCK_K=128)
     assert kept and all(bsr_matmul._shared_bytes(128, 128, c.kwargs["BLOCK_T"], 4, c.num_stages)
                         <= 160 * 1024 for c in kept)
+    # at M = 64 the one-tile direct configs are the 64-tile ones: tuned once, not twice
+    kept = bsr_matmul._prune(direct, {"x_ptr": x16, "M_BUCKET": 64}, BLOCK_N=64, BLOCK_K=64)
+    assert len(kept) == len({(str(c.kwargs), c.num_warps, c.num_stages) for c in kept})
+
+
+def test_small_m_tunes_both_schedules_and_a_forced_one_only_itself():
+    assert bsr_matmul._schedules(bsr_matmul.SMALL_M, None) == (True, True)
+    assert bsr_matmul._schedules(bsr_matmul.SMALL_M + 1, None) == (False, True)
+    assert bsr_matmul._schedules(1, 0) == (False, True)
+    assert bsr_matmul._schedules(1, 3) == (True, False)
+    kept = bsr_matmul._prune(bsr_matmul._configs(*bsr_matmul._schedules(1, None)),
+                             {"x_ptr": torch.empty(1, dtype=F16), "M_BUCKET": 16},
+                             BLOCK_N=64, BLOCK_K=64)
+    assert {c.kwargs["STREAM_K"] for c in kept} == {True, False}
+    assert {c.kwargs["BLOCK_T"] for c in kept if c.kwargs["STREAM_K"]} == {16}
     assert [bsr_matmul._m_bucket(m) for m in (1, 17, 64, 65, 10**6)] == [16, 32, 64, 128, 4096]
     assert all(bsr_matmul._m_bucket(m) == max(16, min(triton.next_power_of_2(m), 4096))
                for m in range(1, 5000))
