@@ -142,20 +142,32 @@ def example_shape(example: Any) -> tuple[int, str]:
     return int(tensors[0][1].shape[0]), shape
 
 
-def prunable_modules(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
+def exclude_patterns(exclude: str | Iterable[str]) -> tuple[str, ...]:
+    """Exclude patterns (shell-style, e.g. 'conv1' or '*.classifier') as a tuple; one
+    string is one pattern, not a sequence of one-character patterns."""
+    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    bad = next((p for p in patterns if not isinstance(p, str)), None)
+    if bad is not None:
+        raise SpdyError(f"exclude patterns must be strings such as 'classifier' or '*.fc2', "
+                        f"got a {type(bad).__name__}")
+    return patterns
+
+
+def prunable_modules(model: nn.Module, exclude: str | Iterable[str] = ()
+                     ) -> dict[str, nn.Module]:
     """Name -> module for every Linear and Conv2d whose name matches no `exclude` pattern
     (shell-style patterns such as 'conv1' or '*.classifier')."""
-    patterns = list(exclude)
+    patterns = exclude_patterns(exclude)
     return {name: module for name, module in model.named_modules()
             if isinstance(module, (nn.Linear, nn.Conv2d))
             and not any(fnmatch.fnmatchcase(name, p) for p in patterns)}
 
 
-def warn_unmatched_excludes(patterns: Iterable[str], layers: Iterable[str]) -> None:
+def warn_unmatched_excludes(patterns: str | Iterable[str], layers: Iterable[str]) -> None:
     """Warn about each exclude pattern that matches none of `layers` (the model's prunable
     layer names): most likely a typo, which would leave the layer it meant prunable."""
     names = list(layers)
-    for pattern in patterns:
+    for pattern in exclude_patterns(patterns):
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             log.warning("--exclude %r matches no prunable layer (they are named like %s); "
@@ -163,7 +175,7 @@ def warn_unmatched_excludes(patterns: Iterable[str], layers: Iterable[str]) -> N
 
 
 def discover_layers(model: nn.Module, example_inputs: Any = None,
-                    exclude: Iterable[str] = ()) -> list[LayerInfo]:
+                    exclude: str | Iterable[str] = ()) -> list[LayerInfo]:
     """Every prunable layer of `model` in execution order where `example_inputs` is given
     (module order otherwise), with the GEMM rows each sees for that input. Left out, with a
     log line: layers whose weight is tied to another module's (pruning one would prune

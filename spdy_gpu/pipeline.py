@@ -31,7 +31,7 @@ from .backends import LatencyBackend, check_options_supported
 from .data import Calibration, CalibrationSpec
 from .errors import SpdyError, problem_of
 from .jsonio import changed_fields, load_json, save_json
-from .layers import discover_layers, prunable_modules, warn_unmatched_excludes
+from .layers import discover_layers, exclude_patterns, prunable_modules, warn_unmatched_excludes
 from .locks import LOCK_NAME, exclusive_directory
 from .models import ModelEntry, ModelSetting
 from .options import SparsityOption, option_grid
@@ -210,6 +210,7 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         check_target(self.speedup)
+        object.__setattr__(self, "exclude", exclude_patterns(self.exclude))
         if self.errors not in ("auto", "prior", "database"):
             raise SpdyError(f"--errors {self.errors!r}: use auto, prior or database")
         if self.search_samples < 1:

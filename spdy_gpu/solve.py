@@ -20,6 +20,7 @@ import numpy as np
 from .dp import Frontier, TimeGrid
 from .errors import InfeasibleTargetError, SpdyError
 from .jsonio import load_json, require, save_json
+from .layers import exclude_patterns
 from .options import SparsityOption
 from .profile import Profile
 from .timing import TimingTable
@@ -62,7 +63,9 @@ class Planner:
     time grid of each target is built once and reused for every error set.
     """
 
-    def __init__(self, table: TimingTable, exclude: Sequence[str] = (), buckets: int = 10_000):
+    def __init__(self, table: TimingTable, exclude: str | Sequence[str] = (),
+                 buckets: int = 10_000):
+        exclude = exclude_patterns(exclude)
         # A TimingTable always has layers and a positive dense total (TimingTable.validate).
         excluded = [name for name in table.layer_names
                     if any(fnmatch.fnmatchcase(name, p) for p in exclude)]

@@ -88,3 +88,15 @@ def test_a_forward_that_calls_no_layer_is_an_error():
 
     with pytest.raises(SpdyError, match="calls none of its Linear or Conv2d"):
         discover_layers(Bypass(), torch.randn(2, 4))
+
+
+def test_one_exclude_string_is_one_pattern_not_its_characters():
+    from spdy_gpu.layers import exclude_patterns, prunable_modules
+    assert exclude_patterns("fc2") == ("fc2",)
+    assert exclude_patterns(["a", "*.b"]) == ("a", "*.b")
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert list(prunable_modules(model, "2")) == ["0"]
+    with pytest.raises(SpdyError, match="exclude patterns must be strings"):
+        exclude_patterns(["a", 2])
+    from spdy_gpu.pipeline import RunSettings        # sg.prune(..., exclude="fc2")
+    assert RunSettings(speedup=2.0, exclude="fc2").exclude == ("fc2",)

@@ -160,3 +160,7 @@ def test_all_dense_at_1x_when_the_layers_and_fixed_time_add_up_to_the_dense_time
     assert profile.predicted_ms <= profile.budget_ms
     assert [o.name for o in profile.choices.values()] != [o.name for o in toy_table.options[:1]
                                                            * 2 + toy_table.options[1:2]]
+
+
+def test_a_planner_takes_one_exclude_string_as_one_pattern(toy_table):
+    assert Planner(toy_table, exclude="layer0").excluded == ("layer0",)
