@@ -269,7 +269,7 @@ def export_onnx_pruned(model: nn.Module, example: Any, path: PathLike, *,
     path = check_output_file(path)
     with replacing(path) as tmp:
         try:
-            export_onnx(model.eval(), example, tmp, exclude=exclude)
+            export_onnx(model, example, tmp, exclude=exclude)
         except SpdyError:
             raise
         except (RuntimeError, TypeError, ValueError) as e:     # the exporter's own failures

@@ -54,16 +54,34 @@ class LayerInfo:
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Run `model` on an input given as a tensor, a tuple of tensors or a dict. A model that
-    fails on its input is a bad input (wrong shape, dtype or keys), reported in one line."""
+    """Run `model` in eval mode (evaluating) on an input given as a tensor, a tuple of
+    tensors or a dict (passed as keywords). A model that fails on its input is a bad input
+    (wrong shape, dtype or keys), reported in one line."""
     with user_code("the model failed on its input: its forward",
                    "check that the example or calibration input (--calib) has the shape, "
-                   f"dtype and keys the model takes (got {_describe(inputs)})"):
+                   f"dtype and keys the model takes (got {_describe(inputs)})"), \
+            evaluating(model):
         if isinstance(inputs, dict):
             return model(**inputs)
         if isinstance(inputs, (tuple, list)):
             return model(*inputs)
         return model(inputs)
+
+
+@contextmanager
+def evaluating(model: Any) -> Iterator[None]:
+    """`model` in eval mode for a with-block, as it is deployed (BatchNorm uses its running
+    statistics and leaves them alone, dropout is off); the modules that were training are
+    put back in training mode after. Anything but a Module (a compiled function) is run
+    as it is."""
+    training = [m for m in model.modules() if m.training] if isinstance(model, nn.Module) else []
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import MissingDependencyError, SpdyError, user_code
-from .layers import hooks_attached, named_inputs, prunable_modules
+from .layers import evaluating, hooks_attached, named_inputs, prunable_modules
 from .options import SparsityOption
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
     called: set[str] = set()            # a module the forward never calls is not in the graph
     hooks = [m.register_forward_hook(lambda *_, name=name: called.add(name))
              for name, m in modules.items()]
-    with torch.no_grad(), _quiet_export(), user_code(
+    with torch.no_grad(), evaluating(model), _quiet_export(), user_code(
             "the ONNX export of the model (for DeepSparse)",
             f"make its forward return tensors (a tensor, or a tuple or dict of them) and use "
             f"ops ONNX opset {OPSET} has, or use --backend triton"):

@@ -92,11 +92,29 @@ def test_a_forward_that_calls_no_layer_is_an_error():
 
 def test_one_exclude_string_is_one_pattern_not_its_characters():
     from spdy_gpu.layers import exclude_patterns, prunable_modules
+    from spdy_gpu.pipeline import RunSettings
     assert exclude_patterns("fc2") == ("fc2",)
     assert exclude_patterns(["a", "*.b"]) == ("a", "*.b")
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     assert list(prunable_modules(model, "2")) == ["0"]
     with pytest.raises(SpdyError, match="exclude patterns must be strings"):
         exclude_patterns(["a", 2])
-    from spdy_gpu.pipeline import RunSettings        # sg.prune(..., exclude="fc2")
     assert RunSettings(speedup=2.0, exclude="fc2").exclude == ("fc2",)
+
+
+def test_forwards_run_in_eval_mode_and_leave_a_training_model_as_it_was(tmp_path):
+    import copy
+
+    from spdy_gpu.deploy import export_onnx_pruned
+    from spdy_gpu.layers import call_model
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.5),
+                          nn.Conv2d(8, 4, 1)).train()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 9, 9)
+    discover_layers(model, x)
+    assert torch.equal(call_model(model, x), call_model(model, x))      # dropout off
+    assert torch.equal(call_model(model, x), copy.deepcopy(model).eval()(x))
+    pytest.importorskip("onnx")
+    export_onnx_pruned(model, x, tmp_path / "m.onnx")
+    assert all(m.training for m in model.modules())                     # as it was given
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
