@@ -94,6 +94,21 @@ def test_gap_lowers_the_loss_and_keeps_masks(db, only_pruned):
     assert all(p.requires_grad for p in model.parameters())           # flags restored
 
 
+def test_gap_leaves_frozen_parameters_alone(db):
+    model, dense, masks = _gap_job(db)
+    model[0].requires_grad_(False)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    trained = model[2].weight.detach().clone()
+    report = global_adaprune_(model, dense, masks, batches(), lr=1e-3, epochs=3)
+    assert report.steps > 0 and not model[2].weight.equal(trained)
+    assert all(torch.equal(p, q) for p, q in zip(model[0].parameters(), frozen))
+    assert [p.requires_grad for p in model.parameters()] == [False, False, True, True, True,
+                                                             True]
+    model.requires_grad_(False)
+    with pytest.raises(SpdyError, match="gAP has no parameter to train"):
+        global_adaprune_(model, dense, masks, batches(), epochs=1)
+
+
 def test_gap_accepts_precomputed_targets(db):
     model, dense = toy_model(), toy_model()
     choices = {"2": OPTIONS[-2]}

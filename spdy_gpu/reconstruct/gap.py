@@ -97,8 +97,12 @@ def global_adaprune_(model: nn.Module, dense_model_or_targets: nn.Module | Targe
         raise SpdyError("gAP needs calibration batches and at least one pruned layer")
     pruned = {n: modules[n] for n in masks}
     targets = _target_source(dense_model_or_targets, pruned)
-    params = ([m.weight for m in pruned.values()] if only_pruned
-              else [p for p in model.parameters() if p.is_floating_point()])
+    # What the caller froze (requires_grad=False) stays as it is.
+    params = [p for p in ([m.weight for m in pruned.values()] if only_pruned
+                          else model.parameters()) if p.is_floating_point() and p.requires_grad]
+    if not params:
+        raise SpdyError("gAP has no parameter to train: every one it would train is frozen "
+                        "(requires_grad=False); unfreeze the pruned layers' weights")
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
