@@ -331,7 +331,8 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
                       path: PathLike) -> nn.Module:
     """The model of a save_block_sparse artifact: its recorded Linears swapped for
     BlockSparseLinear, then the state dict loaded. Pass the dense model (freshly built, same
-    architecture) or a function building it; a given model is converted in place."""
+    architecture) or a function building it; a given model is converted in place and keeps
+    its mode, one built here comes back in eval mode, ready to run."""
     from .sparse_linear import BlockSparseConv1x1, BlockSparseLinear, is_pointwise
 
     state, meta = _read_safetensors(path)
@@ -340,6 +341,8 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
     if not isinstance(model, nn.Module) and callable(model):
         with user_code("the model function given to load_block_sparse", "fix it"):
             model = model()
+        if isinstance(model, nn.Module):
+            model.eval()
     _check_target(model, path)
     modules = dict(model.named_modules())
     for name, entry in layout.items():

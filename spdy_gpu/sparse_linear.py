@@ -377,6 +377,11 @@ def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOptio
     for name, spec in choices.items():
         option = SparsityOption.parse(spec) if isinstance(spec, str) else spec
         if isinstance(option, SparsityOption):
+            if option.pattern not in ("dense", "block") and option != SEMI_STRUCTURED:
+                raise SpdyError(f"layer {name}: {option.name} has no sparse GPU kernel (its "
+                                "blocks would all be kept: a dense layer, slower); choose a "
+                                "block option such as 'block32x32@0.7' or 'nm2:4', or deploy "
+                                "unstructured profiles on DeepSparse")
             if option.pattern != "dense":
                 targets[name] = {"option": option, "block": block}
         else:

@@ -207,7 +207,8 @@ def test_block_sparse_artifact_matches_the_masked_dense_model(tmp_path, kernel_p
     assert layout == {"0": {"option": "block16x16@0.5", "block": [16, 16], "shape": [64, 32]}}
     assert type(model[0]) is nn.Linear and torch.equal(model[2].weight, mlp()[2].weight), \
         "the given model is not changed"
-    loaded = load_block_sparse(mlp, tmp_path / "m.safetensors")
+    loaded = load_block_sparse(lambda: mlp().train(), tmp_path / "m.safetensors")
+    assert not loaded.training                          # built here: ready to run
     assert isinstance(loaded[0], BlockSparseLinear) and loaded[0].density == 0.5
     assert type(loaded[2]) is nn.Linear and torch.equal(loaded[2].weight, masked[2].weight)
     x = torch.randn(7, 32)
