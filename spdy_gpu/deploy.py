@@ -169,7 +169,8 @@ def _check_pruned(model: nn.Module, plan: Plan, source: PathLike) -> None:
         outside = int((weight[~build_mask(weight, option)] != 0).sum())
         if outside:
             raise SpdyError(f"layer {name}: {source} has {outside} nonzero weights outside the "
-                            f"{option} pattern; pass the weights pruned to this profile")
+                            f"{option} pattern; pass the weights pruned to this profile "
+                            "(prune_)")
 
 
 # ---- pruned weights (safetensors) -----------------------------------------------------------
@@ -177,13 +178,32 @@ def _check_pruned(model: nn.Module, plan: Plan, source: PathLike) -> None:
 def save_pruned(model: nn.Module, path: PathLike, *, profile: ProfileLike | Plan | None = None,
                 metadata: Mapping[str, Any] | None = None) -> Path:
     """Write the model's state dict (tied tensors stored once) to `path`, atomically.
-    The profile's path, model and choices go into the file's metadata, with `metadata`."""
+    The profile's path, model and choices go into the file's metadata, with `metadata`;
+    the model must be pruned to it (prune_) and hold no block-sparse layer (sparsify_-ed:
+    that is save_block_sparse's artifact)."""
     from safetensors.torch import save_model
 
+    from .sparse_linear import BlockSparseConv1x1, BlockSparseLinear
+
+    # (a 2:4 SemiStructuredLinear keeps an nn.Linear's state: the masked weight)
+    converted = next((name for name, m in model.named_modules()
+                      if isinstance(m, (BlockSparseLinear, BlockSparseConv1x1))), None)
+    if converted is not None:
+        raise SpdyError(f"layer {converted} was converted by sparsify_, and save_pruned writes "
+                        "dense tensors with zeros; save before sparsify_, or write the "
+                        "deployment artifact with save_block_sparse")
     path = check_output_file(path)
     meta = {"format": PRUNED_FORMAT, "version": ARTIFACT_VERSION}
     if profile is not None:
-        meta |= load_plan(profile).metadata()
+        plan = load_plan(profile)
+        modules = dict(model.named_modules())
+        absent = next((n for n in plan.choices
+                       if getattr(modules.get(n), "weight", None) is None), None)
+        if absent is not None:
+            raise SpdyError(f"layer {absent} is not a weighted layer of this model: the "
+                            "profile belongs to another model; pass this model's profile")
+        _check_pruned(model, plan, "the model")
+        meta |= plan.metadata()
     meta |= {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in
              (metadata or {}).items()}
     with replacing(path) as tmp:

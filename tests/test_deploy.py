@@ -20,7 +20,7 @@ from spdy_gpu.errors import SpdyError
 from spdy_gpu.options import SparsityOption
 from spdy_gpu.profile import Profile
 from spdy_gpu.reconstruct import build_database
-from spdy_gpu.sparse_linear import BlockSparseLinear
+from spdy_gpu.sparse_linear import BlockSparseLinear, sparsify_
 from tests.conftest import fingerprint
 
 CHOICES = {"0": "block16x16@0.5", "2": "unstructured@0.75", "4": "dense"}
@@ -92,6 +92,22 @@ def test_prune_refuses_another_models_database_or_a_missing_option(database):
         prune_(mlp(seed=1), profile(), database)
     with pytest.raises(SpdyError, match="no entries for options"):
         prune_(mlp(), {"2": "unstructured@0.5"}, database)
+
+
+def test_save_pruned_refuses_another_models_profile_unpruned_or_converted_weights(tmp_path):
+    out = tmp_path / "w.safetensors"
+    with pytest.raises(SpdyError, match="layer encoder.0 is not a weighted layer of this "
+                                        "model"):
+        save_pruned(mlp(), out, profile={"encoder.0": "unstructured@0.5"})
+    with pytest.raises(SpdyError, match="layer 0: the model has .* nonzero weights outside "
+                                        r"the block16x16@0.5 pattern; .*\(prune_\)"):
+        save_pruned(mlp(), out, profile=profile())
+    model = mlp()
+    prune_(model, CHOICES)
+    sparsify_(model)
+    with pytest.raises(SpdyError, match="layer 0 was converted by sparsify_"):
+        save_pruned(model, out, profile=profile())
+    assert not out.exists()
 
 
 def test_pruned_weights_round_trip_with_profile_metadata(tmp_path, monkeypatch):
