@@ -360,6 +360,15 @@ def prune(model: nn.Module, example: Any, *, speedup: float,
     from .data import sample_batches
     from .deploy import load_pruned
 
+    if not isinstance(model, nn.Module):
+        raise SpdyError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    fields = [f.name for f in dataclasses.fields(RunSettings)
+              if f.name not in ("speedup", "calibration")]    # prune's own arguments
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise SpdyError(f"prune() has no setting {', '.join(map(repr, unknown))}; it takes "
+                        f"speedup, backend, calibration, out_dir, name, loss and the "
+                        f"RunSettings fields {', '.join(fields)}")
     if not isinstance(backend, str) and not callable(getattr(backend, "measure_table", None)):
         raise SpdyError(f"backend must be a backend name (e.g. 'deepsparse') or a "
                         f"LatencyBackend, not {type(backend).__name__}")

@@ -341,6 +341,17 @@ def test_prune_takes_one_tensor_of_samples_and_returns_an_eval_model(tmp_path):
               out_dir=tmp_path / "b")
     with pytest.raises(SpdyError, match="backend must be a backend name .* not NoneType"):
         prune(model, example, speedup=1.6, backend=None, out_dir=tmp_path / "c")
+    with pytest.raises(SpdyError, match="prune\\(\\) has no setting 'speeed'; it takes .*"
+                                        "max_rounds"):
+        prune(model, example, speedup=1.6, speeed=3, out_dir=tmp_path / "d")
+    with pytest.raises(SpdyError, match="model must be a torch.nn.Module, not function"):
+        prune(lambda x: x, example, speedup=1.6, out_dir=tmp_path / "e")
+    from spdy_gpu import get_backend
+    with pytest.raises(SpdyError, match="backend 'deepsparse' has no setting 'thread'; its "
+                                        "settings: threads, repeats"):
+        get_backend("deepsparse", thread=2)
+    with pytest.raises(SpdyError, match="backend 'triton' has no setting 'repeat'; .*repeats"):
+        get_backend("triton", estimate="h100-sxm", repeat=2)
 
 
 def test_run_mixes_block_sizes_and_two_four_in_one_profile(tmp_path):

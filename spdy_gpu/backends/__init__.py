@@ -10,6 +10,7 @@ class declares its command-line options (`cli_options`) and its natural option f
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -139,7 +140,23 @@ def get_backend(name: str, **config: Any) -> LatencyBackend:
     """Instantiate the backend called `name` with its keyword configuration. A class with
     variants (triton: measured or estimated) picks one in its classmethod `create`."""
     cls = backend_class(name)
-    return getattr(cls, "create", cls)(**config)
+    factory = getattr(cls, "create", cls)
+    takes = _settings_of(factory, cls)
+    unknown = sorted(set(config) - set(takes))
+    if unknown:
+        raise SpdyError(f"backend {name!r} has no setting {', '.join(map(repr, unknown))}; "
+                        f"its settings: {', '.join(takes)}")
+    return factory(**config)
+
+
+def _settings_of(factory: Callable[..., Any], cls: type) -> list[str]:
+    """The keywords `factory` takes; a factory passing **kwargs on takes the class's too."""
+    parameters = inspect.signature(factory).parameters
+    named = [p.name for p in parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if factory is not cls and any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        named += [n for n in _settings_of(cls, cls) if n not in named]
+    return named
 
 
 def check_options_supported(backend: LatencyBackend, layers: Sequence[LayerInfo],
