@@ -157,6 +157,12 @@ def _validated_errors(errors: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if not np.isfinite(errors).all():
         raise SpdyError("errors contain NaN or inf; give every option a finite error "
                         "(mark an option a layer cannot take with an inf time instead)")
+    with np.errstate(over="ignore"):
+        overflows = not np.isfinite(np.abs(errors).max(axis=1).sum())
+    if overflows:
+        # Sums of huge errors would overflow to inf and tie every choice: one common scale
+        # changes no comparison the DP makes.
+        errors = errors / np.abs(errors).max()
     return errors
 
 

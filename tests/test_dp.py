@@ -106,3 +106,12 @@ def test_bad_input_is_refused_in_one_line(errors, times, budget, buckets, messag
     with pytest.raises(SpdyError, match=message) as info:
         solve_dp(errors, times, budget, buckets)
     assert "\n" not in str(info.value)
+
+
+def test_errors_whose_sums_overflow_are_solved_as_their_scaled_copy():
+    times = np.array([[4.0, 2.0, 1.0]] * 3)          # 7 ms: two layers at least must shrink
+    errors = np.array([[0.0, 0.9, 1.0], [0.0, 0.8, 1.0], [0.0, 0.7, 0.95]])
+    expected = solve_dp(errors, times, 7.0)
+    huge = solve_dp(errors * 1e308, times, 7.0)       # any two of them sum to inf
+    assert huge.tolist() == expected.tolist()
+    assert times[np.arange(3), huge].sum() <= 7.0
