@@ -133,9 +133,24 @@ class Measurement:
     pruned_spread_ms: float
     slow_engines: int = 0           # engines left out as settled in a slow state
 
+    def __post_init__(self) -> None:
+        times = (self.dense_ms, self.pruned_ms)
+        spreads = (self.dense_spread_ms, self.pruned_spread_ms)
+        if not (all(_finite_number(t) and t > 0 for t in times)
+                and all(_finite_number(s) and s >= 0 for s in spreads)
+                and isinstance(self.slow_engines, int) and self.slow_engines >= 0):
+            raise SpdyError(f"a measurement needs finite times > 0 and spreads >= 0, got "
+                            f"{times} ms (spreads {spreads}, {self.slow_engines!r} slow "
+                            "engines)")
+
     @property
     def speedup(self) -> float:
         return self.dense_ms / self.pruned_ms
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
 
 
 def measure_speedup(backend: LatencyBackend, dense: nn.Module, pruned: nn.Module,
@@ -628,6 +643,7 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
         met = measured.speedup >= target * (1 - settings.tolerance)
         slow = dense_off_table(measured.dense_ms, planner.table.dense_total_ms)
         report.rounds.append({"round": round_, "solved_for": solve_for,
+                              "choices_sha256": _choices_digest(profile.choices),
                               "predicted_speedup": profile.predicted_speedup,
                               **dataclasses.asdict(measured),
                               "measured_speedup": measured.speedup, "met": met,
@@ -666,6 +682,12 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
     return profile, pruned
 
 
+def _choices_digest(choices: Mapping[str, SparsityOption]) -> str:
+    """A digest of a profile's choices: what a measured round measured."""
+    named = json.dumps({name: option.name for name, option in choices.items()}, sort_keys=True)
+    return hashlib.sha256(named.encode()).hexdigest()
+
+
 def _guarantee_key(planner: Planner, costs: Mapping[str, Any],
                    settings: RunSettings) -> str:
     """A digest of what the guarantee's rounds depend on besides the measurements: the
@@ -698,24 +720,47 @@ def _kept_guarantee(planner: Planner, database: Database, costs: Mapping[str, An
         return None, None
     try:
         doc = load_json(path, GUARANTEE_FORMAT, GUARANTEE_VERSION)
-        kept = next(r for r in doc["rounds"] if r.get("kept"))
+        rounds = _checked_rounds(doc["rounds"])
+        kept = next(r for r in rounds if r.get("kept"))
         measured = Measurement(**{f.name: kept[f.name]
                                   for f in dataclasses.fields(Measurement)})
-    except (SpdyError, KeyError, TypeError, StopIteration) as e:
+    except (SpdyError, KeyError, TypeError, AttributeError, StopIteration) as e:
         log.warning("not reusing %s: it is damaged (%s)", path, e)
         return None, None
     if doc.get("key") != _guarantee_key(planner, costs, settings):
         return None, None
     profile = dataclasses.replace(planner.solve(kept["solved_for"], costs),
                                   target_speedup=settings.speedup)
+    if _choices_digest(profile.choices) != kept.get("choices_sha256"):
+        log.warning("not reusing %s: its kept round measured another profile than the one "
+                    "it re-solves to (edited?); measuring again", path)
+        return None, None
     pruned = copy.deepcopy(dense)
     stitch_(pruned, profile.choices, database)
-    report.rounds, report.measured = doc["rounds"], measured
+    report.rounds, report.measured = rounds, measured
     report.notes.extend(doc.get("notes", []))
     note["reused"] = str(path)
     log.info("keeping the measured guarantee of %s: %.3fx (spdy-gpu verify re-measures)",
              path, measured.speedup)
     return profile, pruned
+
+
+def _checked_rounds(rounds: Any) -> list[dict[str, Any]]:
+    """A guarantee.json's rounds, refused (SpdyError) where a number the report prints is
+    not a finite number > 0 or a measured speedup is not its dense / pruned time."""
+    if not isinstance(rounds, list) or not rounds:
+        raise SpdyError("it holds no rounds")
+    for r in rounds:
+        for key in ("solved_for", "predicted_speedup", "measured_speedup", "dense_ms",
+                    "pruned_ms"):
+            if not (_finite_number(r.get(key)) and r[key] > 0):
+                raise SpdyError(f"round {r.get('round')!r}: {key} {r.get(key)!r} is not a "
+                                "finite number > 0")
+        if not math.isclose(r["measured_speedup"], r["dense_ms"] / r["pruned_ms"],
+                            rel_tol=1e-9):
+            raise SpdyError(f"round {r.get('round')!r}: measured_speedup is not dense_ms / "
+                            "pruned_ms")
+    return rounds
 
 
 OVERSHOOT = 0.05        # measured above target by more than this: the budget is loosened

@@ -135,6 +135,27 @@ def test_a_second_run_reuses_every_stage_and_ends_the_same(tmp_path):
     assert again.rounds == first.rounds and again.measured == first.measured
 
 
+@pytest.mark.parametrize("edit", [
+    lambda kept: kept.update(solved_for=kept["solved_for"] * 1.5),    # another profile
+    lambda kept: kept.update(dense_ms=0),
+    lambda kept: kept.update(measured_speedup="x"),
+    lambda kept: kept.update(measured_speedup=kept["measured_speedup"] * 2),
+])
+def test_an_edited_guarantee_is_measured_again_not_reported(tmp_path, edit, caplog):
+    first = run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    path = tmp_path / "guarantee.json"
+    doc = json.loads(path.read_text())
+    edit(next(r for r in doc["rounds"] if r.get("kept")))
+    path.write_text(json.dumps(doc))
+    backend = FakeBackend()
+    with caplog.at_level("WARNING"):
+        again = run(ENTRY, ModelSetting(), backend, settings(), tmp_path, progress=False)
+    assert "not reusing" in caplog.text and backend.latency_calls > 0
+    assert "reused" not in again.stages["guarantee"]
+    assert again.profile.choices == first.profile.choices
+    assert again.measured == first.measured
+
+
 def test_a_run_killed_in_gap_keeps_its_guarantee_and_resumes_gap(tmp_path, monkeypatch,
                                                                 caplog):
     from spdy_gpu.pipeline import GapSettings
