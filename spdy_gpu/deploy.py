@@ -38,6 +38,7 @@ from torch import nn
 
 from .errors import SpdyError, first_line, user_code
 from .jsonio import check_output_file, replacing
+from .layers import require_prunable
 from .options import SparsityOption
 from .profile import Profile, check_for_model
 from .semi_structured import SEMI_STRUCTURED, SemiStructuredLinear
@@ -196,12 +197,7 @@ def save_pruned(model: nn.Module, path: PathLike, *, profile: ProfileLike | Plan
     meta = {"format": PRUNED_FORMAT, "version": ARTIFACT_VERSION}
     if profile is not None:
         plan = load_plan(profile)
-        modules = dict(model.named_modules())
-        absent = next((n for n in plan.choices
-                       if getattr(modules.get(n), "weight", None) is None), None)
-        if absent is not None:
-            raise SpdyError(f"layer {absent} is not a weighted layer of this model: the "
-                            "profile belongs to another model; pass this model's profile")
+        require_prunable(model, plan.choices)
         _check_pruned(model, plan, "the model")
         meta |= plan.metadata()
     meta |= {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in

@@ -181,6 +181,20 @@ def prunable_modules(model: nn.Module, exclude: str | Iterable[str] = ()
             and not any(fnmatch.fnmatchcase(name, p) for p in patterns)}
 
 
+def require_prunable(model: nn.Module, names: Iterable[str]) -> None:
+    """Refuse layer names (of a profile, a database, choices) that are not a Linear or
+    Conv2d of `model`: they belong to another model (or name, say, a BatchNorm)."""
+    modules = dict(model.named_modules())
+    wrong = next((name for name in names
+                  if not isinstance(modules.get(name), (nn.Linear, nn.Conv2d))), None)
+    if wrong is not None:
+        found = modules.get(wrong)
+        what = "absent" if found is None else f"a {type(found).__name__}"
+        raise SpdyError(f"layer {wrong} is not a Linear or Conv2d of this model ({what}): the "
+                        "profile, choices or database belong to another model; pass the one "
+                        "made for this model")
+
+
 def warn_unmatched_excludes(patterns: str | Iterable[str], layers: Iterable[str]) -> None:
     """Warn about each exclude pattern that matches none of `layers` (the model's prunable
     layer names): most likely a typo, which would leave the layer it meant prunable."""

@@ -90,17 +90,14 @@ class Profile:
         return profile
 
     def check_model(self, model_name: str | None, model: nn.Module) -> None:
-        """Refuse using this profile on another model: a chosen layer that is not a weighted
-        layer of `model`, other dense weights (when recorded: then the name may differ, e.g.
-        a notebook's prune(name=...) used with --model module:function), or else another
-        model name."""
-        modules = dict(model.named_modules())
-        absent = next((n for n in self.choices
-                       if getattr(modules.get(n), "weight", None) is None), None)
-        if absent is not None:
-            raise SpdyError(f"layer {absent} is not a weighted layer of this model: the "
-                            "profile belongs to another model; pass the --model it was made for")
+        """Refuse using this profile on another model: a chosen layer that is not a Linear
+        or Conv2d of `model`, other dense weights (when recorded: then the name may differ,
+        e.g. a notebook's prune(name=...) used with --model module:function), or else
+        another model name."""
+        from .layers import require_prunable
         from .reconstruct.database import model_fingerprint
+
+        require_prunable(model, self.choices)
         if self.model_fingerprint:
             if model_fingerprint(model, list(self.choices)) != self.model_fingerprint:
                 raise SpdyError(f"the profile was made for other dense weights of "

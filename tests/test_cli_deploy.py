@@ -127,7 +127,7 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(work, capsys):
     empty = write_profile(work / "empty.json", choices={})
     assert "nothing to prune" in error_line(capsys, apply + ["--profile", empty])
     missing = write_profile(work / "missing.json", choices={"7": "unstructured@0.5"})
-    assert "layer 7 is not a weighted layer" in error_line(capsys, apply + ["--profile", missing])
+    assert "layer 7 is not a Linear or Conv2d" in error_line(capsys, apply + ["--profile", missing])
     assert "is a directory" in error_line(capsys, ["apply", "--model", MODEL, "--profile",
                                                    profile, "--out", str(work / "out")])
     build_database(other_toy()[0], ["0", "2"], [SparsityOption.dense()],

@@ -77,7 +77,7 @@ def test_prune_from_a_database_stitches_its_weights(database):
 
 @pytest.mark.parametrize("choices, message", [
     ({}, "nothing to prune"),
-    ({"9": "unstructured@0.5"}, "layer 9 is not a weighted layer"),
+    ({"9": "unstructured@0.5"}, "layer 9 is not a Linear or Conv2d"),
     ({"0": "block64x64@0.5"}, "layer 0: block 64x64 is larger"),
 ])
 def test_prune_refuses_bad_choices_and_changes_nothing(choices, message):
@@ -96,8 +96,8 @@ def test_prune_refuses_another_models_database_or_a_missing_option(database):
 
 def test_save_pruned_refuses_another_models_profile_unpruned_or_converted_weights(tmp_path):
     out = tmp_path / "w.safetensors"
-    with pytest.raises(SpdyError, match="layer encoder.0 is not a weighted layer of this "
-                                        "model"):
+    with pytest.raises(SpdyError, match="layer encoder.0 is not a Linear or Conv2d of "
+                                        "this model"):
         save_pruned(mlp(), out, profile={"encoder.0": "unstructured@0.5"})
     with pytest.raises(SpdyError, match="layer 0: the model has .* nonzero weights outside "
                                         r"the block16x16@0.5 pattern; .*\(prune_\)"):
@@ -272,3 +272,11 @@ def test_loaders_refuse_what_they_cannot_fill_in_one_line(tmp_path):
     save_block_sparse(mlp(), CHOICES, tmp_path / "a.safetensors")
     with pytest.raises(SpdyError, match="needs the model .* got int"):
         load_block_sparse(lambda: 42, tmp_path / "a.safetensors")
+
+
+def test_a_profile_naming_a_batchnorm_is_refused_not_pruned():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+    with pytest.raises(SpdyError, match=r"layer 1 is not a Linear or Conv2d of this model "
+                                        r"\(a BatchNorm2d\)"):
+        prune_(model, {"1": "unstructured@0.5"})
+    assert not (model[1].weight == 0).any()

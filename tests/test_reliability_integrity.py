@@ -242,7 +242,7 @@ def test_a_profile_made_with_the_model_refuses_other_weights(database):
 def test_a_profile_naming_a_layer_the_model_lacks_is_refused():
     profile = toy_profile()
     profile = dataclasses.replace(profile, choices={**profile.choices, "9": SPARSE})
-    with pytest.raises(SpdyError, match="layer 9 is not a weighted layer of this model"):
+    with pytest.raises(SpdyError, match="layer 9 is not a Linear or Conv2d of this model"):
         check_for_model(build()[0], "toy", profile)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import SpdyError
+from ..layers import require_prunable
 from ..masks import build_mask
 from ..options import SparsityOption
 
@@ -56,12 +57,8 @@ def stitch_(model: nn.Module, choices: Mapping[str, SparsityOption],
     current dense weights. Dense choices leave the layer as it is (the model must be the
     dense one). Returns the backup that restore_ needs; on any error nothing is changed.
     """
+    require_prunable(model, choices)
     modules = dict(model.named_modules())
-    missing = [name for name in choices if not isinstance(
-        getattr(modules.get(name), "weight", None), nn.Parameter)]
-    if missing:
-        raise SpdyError(f"layer {missing[0]} is not a weighted layer of this model; the "
-                        "profile or database belongs to another model")
     backup: Backup = {}
     try:
         with torch.no_grad():
