@@ -128,16 +128,30 @@ class TimingTable:
                             "re-measure the table")
         for layer in self.layers:
             if {len(layer.median_ms), len(layer.spread_ms)} != {len(self.options)}:
-                raise SpdyError(f"layer {layer.name!r} has {len(layer.median_ms)} times "
-                                f"for {len(self.options)} options; the file is malformed")
+                raise SpdyError(f"layer {layer.name!r} has {len(layer.median_ms)} times and "
+                                f"{len(layer.spread_ms)} spreads for {len(self.options)} "
+                                "options; the file is malformed")
             if layer.median_ms[0] is None:
                 raise SpdyError(f"layer {layer.name!r} has no dense time; "
                                 "every layer must run dense")
-            for t in layer.median_ms + layer.spread_ms:
-                number = isinstance(t, (int, float)) and not isinstance(t, bool)
-                if t is not None and not (number and math.isfinite(t) and t >= 0):
-                    raise SpdyError(f"layer {layer.name!r} has time {t!r}; times must be "
-                                    "finite and >= 0 (null marks an unsupported option)")
+            if len(layer.gemm) != 3 or min(layer.gemm[:2]) < 1 or layer.gemm[2] < 0:
+                raise SpdyError(f"layer {layer.name!r} has GEMM {list(layer.gemm)}; it must be "
+                                "[N >= 1, K >= 1, M >= 0]; the file is malformed")
+            for kind, values in (("time", layer.median_ms), ("spread", layer.spread_ms)):
+                for t in values:
+                    number = isinstance(t, (int, float)) and not isinstance(t, bool)
+                    if t is not None and not (number and math.isfinite(t) and t >= 0):
+                        raise SpdyError(f"layer {layer.name!r} has {kind} {t!r}; times and "
+                                        "spreads must be finite and >= 0 (null marks an "
+                                        "unsupported option)")
+        try:        # every budget adds layer times up: they must add up to a number
+            slowest = math.fsum([self.fixed_ms, *(max(t for t in layer.median_ms if t is not None)
+                                                  for layer in self.layers)])
+        except OverflowError:
+            slowest = math.inf
+        if not math.isfinite(slowest):
+            raise SpdyError("the table's times are too large to add up (a sum overflows); "
+                            "re-measure the table")
 
     def check_compatible(self, fingerprint: Fingerprint, force: bool = False) -> None:
         """Refuse to combine this table with a different setting unless forced."""
@@ -166,15 +180,24 @@ class TimingTable:
     @classmethod
     def load(cls, path: str | os.PathLike) -> TimingTable:
         doc = load_json(path, TABLE_FORMAT, TABLE_VERSION)
+        entries = require(doc, "layers", list, path)
+        odd = next((i for i, entry in enumerate(entries) if not isinstance(entry, dict)), None)
+        if odd is not None:
+            raise SpdyError(f"{path}: layer entry {odd} is a {type(entries[odd]).__name__}, "
+                            "not an object; the file is malformed, regenerate it")
         try:
             layers = tuple(
-                LayerTiming(name=str(l["name"]), kind=str(l.get("kind", "linear")),
+                LayerTiming(name=require(l, "name", str, path),
+                            kind=str(l.get("kind", "linear")),
                             gemm=tuple(int(x) for x in l["gemm"]),
                             median_ms=tuple(l["median_ms"]), spread_ms=tuple(l["spread_ms"]),
                             note=str(l.get("note", "")))
-                for l in require(doc, "layers", list, path))
-        except (KeyError, TypeError, ValueError) as e:
-            raise SpdyError(f"{path}: malformed layer entry ({e}); regenerate the table") from None
+                for l in entries)
+        except SpdyError:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise SpdyError(f"{path}: malformed layer entry ({type(e).__name__}: {e}); "
+                            "regenerate the table") from None
         try:
             return cls(
                 fingerprint=Fingerprint.from_dict(require(doc, "fingerprint", dict, path), path),
@@ -182,8 +205,9 @@ class TimingTable:
                 layers=layers,
                 dense_total_ms=float(require(doc, "dense_total_ms", (int, float), path)),
                 fixed_ms=float(require(doc, "fixed_ms", (int, float), path)),
-                model=str(doc.get("model", "")),
-                estimated=bool(doc.get("estimated", False)),
+                model=require(doc, "model", str, path) if "model" in doc else "",
+                estimated=require(doc, "estimated", bool, path) if "estimated" in doc
+                else False,
                 provenance=dict(doc.get("provenance", {})))
         except SpdyError as e:
             raise located(path, e) from None

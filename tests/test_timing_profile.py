@@ -41,13 +41,22 @@ def _corrupt(path, edit):
     (lambda d: d.update(dense_total_ms=-1), "must be finite and > 0"),
     (lambda d: d.update(dense_total_ms=0), "must be finite and > 0"),
     (lambda d: d.update(layers=[]), "has no layers"),
-    (lambda d: d["layers"][0]["median_ms"].pop(), "has 3 times for 4 options"),
+    (lambda d: d["layers"][0]["median_ms"].pop(), "has 3 times and 4 spreads for 4 options"),
     (lambda d: d["layers"][0]["median_ms"].__setitem__(1, -2.0), "finite and >= 0"),
     (lambda d: d["layers"][0]["median_ms"].__setitem__(0, None), "no dense time"),
     (lambda d: d["layers"][0].pop("gemm"), "malformed layer entry"),
     (lambda d: d["options"].__setitem__(0, "unstructured@0.3"), "start with 'dense'"),
     (lambda d: d["fingerprint"].pop("threads"), "incomplete fingerprint"),
     (lambda d: d["layers"][1].update(name="layer0"), "duplicate layer names"),
+    (lambda d: d["layers"][0]["spread_ms"].__setitem__(1, float("nan")), "has spread nan"),
+    (lambda d: d["layers"][0].update(gemm=[8, -8, 4]), r"GEMM \[8, -8, 4\]; it must be"),
+    (lambda d: d.update(layers={}), "field 'layers' has type dict; the file is malformed, "
+                                    "regenerate it$"),
+    (lambda d: d["layers"].__setitem__(0, [1, 2]), "layer entry 0 is a list, not an object"),
+    (lambda d: d.update(estimated="no"), "field 'estimated' has type str"),
+    (lambda d: d.update(model=3), "field 'model' has type int"),
+    (lambda d: [layer.update(median_ms=[1e308] * 4) for layer in d["layers"]],
+     "too large to add up"),
 ])
 def test_malformed_tables_are_refused_in_one_line(tmp_path, toy_table, edit, message):
     path = tmp_path / "t.json"
