@@ -35,7 +35,7 @@ from .layers import discover_layers, exclude_patterns, prunable_modules, warn_un
 from .locks import LOCK_NAME, exclusive_directory
 from .models import ModelEntry, ModelSetting
 from .options import SparsityOption, option_grid
-from .profile import Profile, check_for_model
+from .profile import Profile, check_for_model, choices_digest
 from .reconstruct import (
     Database,
     FastConfig,
@@ -643,7 +643,7 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
         met = measured.speedup >= target * (1 - settings.tolerance)
         slow = dense_off_table(measured.dense_ms, planner.table.dense_total_ms)
         report.rounds.append({"round": round_, "solved_for": solve_for,
-                              "choices_sha256": _choices_digest(profile.choices),
+                              "choices_sha256": choices_digest(profile.choices),
                               "predicted_speedup": profile.predicted_speedup,
                               **dataclasses.asdict(measured),
                               "measured_speedup": measured.speedup, "met": met,
@@ -680,12 +680,6 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
     profile, pruned, report.measured, kept = accepted
     report.rounds[kept]["kept"] = True
     return profile, pruned
-
-
-def _choices_digest(choices: Mapping[str, SparsityOption]) -> str:
-    """A digest of a profile's choices: what a measured round measured."""
-    named = json.dumps({name: option.name for name, option in choices.items()}, sort_keys=True)
-    return hashlib.sha256(named.encode()).hexdigest()
 
 
 def _guarantee_key(planner: Planner, costs: Mapping[str, Any],
@@ -731,7 +725,7 @@ def _kept_guarantee(planner: Planner, database: Database, costs: Mapping[str, An
         return None, None
     profile = dataclasses.replace(planner.solve(kept["solved_for"], costs),
                                   target_speedup=settings.speedup)
-    if _choices_digest(profile.choices) != kept.get("choices_sha256"):
+    if choices_digest(profile.choices) != kept.get("choices_sha256"):
         log.warning("not reusing %s: its kept round measured another profile than the one "
                     "it re-solves to (edited?); measuring again", path)
         return None, None

@@ -7,7 +7,11 @@ database on a model: both must belong to that model (see there)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +63,8 @@ class Profile:
             "fingerprint": dataclasses.asdict(self.fingerprint),
             "provenance": self.provenance,
             "choices": {name: option.name for name, option in self.choices.items()},
+            # what the prediction was made for: an edit of the choices shows on load
+            "choices_sha256": choices_digest(self.choices),
             **({"model_fingerprint": self.model_fingerprint} if self.model_fingerprint else {}),
         })
 
@@ -67,8 +73,13 @@ class Profile:
         doc = load_json(path, PROFILE_FORMAT, PROFILE_VERSION)
         number = (int, float)
         try:
-            choices = {str(name): SparsityOption.parse(option)
-                       for name, option in require(doc, "choices", dict, path).items()}
+            named = require(doc, "choices", dict, path)
+            odd = next((name for name, option in named.items()
+                        if not isinstance(option, str)), None)
+            if odd is not None:
+                raise SpdyError(f"the choice of layer {odd} is {named[odd]!r}, not an option "
+                                "name such as 'unstructured@0.5'; regenerate the profile")
+            choices = {str(name): SparsityOption.parse(option) for name, option in named.items()}
             profile = cls(
                 model=str(doc.get("model", "")),
                 choices=choices,
@@ -78,7 +89,8 @@ class Profile:
                 dense_total_ms=float(require(doc, "dense_total_ms", number, path)),
                 fixed_ms=float(require(doc, "fixed_ms", number, path)),
                 fingerprint=Fingerprint.from_dict(require(doc, "fingerprint", dict, path), path),
-                excluded=tuple(doc.get("excluded", ())),
+                excluded=tuple(str(n) for n in require(doc, "excluded", list, path))
+                if "excluded" in doc else (),
                 estimated=bool(doc.get("estimated", False)),
                 provenance=dict(doc.get("provenance", {})),
                 model_fingerprint=str(doc.get("model_fingerprint", "")))
@@ -87,7 +99,22 @@ class Profile:
         if not profile.predicted_ms > 0 or not profile.dense_total_ms > 0:
             raise SpdyError(f"{path}: predicted and dense times must be > 0; "
                             "regenerate the profile")
+        if not (math.isfinite(profile.target_speedup) and profile.target_speedup > 0):
+            raise SpdyError(f"{path}: target_speedup {profile.target_speedup:g} must be a "
+                            "finite number > 0; regenerate the profile")
+        pruned_excluded = next((n for n in profile.excluded
+                                if profile.choices.get(n, SparsityOption.dense()).pattern
+                                != "dense"), None)
+        if pruned_excluded is not None:
+            raise SpdyError(f"{path}: layer {pruned_excluded} is excluded yet pruned; "
+                            "regenerate the profile")
+        recorded = doc.get("choices_sha256")
+        if recorded is not None and recorded != choices_digest(profile.choices):
+            raise SpdyError(f"{path}: its choices were edited after it was solved, so its "
+                            f"predicted {profile.predicted_ms:.4g} ms no longer holds; solve "
+                            "again (spdy-gpu solve) for a profile of these choices")
         return profile
+
 
     def check_model(self, model_name: str | None, model: nn.Module) -> None:
         """Refuse using this profile on another model: a chosen layer that is not a Linear
@@ -119,3 +146,9 @@ def check_for_model(model: nn.Module, model_name: str | None, profile: Profile |
         database.check_model(model)
         if profile is not None:
             database.check_options(list(profile.choices.values()))
+
+
+def choices_digest(choices: Mapping[str, SparsityOption]) -> str:
+    """A digest of a profile's choices: what a prediction or a measurement was made for."""
+    named = json.dumps({name: option.name for name, option in choices.items()}, sort_keys=True)
+    return hashlib.sha256(named.encode()).hexdigest()

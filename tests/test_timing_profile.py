@@ -34,6 +34,27 @@ def _corrupt(path, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
+    (lambda d: d["choices"].update(layer1="unstructured@0.9"),
+     "its choices were edited after it was solved, so its predicted .* ms no longer holds"),
+    (lambda d: d["choices"].update(layer1=3), "the choice of layer layer1 is 3, not an option "
+                                              "name"),
+    (lambda d: d.update(target_speedup=-2), "target_speedup -2 must be a finite number > 0"),
+    (lambda d: d.update(excluded="layer1"), "field 'excluded' has type str"),
+    (lambda d: d.update(excluded=["layer1"]), "layer layer1 is excluded yet pruned"),
+])
+def test_edited_or_malformed_profiles_are_refused_in_one_line(tmp_path, toy_table, edit,
+                                                              message):
+    path = tmp_path / "p.json"
+    profile = solve_profile(toy_table, 1.5)
+    assert profile.choices["layer1"].pattern != "dense"
+    profile.save(path)
+    _corrupt(path, edit)
+    with pytest.raises(SpdyError, match=message) as info:
+        Profile.load(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(format="spdy-gpu/profile"), "expected a 'spdy-gpu/timing-table'"),
     (lambda d: d.update(version=99), "version 99 is not supported"),
     (lambda d: d.pop("fixed_ms"), "missing field 'fixed_ms'"),
