@@ -149,7 +149,12 @@ def _sparsity_of(model: nn.Module, layers: Iterable[str]) -> float:
 def _check_made_for(plan: Plan, weights: PathLike) -> None:
     """Refuse weights whose file records another profile's choices: sparser weights pass
     the pattern check (_check_pruned) but are not what the profile was timed for."""
-    recorded = json.loads(_read_safetensors(weights)[1].get("choices", "{}"))
+    try:
+        recorded = json.loads(_read_safetensors(weights)[1].get("choices", "{}"))
+        recorded = dict(recorded)
+    except (ValueError, TypeError):
+        raise SpdyError(f"{weights}: its metadata 'choices' is not a JSON object; pass "
+                        "weights written by spdy-gpu apply, gap or run") from None
     differs = next((name for name, option in plan.choices.items()
                     if name in recorded and recorded[name] != option.name), None)
     if differs is not None:
@@ -266,6 +271,12 @@ def _check_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
     if problem:
         raise SpdyError(f"{path} does not fit this model: {problem}; pass the --model (and "
                         "options) the file was written for")
+    parameters = {name for name, _ in model.named_parameters()}
+    broken = next((k for k in state if k in parameters and state[k].is_floating_point()
+                   and not torch.isfinite(state[k]).all()), None)
+    if broken is not None:
+        raise SpdyError(f"{path}: {broken} holds NaN or inf, damaged weights (a diverged gAP, "
+                        "an edited file); regenerate them")
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -280,3 +280,21 @@ def test_a_profile_naming_a_batchnorm_is_refused_not_pruned():
                                         r"\(a BatchNorm2d\)"):
         prune_(model, {"1": "unstructured@0.5"})
     assert not (model[1].weight == 0).any()
+
+
+def test_weights_holding_nan_or_unreadable_choices_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from spdy_gpu.deploy import _check_made_for, load_plan
+    model = mlp()
+    prune_(model, CHOICES)
+    path = save_pruned(model, tmp_path / "w.safetensors", profile=profile())
+    state = load_file(str(path))
+    state["2.weight"][0, 0] = float("nan")                  # a dense layer's weight
+    save_file(state, str(tmp_path / "nan.safetensors"), metadata={"format": "x"})
+    with pytest.raises(SpdyError, match="2.weight holds NaN or inf"):
+        load_pruned(mlp(), tmp_path / "nan.safetensors")
+    save_file(load_file(str(path)), str(tmp_path / "odd.safetensors"),
+              metadata={"choices": "not json"})
+    with pytest.raises(SpdyError, match="its metadata 'choices' is not a JSON object"):
+        _check_made_for(load_plan(profile()), tmp_path / "odd.safetensors")
