@@ -43,11 +43,20 @@ class GpuSpec:
     kernel_floor_ms: float = ASSUMED_KERNEL_FLOOR_MS
 
     def __post_init__(self) -> None:
-        ceilings = [self.bandwidth, *self.peak_flops.values()]
-        if not (ceilings[1:] and all(math.isfinite(c) and c > 0 for c in ceilings)
-                and math.isfinite(self.kernel_floor_ms) and self.kernel_floor_ms >= 0):
-            raise SpdyError(f"GPU spec {self.name!r}: bandwidth and peak FLOP/s must be finite "
-                            "and positive, kernel_floor_ms finite and >= 0; regenerate the spec")
+        # Plausible for any GPU: 1 GB/s .. 1 PB/s, 1 GFLOP/s .. 1 EFLOP/s, a floor <= 1 ms
+        # (beyond them a hand-edited figure would overflow or zero every estimate).
+        ranges = [("bandwidth", self.bandwidth, 1e9, 1e15),
+                  *((f"peak_flops.{k}", v, 1e9, 1e18) for k, v in self.peak_flops.items()),
+                  ("kernel_floor_ms", self.kernel_floor_ms, 0.0, 1.0)]
+        wrong = next(((n, v, lo, hi) for n, v, lo, hi in ranges
+                      if not (math.isfinite(v) and lo <= v <= hi)), None)
+        if wrong is not None:
+            name, value, low, high = wrong
+            raise SpdyError(f"GPU spec {self.name!r}: {name} {value:g} is not a GPU's (expected "
+                            f"{low:g} .. {high:g}); regenerate the spec")
+        if not self.peak_flops:
+            raise SpdyError(f"GPU spec {self.name!r}: no peak FLOP/s given; regenerate the "
+                            "spec")
         if self.sm_count <= 0 or not re.fullmatch(r"sm_\d+", self.arch):
             raise SpdyError(f"GPU spec {self.name!r}: arch {self.arch!r} / sm_count "
                             f"{self.sm_count}: need an arch like sm_90 and a positive SM count")
@@ -124,8 +133,8 @@ def load_spec(path: str | os.PathLike) -> GpuSpec:
                        peak_flops={str(k): float(v) for k, v in peaks.items()},
                        source=str(doc.get("source", "")),
                        kernel_floor_ms=float(doc.get("kernel_floor_ms", ASSUMED_KERNEL_FLOOR_MS)))
-    except (TypeError, ValueError) as e:
-        raise located(path, SpdyError(f"malformed GPU spec ({e}); regenerate it")) from None
     except SpdyError as e:
         raise located(path, e) from None
+    except (TypeError, ValueError) as e:
+        raise located(path, SpdyError(f"malformed GPU spec ({e}); regenerate it")) from None
     return spec

@@ -246,17 +246,19 @@ def test_measured_spec_round_trips_and_bad_files_are_refused(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "spdy-gpu/gpu-spec", "version": 1, '
                                        '"name": "x", "arch": "sm_90", "sm_count": 1, '
                                        '"bandwidth": -1, "peak_flops": {"bf16": 1}}')
-    with pytest.raises(SpdyError, match="positive"):
+    with pytest.raises(SpdyError, match="bandwidth -1 is not a GPU's"):
         gpu_spec(str(tmp_path / "bad.json"))
     with pytest.raises(SpdyError, match="no fp16 peak"):
         spec.peak("fp16")
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("bandwidth", "NaN", "finite and positive"),
-    ("peak_flops", '{"bf16": Infinity}', "finite and positive"),
-    ("peak_flops", "{}", "finite and positive"),
-    ("kernel_floor_ms", "NaN", "kernel_floor_ms finite"),
+    ("bandwidth", "NaN", "bandwidth nan is not a GPU's"),
+    ("bandwidth", "1e-300", r"bandwidth 1e-300 is not a GPU's \(expected 1e\+09 .. 1e\+15\)"),
+    ("peak_flops", '{"bf16": Infinity}', "peak_flops.bf16 inf is not a GPU's"),
+    ("peak_flops", "{}", "no peak FLOP/s given"),
+    ("kernel_floor_ms", "NaN", "kernel_floor_ms nan is not a GPU's"),
+    ("kernel_floor_ms", "1e308", "kernel_floor_ms 1e\\+308 is not a GPU's"),
     ("sm_count", "0", "positive SM count"),
     ("arch", '"banana"', "an arch like sm_90"),
 ])
