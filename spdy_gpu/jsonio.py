@@ -150,9 +150,10 @@ def load_json(path: str | os.PathLike, kind: str, version: int) -> dict[str, Any
     if not isinstance(document, dict) or document.get("format") != kind:
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
         raise SpdyError(f"{path}: expected a {kind!r} file, found {found!r}; pass the right file")
-    if document.get("version") != version:
-        raise SpdyError(f"{path}: {kind} format version {document.get('version')!r} is not "
-                        f"supported (this spdy-gpu reads version {version}); regenerate the file")
+    found = document.get("version")
+    if found != version or type(found) is not int:      # (True == 1 and 1.0 == 1 too)
+        raise SpdyError(f"{path}: {kind} format version {found!r} is not supported (this "
+                        f"spdy-gpu reads the number {version}); regenerate the file")
     return document
 
 
