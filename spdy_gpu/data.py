@@ -8,6 +8,7 @@ data, or (with a warning) the model's example input.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +138,9 @@ def _file_batches(path: Path, samples: int, batch_size: int, example: Any) -> It
     left = samples
     for file in files:
         try:
-            data = torch.load(file, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():     # a plain pickle: the error below says why
+                warnings.simplefilter("ignore")
+                data = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
             # torch's message runs over many lines of advice (weights_only=False...) that
             # does not apply: its first sentence says why

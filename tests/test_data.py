@@ -65,3 +65,14 @@ def test_an_empty_container_in_a_calibration_file_is_a_one_line_error(tmp_path, 
     with pytest.raises(SpdyError, match="expected a tensor .* whose first dimension is samples"):
         CalibrationSpec(tmp_path / "x.pt", samples=10, batch_size=10).load(
             entry(0), ModelSetting(), torch.randn(1, 4))
+
+
+def test_a_plain_pickle_is_refused_in_one_line_without_torchs_warning(tmp_path, recwarn):
+    import pickle
+
+    (tmp_path / "x.pkl").write_bytes(pickle.dumps({"a": [1, 2]}, protocol=4))
+    with pytest.raises(SpdyError, match=r"--calib .*x.pkl: not a file of saved tensors "
+                                        r"\(torch.load: UnpicklingError: "):
+        CalibrationSpec(tmp_path / "x.pkl", samples=10, batch_size=10).load(
+            entry(0), ModelSetting(), torch.randn(1, 4))
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
