@@ -946,8 +946,19 @@ def _config_text(r: dict[str, Any]) -> str:
         keys = ("BLOCK_T", "GROUP_T", "WAVES", "num_warps", "num_stages")
         text = " ".join(f"{k}={config[k]}" for k in keys if k in config)
         tma = {True: " TMA", False: " ptr"}.get(r.get("tma"), "")
-        return f"{schedule}{tma} {text}"
+        return f"{schedule}{tma} {text}{_schedule_bests(r)}"
     return f"{schedule} {config or ''}".strip()
+
+
+def _schedule_bests(r: dict[str, Any]) -> str:
+    """Where tuning timed both schedules (M <= 64): each one's best time, same run."""
+    best: dict[bool, float] = {}
+    for c in r.get("tune_configs") or []:
+        if c.get("ms") is not None and "STREAM_K" in c:
+            best[c["STREAM_K"]] = min(best.get(c["STREAM_K"], math.inf), c["ms"])
+    if len(best) < 2:
+        return ""
+    return f" (tuning: stream-K {best[True]:.4g} ms, direct {best[False]:.4g} ms)"
 
 
 def _block_name(block: Any) -> str:

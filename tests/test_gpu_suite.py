@@ -322,3 +322,15 @@ def test_bert_base_user_model_builds():
         ModelSetting(batch_size=2, seq_len=8))
     assert type(model).__name__ == "BertModel" and not model.training
     assert example["input_ids"].shape == (2, 8) == example["attention_mask"].shape
+
+
+def test_a_small_m_case_names_each_schedules_best_tuning_time():
+    row = {"stream_k": False, "tma": True,
+           "config": {"BLOCK_T": 16, "GROUP_T": 8, "WAVES": 1, "STREAM_K": False,
+                      "num_warps": 4, "num_stages": 4},
+           "tune_configs": [{"STREAM_K": True, "ms": 0.0071}, {"STREAM_K": True, "ms": 0.0068},
+                            {"STREAM_K": False, "ms": 0.0049}, {"STREAM_K": False, "ms": None}]}
+    text = suite._config_text(row)
+    assert text.startswith("direct TMA BLOCK_T=16")
+    assert text.endswith("(tuning: stream-K 0.0068 ms, direct 0.0049 ms)")
+    assert "tuning:" not in suite._config_text({**row, "tune_configs": row["tune_configs"][:2]})
