@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import time
@@ -138,7 +139,7 @@ class Measurement:
         spreads = (self.dense_spread_ms, self.pruned_spread_ms)
         if not (all(_finite_number(t) and t > 0 for t in times)
                 and all(_finite_number(s) and s >= 0 for s in spreads)
-                and isinstance(self.slow_engines, int) and self.slow_engines >= 0):
+                and isinstance(self.slow_engines, numbers.Integral) and self.slow_engines >= 0):
             raise SpdyError(f"a measurement needs finite times > 0 and spreads >= 0, got "
                             f"{times} ms (spreads {spreads}, {self.slow_engines!r} slow "
                             "engines)")
@@ -149,7 +150,7 @@ class Measurement:
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and \
         math.isfinite(value)
 
 
