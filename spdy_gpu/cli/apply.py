@@ -8,7 +8,7 @@ from ..jsonio import check_output_file
 from ..layers import prunable_modules, warn_unmatched_excludes
 from .common import (
     add_model_args,
-    exclude_patterns,
+    excluded_by,
     model_from_args,
 )
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     model, _ = entry.build(setting)
     warn_unmatched_excludes(args.exclude, prunable_modules(model))
     result = apply_profile(model, args.profile, args.out, database=args.database,
-                           model_name=entry.name, exclude=exclude_patterns(args, entry))
+                           model_name=entry.name, exclude=excluded_by(args, entry))
     print(f"pruned {result.pruned} layers to {result.sparsity:.1%} sparsity (zeros of their "
           f"weights); weights written to {result.path}")
     return 0

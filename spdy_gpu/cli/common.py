@@ -52,7 +52,7 @@ def model_from_args(args: argparse.Namespace) -> tuple[ModelEntry, ModelSetting]
                                              image_size=args.image_size))
 
 
-def exclude_patterns(args: argparse.Namespace, entry: ModelEntry) -> list[str]:
+def excluded_by(args: argparse.Namespace, entry: ModelEntry) -> list[str]:
     """The model's own exclusions plus the user's."""
     return list(entry.exclude) + list(args.exclude)
 

@@ -19,7 +19,7 @@ from ..options import SparsityOption, blocks_left_out
 from .common import (
     add_model_args,
     add_option_args,
-    exclude_patterns,
+    excluded_by,
     model_from_args,
     options_from_args,
 )
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     model, example = entry.build(setting)
     # the layers timings measures: called on the example input, weights not tied
     modules = {layer.name: model.get_submodule(layer.name)
-               for layer in discover_layers(model, example, exclude_patterns(args, entry))}
+               for layer in discover_layers(model, example, excluded_by(args, entry))}
     warn_unmatched_excludes(args.exclude, prunable_modules(model))
     options = options_from_args(args, "unstructured")
     if not args.options:        # a grid's family no layer can take is dropped, as timings does

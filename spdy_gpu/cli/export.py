@@ -9,7 +9,7 @@ from ..jsonio import check_output_file
 from ..layers import prunable_modules, warn_unmatched_excludes
 from .common import (
     add_model_args,
-    exclude_patterns,
+    excluded_by,
     model_from_args,
 )
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     warn_unmatched_excludes(args.exclude, prunable_modules(model))
     result = export_profile(model, example, args.profile, args.out, format=args.format,
                             database=args.database, weights=args.weights,
-                            model_name=entry.name, exclude=exclude_patterns(args, entry))
+                            model_name=entry.name, exclude=excluded_by(args, entry))
     stored = (f"; {result.block_sparse} block-sparse, {result.semi_structured} 2:4"
               if args.format == "triton" else "")
     print(f"exported {result.pruned} pruned layers ({result.sparsity:.1%} sparsity{stored}) "

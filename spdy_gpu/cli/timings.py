@@ -22,7 +22,7 @@ from .common import (
     add_model_args,
     add_option_args,
     backend_from_args,
-    exclude_patterns,
+    excluded_by,
     model_from_args,
     options_from_args,
 )
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args, backend.default_pattern)
     started = time.perf_counter()
     model, example = entry.build(setting)
-    layers = discover_layers(model, example, exclude_patterns(args, entry))
+    layers = discover_layers(model, example, excluded_by(args, entry))
     warn_unmatched_excludes(args.exclude, prunable_modules(model))
     options = check_options_supported(backend, layers, options, grid=not args.options)
     log.info("%s: %d prunable layers x %d options on %s", entry.name, len(layers),
