@@ -315,7 +315,8 @@ def test_the_kernel_package_imports_nothing_from_spdy_gpu():
 @pytest.mark.parametrize("dtype,block,stream_k,block_t,warps,tma", [
     ("bf16", (64, 64), False, 256, 8, True), ("bf16", (64, 64), False, 128, 4, False),
     ("fp16", (128, 128), False, 128, 8, True), ("bf16", (64, 32), True, 16, 4, True),
-    ("bf16", (64, 16), True, 64, 4, False), ("fp32", (64, 64), False, 64, 4, False)])
+    ("bf16", (64, 16), True, 64, 4, False), ("fp32", (64, 64), False, 64, 4, False),
+    ("bf16", (64, 64), False, 16, 4, True)])        # the direct schedule's decode tile
 def test_kernel_compiles_for_hopper_with_wgmma_and_tma(dtype, block, stream_k, block_t, warps,
                                                        tma):
     pytest.importorskip("triton.backends.nvidia")
