@@ -32,13 +32,18 @@ class MissingDependencyError(SpdyError):
 def user_code(what: str, fix: str) -> Iterator[None]:
     """A failure of the user's code in the block (a model function, its forward, a loss,
     a calibration or quality function) becomes one line naming `what`, the exception and
-    `fix`; the original exception stays as the cause, which `--debug` prints."""
+    `fix`; the original exception stays as the cause, which `--debug` prints. So does a
+    sys.exit there."""
     try:
         yield
     except SpdyError:
         raise
     except Exception as e:  # noqa: BLE001 - anything the user's code raises
         raise SpdyError(f"{what} raised {type(e).__name__}: {first_line(e)}; {fix}") from e
+    except SystemExit as e:     # sys.exit or argparse in it would end spdy-gpu, even with 0
+        raise SpdyError(f"{what} exited (sys.exit, status {e.code!r}); {fix} (script code "
+                        "such as argument parsing belongs under `if __name__ == "
+                        "'__main__':`)") from None
 
 
 def first_line(error: BaseException) -> str:

@@ -152,3 +152,15 @@ def test_what_a_module_prints_while_importing_still_reaches_stderr(tmp_path, mon
 def test_a_builtin_without_a_signature_is_refused_with_the_fix():
     with pytest.raises(SpdyError, match="torch:randn has no Python signature to read"):
         load_model("torch:randn")
+
+
+def exiting_model(batch_size=1):
+    import sys
+    sys.exit(0)
+
+
+def test_a_model_function_that_exits_is_a_one_line_error_not_a_silent_success():
+    entry = load_model("tests.test_models:exiting_model")
+    with pytest.raises(SpdyError, match=r"exited \(sys.exit, status 0\); fix it so that it "
+                                        "returns"):
+        entry.build(ModelSetting())

@@ -78,6 +78,8 @@ def test_edited_or_malformed_profiles_are_refused_in_one_line(tmp_path, toy_tabl
     (lambda d: d.update(model=3), "field 'model' has type int"),
     (lambda d: [layer.update(median_ms=[1e308] * 4) for layer in d["layers"]],
      "too large to add up"),
+    (lambda d: d.update(dense_total_ms=1e308), "dense_total_ms 1e\\+308 is not within 1000x "
+                                               "of fixed_ms plus the layers' dense times"),
 ])
 def test_malformed_tables_are_refused_in_one_line(tmp_path, toy_table, edit, message):
     path = tmp_path / "t.json"
