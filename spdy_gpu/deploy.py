@@ -149,18 +149,25 @@ def _sparsity_of(model: nn.Module, layers: Iterable[str]) -> float:
 def _check_made_for(plan: Plan, weights: PathLike) -> None:
     """Refuse weights whose file records another profile's choices: sparser weights pass
     the pattern check (_check_pruned) but are not what the profile was timed for."""
-    try:
-        recorded = json.loads(_read_safetensors(weights)[1].get("choices", "{}"))
-        recorded = dict(recorded)
-    except (ValueError, TypeError):
-        raise SpdyError(f"{weights}: its metadata 'choices' is not a JSON object; pass "
-                        "weights written by spdy-gpu apply, gap or run") from None
+    recorded = _recorded_choices(_read_safetensors(weights)[1], weights)
     differs = next((name for name, option in plan.choices.items()
                     if name in recorded and recorded[name] != option.name), None)
     if differs is not None:
         raise SpdyError(f"{weights} was pruned to another profile (layer {differs}: "
                         f"{recorded[differs]} there, {plan.choices[differs].name} here); pass "
                         "the weights made for this profile")
+
+
+def _recorded_choices(meta: Mapping[str, str], path: PathLike) -> dict[str, Any]:
+    """The {layer: option name} a weights file records ({} where it records none)."""
+    try:
+        recorded = json.loads(meta.get("choices", "{}"))
+        if isinstance(recorded, dict):
+            return recorded
+    except ValueError:
+        pass
+    raise SpdyError(f"{path}: its metadata 'choices' is not a JSON object; pass weights "
+                    "written by spdy-gpu apply, gap or run")
 
 
 def _check_pruned(model: nn.Module, plan: Plan, source: PathLike) -> None:
@@ -198,6 +205,10 @@ def save_pruned(model: nn.Module, path: PathLike, *, profile: ProfileLike | Plan
         raise SpdyError(f"layer {converted} was converted by sparsify_, and save_pruned writes "
                         "dense tensors with zeros; save before sparsify_, or write the "
                         "deployment artifact with save_block_sparse")
+    reserved = sorted({"format", "version", "choices", "model", "profile"} & set(metadata or {}))
+    if reserved:
+        raise SpdyError(f"metadata {', '.join(map(repr, reserved))} is save_pruned's own "
+                        "(format and profile); pass other keys")
     path = check_output_file(path)
     meta = {"format": PRUNED_FORMAT, "version": ARTIFACT_VERSION}
     if profile is not None:
@@ -219,6 +230,10 @@ def load_pruned(model: nn.Module, path: PathLike) -> nn.Module:
     if meta.get("format") == BLOCK_FORMAT:
         raise SpdyError(f"{path} is a block-sparse (Triton) artifact; load it with "
                         "spdy_gpu.deploy.load_block_sparse")
+    if meta.get("format", PRUNED_FORMAT) != PRUNED_FORMAT:     # (plain safetensors: none)
+        raise SpdyError(f"{path} is a {meta['format']!r} file, not pruned weights; pass "
+                        "weights written by spdy-gpu apply, gap or run")
+    _recorded_choices(meta, path)
     _check_target(model, path)
     _check_state(model, state, path)
     model.load_state_dict(state, strict=False)     # tied names are filled through their twin
@@ -271,9 +286,10 @@ def _check_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
     if problem:
         raise SpdyError(f"{path} does not fit this model: {problem}; pass the --model (and "
                         "options) the file was written for")
+    # No parameter may hold NaN or inf, no buffer NaN (a buffer may hold -inf: a mask).
     parameters = {name for name, _ in model.named_parameters()}
-    broken = next((k for k in state if k in parameters and state[k].is_floating_point()
-                   and not torch.isfinite(state[k]).all()), None)
+    broken = next((k for k, t in state.items() if t.is_floating_point() and (
+        t.isnan().any() or k in parameters and not torch.isfinite(t).all())), None)
     if broken is not None:
         raise SpdyError(f"{path}: {broken} holds NaN or inf, damaged weights (a diverged gAP, "
                         "an edited file); regenerate them")
@@ -419,6 +435,8 @@ def _read_layout(meta: Mapping[str, str], path: PathLike) -> dict[str, dict[str,
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at `name`, in the mode of the module it replaces."""
+    module.train(model.get_submodule(name).training)
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 

@@ -356,6 +356,7 @@ def sparsify_(model: nn.Module,
             layer = BlockSparseConv1x1.from_conv(module, dtype=dtype, **kwargs)
         else:
             layer = BlockSparseLinear.from_linear(module, dtype=dtype, **kwargs)
+        layer.train(module.training)                # in the mode of the layer it replaces
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     log.info("sparsify_: %d layers now sparse (block-sparse or 2:4)", len(targets))

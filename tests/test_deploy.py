@@ -3,6 +3,7 @@ round-trip to the pruned model, keep its zeros, and refuse bad input with nothin
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -224,7 +225,7 @@ def test_block_sparse_artifact_matches_the_masked_dense_model(tmp_path, kernel_p
     assert type(model[0]) is nn.Linear and torch.equal(model[2].weight, mlp()[2].weight), \
         "the given model is not changed"
     loaded = load_block_sparse(lambda: mlp().train(), tmp_path / "m.safetensors")
-    assert not loaded.training                          # built here: ready to run
+    assert not any(m.training for m in loaded.modules())    # built here: ready to run
     assert isinstance(loaded[0], BlockSparseLinear) and loaded[0].density == 0.5
     assert type(loaded[2]) is nn.Linear and torch.equal(loaded[2].weight, masked[2].weight)
     x = torch.randn(7, 32)
@@ -283,18 +284,40 @@ def test_a_profile_naming_a_batchnorm_is_refused_not_pruned():
 
 
 def test_weights_holding_nan_or_unreadable_choices_are_refused(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
-
-    from spdy_gpu.deploy import _check_made_for, load_plan
     model = mlp()
     prune_(model, CHOICES)
     path = save_pruned(model, tmp_path / "w.safetensors", profile=profile())
-    state = load_file(str(path))
-    state["2.weight"][0, 0] = float("nan")                  # a dense layer's weight
-    save_file(state, str(tmp_path / "nan.safetensors"), metadata={"format": "x"})
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+
+    def edited(name, change=lambda state: None, **fields):
+        state = load_file(str(path))
+        change(state)
+        save_file(state, str(tmp_path / name), metadata={**meta, **fields})
+        return tmp_path / name
+
+    nan = edited("nan.safetensors", lambda s: s["2.weight"].__setitem__((0, 0), float("nan")))
     with pytest.raises(SpdyError, match="2.weight holds NaN or inf"):
-        load_pruned(mlp(), tmp_path / "nan.safetensors")
-    save_file(load_file(str(path)), str(tmp_path / "odd.safetensors"),
-              metadata={"choices": "not json"})
-    with pytest.raises(SpdyError, match="its metadata 'choices' is not a JSON object"):
-        _check_made_for(load_plan(profile()), tmp_path / "odd.safetensors")
+        load_pruned(mlp(), nan)
+    for choices in ("not json", "[1, 2]", "3"):
+        with pytest.raises(SpdyError, match="its metadata 'choices' is not a JSON object"):
+            load_pruned(mlp(), edited("odd.safetensors", choices=choices))
+    with pytest.raises(SpdyError, match="is a 'evil' file, not pruned weights"):
+        load_pruned(mlp(), edited("evil.safetensors", format="evil"))
+    with pytest.raises(SpdyError, match="metadata 'choices', 'format' is save_pruned's own"):
+        save_pruned(model, tmp_path / "x.safetensors", metadata={"format": "e", "choices": "x"})
+
+
+def test_a_nan_running_statistic_is_refused_but_a_masking_inf_buffer_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    model.register_buffer("mask", torch.tensor([0.0, -math.inf]))
+    path = save_pruned(model, tmp_path / "w.safetensors")
+    assert torch.equal(load_pruned(copy.deepcopy(model), path).mask, model.mask)
+    state = load_file(str(path))
+    state["1.running_var"][0] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(SpdyError, match="1.running_var holds NaN or inf"):
+        load_pruned(copy.deepcopy(model), tmp_path / "nan.safetensors")

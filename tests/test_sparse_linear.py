@@ -296,6 +296,9 @@ def test_sparsify_rejects_unknown_names_and_non_linears():
         sparsify_(model, {"1": "block16x16@0.5"})
     with pytest.raises(SpdyError, match="exactly one"):
         BlockSparseLinear.from_linear(model[0])
+    swapped = _mlp().eval()
+    sparsify_(swapped, {"0": "block16x16@0.5"})
+    assert not any(m.training for m in swapped.modules())       # the replaced layer's mode
     for option in ("unstructured@0.9", "nm1:4"):
         with pytest.raises(SpdyError, match=f"layer 0: {option} has no sparse GPU kernel"):
             sparsify_(model, {"0": option})
