@@ -63,8 +63,8 @@ class Profile:
             "fingerprint": dataclasses.asdict(self.fingerprint),
             "provenance": self.provenance,
             "choices": {name: option.name for name, option in self.choices.items()},
-            # what the prediction was made for: an edit of the choices shows on load
-            "choices_sha256": choices_digest(self.choices),
+            # the prediction and what it was made for: an edit of either shows on load
+            "prediction_sha256": self._prediction_digest(),
             **({"model_fingerprint": self.model_fingerprint} if self.model_fingerprint else {}),
         })
 
@@ -91,7 +91,8 @@ class Profile:
                 fingerprint=Fingerprint.from_dict(require(doc, "fingerprint", dict, path), path),
                 excluded=tuple(str(n) for n in require(doc, "excluded", list, path))
                 if "excluded" in doc else (),
-                estimated=bool(doc.get("estimated", False)),
+                estimated=require(doc, "estimated", bool, path) if "estimated" in doc
+                else False,
                 provenance=dict(doc.get("provenance", {})),
                 model_fingerprint=str(doc.get("model_fingerprint", "")))
         except (SpdyError, AttributeError, TypeError) as e:
@@ -108,12 +109,18 @@ class Profile:
         if pruned_excluded is not None:
             raise SpdyError(f"{path}: layer {pruned_excluded} is excluded yet pruned; "
                             "regenerate the profile")
-        recorded = doc.get("choices_sha256")
-        if recorded is not None and recorded != choices_digest(profile.choices):
-            raise SpdyError(f"{path}: its choices were edited after it was solved, so its "
-                            f"predicted {profile.predicted_ms:.4g} ms no longer holds; solve "
-                            "again (spdy-gpu solve) for a profile of these choices")
+        recorded = doc.get("prediction_sha256")
+        if recorded is not None and recorded != profile._prediction_digest():
+            raise SpdyError(f"{path}: its choices or predicted times were edited after it "
+                            "was solved, so its prediction no longer holds; solve again "
+                            "(spdy-gpu solve) for a profile of these choices")
         return profile
+
+    def _prediction_digest(self) -> str:
+        """A digest of the choices and the times predicted for them."""
+        times = [self.predicted_ms, self.dense_total_ms, self.fixed_ms, self.budget_ms,
+                 self.target_speedup]
+        return hashlib.sha256(f"{choices_digest(self.choices)} {times!r}".encode()).hexdigest()
 
 
     def check_model(self, model_name: str | None, model: nn.Module) -> None:

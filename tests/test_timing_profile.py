@@ -35,7 +35,11 @@ def _corrupt(path, edit):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d["choices"].update(layer1="unstructured@0.9"),
-     "its choices were edited after it was solved, so its predicted .* ms no longer holds"),
+     "its choices or predicted times were edited after it was solved, so its prediction no "
+     "longer holds"),
+    (lambda d: d.update(predicted_ms=d["predicted_ms"] / 100), "were edited after it was "
+                                                                "solved"),
+    (lambda d: d.update(estimated="no"), "field 'estimated' has type str"),
     (lambda d: d["choices"].update(layer1=3), "the choice of layer layer1 is 3, not an option "
                                               "name"),
     (lambda d: d.update(target_speedup=-2), "target_speedup -2 must be a finite number > 0"),
