@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import SpdyError
 from .jsonio import load_json, located, require, save_json
@@ -130,7 +131,8 @@ def load_spec(path: str | os.PathLike) -> GpuSpec:
                        arch=str(require(doc, "arch", str, path)),
                        sm_count=int(require(doc, "sm_count", int, path)),
                        bandwidth=float(require(doc, "bandwidth", (int, float), path)),
-                       peak_flops={str(k): float(v) for k, v in peaks.items()},
+                       peak_flops={str(k): _number(v, f"peak_flops.{k}")
+                                   for k, v in peaks.items()},
                        source=str(doc.get("source", "")),
                        kernel_floor_ms=float(doc.get("kernel_floor_ms", ASSUMED_KERNEL_FLOOR_MS)))
     except SpdyError as e:
@@ -138,3 +140,10 @@ def load_spec(path: str | os.PathLike) -> GpuSpec:
     except (TypeError, ValueError) as e:
         raise located(path, SpdyError(f"malformed GPU spec ({e}); regenerate it")) from None
     return spec
+
+
+def _number(value: Any, name: str) -> float:
+    """A figure read from a spec file: a JSON number (a string such as "1e15" is refused)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise SpdyError(f"{name} is {value!r}, not a number; regenerate the spec")
+    return float(value)

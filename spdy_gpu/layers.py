@@ -160,14 +160,19 @@ def example_shape(example: Any) -> tuple[int, str]:
     return int(tensors[0][1].shape[0]), shape
 
 
-def exclude_patterns(exclude: str | Iterable[str]) -> tuple[str, ...]:
+def exclude_patterns(exclude: str | Iterable[str] | None) -> tuple[str, ...]:
     """Exclude patterns (shell-style, e.g. 'conv1' or '*.classifier') as a tuple; one
-    string is one pattern, not a sequence of one-character patterns."""
-    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    bad = next((p for p in patterns if not isinstance(p, str)), None)
-    if bad is not None:
+    string is one pattern, not a sequence of one-character patterns; None is none."""
+    if exclude is None:
+        return ()
+    if isinstance(exclude, str):
+        return (exclude,)
+    patterns = tuple(exclude) if isinstance(exclude, Iterable) and \
+        not isinstance(exclude, (bytes, Mapping)) else (exclude,)
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
         raise SpdyError(f"exclude patterns must be strings such as 'classifier' or '*.fc2', "
-                        f"got a {type(bad).__name__}")
+                        f"got a {type(bad[0]).__name__}")
     return patterns
 
 

@@ -227,6 +227,16 @@ class RunSettings:
     def __post_init__(self) -> None:
         check_target(self.speedup)
         object.__setattr__(self, "exclude", exclude_patterns(self.exclude))
+        kinds = {"search": SearchConfig, "fast": FastConfig, "calibration": CalibrationSpec,
+                 "gap": (GapSettings, type(None))}
+        wrong = next((name for name, kind in kinds.items()
+                      if not isinstance(getattr(self, name), kind)), None)
+        if wrong is not None:
+            expected = "GapSettings" if wrong == "gap" else kinds[wrong].__name__
+            raise SpdyError(f"{wrong} must be a {expected}"
+                            f"{' or None' if wrong == 'gap' else ''}, not "
+                            f"{type(getattr(self, wrong)).__name__}; pass "
+                            f"{wrong}={expected}(...)")
         if self.errors not in ("auto", "prior", "database"):
             raise SpdyError(f"--errors {self.errors!r}: use auto, prior or database")
         if self.search_samples < 1:

@@ -124,8 +124,11 @@ class Planner:
             raise SpdyError(f"errors given for layer {extra[0]!r}, which is not in the timing "
                             "table; the errors belong to another model or table")
         try:
-            rows = [np.asarray(errors[name], dtype=np.float64) for name in self.layers]
-        except (TypeError, ValueError):
+            rows = [np.asarray(errors[name]) for name in self.layers]
+            if any(row.dtype.kind not in "iuf" for row in rows):   # (strings, objects, bools)
+                raise TypeError
+            rows = [row.astype(np.float64) for row in rows]
+        except (TypeError, ValueError, OverflowError):
             raise SpdyError("errors must be lists of numbers, one per option of the "
                             "table") from None
         if any(row.shape != (len(self.options),) for row in rows):
@@ -260,6 +263,8 @@ def load_errors(path: str | os.PathLike, options: Sequence[SparsityOption]
         raise SpdyError(f"{path}: its options differ from the timing table's; "
                         "compute the errors for the table's option grid")
     rows = require(doc, "layers", dict, path)
-    if not all(isinstance(row, list) for row in rows.values()):
+    if not all(isinstance(row, list) and all(isinstance(v, (int, float))
+                                             and not isinstance(v, bool) for v in row)
+               for row in rows.values()):
         raise SpdyError(f"{path}: errors must be lists of numbers; regenerate the file")
     return rows

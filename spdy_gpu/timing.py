@@ -134,6 +134,9 @@ class TimingTable:
             if layer.median_ms[0] is None:
                 raise SpdyError(f"layer {layer.name!r} has no dense time; "
                                 "every layer must run dense")
+            if layer.kind not in ("linear", "conv2d"):
+                raise SpdyError(f"layer {layer.name!r} is of kind {layer.kind!r}; a table "
+                                "times linear and conv2d layers; the file is malformed")
             if len(layer.gemm) != 3 or min(layer.gemm[:2]) < 1 or layer.gemm[2] < 0:
                 raise SpdyError(f"layer {layer.name!r} has GEMM {list(layer.gemm)}; it must be "
                                 "[N >= 1, K >= 1, M >= 0]; the file is malformed")
@@ -196,7 +199,7 @@ class TimingTable:
             layers = tuple(
                 LayerTiming(name=require(l, "name", str, path),
                             kind=str(l.get("kind", "linear")),
-                            gemm=tuple(int(x) for x in l["gemm"]),
+                            gemm=tuple(_whole(x) for x in l["gemm"]),
                             median_ms=tuple(l["median_ms"]), spread_ms=tuple(l["spread_ms"]),
                             note=str(l.get("note", "")))
                 for l in entries)
@@ -215,6 +218,14 @@ class TimingTable:
                 model=require(doc, "model", str, path) if "model" in doc else "",
                 estimated=require(doc, "estimated", bool, path) if "estimated" in doc
                 else False,
-                provenance=dict(doc.get("provenance", {})))
+                provenance=require(doc, "provenance", dict, path) if "provenance" in doc
+                else {})
         except SpdyError as e:
             raise located(path, e) from None
+
+
+def _whole(value: Any) -> int:
+    """A GEMM size read from a file: an integer (32.5 is refused, not truncated)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"GEMM size {value!r} is not a whole number")
+    return value

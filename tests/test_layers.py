@@ -97,8 +97,13 @@ def test_one_exclude_string_is_one_pattern_not_its_characters():
     assert exclude_patterns(["a", "*.b"]) == ("a", "*.b")
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     assert list(prunable_modules(model, "2")) == ["0"]
-    with pytest.raises(SpdyError, match="exclude patterns must be strings"):
-        exclude_patterns(["a", 2])
+    assert exclude_patterns(None) == ()
+    for wrong, kind in ((["a", 2], "int"), (3, "int"), (b"fc2", "bytes"), (["a", None], "None")):
+        with pytest.raises(SpdyError, match=f"exclude patterns must be strings .* got a {kind}"):
+            exclude_patterns(wrong)
+    with pytest.raises(SpdyError, match=r"search must be a SearchConfig, not dict; pass "
+                                        r"search=SearchConfig\(...\)"):
+        RunSettings(speedup=2.0, search={"max_evaluations": 3})
     assert RunSettings(speedup=2.0, exclude="fc2").exclude == ("fc2",)
 
 

@@ -87,6 +87,9 @@ def test_errors_are_matched_by_name_not_position(toy_table):
         planner.solve(1.2, np.zeros((3, 4)))
     with pytest.raises(SpdyError, match="finite and >= 0"):
         planner.solve(1.2, {**errors, "layer0": [0, -1, 0, 0]})
+    for odd in (["0", "0.1", "0", "0"], [0, 10**400, 0, 0]):
+        with pytest.raises(SpdyError, match="errors must be lists of numbers"):
+            planner.solve(1.2, {**errors, "layer0": odd})
     with pytest.raises(SpdyError, match="4 errors per layer"):
         planner.solve(1.2, {**errors, "layer0": [0, 1]})
     # an excluded layer's errors are ignored, not refused

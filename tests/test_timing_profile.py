@@ -80,6 +80,9 @@ def test_edited_or_malformed_profiles_are_refused_in_one_line(tmp_path, toy_tabl
     (lambda d: d["layers"].__setitem__(0, [1, 2]), "layer entry 0 is a list, not an object"),
     (lambda d: d.update(estimated="no"), "field 'estimated' has type str"),
     (lambda d: d.update(model=3), "field 'model' has type int"),
+    (lambda d: d.update(provenance=[1]), "field 'provenance' has type list"),
+    (lambda d: d["layers"][0].update(gemm=[8, 8.5, 4]), "GEMM size 8.5 is not a whole number"),
+    (lambda d: d["layers"][0].update(kind="lstm"), "is of kind 'lstm'; a table times linear"),
     (lambda d: [layer.update(median_ms=[1e308] * 4) for layer in d["layers"]],
      "too large to add up"),
     (lambda d: d.update(dense_total_ms=1e308), "dense_total_ms 1e\\+308 is not within 1000x "

@@ -256,6 +256,7 @@ def test_measured_spec_round_trips_and_bad_files_are_refused(tmp_path):
     ("bandwidth", "NaN", "bandwidth nan is not a GPU's"),
     ("bandwidth", "1e-300", r"bandwidth 1e-300 is not a GPU's \(expected 1e\+09 .. 1e\+15\)"),
     ("peak_flops", '{"bf16": Infinity}', "peak_flops.bf16 inf is not a GPU's"),
+    ("peak_flops", '{"bf16": "1e15"}', "peak_flops.bf16 is '1e15', not a number"),
     ("peak_flops", "{}", "no peak FLOP/s given"),
     ("kernel_floor_ms", "NaN", "kernel_floor_ms nan is not a GPU's"),
     ("kernel_floor_ms", "1e308", "kernel_floor_ms 1e\\+308 is not a GPU's"),

@@ -129,7 +129,8 @@ class DeepSparseBackend:
         self.ds = _deepsparse()
         require_onnx()
         available = int(self.ds.cpu.cpu_architecture().num_available_physical_cores)
-        if threads is not None and not 1 <= threads <= available:
+        if threads is not None and not (isinstance(threads, int) and not isinstance(threads, bool)
+                                        and 1 <= threads <= available):
             raise SpdyError(f"--threads {threads} is not possible here: this machine has "
                             f"{available} available cores; pass 1..{available}")
         if repeats < 0 or min(repeats or 1, iterations, engines) < 1 or warmup < 0:
