@@ -725,11 +725,13 @@ def _kept_guarantee(planner: Planner, database: Database, costs: Mapping[str, An
         return None, None
     try:
         doc = load_json(path, GUARANTEE_FORMAT, GUARANTEE_VERSION)
-        rounds = _checked_rounds(doc["rounds"])
-        kept = next(r for r in rounds if r.get("kept"))
+        rounds = _checked_rounds(doc["rounds"], settings, planner.table.dense_total_ms)
+        kept = next((r for r in rounds if r.get("kept")), None)
+        if kept is None:
+            raise SpdyError("no round is marked kept")
         measured = Measurement(**{f.name: kept[f.name]
                                   for f in dataclasses.fields(Measurement)})
-    except (SpdyError, KeyError, TypeError, AttributeError, StopIteration) as e:
+    except (SpdyError, KeyError, TypeError, AttributeError) as e:
         log.warning("not reusing %s: it is damaged (%s)", path, e)
         return None, None
     if doc.get("key") != _guarantee_key(planner, costs, settings):
@@ -750,9 +752,11 @@ def _kept_guarantee(planner: Planner, database: Database, costs: Mapping[str, An
     return profile, pruned
 
 
-def _checked_rounds(rounds: Any) -> list[dict[str, Any]]:
+def _checked_rounds(rounds: Any, settings: RunSettings,
+                    table_dense_ms: float) -> list[dict[str, Any]]:
     """A guarantee.json's rounds, refused (SpdyError) where a number the report prints is
-    not a finite number > 0 or a measured speedup is not its dense / pruned time."""
+    not a finite number > 0, or a measured speedup is not its dense / pruned time, or
+    'met' and 'machine_slow' are not what the rules make of the measurement."""
     if not isinstance(rounds, list) or not rounds:
         raise SpdyError("it holds no rounds")
     for r in rounds:
@@ -765,6 +769,11 @@ def _checked_rounds(rounds: Any) -> list[dict[str, Any]]:
                             rel_tol=1e-9):
             raise SpdyError(f"round {r.get('round')!r}: measured_speedup is not dense_ms / "
                             "pruned_ms")
+        met = r["measured_speedup"] >= settings.speedup * (1 - settings.tolerance)
+        slow = dense_off_table(r["dense_ms"], table_dense_ms)
+        if r.get("met") is not met or r.get("machine_slow") is not slow:
+            raise SpdyError(f"round {r.get('round')!r}: its met / machine_slow flags are not "
+                            "what its measurement gives")
     return rounds
 
 

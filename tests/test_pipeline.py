@@ -140,6 +140,9 @@ def test_a_second_run_reuses_every_stage_and_ends_the_same(tmp_path):
     lambda kept: kept.update(dense_ms=0),
     lambda kept: kept.update(measured_speedup="x"),
     lambda kept: kept.update(measured_speedup=kept["measured_speedup"] * 2),
+    lambda kept: kept.update(met=not kept["met"]),
+    lambda kept: kept.update(machine_slow=not kept["machine_slow"]),
+    lambda kept: kept.update(kept=False),
 ])
 def test_an_edited_guarantee_is_measured_again_not_reported(tmp_path, edit, caplog):
     first = run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
@@ -150,7 +153,8 @@ def test_an_edited_guarantee_is_measured_again_not_reported(tmp_path, edit, capl
     backend = FakeBackend()
     with caplog.at_level("WARNING"):
         again = run(ENTRY, ModelSetting(), backend, settings(), tmp_path, progress=False)
-    assert "not reusing" in caplog.text and backend.latency_calls > 0
+    assert "not reusing" in caplog.text and "damaged ()" not in caplog.text
+    assert backend.latency_calls > 0
     assert "reused" not in again.stages["guarantee"]
     assert again.profile.choices == first.profile.choices
     assert again.measured == first.measured
