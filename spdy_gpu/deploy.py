@@ -205,10 +205,11 @@ def save_pruned(model: nn.Module, path: PathLike, *, profile: ProfileLike | Plan
         raise SpdyError(f"layer {converted} was converted by sparsify_, and save_pruned writes "
                         "dense tensors with zeros; save before sparsify_, or write the "
                         "deployment artifact with save_block_sparse")
-    reserved = sorted({"format", "version", "choices", "model", "profile"} & set(metadata or {}))
+    reserved = sorted({"format", "version", "choices", "model"} & set(metadata or {}))
     if reserved:
         raise SpdyError(f"metadata {', '.join(map(repr, reserved))} is save_pruned's own "
-                        "(format and profile); pass other keys")
+                        "(the file's format and the profile's model and choices); pass "
+                        "other keys")
     path = check_output_file(path)
     meta = {"format": PRUNED_FORMAT, "version": ARTIFACT_VERSION}
     if profile is not None:
