@@ -329,6 +329,8 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
         result = _search(planner, database, base, scorer, settings, out, progress)
         report.search = _search_summary(result, scorer.loss_name)
         note.update(evaluations=result.evaluations, stopped=result.stopped)
+        if result.resumed:
+            note["resumed"] = True
     # the searched costs: each layer's base errors times its coefficient
     costs = {name: result.coefficients[name] * base[name] for name in planner.layers}
     with _stage(report, "guarantee") as note:

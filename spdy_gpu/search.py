@@ -84,6 +84,7 @@ class SearchResult:
     stopped: str                         # "converged", "evaluations" or "minutes"
     seconds: float
     history: list[tuple[int, float]]     # (candidates tried, best score) at each improvement
+    resumed: bool = False                # went on from a saved state of this search
 
 
 @dataclass
@@ -168,8 +169,8 @@ def search(planner: Planner, speedup: float, score: Score, *,
     base = planner.error_matrix(errors)                           # [layers, options]
     layers = len(planner.layers)
     key = _state_key(planner, speedup, base, config, identity)
-    state = (_resume(checkpoint, key, replace_other, layers)
-             or _State(rng=np.random.default_rng(config.seed)))
+    resumed = _resume(checkpoint, key, replace_other, layers)
+    state = resumed or _State(rng=np.random.default_rng(config.seed))
     option_index = {o: i for i, o in enumerate(planner.options)}
     started = time.monotonic() - state.seconds
     stopped = "converged"
@@ -205,7 +206,8 @@ def search(planner: Planner, speedup: float, score: Score, *,
     return SearchResult(
         coefficients=dict(zip(planner.layers, state.best.tolist())), choices=best,
         score=state.best_score, evaluations=state.evaluations, candidates=state.candidates,
-        stopped=stopped, seconds=state.seconds, history=list(state.history))
+        stopped=stopped, seconds=state.seconds, history=list(state.history),
+        resumed=resumed is not None)
 
 
 def _checked(value: float, choices: Choices) -> float:

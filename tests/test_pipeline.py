@@ -130,6 +130,7 @@ def test_a_second_run_reuses_every_stage_and_ends_the_same(tmp_path):
     again = run(ENTRY, ModelSetting(), backend, settings(), tmp_path, progress=False)
     assert again.stages["timings"]["reused"] and again.stages["database"]["reused"]
     assert again.stages["guarantee"]["reused"] and backend.latency_calls == 0
+    assert again.stages["search"]["resumed"] and "resumed" not in first.stages["search"]
     assert again.profile.choices == first.profile.choices
     assert again.search["evaluations"] == first.search["evaluations"]
     assert again.rounds == first.rounds and again.measured == first.measured
