@@ -740,7 +740,11 @@ def _kept_guarantee(planner: Planner, database: Database, costs: Mapping[str, An
         return None, None
     profile = dataclasses.replace(planner.solve(kept["solved_for"], costs),
                                   target_speedup=settings.speedup)
-    if choices_digest(profile.choices) != kept.get("choices_sha256"):
+    if "choices_sha256" not in kept:
+        log.warning("not reusing %s: written by an older spdy-gpu (its rounds do not say "
+                    "which profile they measured); measuring again", path)
+        return None, None
+    if choices_digest(profile.choices) != kept["choices_sha256"]:
         log.warning("not reusing %s: its kept round measured another profile than the one "
                     "it re-solves to (edited?); measuring again", path)
         return None, None
