@@ -504,7 +504,8 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor
     indices = indices or layout_indices(crow_indices)
     interpret = x.device.type != "cuda" or interpret_requested()
     stream_ok, direct_ok = _schedules(m, stream_k)
-    use_stream = _use_stream_k(m, stream_k)     # the interpreter's and a fixed block_t's
+    # untuned launches (the interpreter, a fixed block_t: always the direct schedule's tile)
+    use_stream = _use_stream_k(m, stream_k) and block_t is None
     bn, bk = int(values.shape[1]), int(values.shape[2])
     n_rows, nnz = crow_indices.numel() - 1, int(values.shape[0])
     n_empty = int(indices.empty_rows.numel())
@@ -548,7 +549,7 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor
         _set_boxes({**dict(zip(_KERNEL.arg_names, args)), **meta, **fixed})
         _interpreted()[grid](*args, **meta, **fixed)
     elif block_t is not None:
-        fixed = dict(BLOCK_T=block_t, GROUP_T=8, WAVES=2, STREAM_K=False)
+        fixed = dict(BLOCK_T=block_t, GROUP_T=8, WAVES=2, STREAM_K=use_stream)
         _set_boxes({**dict(zip(_KERNEL.arg_names, args)), **meta, **fixed})
         _KERNEL[grid](*args, **meta, **fixed, num_warps=8 if bn * block_t > 8192 else 4,
                       num_stages=3 if bn * block_t > 8192 else 4)
@@ -609,6 +610,9 @@ def _check(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch
         problem = f"stream_k={stream_k} needs M <= {SMALL_M} rows and a count >= 0"
     elif block_t is not None and block_t not in (16, 32, 64, 128, 256):
         problem = f"block_t={block_t} must be a power of two in 16..256"
+    elif block_t is not None and stream_k:
+        problem = (f"block_t sets the direct schedule's token tile, and stream_k={stream_k} "
+                   "asks for stream-K; pass one of them")
     elif out is not None and (out.shape != (*x.shape[:-1], n) or out.dtype != x.dtype
                               or out.device != x.device or not out.is_contiguous()):
         problem = (f"out must be a contiguous {x.dtype} tensor of shape {(*x.shape[:-1], n)} "

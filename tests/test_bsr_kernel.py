@@ -133,6 +133,7 @@ def test_forced_token_tiles(block_t):
     packed = _case(64, 64, 16, 0.5, F16, seed=block_t)
     x, bias = _inputs((50, 64), 64, F16, seed=block_t)
     _check(x, packed, bias, stream_k=0, block_t=block_t)
+    _check(x, packed, bias, block_t=block_t)         # M <= 64 too: block_t is a direct tile
 
 
 @pytest.mark.parametrize("m", [6, 70])
@@ -202,6 +203,7 @@ def test_bad_calls_raise_one_line_errors():
         (lambda: bsr_linear(x, packed, out=torch.empty(4, 32)), "out must be"),
         (lambda: bsr_linear(torch.randn(100, 32).half(), packed, stream_k=2), "stream_k"),
         (lambda: bsr_linear(x, packed, block_t=48), "block_t"),
+        (lambda: bsr_linear(x[:8], packed, block_t=16, stream_k=2), "pass one of them"),
         (lambda: bsr_linear(torch.randn(32, 4).half().t(), packed, tma=True), "tma=True"),
         (lambda: bsr_matmul.bsr_linear(x, packed.values, packed.crow_indices.long(),
                                        packed.col_indices, packed.shape), "int32"),
