@@ -7,7 +7,7 @@ and tuned), 2:4 semi-structured sparsity and the roofline, in one command.
 
 On a CUDA GPU, in this order (one process, so a 10-minute call holds all of it):
 1. Correctness, before any timing: every block shape (16x16, 32x32, 64x64, 128x128, 64x32,
-   64x16), both schedules (stream-K at small M with stream_k=None, direct with stream_k=0),
+   64x16), both schedules (stream-K forced with stream_k=8 at small M, direct with stream_k=0),
    TMA on and off, strided / transposed / misaligned / 3-D X, an empty weight (0 blocks),
    bias + activation, BLOCK_T=256; each against float64 into a NaN-poisoned `out=`, relative
    Frobenius error limits fp16 2e-3, bf16 1e-2. These run with fixed tiles (`block_t`), one
@@ -202,27 +202,27 @@ def correctness_checks(tma_on: bool | None, quick: bool, big_m: int) -> list[Che
         # a partial last block-row and block-column; K * 2 bytes stays 16-byte aligned
         shape = dict(block=(bn, bk), n=3 * bn + bn // 2, k=4 * bk + 8)
         checks += [
-            Check("stream-K, TMA", dtype=one, m=37, tma=tma_on, block_t=64, **shape),
+            Check("stream-K, TMA", dtype=one, m=37, stream_k=8, tma=tma_on, **shape),
             Check("direct (stream_k=0), TMA", dtype=one, m=37, stream_k=0, tma=tma_on,
                   block_t=64, **shape),
             Check("direct, pointers, bias+relu", dtype=other, m=big_m, tma=False, block_t=128,
                   bias=True, activation="relu", **shape)]
         if not quick:
             checks.append(Check("stream-K, pointers, bias+gelu_tanh", dtype=other, m=5,
-                                tma=False, block_t=16, bias=True, activation="gelu_tanh",
+                                stream_k=8, tma=False, bias=True, activation="gelu_tanh",
                                 **shape))
     shape = dict(block=(64, 64), n=224, k=264)
     checks += [
-        Check("strided X (column stride 2)", dtype="fp16", m=37, block_t=64, layout="strided",
+        Check("strided X (column stride 2)", dtype="fp16", m=37, stream_k=8, layout="strided",
               **shape),
         Check("transposed X", dtype="bf16", m=big_m, block_t=128, layout="transposed", **shape),
-        Check("empty weight (0 blocks), bias+gelu", dtype="bf16", m=16, block_t=16,
+        Check("empty weight (0 blocks), bias+gelu", dtype="bf16", m=16, stream_k=8,
               sparsity=1.0, bias=True, activation="gelu", **shape),
         Check("empty weight (0 blocks), direct", dtype="fp16", m=big_m, stream_k=0,
               block_t=128, sparsity=1.0, bias=True, **shape)]
     if not quick:
         checks += [
-            Check("transposed X, stream-K", dtype="fp16", m=16, block_t=16, layout="transposed",
+            Check("transposed X, stream-K", dtype="fp16", m=16, stream_k=8, layout="transposed",
                   **shape),
             Check("misaligned X (2-byte offset)", dtype="fp16", m=100, block_t=64,
                   layout="misaligned", **shape),
