@@ -76,9 +76,9 @@ class GapSettings:
 
     def __post_init__(self) -> None:
         # run and compare take these as --gap-lr / --gap-epochs, spdy-gpu gap as --lr ...
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
             raise SpdyError(f"gAP learning rate {self.lr} (--gap-lr; --lr of spdy-gpu gap) "
-                            "must be a finite number > 0, e.g. 1e-5")
+                            "must be in (0, 1], e.g. 1e-5 (Adam's steps are about lr)")
         if self.epochs < 1:
             raise SpdyError(f"gAP epochs {self.epochs} (--gap-epochs; --epochs of spdy-gpu "
                             "gap) must be >= 1")

@@ -77,6 +77,7 @@ def database_args(tmp_path, *more, model=SPEC):
     ({"lr": -1.0}, "gAP learning rate -1.0 .*--gap-lr"),
     ({"lr": math.nan}, "gAP learning rate nan"),
     ({"lr": math.inf}, "gAP learning rate inf"),
+    ({"lr": 1e38}, r"gAP learning rate 1e\+38 .* must be in \(0, 1\]"),
     ({"epochs": 0}, "gAP epochs 0 .*--gap-epochs"),
     ({"patience": -1}, "--patience -1"),
 ])

@@ -15,7 +15,7 @@ import traceback
 from ..errors import SpdyError, first_line
 
 DEBUG_HELP = "on an error, also print the full traceback (with the original cause)"
-RESUMABLE = ("timings", "database", "run", "compare")   # keep their progress on disk
+RESUMABLE = ("timings", "database", "gap", "run", "compare")   # keep their progress on disk
 
 
 class _Parser(argparse.ArgumentParser):
