@@ -364,21 +364,26 @@ def format_comparison(report: CompareReport) -> str:
         lines += [f"## {target['target']:g}x (every method solved for "
                   f"{target['solved_for']:.3f}x, SPDY's guaranteed budget; evolution given "
                   f"{target['evaluations']} evaluations like SPDY; loss: {target['loss']})", "",
-                  "| method | predicted | measured (spread ms) | "
-                  + " | ".join(metrics) + " | held-out loss | layers pruned | mean sparsity |",
+                  _table_row(["method", "predicted", "measured (spread ms)", *metrics,
+                              "held-out loss", "layers pruned", "mean sparsity"]),
                   "|---" * (6 + len(metrics)) + "|"]
         for row in target["rows"]:
             if row.get("unreachable"):
-                lines.append(f"| {row['method']} | unreachable | | "
-                             + " | ".join("" for _ in metrics) + " | | | |")
+                lines.append(_table_row([row["method"], "unreachable", "",
+                                         *("" for _ in metrics), "", "", ""]))
                 continue
-            values = " | ".join(_number(row["quality"].get(m)) for m in metrics)
-            lines.append(f"| {row['method']} | {row['predicted_speedup']:.3f}x | "
-                         f"{row['measured_speedup']:.3f}x ({row['spread_ms']:.2g}) | {values} | "
-                         f"{row['held_out_loss']:.4g} | {row['layers_pruned']} | "
-                         f"{row['mean_sparsity']:.2f} |")
+            lines.append(_table_row([
+                row["method"], f"{row['predicted_speedup']:.3f}x",
+                f"{row['measured_speedup']:.3f}x ({row['spread_ms']:.2g})",
+                *(_number(row["quality"].get(m)) for m in metrics),
+                f"{row['held_out_loss']:.4g}", str(row["layers_pruned"]),
+                f"{row['mean_sparsity']:.2f}"]))
         lines.append("")
     return "\n".join(lines)
+
+
+def _table_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def _metric_names(target: Mapping[str, Any]) -> list[str]:

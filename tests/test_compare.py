@@ -225,3 +225,17 @@ def test_an_estimated_backend_is_refused_before_any_work(tmp_path):
         compare(QUALITY_ENTRY, ModelSetting(), Estimated(), compare_settings(2.0), tmp_path,
                 progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_markdown_table_has_one_cell_per_column_without_quality_metrics():
+    from types import SimpleNamespace
+
+    from spdy_gpu.compare import format_comparison
+    row = {"method": "spdy", "predicted_speedup": 1.5, "measured_speedup": 1.49,
+           "spread_ms": 0.01, "quality": {}, "held_out_loss": 0.1, "layers_pruned": 2,
+           "mean_sparsity": 0.5}
+    target = {"target": 1.5, "solved_for": 1.5, "evaluations": 10, "loss": "nmse",
+              "rows": [row, {"method": "uniform", "unreachable": True}]}
+    report = SimpleNamespace(model="m", backend="b", to_json=lambda: {"targets": [target]})
+    table = [line for line in format_comparison(report).splitlines() if line.startswith("|")]
+    assert len(table) == 4 and {line.count("|") for line in table} == {7}     # 6 columns
