@@ -137,3 +137,11 @@ def test_options_and_grid_flags_together_are_refused(tmp_path, capsys):
                  "--out", str(tmp_path / "t.json")])
     assert code == 2 and "--options lists the options itself, so --levels, --block would be " \
         "ignored; drop one or the other" in capsys.readouterr().err
+
+
+def test_a_plot_of_a_dense_only_grid_is_refused_before_measuring(tmp_path, capsys):
+    code = main(["timings", "--model", SPEC, "--backend", "triton", "--estimate", "h100-sxm",
+                 "--options", "dense", "--out", str(tmp_path / "t.json"),
+                 "--plot", str(tmp_path / "t.png")])
+    assert code == 2 and "the grid has no sparse option" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()

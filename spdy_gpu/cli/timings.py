@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..backends import check_options_supported
+from ..errors import SpdyError
 from ..jsonio import check_output_file
 from ..layers import discover_layers, prunable_modules, warn_unmatched_excludes
 from ..plots import check_plot_file
@@ -54,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     entry, setting = model_from_args(args)
     backend = backend_from_args(args)
     options = options_from_args(args, backend.default_pattern)
+    if args.plot and all(option.pattern == "dense" for option in options):
+        raise SpdyError("--plot draws speedups over dense, and the grid has no sparse "
+                        "option; add some (--options, --levels) or drop --plot")
     started = time.perf_counter()
     model, example = entry.build(setting)
     layers = discover_layers(model, example, excluded_by(args, entry))
