@@ -15,6 +15,15 @@ from typing import Any
 
 from .errors import SpdyError
 
+TEMPORARY = ".tmp"      # replacing's files: .NAME.<12 hex digits>.tmp next to NAME
+
+
+def leftover_temporaries(directory: Path) -> list[Path]:
+    """The files `replacing` writes before their rename, in `directory`: left there only
+    by a killed writer when the caller holds the directory's lock."""
+    return [p for p in directory.glob(f".*{TEMPORARY}")
+            if re.fullmatch(rf"\..+\.[0-9a-f]{{12}}{re.escape(TEMPORARY)}", p.name)]
+
 
 @contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
@@ -29,7 +38,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _new_file(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        tmp = _new_file(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{TEMPORARY}")
     except OSError as e:
         raise _cannot_write(path, e) from e
     mode = os.stat(tmp).st_mode

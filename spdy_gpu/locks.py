@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import SpdyError
+from .jsonio import leftover_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ def exclusive_directory(directory: str | os.PathLike, what: str = "directory") -
                         "writable path") from None
     lock = directory / LOCK_NAME
     fd = _acquire(lock, what)
+    for leftover in leftover_temporaries(directory):     # a killed writer's, now ours
+        log.info("removing %s, left by an interrupted write", leftover)
+        leftover.unlink(missing_ok=True)
     try:
         yield directory
     finally:

@@ -310,3 +310,12 @@ def test_scratch_directories_a_killed_process_left_are_removed_and_live_ones_kep
             assert scratch.parent == tmp_path and (scratch / LOCK_NAME).exists()
         assert not abandoned.exists() and not scratch.exists()
         assert fresh.exists() and unlocked.exists() and held.exists()
+
+
+def test_taking_a_directory_removes_the_temporaries_a_killed_writer_left(tmp_path):
+    stale = tmp_path / ".model.onnx.0123456789ab.tmp"     # as jsonio.replacing names them
+    stale.write_bytes(b"half")
+    mine = tmp_path / ".notes.tmp"                        # not replacing's: kept
+    mine.write_bytes(b"")
+    with exclusive_directory(tmp_path):
+        assert not stale.exists() and mine.exists()
