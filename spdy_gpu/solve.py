@@ -166,6 +166,10 @@ class Planner:
         """Chosen option per searched layer. `matrix` (from error_matrix) skips the name
         check in hot loops that already hold a checked matrix."""
         matrix = self.error_matrix(errors) if matrix is None else matrix
+        # 1x or less is met by the dense model, even where a table's parts add up to a bit
+        # more than its measured whole (separate measurements)
+        if positive_target(speedup) <= 1:
+            return {name: SparsityOption.dense() for name in self.layers}
         grid = self.grid(speedup)
         # Every layer at its least-error option is optimal when it fits; checked on exact
         # times, since the DP's buckets round each layer's time up and can miss an exact fit
@@ -221,6 +225,12 @@ class Planner:
     def _infeasible(self, speedup: float, why: str) -> InfeasibleTargetError:
         best = self.max_speedup
         shown = math.floor(best * 1000) / 1000     # rounded down: asking for it must work
+        if shown <= 1:
+            return InfeasibleTargetError(
+                f"target speedup {speedup:g}x is infeasible: pruning cannot make this model "
+                f"faster on this timing table (its fastest profile is {best:.3f}x of dense; "
+                "the fixed time dominates); exclude fewer layers, or time a larger batch",
+                min_time=self.min_time_ms, max_speedup=best)
         return InfeasibleTargetError(
             f"target speedup {speedup:g}x is infeasible ({why}); the largest achievable "
             f"speedup on this timing table is {shown:.3f}x: ask for at most that",

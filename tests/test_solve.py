@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -48,14 +49,25 @@ def test_infeasible_target_reports_the_largest_speedup(toy_table):
         solve_profile(make_table([[1.0, 0.5]], dense_total=10.0, fixed=9.0), 1.2)
 
 
-def test_the_largest_speedup_named_is_rounded_down_so_asking_for_it_works():
+def test_a_table_whose_parts_exceed_its_total_plans_dense_at_1x_and_says_why_not_more():
     """A tiny model's table can hold more fixed time than its dense total (separate
-    measurements): 1x is then out of reach, and the message must not say 1.000x."""
+    measurements): 1x is the dense model, and a higher target names the cause, not a
+    largest speedup below 1x to ask for."""
     table = make_table([[0.0, 0.0]], dense_total=0.00994, fixed=0.01018)
-    with pytest.raises(InfeasibleTargetError, match=r"is 0\.976x: ask") as info:
-        solve_profile(table, 1.0)
-    assert solve_profile(table, 0.976).predicted_speedup >= 0.976
+    assert solve_profile(table, 1.0).choices["layer0"].pattern == "dense"
+    with pytest.raises(InfeasibleTargetError, match=r"pruning cannot make this model faster "
+                                                    r"on this timing table \(its fastest "
+                                                    r"profile is 0\.976x") as info:
+        solve_profile(table, 1.2)
     assert info.value.max_speedup == pytest.approx(0.00994 / 0.01018)
+
+
+def test_the_largest_speedup_named_is_rounded_down_so_asking_for_it_works(toy_table):
+    planner = Planner(toy_table)
+    with pytest.raises(InfeasibleTargetError, match=r"is (\d\.\d{3})x: ask") as info:
+        planner.solve(100.0)
+    shown = float(re.search(r"is (\d\.\d{3})x: ask", str(info.value))[1])
+    assert shown <= planner.max_speedup and planner.solve(shown).predicted_speedup >= shown
 
 
 @pytest.mark.parametrize("speedup", [0.0, -1.0, math.nan, math.inf])
