@@ -83,8 +83,9 @@ class CalibrationSpec:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.samples < 1 or self.batch_size < 1:
-            raise SpdyError("--samples and --calib-batch-size must be >= 1")
+        for flag, value in (("--samples", self.samples), ("--calib-batch-size", self.batch_size)):
+            if value < 1:
+                raise SpdyError(f"{flag} {value} must be >= 1")
 
     def load(self, entry: ModelEntry, setting: ModelSetting, example: Any) -> Calibration:
         """The batches, and a description of what was really loaded for the records."""

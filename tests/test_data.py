@@ -76,3 +76,10 @@ def test_a_plain_pickle_is_refused_in_one_line_without_torchs_warning(tmp_path, 
         CalibrationSpec(tmp_path / "x.pkl", samples=10, batch_size=10).load(
             entry(0), ModelSetting(), torch.randn(1, 4))
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+def test_a_zero_sample_count_or_batch_size_is_named():
+    with pytest.raises(SpdyError, match="^--samples 0 must be >= 1$"):
+        CalibrationSpec(samples=0)
+    with pytest.raises(SpdyError, match="^--calib-batch-size 0 must be >= 1$"):
+        CalibrationSpec(batch_size=0)
