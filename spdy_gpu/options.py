@@ -157,6 +157,10 @@ def _family(pattern: str, count: int, min_sparsity: float, max_sparsity: float,
     if pattern == "block":
         blocks = block if isinstance(block, list) else [block]
         pairs = [(b, b) if isinstance(b, int) else tuple(b) for b in blocks]
+        wrong = next((pair for pair in pairs if min(pair) < 1), None)
+        if wrong is not None:
+            raise SpdyError(f"--block {'x'.join(map(str, wrong))}: block sides must be >= 1 "
+                            "(e.g. --block 32)")
         return [SparsityOption.blocked(s, rows, cols) for rows, cols in pairs for s in levels]
     raise SpdyError(f"unknown sparsity pattern {pattern!r}; use unstructured, block or nm, or "
                     "several joined by '+' (e.g. block+nm)")

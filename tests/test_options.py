@@ -71,3 +71,8 @@ def test_single_level_grid():
 ])
 def test_a_grid_lists_each_option_once(kwargs, expected):
     assert [o.name for o in option_grid(**kwargs)] == expected
+
+
+def test_a_block_side_below_one_names_the_flag():
+    with pytest.raises(SpdyError, match=r"^--block 0x0: block sides must be >= 1"):
+        option_grid("block", 4, block=[0])
