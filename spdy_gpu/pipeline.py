@@ -344,8 +344,11 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
                             report.notes[earlier_notes:], out / "guarantee.json")
         note["rounds"] = len(report.rounds)
     # made with the model at hand: consumers can check the profile belongs to it
+    # excluded: also the layers the run never timed (their time is in the fixed time)
+    untimed = set(prunable_modules(model)) - set(prunable_modules(model, planner.exclude))
     profile = dataclasses.replace(
-        profile, model_fingerprint=model_fingerprint(model, list(profile.choices)),
+        profile, excluded=tuple(sorted({*profile.excluded, *untimed})),
+        model_fingerprint=model_fingerprint(model, list(profile.choices)),
         provenance={"made_by": "spdy_gpu.run (coefficient search, DP, measured guarantee)",
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "run": str(out), "timings": str(out / "timings.json"),

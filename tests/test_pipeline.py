@@ -424,7 +424,8 @@ def test_excluded_layers_are_not_timed_and_a_table_of_more_layers_is_reused(tmp_
     kept, whole = TimingTable.load(tmp_path / "b" / "timings.json"), TimingTable.load(full)
     assert kept.layer_names == ["2", "4"]
     assert kept.fixed_ms == pytest.approx(whole.fixed_ms + whole.layers[0].median_ms[0])
-    assert Profile.load(tmp_path / "b" / "profile.json").choices.get("0") is None
+    saved = Profile.load(tmp_path / "b" / "profile.json")
+    assert saved.choices.get("0") is None and saved.excluded == ("0",)
     # the other way round: a table missing a layer the run prunes is measured again
     with caplog.at_level("WARNING"):
         run(ENTRY, ModelSetting(), backend,
