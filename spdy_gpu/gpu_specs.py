@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SpdyError
-from .jsonio import load_json, located, require, save_json
+from .jsonio import is_number, load_json, located, require, save_json
 
 SPEC_FORMAT, SPEC_VERSION = "spdy-gpu/gpu-spec", 1
 DTYPES = ("bf16", "fp16", "tf32", "fp32")
@@ -144,6 +144,6 @@ def load_spec(path: str | os.PathLike) -> GpuSpec:
 
 def _number(value: Any, name: str) -> float:
     """A figure read from a spec file: a JSON number (a string such as "1e15" is refused)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not is_number(value):
         raise SpdyError(f"{name} is {value!r}, not a number; regenerate the spec")
     return float(value)

@@ -178,6 +178,11 @@ def require(document: dict[str, Any], key: str, types: type | tuple,
     return value
 
 
+def is_number(value: Any) -> bool:
+    """An int or float, as a JSON number loads (a bool, though an int subclass, is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _as_tuple(types: type | tuple) -> tuple:
     return types if isinstance(types, tuple) else (types,)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .dp import Frontier, TimeGrid
 from .errors import InfeasibleTargetError, SpdyError
-from .jsonio import load_json, require, save_json
+from .jsonio import is_number, load_json, require, save_json
 from .layers import exclude_patterns
 from .options import SparsityOption
 from .profile import Profile
@@ -49,8 +49,7 @@ def check_target(speedup: Any) -> float:
 
 def positive_target(speedup: Any) -> float:
     """A target speedup the DP can budget for: a finite number > 0."""
-    if not (isinstance(speedup, (int, float)) and not isinstance(speedup, bool)
-            and math.isfinite(speedup) and speedup > 0):
+    if not (is_number(speedup) and math.isfinite(speedup) and speedup > 0):
         raise SpdyError(f"target speedup {speedup!r} must be a finite number > 0, e.g. 2.0")
     return float(speedup)
 
@@ -273,8 +272,7 @@ def load_errors(path: str | os.PathLike, options: Sequence[SparsityOption]
         raise SpdyError(f"{path}: its options differ from the timing table's; "
                         "compute the errors for the table's option grid")
     rows = require(doc, "layers", dict, path)
-    if not all(isinstance(row, list) and all(isinstance(v, (int, float))
-                                             and not isinstance(v, bool) for v in row)
+    if not all(isinstance(row, list) and all(is_number(v) for v in row)
                for row in rows.values()):
         raise SpdyError(f"{path}: errors must be lists of numbers; regenerate the file")
     return rows

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SpdyError
-from .jsonio import load_json, located, require, save_json
+from .jsonio import is_number, load_json, located, require, save_json
 from .options import SparsityOption, parse_options
 
 TABLE_FORMAT, TABLE_VERSION = "spdy-gpu/timing-table", 1
@@ -142,8 +142,7 @@ class TimingTable:
                                 "[N >= 1, K >= 1, M >= 0]; the file is malformed")
             for kind, values in (("time", layer.median_ms), ("spread", layer.spread_ms)):
                 for t in values:
-                    number = isinstance(t, (int, float)) and not isinstance(t, bool)
-                    if t is not None and not (number and math.isfinite(t) and t >= 0):
+                    if t is not None and not (is_number(t) and math.isfinite(t) and t >= 0):
                         raise SpdyError(f"layer {layer.name!r} has {kind} {t!r}; times and "
                                         "spreads must be finite and >= 0 (null marks an "
                                         "unsupported option)")
