@@ -23,7 +23,9 @@ class LayerInfo:
     """A prunable layer seen as the GEMM Y[M, N] = X[M, K] @ W[N, K]^T.
 
     n: output features; k: input features * kernel area / groups; m: GEMM rows per forward
-    of the example input (tokens, or batch * output pixels), None if not captured.
+    of the example input (tokens, or batch * output pixels), None if not captured;
+    calls: the rows of each call, where the forward calls the layer more than once (m is
+    their sum; a GPU runs one GEMM per call, not one of m rows).
     """
 
     name: str
@@ -31,6 +33,16 @@ class LayerInfo:
     weight_shape: tuple[int, ...]
     groups: int = 1
     m: int | None = None
+    calls: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.calls and sum(self.calls) != self.m:
+            raise ValueError(f"{self.name}: rows per call {self.calls} do not sum to m={self.m}")
+
+    @property
+    def rows_per_call(self) -> tuple[int, ...]:
+        """GEMM rows of each call of one forward (one call of m rows unless `calls`)."""
+        return self.calls or (() if self.m is None else (self.m,))
 
     @property
     def n(self) -> int:
@@ -252,20 +264,23 @@ def tied_weights(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str
     return tied
 
 
-def _layer_info(name: str, module: nn.Module, m: int | None) -> LayerInfo:
+def _layer_info(name: str, module: nn.Module, rows: list[int] | None) -> LayerInfo:
     kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
     groups = module.groups if kind == "conv2d" else 1
-    return LayerInfo(name, kind, tuple(module.weight.shape), groups, m)
+    m = None if rows is None else sum(rows)
+    calls = tuple(rows) if rows and len(rows) > 1 else ()
+    return LayerInfo(name, kind, tuple(module.weight.shape), groups, m, calls)
 
 
 def _capture_gemm_rows(model: nn.Module, modules: dict[str, nn.Module],
-                       example_inputs: Any) -> dict[str, int]:
-    rows: dict[str, int] = {}
+                       example_inputs: Any) -> dict[str, list[int]]:
+    """GEMM rows of each call of each module in one forward, in call order."""
+    rows: dict[str, list[int]] = {}
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             out_features = module.weight.shape[0]
-            rows[name] = rows.get(name, 0) + output.numel() // out_features
+            rows.setdefault(name, []).append(output.numel() // out_features)
         return record
 
     with hooks_attached([m.register_forward_hook(hook(name)) for name, m in modules.items()]),\

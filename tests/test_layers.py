@@ -39,7 +39,9 @@ def test_gemm_rows_count_tokens_and_repeated_calls():
             return self.proj(self.proj(x))
 
     (layer,) = discover_layers(Shared(), torch.randn(3, 5, 4))
-    assert layer.m == 2 * 15
+    assert layer.m == 2 * 15 and layer.calls == layer.rows_per_call == (15, 15)
+    (once,) = discover_layers(nn.Linear(4, 4), torch.randn(3, 4))
+    assert once.calls == () and once.rows_per_call == (3,)
 
 
 def test_exclusions_are_patterns():

@@ -163,6 +163,15 @@ def test_tiny_layers_sit_on_the_kernel_floor():
         assert estimate_layer_ms(layer, option, H100, "bf16") == H100.kernel_floor_ms
 
 
+def test_a_layer_called_twice_is_estimated_as_two_gemms():
+    once = LayerInfo("fc", "linear", (64, 64), m=16)
+    twice = LayerInfo("fc", "linear", (64, 64), m=16, calls=(8, 8))
+    assert estimate_layer_ms(once, DENSE, H100, "bf16") == H100.kernel_floor_ms
+    assert estimate_layer_ms(twice, DENSE, H100, "bf16") == 2 * H100.kernel_floor_ms
+    with pytest.raises(ValueError, match="do not sum"):
+        LayerInfo("fc", "linear", (64, 64), m=16, calls=(8, 4))
+
+
 def test_non_gemm_costs_skip_prunable_layers_and_views():
     class Block(nn.Module):
         def __init__(self):
@@ -440,6 +449,31 @@ def test_measuring_loop_shares_times_by_shape_and_across_models(tmp_path):
     other = measure(again, TwoLayer(), options)            # another model, same shapes
     assert again.calls == 1                                # only the end-to-end time
     assert other.layers == table.layers
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):                                       # x: [B, 4, 4, 4]
+        x = x.flatten(1)
+        return self.head(self.fc(x) + self.fc(x[:2]).sum(0))
+
+
+def test_a_layer_called_twice_is_timed_as_one_gemm_per_call(tmp_path, monkeypatch):
+    backend = InterpretedBackend(cache_dir=tmp_path)
+    # a stand-in time per call that is not linear in the rows: one GEMM of 8 + 2 rows
+    # would be charged 100 units, the two calls 64 + 4
+    unit = 1e-4
+    monkeypatch.setattr(backend, "_per_call_ms", lambda calls, graphed: (
+        unit * calls[0].args[0].shape[0] ** 2, unit))
+    table = measure(backend, CalledTwice(), [DENSE, block(0.5, 16)])
+    fc, head = table.layers
+    assert fc.gemm == (64, 64, 10)
+    assert fc.median_ms == pytest.approx((68 * unit, 68 * unit))
+    assert fc.spread_ms == pytest.approx((2 * unit, 2 * unit))
+    assert head.median_ms == pytest.approx((64 * unit, 64 * unit))
 
 
 def test_measuring_loop_times_two_four_beside_blocks_under_torch_compile(tmp_path, caplog):

@@ -320,19 +320,24 @@ class TritonBackend(TritonTables):
         for layer, option in tqdm(jobs, desc="triton timings", unit="kernel",
                                     disable=not progress):
             module = gpu_model.get_submodule(layer.name)
-            geometry = "" if getattr(module, "bias", None) is None else "+bias"
-            if layer.kind == "conv2d":
-                geometry += _conv_geometry(module, conv_shapes[layer.name])
-            key = cache_key(device, software, self.dtype, (layer.n, layer.k, layer.m), option,
-                            self.repeats, geometry, mode)
-            timing = cache.get(key) or partial.get(key)
-            hits += timing is not None
-            if timing is None:
-                calls = self._layer_calls(module, layer, option, conv_shapes.get(layer.name))
-                timing = self._per_call_ms(calls, graphed=mode == GRAPHED)
-                cache.put(key, *timing)
-                partial.put(key, *timing)
-            times[(layer.name, option)] = timing
+            bias = "" if getattr(module, "bias", None) is None else "+bias"
+            median = spread = 0.0
+            # A layer the forward calls more than once runs one GEMM per call: each timed.
+            for call, rows in enumerate(layer.rows_per_call):
+                input_shape = conv_shapes[layer.name][call] if layer.kind == "conv2d" else None
+                geometry = bias if input_shape is None else bias + _conv_geometry(module,
+                                                                                  input_shape)
+                key = cache_key(device, software, self.dtype, (layer.n, layer.k, rows), option,
+                                self.repeats, geometry, mode)
+                timing = cache.get(key) or partial.get(key)
+                hits += timing is not None
+                if timing is None:
+                    calls = self._layer_calls(module, layer, option, rows, input_shape)
+                    timing = self._per_call_ms(calls, graphed=mode == GRAPHED)
+                    cache.put(key, *timing)
+                    partial.put(key, *timing)
+                median, spread = median + timing[0], spread + timing[1]
+            times[(layer.name, option)] = (median, spread)
         provenance = {"method": f"triton.testing.do_bench median over a run of up to "
                                 f"{MAX_COPIES} calls on distinct weight copies, L2 flushed "
                                 f"before each run, per call; x{self.repeats}",
@@ -344,9 +349,11 @@ class TritonBackend(TritonTables):
         return times, latencies["model"].median_ms, provenance
 
     def _layer_calls(self, module: nn.Module, layer: LayerInfo, option: SparsityOption,
-                     input_shape: tuple[int, ...] | None) -> list[Callable[[], torch.Tensor]]:
+                     rows: int, input_shape: tuple[int, ...] | None
+                     ) -> list[Callable[[], torch.Tensor]]:
         """The layer's call as deployed on each of `_copies` copies of its weights, all on
-        one random input of the layer's real shape (never zeros)."""
+        one random input of the call's real shape (`rows` x K, or a conv's `input_shape`;
+        never zeros)."""
         copies = range(self._copies(module.weight))
         if layer.kind == "conv2d":
             x = torch.randn(input_shape, device=self.device, dtype=self.torch_dtype)
@@ -358,7 +365,7 @@ class TritonBackend(TritonTables):
                                                       block=kernel_block(option.block))
                          for _ in copies]
             return [functools.partial(conv, x) for conv in convs]
-        x = torch.randn(layer.m, layer.k, device=self.device, dtype=self.torch_dtype)  # [M, K]
+        x = torch.randn(rows, layer.k, device=self.device, dtype=self.torch_dtype)    # [M, K]
         weight = module.weight.detach()                                               # [N, K]
         bias = None if module.bias is None else module.bias.detach()
         if option.pattern == "dense":
@@ -498,15 +505,16 @@ def _check_triton() -> None:
 
 
 def _capture_input_shapes(model: nn.Module, inputs: Any,
-                          names: list[str]) -> dict[str, tuple[int, ...]]:
-    """Input shape of each named module in one forward (convs need more than N, K, M)."""
-    shapes: dict[str, tuple[int, ...]] = {}
+                          names: list[str]) -> dict[str, list[tuple[int, ...]]]:
+    """Input shape of each call of each named module in one forward, in call order (convs
+    need more than N, K, M)."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
     if not names:
         return shapes
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
-            shapes.setdefault(name, tuple(args[0].shape))
+            shapes.setdefault(name, []).append(tuple(args[0].shape))
         return record
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]

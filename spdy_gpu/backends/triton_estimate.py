@@ -130,16 +130,21 @@ def fixed_ms(costs: list[OpCost], spec: GpuSpec, dtype: str, fused: bool) -> flo
 
 def estimate_layer_ms(layer: LayerInfo, option: SparsityOption, spec: GpuSpec,
                       dtype: str) -> float:
-    """Roofline time of a layer's GEMM under `option` (block options packed into the kernel's
-    block; 2:4 on sparse tensor cores), never under the kernel floor."""
+    """Roofline time of a layer's GEMMs under `option` (block options packed into the
+    kernel's block; 2:4 on sparse tensor cores), one GEMM per call of the layer, each never
+    under the kernel floor."""
+    return math.fsum(_gemm_ms(layer, rows, option, spec, dtype) for rows in layer.rows_per_call)
+
+
+def _gemm_ms(layer: LayerInfo, m: int, option: SparsityOption, spec: GpuSpec,
+             dtype: str) -> float:
+    ceilings = dict(peak_flops=spec.peak(dtype), bandwidth=spec.bandwidth)
     if option.pattern == "nm":
-        ideal = semi_structured_ms(layer.n, layer.k, layer.m, DTYPES[dtype].itemsize,
-                                   peak_flops=spec.peak(dtype), bandwidth=spec.bandwidth)
-        return max(ideal, spec.kernel_floor_ms)
-    block = kernel_block(option.block) if option.pattern == "block" else None
-    ideal = roofline_ms(layer.n, layer.k, layer.m, option.density if block else 1.0, block,
-                        DTYPES[dtype].itemsize, peak_flops=spec.peak(dtype),
-                        bandwidth=spec.bandwidth)
+        ideal = semi_structured_ms(layer.n, layer.k, m, DTYPES[dtype].itemsize, **ceilings)
+    else:
+        block = kernel_block(option.block) if option.pattern == "block" else None
+        ideal = roofline_ms(layer.n, layer.k, m, option.density if block else 1.0, block,
+                            DTYPES[dtype].itemsize, **ceilings)
     return max(ideal, spec.kernel_floor_ms)
 
 
