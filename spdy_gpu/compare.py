@@ -125,6 +125,10 @@ def compare(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
     with exclusive_directory(out_dir, "comparison directory") as out:
         report = _resume(out, entry, backend, setting, settings)
         done = {t["target"] for t in report.targets}
+        earlier = sorted(done - set(settings.speedups))
+        if earlier:
+            log.warning("the report also lists %s, compared earlier in %s (use another --out "
+                        "for the new targets alone)", ", ".join(f"{t:g}x" for t in earlier), out)
         for target in settings.speedups:
             if target in done:
                 log.info("target %gx: already compared, kept", target)

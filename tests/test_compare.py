@@ -102,6 +102,15 @@ def test_a_rerun_resumes_and_an_unreachable_target_is_reported(tmp_path):
     assert "50x: unreachable (largest reachable" in (tmp_path / "compare.md").read_text()
 
 
+def test_a_later_comparison_adds_its_targets_and_says_which_were_there(tmp_path, caplog):
+    compare(QUALITY_ENTRY, ModelSetting(), FakeBackend(), compare_settings(50.0), tmp_path,
+            progress=False)
+    report = compare(QUALITY_ENTRY, ModelSetting(), FakeBackend(), compare_settings(60.0),
+                     tmp_path, progress=False)
+    assert [t["target"] for t in report.targets] == [50.0, 60.0]
+    assert "also lists 50x, compared earlier" in caplog.text
+
+
 def test_global_magnitude_uses_one_threshold_and_meets_the_budget(tmp_path):
     backend = FakeBackend()
     model, example = build()
