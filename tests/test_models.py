@@ -125,7 +125,7 @@ def test_a_model_function_that_raises_is_a_one_line_error():
 @pytest.mark.parametrize("source, match", [
     ("def f(:\n", "raised SyntaxError: invalid syntax .*; fix the module"),
     ("x = undefined_name + 1\n", "raised NameError: name 'undefined_name' is not defined; fix"),
-    ("import sys\nsys.exit(0)\n", r"exited \(status 0\); move the module's script code"),
+    ("import sys\nsys.exit(0)\n", r"exited \(status 0\); move its script code"),
     ("import argparse\nargparse.ArgumentParser().parse_args(['--lr'])\n",
      r"exited \(status 2, after printing '.*error: unrecognized arguments: --lr'\); move"),
 ])
@@ -159,8 +159,21 @@ def exiting_model(batch_size=1):
     sys.exit(0)
 
 
-def test_a_model_function_that_exits_is_a_one_line_error_not_a_silent_success():
-    entry = load_model("tests.test_models:exiting_model")
-    with pytest.raises(SpdyError, match=r"exited \(sys.exit, status 0\); fix it so that it "
-                                        "returns"):
+def parsing_model(batch_size=1):
+    import argparse
+    argparse.ArgumentParser().parse_args(["--lr"])
+
+
+@pytest.mark.parametrize("function, said", [
+    ("exiting_model", ""),
+    ("parsing_model", ", after printing '.*error: unrecognized arguments: --lr'"),
+])
+def test_a_model_function_that_exits_is_a_one_line_error_not_a_silent_success(capsys, function,
+                                                                               said):
+    entry = load_model(f"tests.test_models:{function}")
+    with pytest.raises(SpdyError, match=rf"model function {function} for --model "
+                                        rf"tests.test_models:{function} exited \(status "
+                                        rf"\d{said}\); move its script code") as info:
         entry.build(ModelSetting())
+    assert "\n" not in str(info.value)
+    assert capsys.readouterr().err == ""       # no usage block above the one-line error

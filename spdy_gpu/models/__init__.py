@@ -140,15 +140,12 @@ def _batch_checked(entry: ModelEntry) -> ModelEntry:
 def _user_entry(spec: str) -> ModelEntry:
     module_name, _, function_name = spec.partition(":")
     try:
-        function = getattr(_import_user_module(module_name), function_name)
+        function = getattr(_import_user_module(spec, module_name), function_name)
     except (ImportError, AttributeError) as e:
         raise SpdyError(f"cannot load model function {spec!r} ({e}); check that the module is "
                         "importable (on PYTHONPATH) and defines the function") from None
-    except _ImportExited as e:   # sys.exit() or argparse at import: it would end spdy-gpu
-        said = f", after printing {e.last_line!r}" if e.last_line else ""
-        raise SpdyError(f"importing {module_name} for --model {spec} exited (status "
-                        f"{e.code!r}{said}); move the module's script code (sys.exit, "
-                        "argument parsing) under `if __name__ == '__main__':`") from None
+    except SpdyError:
+        raise
     except Exception as e:  # noqa: BLE001 - the module's own code failed while importing
         raise SpdyError(f"importing {module_name} for --model {spec} raised "
                         f"{type(e).__name__}: {first_line(e)}; fix the module") from e
@@ -168,7 +165,8 @@ def _user_entry(spec: str) -> ModelEntry:
     def build(setting: ModelSetting) -> tuple[nn.Module, Any]:
         kwargs = _setting_kwargs(spec, setting, accepted)
         with user_code(f"model function {spec}", "fix it so that it returns "
-                                                  "(model, example_input)"):
+                                                  "(model, example_input)"), \
+                _exit_refused(spec, f"model function {function_name}"):
             result = function(**kwargs)
         pair = isinstance(result, tuple) and len(result) == 2
         if not (pair and isinstance(result[0], nn.Module)):
@@ -199,32 +197,34 @@ def _own_defaults(parameters: Mapping[str, inspect.Parameter],
     return defaults
 
 
-class _ImportExited(Exception):
-    """The user's module called sys.exit while importing (argparse does on unknown args)."""
-
-    def __init__(self, code: object, last_line: str):
-        super().__init__(code)
-        self.code, self.last_line = code, last_line
-
-
-def _import_user_module(name: str) -> Any:
-    """Import the user's module as `python -m` would: the working directory is searched
-    too (a console script's sys.path does not hold it). What the import prints to stderr is
-    held back and passed on, unless the module exits: then its last line goes into our
-    one-line error instead of an argparse usage block above it."""
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)
+@contextlib.contextmanager
+def _exit_refused(spec: str, where: str) -> Iterator[None]:
+    """Run the user's code with what it prints to stderr held back and passed on, unless it
+    exits (sys.exit, or argparse on spdy-gpu's own arguments), which would end spdy-gpu:
+    then one line naming `where` with the last line it printed instead of a usage block."""
     printed = io.StringIO()
     try:
         with contextlib.redirect_stderr(printed):
-            return importlib.import_module(name)
+            yield
     except SystemExit as e:
         lines = printed.getvalue().strip().splitlines()
         printed = io.StringIO()
-        raise _ImportExited(e.code, lines[-1].strip() if lines else "") from None
+        said = f", after printing {lines[-1].strip()!r}" if lines else ""
+        raise SpdyError(f"{where} for --model {spec} exited (status {e.code!r}{said}); move "
+                        "its script code (sys.exit, argument parsing) under "
+                        "`if __name__ == '__main__':`") from None
     finally:
         sys.stderr.write(printed.getvalue())
+
+
+def _import_user_module(spec: str, name: str) -> Any:
+    """Import the user's module as `python -m` would: the working directory is searched
+    too (a console script's sys.path does not hold it)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    with _exit_refused(spec, f"importing {name}"):
+        return importlib.import_module(name)
 
 
 def _setting_kwargs(spec: str, setting: ModelSetting, accepted: set[str]) -> dict[str, int]:
