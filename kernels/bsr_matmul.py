@@ -171,17 +171,19 @@ def _bsr_linear_kernel(
         if STREAM_K:
             if partial:
                 # A partial row: add it in; the last of the row's programs finishes it.
+                # Only the M live columns: at M = 1 a 16-token tile would add 16x the sums.
                 ws_ptrs = (ws_ptr + offs_n.to(tl.int64)[:, None] * _WS_COLS
                            + tl.arange(0, BLOCK_T)[None, :])
-                tl.atomic_add(ws_ptrs, acc, sem="relaxed")
+                tl.atomic_add(ws_ptrs, acc, mask=t_ok, sem="relaxed")
                 tl.debug_barrier()          # every thread's partial is in before the count
                 arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
                 first = ((row_lo.to(tl.int64) + 1) * n_prog - 1) // nnz    # owner of row_lo
                 last = (row_hi.to(tl.int64) * n_prog - 1) // nnz           # owner of row_hi - 1
                 finish = arrived == last - first
                 if finish:
-                    acc = tl.load(ws_ptrs, cache_modifier=".cg")          # L2: atomics live there
-                    tl.store(ws_ptrs, tl.full((BLOCK_N, BLOCK_T), 0.0, tl.float32))
+                    acc = tl.load(ws_ptrs, mask=t_ok, other=0.0,
+                                  cache_modifier=".cg")                    # L2: atomics live there
+                    tl.store(ws_ptrs, tl.full((BLOCK_N, BLOCK_T), 0.0, tl.float32), mask=t_ok)
                     tl.atomic_xchg(count_ptr + row, 0)
         if finish:
             if HAS_BIAS:
