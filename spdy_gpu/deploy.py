@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import SpdyError, first_line, user_code
 from .jsonio import check_output_file, replacing
-from .layers import require_prunable
+from .layers import gpu_swappable, require_prunable
 from .options import SparsityOption
 from .profile import Profile, check_for_model
 from .semi_structured import SEMI_STRUCTURED, SemiStructuredLinear
@@ -329,14 +329,11 @@ def _block_layers(model: nn.Module, choices: Mapping[str, SparsityOption]) -> di
     """The chosen layers that become BlockSparseLinear (block options) or SemiStructuredLinear
     (2:4) on plain nn.Linear (subclasses such as attention projections are read as tensors by
     their owners), and BlockSparseConv1x1 (block options) on 1x1 convs without groups."""
-    from .sparse_linear import is_pointwise
-
     modules = dict(model.named_modules())
-    linear = {name for name, m in modules.items() if type(m) is nn.Linear}
-    pointwise = {name for name, m in modules.items() if is_pointwise(m)}
+    swappable = {name for name, m in modules.items() if gpu_swappable(m)}
     return {name: o.name for name, o in choices.items()
-            if (o.pattern == "block" and name in linear | pointwise)
-            or (o == SEMI_STRUCTURED and name in linear)}
+            if name in swappable and (o.pattern == "block" or (
+                o == SEMI_STRUCTURED and isinstance(modules[name], nn.Linear)))}
 
 
 def save_block_sparse(model: nn.Module, profile_or_choices: ProfileLike | Plan,
@@ -377,7 +374,7 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
     BlockSparseLinear, then the state dict loaded. Pass the dense model (freshly built, same
     architecture) or a function building it; a given model is converted in place and keeps
     its mode, one built here comes back in eval mode, ready to run."""
-    from .sparse_linear import BlockSparseConv1x1, BlockSparseLinear, is_pointwise
+    from .sparse_linear import BlockSparseConv1x1, BlockSparseLinear
 
     state, meta = _read_safetensors(path)
     layout = _read_layout(meta, path)
@@ -391,8 +388,7 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
     modules = dict(model.named_modules())
     for name, entry in layout.items():
         module = modules.get(name)
-        fits = type(module) is nn.Linear or is_pointwise(module)
-        if not fits or list(module.weight.shape) != entry["shape"]:
+        if not gpu_swappable(module) or list(module.weight.shape) != entry["shape"]:
             raise SpdyError(f"{path} does not fit this model: its layer {name} is not an "
                             f"nn.Linear or 1x1 Conv2d of weight shape {entry['shape']} here; "
                             "pass the model the artifact was written for")

@@ -25,7 +25,8 @@ class LayerInfo:
     n: output features; k: input features * kernel area / groups; m: GEMM rows per forward
     of the example input (tokens, or batch * output pixels), None if not captured;
     calls: the rows of each call, where the forward calls the layer more than once (m is
-    their sum; a GPU runs one GEMM per call, not one of m rows).
+    their sum; a GPU runs one GEMM per call, not one of m rows); gpu_swappable: whether
+    deployment can swap the module for a sparse GPU layer (`gpu_swappable`).
     """
 
     name: str
@@ -34,6 +35,7 @@ class LayerInfo:
     groups: int = 1
     m: int | None = None
     calls: tuple[int, ...] = ()
+    gpu_swappable: bool = True
 
     def __post_init__(self) -> None:
         if self.calls and sum(self.calls) != self.m:
@@ -269,7 +271,22 @@ def _layer_info(name: str, module: nn.Module, rows: list[int] | None) -> LayerIn
     groups = module.groups if kind == "conv2d" else 1
     m = None if rows is None else sum(rows)
     calls = tuple(rows) if rows and len(rows) > 1 else ()
-    return LayerInfo(name, kind, tuple(module.weight.shape), groups, m, calls)
+    return LayerInfo(name, kind, tuple(module.weight.shape), groups, m, calls,
+                     gpu_swappable(module))
+
+
+def is_pointwise(module: nn.Module) -> bool:
+    """A 1x1 Conv2d without groups and with zero padding: a GEMM over channels at every
+    pixel (BlockSparseConv1x1 runs it)."""
+    return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1
+            and module.padding_mode == "zeros")
+
+
+def gpu_swappable(module: nn.Module) -> bool:
+    """Whether deployment can swap `module` for a sparse GPU layer: exactly an nn.Linear (a
+    subclass may be read as a tensor by its owner, as attention reads its out_proj's
+    weight, so a swapped module would not run) or a pointwise conv (`is_pointwise`)."""
+    return type(module) is nn.Linear or is_pointwise(module)
 
 
 def _capture_gemm_rows(model: nn.Module, modules: dict[str, nn.Module],

@@ -22,6 +22,7 @@ from torch.autograd import forward_ad
 
 from .bsr import KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
 from .errors import SpdyError
+from .layers import gpu_swappable, is_pointwise
 from .masks import build_mask, gemm_view
 from .options import SparsityOption
 from .semi_structured import SEMI_STRUCTURED, SemiStructuredLinear, is_2_4
@@ -206,12 +207,6 @@ class BlockSparseLinear(nn.Module):
         self._set_derived_indices(self._packed())     # validates what was loaded
 
 
-def is_pointwise(module: nn.Module) -> bool:
-    """A 1x1 Conv2d without groups: a GEMM over channels at every pixel."""
-    return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1
-            and module.padding_mode == "zeros")
-
-
 class BlockSparseConv1x1(nn.Module):
     """A 1x1 Conv2d (groups 1; any stride and zero padding) run as a BlockSparseLinear over
     the channels of every pixel: x [..., C_in, H, W] -> [..., C_out, H', W'].
@@ -338,7 +333,7 @@ def sparsify_(model: nn.Module,
     if choices is None:
         targets = {name: {"mask": module.weight != 0, "block": block or found}
                    for name, module in model.named_modules()
-                   if (type(module) is nn.Linear or is_pointwise(module))
+                   if gpu_swappable(module)
                    and (found := detect_block(module.weight))}
         targets |= {name: {"option": SEMI_STRUCTURED, "mask": module.weight != 0}
                     for name, module in model.named_modules()

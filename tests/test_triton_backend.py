@@ -81,6 +81,41 @@ def test_estimated_table_for_minilm_is_marked_everywhere(minilm, tmp_path):
     assert not (tmp_path / "triton-timings.json").exists()    # estimates are never cached
 
 
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class Unswappable(nn.Module):
+    """A Linear subclass and a reflect-padded 1x1 conv: deployment swaps neither."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(64, 64, 1, padding=1, padding_mode="reflect")
+        self.plain_pw = nn.Conv2d(64, 64, 1)
+        self.scaled = ScaledLinear(64, 64)
+        self.plain = nn.Linear(64, 64)
+
+    def forward(self, x):                                       # x: [B, 64, 4, 4]
+        x = self.plain_pw(self.pw(x)).mean((2, 3))
+        return self.plain(self.scaled(x))
+
+
+def test_layers_deployment_cannot_swap_get_no_sparse_options():
+    model, example = Unswappable().eval(), torch.randn(2, 64, 4, 4)
+    layers = {layer.name: layer for layer in discover_layers(model, example)}
+    assert {n for n, layer in layers.items() if layer.gpu_swappable} == {"plain_pw", "plain"}
+    options = [DENSE, block(0.5, 32), SparsityOption.parse("nm2:4")]
+    table = get_backend("triton", estimate="h100-sxm", dtype="fp16").measure_table(
+        model, example, list(layers.values()), options, model_name="unswappable")
+    rows = {row.name: row for row in table.layers}
+    for name in ("pw", "scaled"):
+        assert rows[name].median_ms[1:] == (None, None)
+        assert "deployment cannot swap it" in rows[name].note
+    assert rows["plain_pw"].median_ms[1] is not None
+    assert None not in rows["plain"].median_ms
+
+
 def toy_mlp(batch_size: int = 1):
     """User-model entry point for the command-line test."""
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval(), \

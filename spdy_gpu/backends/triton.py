@@ -65,6 +65,8 @@ MAX_COPIES, COPIES_BYTES = 8, 256 << 20
 GRAPHED = "cuda-graph"          # the mode name of a CUDA-graph replay (a suffix in _modes)
 CACHE_FORMAT, CACHE_VERSION = "spdy-gpu/triton-timing-cache", 1
 CONV_NOTE = "Conv2d wider than 1x1 or grouped: no BSR path, kept dense (fixed time)"
+UNSWAPPABLE_NOTE = ("a Linear subclass or a conv padded other than with zeros: deployment "
+                    "cannot swap it for a sparse layer, kept dense")
 NO_DEVICE = ("no CUDA device for the triton backend; run on a GPU, plan from a table measured "
              "on a GPU earlier (spdy-gpu solve --timings FILE), or pass --estimate GPU_NAME "
              f"({', '.join(sorted(GPU_SPECS))}, or a measured spec .json) for an analytic "
@@ -174,9 +176,12 @@ class TritonTables:
         tiles pack them with the option's density; an 8x8 mask in 16x16 tiles would store
         zero blocks the table does not count). On Linear layers: 2:4 (sparse tensor cores)
         where the weight's shape suits semi-structured storage. No wider or grouped conv,
-        unstructured or other N:M."""
+        unstructured or other N:M. Nothing sparse on a layer deployment cannot swap (a
+        Linear subclass, a conv with other than zero padding: `gpu_swappable`)."""
         if option.pattern == "dense":
             return True
+        if not layer.gpu_swappable:
+            return False
         if option.pattern == "block" and (layer.kind == "linear" or _pointwise(layer)):
             return (packs_exactly(option.block)
                     and unfit_reason((layer.n, layer.k), option) is None)
@@ -226,7 +231,8 @@ class TritonTables:
     def _row(self, layer: LayerInfo, options: list[SparsityOption],
              times: dict[tuple[str, SparsityOption], tuple[float, float]]) -> LayerTiming:
         pairs = [times.get((layer.name, option), (None, None)) for option in options]
-        note = CONV_NOTE if layer.kind == "conv2d" and not _pointwise(layer) else ""
+        note = (CONV_NOTE if layer.kind == "conv2d" and not _pointwise(layer)
+                else UNSWAPPABLE_NOTE if not layer.gpu_swappable else "")
         unsupported = [o.name for o, p in zip(options, pairs) if p[0] is None]
         if not note and unsupported:
             note = f"unsupported here: {', '.join(unsupported[:3])}" + (
