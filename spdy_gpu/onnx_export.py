@@ -14,12 +14,16 @@ Imports `onnx` lazily: `import spdy_gpu` must not load it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
+import sys
+import tempfile
+import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +152,7 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
     called: set[str] = set()            # a module the forward never calls is not in the graph
     hooks = [m.register_forward_hook(lambda *_, name=name: called.add(name))
              for name, m in modules.items()]
-    with torch.no_grad(), evaluating(model), _quiet_export(), user_code(
+    with torch.no_grad(), evaluating(model), _exporting(), user_code(
             "the ONNX export of the model (for DeepSparse)",
             f"make its forward return tensors (a tensor, or a tuple or dict of them) and use "
             f"ops ONNX opset {OPSET} has, or use --backend triton"):
@@ -193,17 +197,42 @@ def _dynamic_axes(example: Any, names: tuple[str, ...]) -> dict[str, dict[int, s
     return axes
 
 
-class _quiet_export:
-    """Silence the exporter's deprecation and tracer warnings (they are expected)."""
-
-    def __enter__(self) -> None:
-        import warnings
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
+@contextlib.contextmanager
+def _exporting() -> Iterator[None]:
+    """How the exporter must run: its deprecation and tracer warnings silenced (they are
+    expected); PyTorch's fused attention fast paths off (in eval mode without gradients
+    MultiheadAttention and TransformerEncoderLayer run one fused op that ONNX has no
+    counterpart for); and the TorchScript exporter's dump of the whole IR graph to stdout
+    on a failed export dropped (the failure is reported in one line)."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    with warnings.catch_warnings(), _stdout_dropped_on_error():
         warnings.simplefilter("ignore")
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            yield
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast_path)
 
-    def __exit__(self, *exc: object) -> None:
-        self._catch.__exit__(*exc)
+
+@contextlib.contextmanager
+def _stdout_dropped_on_error() -> Iterator[None]:
+    """Capture file descriptor 1 (C++ writes too) for the block: passed on if the block
+    succeeds, dropped if it raises."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 1)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            if not failed:
+                captured.seek(0)
+                os.write(1, captured.read())
 
 
 def _digest(array: np.ndarray) -> str:

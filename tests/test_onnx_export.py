@@ -160,6 +160,31 @@ def test_models_deepsparse_cannot_run_are_one_line_errors_before_the_export(tmp_
         export_onnx(ReturnsNothing().eval(), torch.randn(2, 8), tmp_path / "none.onnx")
 
 
+def test_an_op_onnx_lacks_is_one_line_without_the_exporters_graph_dump(tmp_path, capfd):
+    class Bessel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.special.i0(self.fc(x))
+
+    with pytest.raises(SpdyError, match="raised UnsupportedOperatorError: .*'aten::i0'") as info:
+        export_onnx(Bessel().eval(), torch.randn(2, 8), tmp_path / "i0.onnx")
+    assert "\n" not in str(info.value)
+    assert capfd.readouterr().out == ""         # the exporter's IR dump goes to fd 1
+
+
+def test_transformer_layers_export_with_their_fused_fast_path_off(tmp_path):
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False),
+                          nn.Linear(16, 4)).eval()
+    export = export_onnx(model, torch.randn(2, 5, 16), tmp_path / "encoder.onnx")
+    assert {layer.module for layer in export.layers} == {"0.layers.0.linear1",
+                                                          "0.layers.0.linear2", "1"}
+    assert torch.backends.mha.get_fastpath_enabled()          # restored
+
+
 def test_an_example_that_requires_grad_still_gives_arrays():
     example = torch.randn(2, 8, requires_grad=True)
     (array,) = example_arrays(example, ["input_0"])
