@@ -59,6 +59,13 @@ class BSRWeight:
         derived = layout_indices(self.crow_indices)
         self.indices = LayoutIndices(self.row_order, derived.block_rows, derived.empty_rows)
 
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # Not a tensor, and no torch function takes one. Defining this makes PyTorch's fused
+        # inference paths (TransformerEncoderLayer's fast path reads linear1.weight as a
+        # dense tensor) see a weight they must not fuse, so the layer's own forward runs.
+        return NotImplemented
+
     # ---- construction -------------------------------------------------------------------
 
     @classmethod

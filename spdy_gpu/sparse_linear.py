@@ -91,9 +91,15 @@ class BlockSparseLinear(nn.Module):
 
     @property
     def weight(self) -> BSRWeight:
-        """The packed weight (tensors shared with this module)."""
-        return BSRWeight(self.values.data, self.crow_indices, self.col_indices, self.row_order,
-                         (self.out_features, self.in_features))
+        """The packed weight (tensors shared with this module), validated once per storage:
+        PyTorch's fused paths read it on every forward (see BSRWeight.__torch_function__)."""
+        key = tuple((t.data_ptr(), t.dtype, t.device, t.shape) for t in (
+            self.values, self.crow_indices, self.col_indices, self.row_order))
+        if self._packed_cache is None or self._packed_cache[0] != key:
+            self._packed_cache = (key, BSRWeight(
+                self.values.data, self.crow_indices, self.col_indices, self.row_order,
+                (self.out_features, self.in_features)))
+        return self._packed_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features]. Traced (torch.compile / export), the
@@ -115,7 +121,7 @@ class BlockSparseLinear(nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.values.device, dtype=self.values.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self._packed().to_dense())
+            linear.weight.copy_(self.weight.to_dense())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
@@ -123,7 +129,7 @@ class BlockSparseLinear(nn.Module):
     @property
     def density(self) -> float:
         """Fraction of blocks stored."""
-        return self._packed().density
+        return self.weight.density
 
     def extra_repr(self) -> str:
         rows, cols = self.values.shape[1:]
@@ -172,13 +178,6 @@ class BlockSparseLinear(nn.Module):
         self.register_buffer("block_rows", weight.indices.block_rows.clone(), persistent=False)
         self.register_buffer("empty_rows", weight.indices.empty_rows.clone(), persistent=False)
 
-    def _packed(self) -> BSRWeight:
-        # Validation syncs the device: build it once per storage and reuse it.
-        key = (self.values.data_ptr(), self.values.dtype, self.values.device, self.values.shape)
-        if self._packed_cache is None or self._packed_cache[0] != key:
-            self._packed_cache = (key, self.weight)
-        return self._packed_cache[1]
-
     def _check_input(self, x: torch.Tensor) -> None:
         """The fallback refuses what the kernel refuses, in the same words (input_problem,
         which the kernel's checks call too)."""
@@ -204,7 +203,7 @@ class BlockSparseLinear(nn.Module):
                     setattr(self, name, resized)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._packed_cache = None
-        self._set_derived_indices(self._packed())     # validates what was loaded
+        self._set_derived_indices(self.weight)     # validates what was loaded
 
 
 class BlockSparseConv1x1(nn.Module):

@@ -42,6 +42,26 @@ def test_sparsified_model_matches_masked_dense(kernel_path):
         torch.testing.assert_close(sparse(x), _masked(model, OPTIONS)(x), rtol=1e-5, atol=1e-5)
 
 
+def test_swapped_layers_in_a_transformer_encoder_run_with_its_fused_path_off(kernel_path):
+    # In eval mode without gradients TransformerEncoderLayer runs one fused op that reads
+    # linear1/linear2.weight as dense tensors; with a block-sparse layer it must not.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    options = {"layers.0.linear1": "block16x16@0.5", "layers.1.linear2": "block16x16@0.5"}
+    sparse = copy.deepcopy(model)
+    assert sparsify_(sparse, options) == list(options)
+    x, padding = torch.randn(2, 6, 32), torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, 4:] = True
+    masked = _masked(model, options)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), masked(x), rtol=1e-5, atol=1e-5)
+        ours = sparse(x, src_key_padding_mask=padding)
+        theirs = masked(x, src_key_padding_mask=padding)          # nested: padding zeroed
+        theirs = theirs.to_padded_tensor(0.0, ours.shape) if theirs.is_nested else theirs
+        torch.testing.assert_close(ours[~padding], theirs[~padding], rtol=1e-5, atol=1e-5)
+
+
 def test_from_linear_with_a_mask_and_fused_activation(kernel_path):
     linear = _mlp()[0]
     mask = torch.rand(100, 70) < 0.2                  # unstructured: packs exactly, no skipping
