@@ -53,6 +53,10 @@ class Calibration:
                             f"{held_out} out for scoring and fit on the rest; give more data "
                             "(--calib, --samples) or fewer --search-samples")
         fit, score = self.batches[:cut], self.batches[cut:]
+        if sum(counts[cut:]) != held_out:
+            log.warning("holding out %d samples for the search, not %d: calibration batches "
+                        "(of up to %d, --calib-batch-size) are kept whole", sum(counts[cut:]),
+                        held_out, max(counts))
         return (Calibration(fit, {**self.description, "samples": sum(counts[:cut])}),
                 Calibration(score, {**self.description, "samples": sum(counts[cut:]),
                                     "held_out": True}))

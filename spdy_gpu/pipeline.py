@@ -188,14 +188,21 @@ def verify_profile(entry: ModelEntry, setting: ModelSetting, backend: LatencyBac
         log.warning("forced: profile and this machine differ in %s", difference)
     pruned = copy.deepcopy(dense)
     stitch_(pruned, profile.choices, database)
-    m = measure_speedup(backend, dense, pruned, example)
+    # as the guarantee measures: again on fresh engines where dense is far off the table
+    m, taken = measured_near_table(lambda: measure_speedup(backend, dense, pruned, example),
+                                   lambda m: m.dense_ms, profile.dense_total_ms)
+    if dense_off_table(m.dense_ms, profile.dense_total_ms):
+        log.warning("dense ran %.4g ms against the table's %.4g ms in %d sessions: the backend "
+                    "is in a slow state or the machine is busy, so the measured speedup is "
+                    "suspect; verify again with nothing else running", m.dense_ms,
+                    profile.dense_total_ms, len(taken))
     return {"model": entry.name, "target_speedup": profile.target_speedup,
             "predicted_ms": profile.predicted_ms,
             "predicted_speedup": profile.predicted_speedup,
             "measured_dense_ms": m.dense_ms, "measured_dense_spread_ms": m.dense_spread_ms,
             "measured_pruned_ms": m.pruned_ms, "measured_pruned_spread_ms": m.pruned_spread_ms,
             "measured_speedup": m.speedup, "slow_engines": m.slow_engines,
-            "table_dense_ms": profile.dense_total_ms,
+            "sessions": len(taken), "table_dense_ms": profile.dense_total_ms,
             "time_error_pct": 100.0 * (profile.predicted_ms - m.pruned_ms) / m.pruned_ms,
             "estimated": profile.estimated, "forced_differences": differences,
             "weights": "magnitude" if database is None else str(database.path)}

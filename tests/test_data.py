@@ -33,11 +33,15 @@ def test_file_with_fewer_samples_is_recorded_truthfully(tmp_path):
     assert calib.description["samples"] == 24
 
 
-def test_split_holds_out_whole_batches_from_the_end():
+def test_split_holds_out_whole_batches_from_the_end(caplog):
     calib = Calibration([torch.zeros(8, 2) + i for i in range(5)], {"source": "x"})
     fit, held = calib.split(12)
     assert [float(b[0, 0]) for b in held.batches] == [3.0, 4.0]
     assert fit.samples == 24 and held.samples == 16 and held.description["held_out"]
+    assert "holding out 16 samples for the search, not 12" in caplog.text
+    caplog.clear()
+    calib.split(16)
+    assert "holding out" not in caplog.text
     with pytest.raises(SpdyError, match="too few to hold 64 out"):
         calib.split(64)
 

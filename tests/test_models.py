@@ -20,6 +20,10 @@ def not_a_pair():
     return nn.Linear(4, 4)
 
 
+def swapped_pair():
+    return torch.zeros(1, 4), nn.Linear(4, 4)
+
+
 def test_the_setting_reaches_the_keywords_the_function_takes():
     _, example = load_model("tests.test_models:sized_model").build(
         ModelSetting(batch_size=3, seq_len=5))
@@ -106,9 +110,12 @@ def test_unknown_models_are_named(spec, match):
         load_model(spec)
 
 
-def test_a_function_must_return_model_and_example():
-    with pytest.raises(SpdyError, match=r"must return \(torch.nn.Module, example_input\)"):
-        load_model("tests.test_models:not_a_pair").build(ModelSetting())
+@pytest.mark.parametrize("function, got", [("not_a_pair", "Linear"),
+                                           ("swapped_pair", r"tuple \(Tensor, Linear\)")])
+def test_a_function_must_return_model_and_example(function, got):
+    with pytest.raises(SpdyError, match=r"must return \(torch.nn.Module, example_input\), "
+                                        f"got {got}$"):
+        load_model(f"tests.test_models:{function}").build(ModelSetting())
 
 
 def raising_model():

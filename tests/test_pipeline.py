@@ -603,3 +603,31 @@ def test_the_runs_copy_of_a_table_passed_in_is_reused_whatever_grid_is_asked(tmp
                      progress=False)
         assert report.stages["timings"].get("reused") and not report.stages["timings"].get(
             "measured")
+
+
+class SlowStateBackend(FakeBackend):
+    """Every model runs `factor` slower than the table says (a backend in a slow state)."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def latency(self, models, example):
+        result = super().latency(models, example)
+        return {name: SimpleNamespace(median_ms=r.median_ms * self.factor, spread_ms=0.0,
+                                      slow_engines=0) for name, r in result.items()}
+
+
+def test_verify_measures_again_and_warns_when_dense_is_far_off_the_table(tmp_path, caplog):
+    from spdy_gpu.pipeline import verify_profile
+
+    run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    profile = Profile.load(tmp_path / "profile.json")
+    backend = SlowStateBackend(1.0)
+    steady = verify_profile(ENTRY, ModelSetting(), backend, profile)
+    assert steady["sessions"] == 1 and backend.latency_calls == 1
+    assert "slow state" not in caplog.text
+    backend = SlowStateBackend(1.3)
+    slow = verify_profile(ENTRY, ModelSetting(), backend, profile)
+    assert slow["sessions"] == 2 and backend.latency_calls == 2
+    assert "is in a slow state or the machine is busy" in caplog.text

@@ -58,9 +58,11 @@ def run(args: argparse.Namespace) -> int:
 def format_result(result: dict[str, Any]) -> str:
     tag = " [planned on ESTIMATED times]" if result["estimated"] else ""
     return (f"dense {result['measured_dense_ms']:.4g} ms (spread "
-            f"{result['measured_dense_spread_ms']:.2g}, table {result['table_dense_ms']:.4g}),"
-            f" pruned {result['measured_pruned_ms']:.4g} ms (spread "
-            f"{result['measured_pruned_spread_ms']:.2g}, predicted "
+            f"{result['measured_dense_spread_ms']:.2g} ms, table "
+            f"{result['table_dense_ms']:.4g} ms), pruned {result['measured_pruned_ms']:.4g} ms "
+            f"(spread {result['measured_pruned_spread_ms']:.2g} ms, predicted "
             f"{result['predicted_ms']:.4g}, error {result['time_error_pct']:+.1f}%): measured "
             f"speedup {result['measured_speedup']:.3f}x, predicted "
-            f"{result['predicted_speedup']:.3f}x, target {result['target_speedup']:g}x{tag}")
+            f"{result['predicted_speedup']:.3f}x, target {result['target_speedup']:g}x{tag}"
+            + (f" ({result['slow_engines']} engines settled slow, left out)"
+               if result.get("slow_engines") else ""))

@@ -170,8 +170,10 @@ def _user_entry(spec: str) -> ModelEntry:
             result = function(**kwargs)
         pair = isinstance(result, tuple) and len(result) == 2
         if not (pair and isinstance(result[0], nn.Module)):
-            raise SpdyError(f"{spec} must return (torch.nn.Module, example_input), "
-                            f"got {type(result).__name__}")
+            got = type(result).__name__
+            if isinstance(result, tuple):
+                got += f" ({', '.join(type(item).__name__ for item in result)})"
+            raise SpdyError(f"{spec} must return (torch.nn.Module, example_input), got {got}")
         return result[0].eval(), result[1]
 
     # A user function names its own search loss with an attribute: `fn.spdy_loss = "kl"`.
