@@ -150,12 +150,16 @@ def _check_made_for(plan: Plan, weights: PathLike) -> None:
     """Refuse weights whose file records another profile's choices: sparser weights pass
     the pattern check (_check_pruned) but are not what the profile was timed for."""
     recorded = _recorded_choices(_read_safetensors(weights)[1], weights)
+    if not recorded:                    # plain weights: only the pattern check applies
+        return
+    left_out = "dense (left out, e.g. by --exclude)"
     differs = next((name for name, option in plan.choices.items()
-                    if name in recorded and recorded[name] != option.name), None)
+                    if recorded.get(name, "dense") != option.name), None)
     if differs is not None:
         raise SpdyError(f"{weights} was pruned to another profile (layer {differs}: "
-                        f"{recorded[differs]} there, {plan.choices[differs].name} here); pass "
-                        "the weights made for this profile")
+                        f"{recorded.get(differs, left_out)} there, "
+                        f"{plan.choices[differs].name} here); pass the weights made for this "
+                        "profile, or the same --exclude")
 
 
 def _recorded_choices(meta: Mapping[str, str], path: PathLike) -> dict[str, Any]:

@@ -146,6 +146,12 @@ def test_export_refuses_wrong_weights_and_writes_nothing(work, capsys):
                  "--out", str(dense)]) == 0
     assert "was pruned to another profile (layer 0: dense there, block16x16@0.5 here)" in \
         error_line(capsys, export + ["--weights", str(dense)])
+    excluded = work / "excluded.safetensors"              # apply --exclude: layer 0 left out
+    assert main(["apply", "--model", MODEL, "--profile", str(work / "p.json"), "--exclude",
+                 "0", "--out", str(excluded)]) == 0
+    assert ("(layer 0: dense (left out, e.g. by --exclude) there, block16x16@0.5 here); pass "
+            "the weights made for this profile, or the same --exclude") in error_line(
+        capsys, export + ["--weights", str(excluded)])
     from safetensors.torch import save_model
     unrecorded = work / "unrecorded.safetensors"          # no choices in its metadata
     save_model(toy()[0], str(unrecorded))
