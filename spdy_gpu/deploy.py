@@ -39,6 +39,7 @@ from torch import nn
 from .errors import SpdyError, first_line, user_code
 from .jsonio import check_output_file, replacing
 from .layers import gpu_swappable, require_prunable
+from .locks import exclusive_file
 from .options import SparsityOption
 from .profile import Profile, check_for_model
 from .semi_structured import SEMI_STRUCTURED, SemiStructuredLinear
@@ -518,7 +519,8 @@ def apply_profile(model: nn.Module, profile: ProfileLike, out: PathLike, *,
     database = _open_database(database)
     check_for_model(model, model_name, plan.profile, database)
     prune_(model, plan, database)
-    path = save_pruned(model, out, profile=plan)
+    with exclusive_file(out, "weights file"):
+        path = save_pruned(model, out, profile=plan)
     return DeployResult(path, len(plan.pruned), _sparsity_of(model, plan.pruned))
 
 
@@ -549,10 +551,11 @@ def export_profile(model: nn.Module, example: Any, profile: ProfileLike, out: Pa
     else:
         prune_(model, plan, database)
     sparsity = _sparsity_of(model, plan.pruned)
-    if format == "onnx":
-        path = export_onnx_pruned(model, example, out, exclude=exclude)
-        return DeployResult(path, len(plan.pruned), sparsity)
-    layout = save_block_sparse(model, plan, out)
+    with exclusive_file(out, "export"):
+        if format == "onnx":
+            path = export_onnx_pruned(model, example, out, exclude=exclude)
+            return DeployResult(path, len(plan.pruned), sparsity)
+        layout = save_block_sparse(model, plan, out)
     two_four = sum(SparsityOption.parse(x["option"]).pattern == "nm" for x in layout.values())
     dense_stored = [name for name in plan.pruned if name not in layout]
     if dense_stored:

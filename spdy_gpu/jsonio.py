@@ -18,11 +18,13 @@ from .errors import SpdyError
 TEMPORARY = ".tmp"      # replacing's files: .NAME.<12 hex digits>.tmp next to NAME
 
 
-def leftover_temporaries(directory: Path) -> list[Path]:
-    """The files `replacing` writes before their rename, in `directory`: left there only
-    by a killed writer when the caller holds the directory's lock."""
+def leftover_temporaries(directory: Path, name: str | None = None) -> list[Path]:
+    """The files `replacing` writes before their rename, in `directory` (only those of the
+    file `name` when given): left there only by a killed writer when the caller holds the
+    lock on what they were written for."""
+    stem = re.escape(name) if name is not None else ".+"
     return [p for p in directory.glob(f".*{TEMPORARY}")
-            if re.fullmatch(rf"\..+\.[0-9a-f]{{12}}{re.escape(TEMPORARY)}", p.name)]
+            if re.fullmatch(rf"\.{stem}\.[0-9a-f]{{12}}{re.escape(TEMPORARY)}", p.name)]
 
 
 @contextmanager

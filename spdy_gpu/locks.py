@@ -1,7 +1,10 @@
-"""Exclusive locks on the directories a command writes (a database, a run directory).
+"""Exclusive locks on what a command writes: a directory (a database, a run directory) or
+one output file with its side files (a timing table and its .partial, gAP's weights and
+checkpoint).
 
-`exclusive_directory(path)` holds an flock on `path/.spdy-gpu.lock` for the with-block and
-writes its pid and host into the file so that a refused writer can be told who holds it.
+`exclusive_directory(path)` holds an flock on `path/.spdy-gpu.lock` for the with-block
+(`exclusive_file(path)`: on `.NAME.spdy-gpu.lock` beside the file) and writes its pid and
+host into the lock file so that a refused writer can be told who holds it.
 The kernel releases an flock when its process dies, so a lock left by a killed process is
 stale by construction: the next writer gets it, finds the dead holder's pid in the file and
 says that it takes it over.
@@ -17,7 +20,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import SpdyError
@@ -40,19 +43,58 @@ def exclusive_directory(directory: str | os.PathLike, what: str = "directory") -
     except OSError as e:
         raise SpdyError(f"cannot create the {what} {directory} ({e.strerror or e}); choose a "
                         "writable path") from None
-    lock = directory / LOCK_NAME
-    fd = _acquire(lock, what)
-    for leftover in leftover_temporaries(directory):     # a killed writer's, now ours
+    try:
+        with _held(directory / LOCK_NAME, f"{what} {directory}",
+                   lambda: _leftovers_below(directory)):
+            yield directory
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()             # only succeeds when empty
+
+
+@contextlib.contextmanager
+def exclusive_file(path: str | os.PathLike, what: str = "output file") -> Iterator[Path]:
+    """Hold the file `path` and its side files (a checkpoint beside it) for writing; a
+    second writer is refused with one line naming the holder. A device or pipe such as
+    /dev/null is written through, unlocked."""
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        yield path
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SpdyError(f"cannot create the directory of {path} ({e.strerror or e}); choose a "
+                        "writable path") from None
+    with _held(path.parent / f".{path.name}{LOCK_NAME}", f"{what} {path}",
+               lambda: leftover_temporaries(path.parent, path.name)):
+        yield path
+
+
+@contextlib.contextmanager
+def _held(lock: Path, held: str, leftovers: Callable[[], Iterable[Path]]) -> Iterator[None]:
+    """The flock on `lock` for the block; once held, the `leftovers()` (temporaries a
+    killed writer left) are removed; the lock file goes before it is unlocked."""
+    fd = _acquire(lock, held)
+    for leftover in leftovers():                       # a killed writer's, now ours
         log.info("removing %s, left by an interrupted write", leftover)
         leftover.unlink(missing_ok=True)
     try:
-        yield directory
+        yield
     finally:
         lock.unlink(missing_ok=True)      # before unlocking: the next writer makes a new file
         os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                directory.rmdir()         # only succeeds when empty
+
+
+def _leftovers_below(directory: Path) -> Iterator[Path]:
+    """Temporaries in `directory` and its subdirectories, except those under a directory
+    with a lock of its own (a database inside a run directory): its writer, or its next one,
+    owns them."""
+    for root, subdirectories, _ in os.walk(directory):
+        subdirectories[:] = [d for d in subdirectories
+                             if not os.path.lexists(os.path.join(root, d, LOCK_NAME))]
+        yield from leftover_temporaries(Path(root))
 
 
 ABANDONED_AFTER_S = 60      # a scratch lock this old and unheld: its process is gone
@@ -92,21 +134,22 @@ def holder(directory: str | os.PathLike) -> str | None:
         os.close(fd)
 
 
-def _acquire(lock: Path, what: str) -> int:
-    """An open descriptor holding the flock on `lock`, its file naming this process."""
+def _acquire(lock: Path, held: str) -> int:
+    """An open descriptor holding the flock on `lock` (which guards `held`, e.g. "run
+    directory runs/x"), its file naming this process."""
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise SpdyError(f"cannot create the lock file {lock} ({e.strerror or e}); choose a "
-                            f"writable {what}") from None
+                            "writable path") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise SpdyError(f"the {what} {lock.parent} is being written by another spdy-gpu "
-                            f"process ({_describe(lock)}, lock file {lock}); wait for it to "
-                            "finish or choose another path") from None
+            raise SpdyError(f"the {held} is being written by another spdy-gpu process "
+                            f"({_describe(lock)}, lock file {lock}); wait for it to finish or "
+                            "choose another path") from None
         if _same_file(fd, lock):
             break
         os.close(fd)          # locked a file its last holder had already removed: retry

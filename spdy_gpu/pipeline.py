@@ -33,7 +33,7 @@ from .data import Calibration, CalibrationSpec
 from .errors import SpdyError, problem_of
 from .jsonio import changed_fields, load_json, save_json
 from .layers import discover_layers, exclude_patterns, prunable_modules, warn_unmatched_excludes
-from .locks import LOCK_NAME, exclusive_directory
+from .locks import LOCK_NAME, exclusive_directory, exclusive_file
 from .models import ModelEntry, ModelSetting
 from .options import SparsityOption, option_grid
 from .profile import Profile, check_for_model, choices_digest
@@ -108,12 +108,13 @@ def global_adaprune_profile(entry: ModelEntry, setting: ModelSetting, database: 
     check_for_model(model, entry.name, profile, database)
     stitch_(model, profile.choices, database)
     batches = calibration.load(entry, setting, example).batches
-    report = global_adaprune_(model, dense, masks_of(model, profile.choices), batches,
-                              lr=gap.lr, epochs=gap.epochs, only_pruned=gap.only_pruned,
-                              patience=gap.patience, progress=progress,
-                              checkpoint=f"{out}.gap-checkpoint.pt")
-    _check_finite_weights(model)
-    save_pruned(model, out, profile=profile, metadata=metadata)
+    with exclusive_file(out, "gAP weights file"):
+        report = global_adaprune_(model, dense, masks_of(model, profile.choices), batches,
+                                  lr=gap.lr, epochs=gap.epochs, only_pruned=gap.only_pruned,
+                                  patience=gap.patience, progress=progress,
+                                  checkpoint=f"{out}.gap-checkpoint.pt")
+        _check_finite_weights(model)
+        save_pruned(model, out, profile=profile, metadata=metadata)
     return report
 
 

@@ -145,3 +145,15 @@ def test_a_plot_of_a_dense_only_grid_is_refused_before_measuring(tmp_path, capsy
                  "--plot", str(tmp_path / "t.png")])
     assert code == 2 and "the grid has no sparse option" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_a_second_timings_on_the_same_out_is_refused_naming_the_holder(tmp_path, capsys):
+    from spdy_gpu.locks import exclusive_file
+
+    out = tmp_path / "t.json"
+    args = ["timings", "--model", SPEC, "--backend", "triton", "--estimate", "h100-sxm",
+            "--levels", "2", "--out", str(out)]
+    with exclusive_file(out, "timing table"):          # as a first, running `timings` holds it
+        assert main(args) == 2
+    assert "the timing table" in capsys.readouterr().err and not out.exists()
+    assert main(args) == 0 and out.exists()

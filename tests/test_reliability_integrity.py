@@ -319,3 +319,36 @@ def test_taking_a_directory_removes_the_temporaries_a_killed_writer_left(tmp_pat
     mine.write_bytes(b"")
     with exclusive_directory(tmp_path):
         assert not stale.exists() and mine.exists()
+
+
+def test_the_temporaries_below_a_directory_go_too_but_not_inside_another_lock(tmp_path):
+    entries = tmp_path / "database" / "entries" / "fc"
+    entries.mkdir(parents=True)
+    stale = entries / ".dense.safetensors.0123456789ab.tmp"
+    stale.write_bytes(b"half")
+    other = tmp_path / "shared"                           # locked by a writer of its own
+    other.mkdir()
+    (other / LOCK_NAME).write_text("pid 1\n")
+    theirs = other / ".manifest.json.0123456789ab.tmp"
+    theirs.write_bytes(b"")
+    with exclusive_directory(tmp_path):
+        assert not stale.exists() and theirs.exists()
+
+
+def test_one_output_file_is_held_and_its_leftovers_removed(tmp_path):
+    from spdy_gpu.locks import exclusive_file
+
+    out = tmp_path / "t.json"
+    stale = tmp_path / ".t.json.0123456789ab.tmp"
+    stale.write_bytes(b"half")
+    other = tmp_path / ".u.json.0123456789ab.tmp"         # another output's: kept
+    other.write_bytes(b"half")
+    with exclusive_file(out, "timing table") as held:
+        assert held == out and not stale.exists() and other.exists()
+        with pytest.raises(SpdyError, match=rf"the timing table {out} is being written by "
+                                            rf"another spdy-gpu process \(pid {os.getpid()}"):
+            with exclusive_file(out, "timing table"):
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".u.json.0123456789ab.tmp"]
+    with exclusive_file("/dev/null"):                     # written through, unlocked
+        pass

@@ -16,6 +16,7 @@ from ..backends import check_options_supported
 from ..errors import SpdyError
 from ..jsonio import check_output_file
 from ..layers import discover_layers, prunable_modules, warn_unmatched_excludes
+from ..locks import exclusive_file
 from ..plots import check_plot_file
 from ..timing import TimingTable, checkpoint_path
 from .common import (
@@ -65,15 +66,16 @@ def run(args: argparse.Namespace) -> int:
     options = check_options_supported(backend, layers, options, grid=not args.options)
     log.info("%s: %d prunable layers x %d options on %s", entry.name, len(layers),
              len(options), args.backend)
-    table = backend.measure_table(model, example, layers, options, model_name=entry.name,
-                                  checkpoint=checkpoint_path(out), progress=not args.quiet)
-    table = dataclasses.replace(table, provenance={
-        **table.provenance,
-        "command": shlex.join(["spdy-gpu", *sys.argv[1:]]),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": socket.gethostname(),
-        "wall_s": round(time.perf_counter() - started, 1)})
-    table.save(out)
+    with exclusive_file(out, "timing table"):      # and its OUT.partial
+        table = backend.measure_table(model, example, layers, options, model_name=entry.name,
+                                      checkpoint=checkpoint_path(out), progress=not args.quiet)
+        table = dataclasses.replace(table, provenance={
+            **table.provenance,
+            "command": shlex.join(["spdy-gpu", *sys.argv[1:]]),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": socket.gethostname(),
+            "wall_s": round(time.perf_counter() - started, 1)})
+        table.save(out)
     print(summary(table, out))
     if args.plot:
         from ..plots import plot_speedup_curves
