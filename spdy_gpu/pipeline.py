@@ -346,10 +346,20 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
                                           out / "guarantee.json", note)
         if profile is None:
             earlier_notes = len(report.notes)
+            measured_before, notes_before = _interrupted_guarantee(
+                planner, costs, settings, out / "guarantee.json")
+            report.notes.extend(notes_before)
+
+            def save(complete: bool = False) -> None:     # after every round: resumable
+                _save_guarantee(planner, costs, settings, report.rounds,
+                                report.notes[earlier_notes:], out / "guarantee.json", complete)
+
             profile, pruned = _guarantee(backend, planner, database, costs, model, example,
-                                         settings, report)
-            _save_guarantee(planner, costs, settings, report.rounds,
-                            report.notes[earlier_notes:], out / "guarantee.json")
+                                         settings, report, measured_before=measured_before,
+                                         after_round=save)
+            save(complete=True)
+            if measured_before:
+                note["resumed"] = True
         note["rounds"] = len(report.rounds)
     # made with the model at hand: consumers can check the profile belongs to it
     # excluded: also the layers the run never timed (their time is in the fixed time)
@@ -640,7 +650,9 @@ def _base_errors(planner: Planner, database: Database,
 
 def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
                costs: Mapping[str, Any], dense: nn.Module, example: Any,
-               settings: RunSettings, report: RunReport) -> tuple[Profile, nn.Module]:
+               settings: RunSettings, report: RunReport, *,
+               measured_before: Sequence[dict[str, Any]] = (),
+               after_round: Callable[[], None] = lambda: None) -> tuple[Profile, nn.Module]:
     """Measure the searched profile against dense and re-solve (with the searched costs)
     until the measured speedup lies in [target * (1 - tolerance), target * (1 + OVERSHOOT)]
     or the rounds run out: a shortfall tightens the budget by the measured gap, an
@@ -648,6 +660,7 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
     interpolated between them. Returns the last round that met the target (else the last
     round, with a note) and its pruned model; its round is marked "kept"."""
     target, solve_for = settings.speedup, settings.speedup
+    replay = list(measured_before)                 # an interrupted guarantee's rounds
     short: tuple[float, float] | None = None       # (solved for, measured) falling short
     over: tuple[float, float] | None = None        # ... overshooting
     accepted = None
@@ -663,7 +676,16 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
         if planner.table.estimated:
             report.notes.append("the timing table is ESTIMATED: the speedup was not measured")
             return profile, pruned
-        measured = _measure_checked(backend, dense, pruned, example, planner.table, report)
+        earlier = replay.pop(0) if replay else None
+        if (earlier is not None and earlier["solved_for"] == solve_for
+                and earlier.get("choices_sha256") == choices_digest(profile.choices)):
+            measured = Measurement(**{f.name: earlier[f.name]
+                                      for f in dataclasses.fields(Measurement)})
+            log.info("round %d: measured %.3fx before the interruption, kept", round_,
+                     measured.speedup)
+        else:                           # (the rounds after a different one are not replayed)
+            replay.clear()
+            measured = _measure_checked(backend, dense, pruned, example, planner.table, report)
         met = measured.speedup >= target * (1 - settings.tolerance)
         slow = dense_off_table(measured.dense_ms, planner.table.dense_total_ms)
         report.rounds.append({"round": round_, "solved_for": solve_for,
@@ -672,6 +694,7 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
                               **dataclasses.asdict(measured),
                               "measured_speedup": measured.speedup, "met": met,
                               "machine_slow": slow})
+        after_round()
         log.info("round %d: predicted %.3fx, measured %.3fx (target %gx)", round_,
                  profile.predicted_speedup, measured.speedup, target)
         if slow and not met:
@@ -719,14 +742,35 @@ def _guarantee_key(planner: Planner, costs: Mapping[str, Any],
 
 
 def _save_guarantee(planner: Planner, costs: Mapping[str, Any], settings: RunSettings,
-                    rounds: list[dict[str, Any]], notes: list[str], path: Path) -> None:
-    """The measured rounds and the guarantee's notes, so a rerun (after a kill in gAP or the
-    export, say) keeps the profile they chose instead of measuring again (spdy-gpu verify
-    re-measures)."""
+                    rounds: list[dict[str, Any]], notes: list[str], path: Path,
+                    complete: bool) -> None:
+    """The measured rounds and the guarantee's notes: once `complete`, a rerun (after a kill
+    in gAP or the export, say) keeps the profile they chose instead of measuring again
+    (spdy-gpu verify re-measures); before, a rerun keeps the rounds measured so far."""
     if rounds:                                          # estimated tables measure nothing
         save_json(path, GUARANTEE_FORMAT, GUARANTEE_VERSION, {
             "key": _guarantee_key(planner, costs, settings), "rounds": rounds,
-            "notes": notes})
+            "notes": notes, "complete": complete})
+
+
+def _interrupted_guarantee(planner: Planner, costs: Mapping[str, Any], settings: RunSettings,
+                           path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rounds and notes of a guarantee of this very search that was interrupted
+    (complete: false), for `_guarantee` to replay instead of measuring them again."""
+    if not path.exists():
+        return [], []
+    try:
+        doc = load_json(path, GUARANTEE_FORMAT, GUARANTEE_VERSION)
+        if doc.get("complete", True) or doc.get("key") != _guarantee_key(planner, costs,
+                                                                           settings):
+            return [], []
+        rounds = _checked_rounds(doc["rounds"], settings, planner.table.dense_total_ms)
+        notes = [str(n) for n in doc.get("notes", [])]
+    except (SpdyError, KeyError, TypeError, AttributeError) as e:
+        log.warning("not reusing the rounds of %s: it is damaged (%s)", path, e)
+        return [], []
+    log.info("resuming the guarantee after %d measured rounds (%s)", len(rounds), path)
+    return rounds, notes
 
 
 def _kept_guarantee(planner: Planner, database: Database, costs: Mapping[str, Any],
@@ -738,6 +782,8 @@ def _kept_guarantee(planner: Planner, database: Database, costs: Mapping[str, An
         return None, None
     try:
         doc = load_json(path, GUARANTEE_FORMAT, GUARANTEE_VERSION)
+        if not doc.get("complete", True):               # interrupted: its rounds are replayed
+            return None, None
         rounds = _checked_rounds(doc["rounds"], settings, planner.table.dense_total_ms)
         kept = next((r for r in rounds if r.get("kept")), None)
         if kept is None:

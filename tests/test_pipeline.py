@@ -205,6 +205,39 @@ def test_measured_shortfall_tightens_the_budget(tmp_path):
     assert report.measured_speedup >= 1.6 * 0.97
 
 
+class DiesInRound(FakeBackend):
+    """Interrupted (Ctrl-C) when asked for its `dies_at`-th end-to-end measurement."""
+
+    def __init__(self, slowdown, dies_at):
+        super().__init__(slowdown)
+        self.dies_at = dies_at
+
+    def latency(self, models, example):
+        if self.latency_calls + 1 == self.dies_at:
+            raise KeyboardInterrupt
+        return super().latency(models, example)
+
+
+def test_an_interrupted_guarantee_resumes_with_the_rounds_it_measured(tmp_path, caplog):
+    whole = run(ENTRY, ModelSetting(), FakeBackend(slowdown=1.25), settings(max_rounds=4),
+                tmp_path / "whole", progress=False)
+    assert len(whole.rounds) >= 2
+    with pytest.raises(KeyboardInterrupt):
+        run(ENTRY, ModelSetting(), DiesInRound(1.25, dies_at=2), settings(max_rounds=4),
+            tmp_path / "cut", progress=False)
+    saved = json.loads((tmp_path / "cut" / "guarantee.json").read_text())
+    assert saved["complete"] is False and len(saved["rounds"]) == 1
+    backend = FakeBackend(slowdown=1.25)
+    with caplog.at_level("INFO"):
+        resumed = run(ENTRY, ModelSetting(), backend, settings(max_rounds=4), tmp_path / "cut",
+                      progress=False)
+    assert "round 1: measured" in caplog.text and "before the interruption" in caplog.text
+    assert backend.latency_calls == len(whole.rounds) - 1
+    assert resumed.rounds == whole.rounds and resumed.profile.choices == whole.profile.choices
+    assert resumed.stages["guarantee"]["resumed"]
+    assert json.loads((tmp_path / "cut" / "guarantee.json").read_text())["complete"] is True
+
+
 def test_overshoot_loosens_the_budget_and_keeps_a_round_that_met_the_target(tmp_path):
     report = run(ENTRY, ModelSetting(), FakeBackend(slowdown=0.7), settings(max_rounds=4),
                  tmp_path, progress=False)
