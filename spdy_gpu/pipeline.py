@@ -31,7 +31,7 @@ from torch import nn
 from .backends import LatencyBackend, check_options_supported
 from .data import Calibration, CalibrationSpec
 from .errors import SpdyError, problem_of
-from .jsonio import changed_fields, load_json, save_json
+from .jsonio import changed_fields, is_number, load_json, save_json
 from .layers import discover_layers, exclude_patterns, prunable_modules, warn_unmatched_excludes
 from .locks import LOCK_NAME, exclusive_directory, exclusive_file
 from .models import ModelEntry, ModelSetting
@@ -55,12 +55,13 @@ log = logging.getLogger(__name__)
 RUN_FORMAT, RUN_VERSION = "spdy-gpu/run", 1
 REPORT_FORMAT, REPORT_VERSION = "spdy-gpu/run-report", 1
 GUARANTEE_FORMAT, GUARANTEE_VERSION = "spdy-gpu/guarantee", 1
+QUALITY_FORMAT, QUALITY_VERSION = "spdy-gpu/quality", 1
 # What `run` writes into its directory; --overwrite removes only these.
 MEASURED = ("timings.json", "database", "search-state.json")   # reused whenever they match
 PROGRESS = ("search-state.json", "profile.json", "pruned.safetensors", "report.json")
 RESULTS = ("profile.json", "pruned.safetensors", "model.onnx", "model.triton.safetensors",
            "report.json", "report.md", "report.png")     # written by the export, report last
-OUTPUTS = ("run.json", "guarantee.json", *RESULTS, "timings.json.partial")
+OUTPUTS = ("run.json", "guarantee.json", "quality.json", *RESULTS, "timings.json.partial")
 
 
 # ---- gAP and verify -----------------------------------------------------------------------
@@ -384,8 +385,8 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
             _check_finite_weights(pruned)
             note.update(loss_before=gap.loss_before, loss_after=gap.loss_after)
             report.held_out_loss["spdy+gap"] = scorer.loss_of(pruned)
-    with _stage(report, "quality"):
-        report.quality = entry.quality_of(pruned, model)
+    with _stage(report, "quality") as note:
+        report.quality = _quality(entry, pruned, model, out / "quality.json", note)
     with _stage(report, "export"):
         report.outputs = _export(backend, pruned, example, profile, out)
     _write_report(report, table, planner, costs, out)
@@ -438,6 +439,38 @@ def prune(model: nn.Module, example: Any, *, speedup: float,
 
 
 # ---- stages --------------------------------------------------------------------------------
+
+def _quality(entry: ModelEntry, pruned: nn.Module, dense: nn.Module, path: Path,
+             note: dict[str, Any]) -> dict[str, float]:
+    """The entry's quality measures of `pruned`, kept in `path` for a rerun that ends with
+    the same weights (they may take minutes)."""
+    if entry.quality is None:
+        return {}
+    key = f"{entry.name} {weights_digest(pruned)}"
+    if path.exists():
+        try:
+            doc = load_json(path, QUALITY_FORMAT, QUALITY_VERSION)
+            kept = doc.get("quality")
+            if doc.get("key") == key and isinstance(kept, dict) and all(
+                    isinstance(k, str) and is_number(v) for k, v in kept.items()):
+                note["reused"] = str(path)
+                return {k: float(v) for k, v in kept.items()}
+        except SpdyError as e:
+            log.warning("not reusing %s: it is damaged (%s)", path, e)
+    quality = entry.quality_of(pruned, dense)
+    save_json(path, QUALITY_FORMAT, QUALITY_VERSION, {"key": key, "quality": quality})
+    return quality
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer of `model` (names, dtypes, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {data.dtype} {tuple(data.shape)};".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
 
 @contextmanager
 def _stage(report: RunReport, name: str) -> Iterator[dict[str, Any]]:

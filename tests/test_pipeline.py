@@ -664,3 +664,23 @@ def test_verify_measures_again_and_warns_when_dense_is_far_off_the_table(tmp_pat
     slow = verify_profile(ENTRY, ModelSetting(), backend, profile)
     assert slow["sessions"] == 2 and backend.latency_calls == 2
     assert "is in a slow state or the machine is busy" in caplog.text
+
+
+def test_a_rerun_keeps_the_quality_of_the_same_weights(tmp_path):
+    calls = []
+
+    def quality(pruned, dense):
+        calls.append(1)
+        return {"zeros": float(sum(int((p == 0).sum()) for p in pruned.parameters()))}
+
+    entry = ModelEntry(ENTRY.name, ENTRY.description, build=build,
+                       calibration=ENTRY.calibration, quality=quality)
+    first = run(entry, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    again = run(entry, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    assert len(calls) == 1 and again.quality == first.quality
+    assert again.stages["quality"]["reused"] == str(tmp_path / "quality.json")
+    doc = json.loads((tmp_path / "quality.json").read_text())
+    doc["key"] = "toy 0000"                                 # other weights: measured again
+    (tmp_path / "quality.json").write_text(json.dumps(doc))
+    run(entry, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    assert len(calls) == 2
