@@ -17,6 +17,7 @@ import math
 import numbers
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -587,6 +588,10 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
              len(options), backend.name)
     table = backend.measure_table(model, example, layers, options, model_name=entry.name,
                                   checkpoint=out / "timings.json.partial", progress=progress)
+    table = dataclasses.replace(table, provenance={
+        **table.provenance, "made_by": f"spdy_gpu.run into {out}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname()})
     table.save(out / "timings.json")
     note["measured"] = True
     return table
@@ -985,6 +990,7 @@ def _write_report(report: RunReport, table: TimingTable, planner: Planner,
                      "total searched cost")
         report.outputs["plot"] = str(out / "report.png")
     report.outputs["report"] = str(out / "report.md")
+    report.outputs["report_json"] = str(out / "report.json")
     save_json(out / "report.json", REPORT_FORMAT, REPORT_VERSION, report.to_json())
     atomic_write_bytes(out / "report.md", format_report(report).encode())
 

@@ -60,14 +60,18 @@ def excluded_by(args: argparse.Namespace, entry: ModelEntry) -> list[str]:
 GRID_DEFAULTS = {"levels": 41, "min_sparsity": 0.40, "max_sparsity": 0.99, "block": [32]}
 
 
-def add_option_args(parser: argparse.ArgumentParser) -> None:
+def add_option_args(parser: argparse.ArgumentParser, default_pattern: str | None = None) -> None:
     """The option grid (--pattern, --levels, --min/--max-sparsity, --block), or --options
-    instead; the grid's flags default to None so that mixing both is caught."""
+    instead; the grid's flags default to None so that mixing both is caught. The grid's
+    family defaults to `default_pattern`, or (None) to the chosen backend's own."""
+    if default_pattern is None:
+        default_pattern = "the backend's own: " + ", ".join(
+            f"{name} {backend_class(name).default_pattern}" for name in backend_names())
     group = parser.add_argument_group("sparsity options")
     group.add_argument("--pattern", default=None,
                        choices=["unstructured", "block", "nm", "block+nm", "unstructured+nm"],
-                       help="option family, or families mixed per layer (default: the "
-                            "backend's own; --backend's help names it)")
+                       help=f"option family, or families mixed per layer (default: "
+                            f"{default_pattern})")
     group.add_argument("--levels", type=int, help="number of sparsity levels (41)")
     group.add_argument("--min-sparsity", type=float, help="lowest level (0.40)")
     group.add_argument("--max-sparsity", type=float, help="highest level (0.99)")

@@ -25,8 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "compare", help="SPDY against the obvious alternatives at equal measured speedup",
         description="For each target: run SPDY (search and measured guarantee) into "
                     "DIR/spdy-<X>x, give every other method the budget SPDY's guaranteed "
-                    "profile was solved for, time all of them against the dense model in "
-                    "one interleaved session and score each with the model's quality "
+                    "profile was solved for, time each against the dense model in an "
+                    "interleaved session of its own and score each with the model's quality "
                     "measures and held-out loss. Writes DIR/compare.{json,md,png}; a rerun "
                     "resumes at the first unfinished target. Methods: " + ", ".join(METHODS))
     parser.add_argument("--speedups", required=True, type=float, nargs="+", metavar="X",

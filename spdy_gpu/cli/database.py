@@ -25,6 +25,7 @@ from .common import (
 )
 
 log = logging.getLogger(__name__)
+DEFAULT_PATTERN = "unstructured"    # a database serves any backend: no backend to ask
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "the weights in DIR (one safetensors file per layer and option, plus "
                     "manifest.json). Rerunning the same command resumes an interrupted build.")
     add_model_args(parser)
-    add_option_args(parser)
+    add_option_args(parser, DEFAULT_PATTERN)
     add_calibration_args(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="database directory")
     parser.add_argument("--method", choices=["fast", "adaprune"], default="fast",
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     modules = {layer.name: model.get_submodule(layer.name)
                for layer in discover_layers(model, example, excluded_by(args, entry))}
     warn_unmatched_excludes(args.exclude, prunable_modules(model))
-    options = options_from_args(args, "unstructured")
+    options = options_from_args(args, DEFAULT_PATTERN)
     if not args.options:        # a grid's family no layer can take is dropped, as timings does
         options = _takeable(options, modules)
     calibration = spec.load(entry, setting, example)

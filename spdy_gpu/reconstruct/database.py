@@ -351,7 +351,8 @@ def _start(out_dir: Path, header: dict[str, Any], replace_other: bool) -> _Build
                                 "own database: spdy-gpu run --overwrite replaces it)") from None
             other = f"an unreadable manifest ({problem_of(e)})"
         if other is None:
-            log.info("resuming the database in %s", out_dir)
+            log.info("continuing the database in %s (entries already built are kept)",
+                     out_dir)
             return _Build(out_dir, document)
         if not replace_other:
             raise other_work_error(out_dir, other)
