@@ -696,7 +696,9 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
     or the rounds run out: a shortfall tightens the budget by the measured gap, an
     overshoot (quality given away) loosens it, and once both are known the next target is
     interpolated between them. Returns the last round that met the target (else the last
-    round, with a note) and its pruned model; its round is marked "kept"."""
+    round, with a note) and its pruned model; its round is marked "kept". The rounds of
+    `measured_before` (an interrupted guarantee's) stand in for measurements while they
+    measured the budget and profile this one reaches; `after_round()` saves each round."""
     target, solve_for = settings.speedup, settings.speedup
     replay = list(measured_before)                 # an interrupted guarantee's rounds
     short: tuple[float, float] | None = None       # (solved for, measured) falling short
