@@ -379,7 +379,7 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
     BlockSparseLinear, then the state dict loaded. Pass the dense model (freshly built, same
     architecture) or a function building it; a given model is converted in place and keeps
     its mode, one built here comes back in eval mode, ready to run."""
-    from .sparse_linear import BlockSparseConv1x1, BlockSparseLinear
+    from .sparse_linear import BlockSparseConv1x1, BlockSparseLinear, swap_module
 
     state, meta = _read_safetensors(path)
     layout = _read_layout(meta, path)
@@ -402,17 +402,17 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
         for name, entry in layout.items():
             module = originals[name] = modules[name]
             if "block" not in entry:        # 2:4: the file brings the masked weight
-                _set_module(model, name, SemiStructuredLinear.from_linear(module))
+                swap_module(model, name, SemiStructuredLinear.from_linear(module))
                 continue
             empty = torch.zeros_like(module.weight, dtype=torch.bool)  # the file brings blocks
             convert = (BlockSparseConv1x1.from_conv if isinstance(module, nn.Conv2d)
                        else BlockSparseLinear.from_linear)
-            _set_module(model, name, convert(module, mask=empty, block=tuple(entry["block"])))
+            swap_module(model, name, convert(module, mask=empty, block=tuple(entry["block"])))
         _check_state(model, state, path, resized=layout)
         model.load_state_dict(state, strict=False)
     except BaseException:
         for name, module in originals.items():
-            _set_module(model, name, module)
+            swap_module(model, name, module)
         raise
     return model
 
@@ -434,13 +434,6 @@ def _read_layout(meta: Mapping[str, str], path: PathLike) -> dict[str, dict[str,
         raise SpdyError(f"{path}: malformed layer layout in its metadata ({e}); export it "
                         "again") from None
     return layout
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` at `name`, in the mode of the module it replaces."""
-    module.train(model.get_submodule(name).training)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 # ---- CUDA graphs (small batches) -------------------------------------------------------------

@@ -22,7 +22,7 @@ from torch.autograd import forward_ad
 
 from .bsr import KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
 from .errors import SpdyError
-from .layers import gpu_swappable, is_pointwise
+from .layers import gpu_swappable, is_pointwise, tied_weights
 from .masks import build_mask, gemm_view
 from .options import SparsityOption
 from .semi_structured import SEMI_STRUCTURED, SemiStructuredLinear, is_2_4
@@ -350,11 +350,27 @@ def sparsify_(model: nn.Module,
             layer = BlockSparseConv1x1.from_conv(module, dtype=dtype, **kwargs)
         else:
             layer = BlockSparseLinear.from_linear(module, dtype=dtype, **kwargs)
-        layer.train(module.training)                # in the mode of the layer it replaces
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        swap_module(model, name, layer)
     log.info("sparsify_: %d layers now sparse (block-sparse or 2:4)", len(targets))
     return list(targets)
+
+
+def swap_module(model: nn.Module, name: str, layer: nn.Module) -> None:
+    """Put `layer` in place of the module at `name` (under every name that module is
+    registered as), in its mode. An nn.TransformerEncoderLayer holding it has its fused
+    inference path turned off: that path reads linear1/linear2.weight as dense tensors,
+    and tracers (torch.compile, torch.export) cannot follow it into a sparse layer."""
+    if not name:
+        raise SpdyError("the model itself cannot be swapped for a sparse layer; wrap it "
+                        "(e.g. nn.Sequential(layer)) and name the layer inside")
+    old = model.get_submodule(name)
+    layer.train(old.training)
+    for module in model.modules():
+        for child, current in list(module._modules.items()):    # every name, aliases too
+            if current is old:
+                setattr(module, child, layer)
+                if isinstance(module, nn.TransformerEncoderLayer):
+                    module.activation_relu_or_gelu = 0     # the fast path's own off switch
 
 
 def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOption | str],
@@ -368,8 +384,13 @@ def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOptio
     if missing:
         raise SpdyError(f"model has no layer named {missing[0]!r}; use names from "
                         "model.named_modules() (e.g. from a SPDY profile of this model)")
+    tied = tied_weights(model, {name: modules[name] for name in choices
+                                if hasattr(modules[name], "weight")})
     targets = {}
     for name, spec in choices.items():
+        problem = _unswappable(name, modules[name], tied.get(name))
+        if problem is not None and not _dense(spec):
+            raise SpdyError(problem)
         option = SparsityOption.parse(spec) if isinstance(spec, str) else spec
         if isinstance(option, SparsityOption):
             if option.pattern not in ("dense", "block") and option != SEMI_STRUCTURED:
@@ -382,6 +403,27 @@ def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOptio
         else:
             targets[name] = {"mask": option, "block": block}
     return targets
+
+
+def _dense(spec: Any) -> bool:
+    option = SparsityOption.parse(spec) if isinstance(spec, str) else spec
+    return isinstance(option, SparsityOption) and option.pattern == "dense"
+
+
+def _unswappable(name: str, module: nn.Module, tied_to: str | None) -> str | None:
+    """Why `module` at `name` cannot run sparse (None: it can)."""
+    if not name:
+        return ("the model itself cannot be swapped for a sparse layer; wrap it (e.g. "
+                "nn.Sequential(layer)) and name the layer inside")
+    if tied_to is not None:
+        return (f"layer {name} shares its weight with {tied_to} (tied): a sparse copy would "
+                "leave the other dense; keep it dense")
+    if isinstance(module, (nn.Linear, nn.Conv2d)) and not gpu_swappable(module):
+        return (f"layer {name} ({type(module).__name__}) cannot run sparse: a Linear subclass "
+                "may be read as a tensor by its owner (as attention reads out_proj), and only "
+                "1x1 convs without groups and with zero padding run block-sparse; keep it "
+                "dense")
+    return None
 
 
 def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:

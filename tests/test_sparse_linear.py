@@ -62,6 +62,61 @@ def test_swapped_layers_in_a_transformer_encoder_run_with_its_fused_path_off(ker
         torch.testing.assert_close(ours[~padding], theirs[~padding], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tracer", ["compile", "export"])
+def test_a_swapped_transformer_encoder_layer_traces(tracer):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True).eval()
+    options = {"linear1": "block16x16@0.5"}
+    masked = _masked(layer, options)
+    sparsify_(layer, options)
+    x = torch.randn(2, 5, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        traced = (torch.compile(layer, backend="eager", fullgraph=True) if tracer == "compile"
+                  else torch.export.export(layer, (x,)).module())
+        torch.testing.assert_close(traced(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 32)
+        self.a = nn.Linear(32, 32)
+        self.b = self.a                                     # one module, two names
+        self.attn = nn.MultiheadAttention(32, 2, batch_first=True)
+        self.head = nn.Linear(32, 10, bias=False)
+        self.head.weight = self.emb.weight                  # tied
+
+    def forward(self, tokens):
+        x = self.b(torch.relu(self.a(self.emb(tokens))))
+        return self.head(self.attn(x, x, x)[0])
+
+
+def test_a_module_under_two_names_is_swapped_under_both():
+    model = Shared().eval()
+    masked = _masked(model, {"a": "block16x16@0.5"})
+    assert sparsify_(model, {"a": "block16x16@0.5"}) == ["a"]
+    assert model.a is model.b and isinstance(model.b, BlockSparseLinear)
+    tokens = torch.randint(0, 10, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), masked(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, match", [
+    ("head", "layer head shares its weight with emb.weight \\(tied\\)"),
+    ("attn.out_proj", "layer attn.out_proj \\(NonDynamicallyQuantizableLinear\\) cannot run "
+                      "sparse"),
+    ("", "the model itself cannot be swapped"),
+])
+def test_layers_that_cannot_run_sparse_are_refused_by_name(name, match):
+    model = Shared().eval()
+    with pytest.raises(SpdyError, match=match):
+        sparsify_(model, {name: "block16x16@0.5"})
+    assert sparsify_(model, {name: "dense"}) == []          # dense: nothing to swap
+    with pytest.raises(SpdyError, match="the model itself cannot be swapped"):
+        sparsify_(nn.Linear(64, 64), {"": "block16x16@0.5"})
+
+
 def test_from_linear_with_a_mask_and_fused_activation(kernel_path):
     linear = _mlp()[0]
     mask = torch.rand(100, 70) < 0.2                  # unstructured: packs exactly, no skipping
