@@ -98,6 +98,8 @@ class CalibrationSpec:
             fix = ("save samples along its first dimension" if self.calib
                    else "pass --calib FILE")
             raise SpdyError(f"{source} gave no calibration batches (no samples); {fix}")
+        for i, batch in enumerate(batches):     # a batch unlike the example counts wrongly
+            _check_like_example(batch, example, f"{source} (batch {i})")
         counts = [batch_samples(batch) for batch in batches]
         found = sum(counts)                   # what was really loaded, not what was asked
         if found < self.samples and source != "example-input":

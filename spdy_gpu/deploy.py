@@ -118,16 +118,23 @@ def prune_(model: nn.Module, profile_or_choices: ProfileLike | Plan,
            database: Any = None) -> dict[str, SparsityOption]:
     """Give every chosen layer its option's weights for good, in place: the reconstructed
     weights of `database` (a Database or its directory) when given, else magnitude masks of
-    the current (dense) weights. Returns the choices applied. On error nothing changes."""
+    the current (dense) weights. Returns the choices applied. On error nothing changes.
+    A profile of another model (its layers, or its recorded dense weights) or a database of
+    other weights is refused (check_for_model)."""
+    plan = load_plan(profile_or_choices)
+    database = _open_database(database)
+    check_for_model(model, None, plan.profile, database)
+    return _pruned_to(model, plan, database)
+
+
+def _pruned_to(model: nn.Module, plan: Plan, database: Any) -> dict[str, SparsityOption]:
+    """prune_ once the caller has checked the model against the profile and database."""
     from .reconstruct import stitch_
 
-    choices = load_plan(profile_or_choices).choices
-    database = _open_database(database)
     if database is not None:
-        database.check_model(model)
-        database.check_options(list(choices.values()))
-    stitch_(model, choices, database)    # the backup it returns holds the dense weights: dropped
-    return choices
+        database.check_options(list(plan.choices.values()))
+    stitch_(model, plan.choices, database)   # the backup it returns holds the dense weights
+    return plan.choices
 
 
 def _open_database(database: Any) -> Any:
@@ -354,7 +361,7 @@ def save_block_sparse(model: nn.Module, profile_or_choices: ProfileLike | Plan,
     plan = load_plan(profile_or_choices)
     path = check_output_file(path)
     deployed = copy.deepcopy(model)
-    prune_(deployed, plan)
+    _pruned_to(deployed, plan, None)     # magnitude masks keep pruned weights as they are
     swap = _block_layers(deployed, plan.choices)
     if swap:
         sparsify_(deployed, swap)
@@ -511,7 +518,7 @@ def apply_profile(model: nn.Module, profile: ProfileLike, out: PathLike, *,
     plan = load_plan(profile, exclude)
     database = _open_database(database)
     check_for_model(model, model_name, plan.profile, database)
-    prune_(model, plan, database)
+    _pruned_to(model, plan, database)
     with exclusive_file(out, "weights file"):
         path = save_pruned(model, out, profile=plan)
     return DeployResult(path, len(plan.pruned), _sparsity_of(model, plan.pruned))
@@ -542,7 +549,7 @@ def export_profile(model: nn.Module, example: Any, profile: ProfileLike, out: Pa
         _check_made_for(plan, weights)
         _check_pruned(model, plan, weights)
     else:
-        prune_(model, plan, database)
+        _pruned_to(model, plan, database)
     sparsity = _sparsity_of(model, plan.pruned)
     with exclusive_file(out, "export"):
         if format == "onnx":

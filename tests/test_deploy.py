@@ -95,6 +95,21 @@ def test_prune_refuses_another_models_database_or_a_missing_option(database):
         prune_(mlp(), {"2": "unstructured@0.5"}, database)
 
 
+def test_prune_refuses_a_profile_made_for_other_dense_weights():
+    import dataclasses
+
+    from spdy_gpu.reconstruct import model_fingerprint
+    made_for = mlp(seed=0)
+    recorded = dataclasses.replace(profile(), model_fingerprint=model_fingerprint(
+        made_for, list(profile().choices)))
+    other = mlp(seed=1)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(SpdyError, match="the profile was made for other dense weights"):
+        prune_(other, recorded)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    prune_(made_for, recorded)
+
+
 def test_save_pruned_refuses_another_models_profile_unpruned_or_converted_weights(tmp_path):
     out = tmp_path / "w.safetensors"
     with pytest.raises(SpdyError, match="layer encoder.0 is not a Linear or Conv2d of "
@@ -144,7 +159,9 @@ class Tied(nn.Module):
 def test_tied_weights_are_stored_once_and_load_back(tmp_path):
     torch.manual_seed(0)
     model = Tied()
-    prune_(model, {"head": "unstructured@0.5"})
+    with pytest.raises(SpdyError, match="layer head shares its weight with embed.weight "
+                                        "\\(tied\\): pruning it would prune both"):
+        prune_(model, {"head": "unstructured@0.5"})
     path = save_pruned(model, tmp_path / "t.safetensors")
     torch.manual_seed(1)
     fresh = load_pruned(Tied(), path)

@@ -398,6 +398,10 @@ def test_prune_takes_one_tensor_of_samples_and_returns_an_eval_model(tmp_path):
     with pytest.raises(SpdyError, match="calibration: the tensor of shape \\[96\\] holds"):
         prune(model, example, speedup=1.6, backend=FakeBackend(), calibration=samples[:, 0],
               out_dir=tmp_path / "b")
+    with pytest.raises(SpdyError, match="\\(batch 0\\): the tensor of shape \\[16\\] holds "
+                                        "samples of shape \\[\\]"):
+        prune(model, example, speedup=1.6, backend=FakeBackend(), calibration=list(samples),
+              out_dir=tmp_path / "unbatched")                 # a list of single samples
     with pytest.raises(SpdyError, match="backend must be a backend name .* not NoneType"):
         prune(model, example, speedup=1.6, backend=None, out_dir=tmp_path / "c")
     with pytest.raises(SpdyError, match="prune\\(\\) has no setting 'speeed'; it takes .*"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import SpdyError
-from ..layers import require_prunable
+from ..layers import require_prunable, tied_weights
 from ..masks import build_mask
 from ..options import SparsityOption
 
@@ -59,6 +59,12 @@ def stitch_(model: nn.Module, choices: Mapping[str, SparsityOption],
     """
     require_prunable(model, choices)
     modules = dict(model.named_modules())
+    pruned = {name: modules[name] for name, option in choices.items() if option.pattern != "dense"}
+    tied = tied_weights(model, pruned)
+    if tied:
+        name, other = next(iter(tied.items()))
+        raise SpdyError(f"layer {name} shares its weight with {other} (tied): pruning it would "
+                        "prune both; keep it dense")
     backup: Backup = {}
     try:
         with torch.no_grad():
