@@ -7,9 +7,10 @@ data, or (with a warning) the model's example input.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,20 @@ class Calibration:
         return (Calibration(fit, {**self.description, "samples": sum(counts[:cut])}),
                 Calibration(score, {**self.description, "samples": sum(counts[cut:]),
                                     "held_out": True}))
+
+
+def tensors_digest(named: Iterable[tuple[str, Any]]) -> str:
+    """sha256 over (name, tensor) pairs: names, dtypes, shapes and values (other values by
+    their repr), e.g. a model's state_dict().items() or a batch's named_inputs."""
+    digest = hashlib.sha256()
+    for name, value in named:
+        if not isinstance(value, torch.Tensor):
+            digest.update(f"{name} {value!r};".encode())
+            continue
+        data = value.detach().cpu().contiguous()
+        digest.update(f"{name} {data.dtype} {tuple(data.shape)};".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def batch_samples(batch: Any) -> int:

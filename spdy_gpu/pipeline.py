@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .backends import LatencyBackend, check_options_supported
-from .data import Calibration, CalibrationSpec
+from .data import Calibration, CalibrationSpec, tensors_digest
 from .errors import SpdyError, problem_of
 from .jsonio import changed_fields, is_number, load_json, save_json
 from .layers import discover_layers, exclude_patterns, prunable_modules, warn_unmatched_excludes
@@ -447,7 +447,7 @@ def _quality(entry: ModelEntry, pruned: nn.Module, dense: nn.Module, path: Path,
     the same weights (they may take minutes)."""
     if entry.quality is None:
         return {}
-    key = f"{entry.name} {weights_digest(pruned)}"
+    key = f"{entry.name} {tensors_digest(pruned.state_dict().items())}"
     if path.exists():
         try:
             doc = load_json(path, QUALITY_FORMAT, QUALITY_VERSION)
@@ -461,16 +461,6 @@ def _quality(entry: ModelEntry, pruned: nn.Module, dense: nn.Module, path: Path,
     quality = entry.quality_of(pruned, dense)
     save_json(path, QUALITY_FORMAT, QUALITY_VERSION, {"key": key, "quality": quality})
     return quality
-
-
-def weights_digest(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer of `model` (names, dtypes, shapes, values)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name} {data.dtype} {tuple(data.shape)};".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 @contextmanager

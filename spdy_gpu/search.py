@@ -163,9 +163,12 @@ def search(planner: Planner, speedup: float, score: Score, *,
 
     errors: base per-option errors keyed by layer name (None: SPDY's prior). checkpoint: a
     JSON file the state is saved to after every candidate and resumed from; `identity`
-    describes what is scored (database, data, loss) and must match to resume; the state of
-    another search there is an error, or (replace_other) started afresh.
+    describes what is scored (database, data, loss) and must match to resume (default: the
+    score's own `identity()`, e.g. a HeldOutScorer's); the state of another search there is
+    an error, or (replace_other) started afresh.
     """
+    if identity is None and callable(getattr(score, "identity", None)):
+        identity = score.identity()
     base = planner.error_matrix(errors)                           # [layers, options]
     layers = len(planner.layers)
     key = _state_key(planner, speedup, base, config, identity)

@@ -124,3 +124,13 @@ def test_cuda_scorer_runs_its_own_copy_and_agrees_with_the_cpu():
     pruned[0].weight.data[:, ::2] = 0
     assert on_gpu.loss_of(pruned) == pytest.approx(on_cpu.loss_of(pruned), rel=1e-4)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_identity_names_the_loss_the_data_and_the_weights():
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    batches = [torch.randn(32, 8) for _ in range(2)]
+    same = HeldOutScorer(model, batches).identity()
+    assert same == HeldOutScorer(model, [b.clone() for b in batches]).identity()
+    assert same["database"] == "magnitude" and same["loss"]
+    assert HeldOutScorer(model, batches[:1]).identity()["data"] != same["data"]
+    assert HeldOutScorer(model, batches, loss="cosine").identity()["loss"] != same["loss"]

@@ -103,6 +103,24 @@ def test_another_search_in_the_checkpoint_is_refused(planner, tmp_path):
                checkpoint=state, progress=False)
 
 
+def test_a_score_with_an_identity_resumes_only_under_the_same_one(planner, tmp_path):
+    class Named(Score):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def identity(self):
+            return {"loss": self.name}
+
+    state = tmp_path / "state.json"
+    config = SearchConfig(max_evaluations=2)
+    search(planner, 2.0, Named("mse"), config=config, checkpoint=state, progress=False)
+    assert search(planner, 2.0, Named("mse"), config=config, checkpoint=state,
+                  progress=False).resumed
+    with pytest.raises(SpdyError, match="another search"):
+        search(planner, 2.0, Named("kl"), config=config, checkpoint=state, progress=False)
+
+
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_a_nan_loss_is_a_one_line_error(planner, value):
     with pytest.raises(SpdyError, match="loss returned") as info:
