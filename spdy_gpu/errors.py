@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -62,3 +63,17 @@ def function_name(function: object) -> str:
     """module.qualname of a function, for messages."""
     return (f"{getattr(function, '__module__', '?')}."
             f"{getattr(function, '__qualname__', type(function).__name__)}")
+
+
+def check_types(values: dict[str, tuple[object, type | tuple[type, ...]]]) -> None:
+    """Refuse the first value that is not of its type, in one line naming the option: int
+    takes any integer (NumPy's too), float any real number, and neither a bool;
+    {"--max-rounds": (value, int)}."""
+    abstract = {int: numbers.Integral, float: numbers.Real}
+    for name, (value, kind) in values.items():
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        accepted = tuple(abstract.get(k, k) for k in kinds)
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            wanted = " or ".join("None" if k is type(None) else "a number" if k is float
+                                 else "an integer" if k is int else k.__name__ for k in kinds)
+            raise SpdyError(f"{name} must be {wanted}, not {type(value).__name__} {value!r}")

@@ -31,7 +31,7 @@ from torch import nn
 
 from .backends import LatencyBackend, check_options_supported
 from .data import Calibration, CalibrationSpec, tensors_digest
-from .errors import SpdyError, problem_of
+from .errors import SpdyError, check_types, problem_of
 from .jsonio import changed_fields, is_number, load_json, save_json
 from .layers import discover_layers, exclude_patterns, prunable_modules, warn_unmatched_excludes
 from .locks import LOCK_NAME, exclusive_directory, exclusive_file
@@ -237,6 +237,14 @@ class RunSettings:
     def __post_init__(self) -> None:
         check_target(self.speedup)
         object.__setattr__(self, "exclude", exclude_patterns(self.exclude))
+        for name in ("options", "measure_grid"):        # option names, as a notebook has them
+            given = getattr(self, name)
+            if given is not None:
+                object.__setattr__(self, name, tuple(
+                    SparsityOption.parse(o) if isinstance(o, str) else o for o in given))
+        if isinstance(self.timings, (str, os.PathLike)):
+            object.__setattr__(self, "timings", (self.timings,))
+        object.__setattr__(self, "timings", tuple(Path(t) for t in self.timings))
         kinds = {"search": SearchConfig, "fast": FastConfig, "calibration": CalibrationSpec,
                  "gap": (GapSettings, type(None))}
         wrong = next((name for name, kind in kinds.items()
@@ -247,6 +255,9 @@ class RunSettings:
                             f"{' or None' if wrong == 'gap' else ''}, not "
                             f"{type(getattr(self, wrong)).__name__}; pass "
                             f"{wrong}={expected}(...)")
+        check_types({"--search-samples": (self.search_samples, int),
+                     "--max-rounds": (self.max_rounds, int),
+                     "--tolerance": (self.tolerance, float)})
         if self.errors not in ("auto", "prior", "database"):
             raise SpdyError(f"--errors {self.errors!r}: use auto, prior or database")
         if self.search_samples < 1:
@@ -433,10 +444,22 @@ def prune(model: nn.Module, example: Any, *, speedup: float,
                        loss=loss)
     spec = CalibrationSpec(calib=None if given else calibration)
     backend = get_backend(backend) if isinstance(backend, str) else backend
-    report = run(entry, ModelSetting(), backend,
-                 RunSettings(speedup=speedup, calibration=spec, **settings), out_dir)
+    run_settings = RunSettings(speedup=speedup, calibration=spec, **settings)
+    require_files(run_settings.timings, "timings=")
+    report = run(entry, ModelSetting(), backend, run_settings, out_dir)
     pruned = load_pruned(copy.deepcopy(model), Path(out_dir) / "pruned.safetensors")
     return pruned.eval(), report
+
+
+def require_files(tables: Sequence[Path], flag: str) -> None:
+    """Timing tables passed in must be files: the run would otherwise measure the table
+    again, silently, when a path has a typo. (Not a RunSettings rule: compare passes its
+    shared DIR/timings.json before it exists.)"""
+    for path in tables:
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise SpdyError(f"{flag} {path} {what}; pass a timing table file (written by "
+                            "spdy-gpu timings --out), or leave it out to measure one")
 
 
 # ---- stages --------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import SpdyError
+from .errors import SpdyError, check_types
 from .jsonio import load_json, save_json
 from .options import SparsityOption
 from .solve import LayerErrors, Planner
@@ -58,6 +58,12 @@ class SearchConfig:
     max_minutes: float | None = None     # wall time, at most (resumed runs included)
 
     def __post_init__(self) -> None:
+        check_types({"--seed": (self.seed, int),
+                     "--random-candidates": (self.random_candidates, int),
+                     "--patience": (self.patience, int),
+                     "start fraction": (self.start_fraction, float),
+                     "--max-evaluations": (self.max_evaluations, (int, type(None))),
+                     "--max-minutes": (self.max_minutes, (float, type(None)))})
         if self.seed < 0:
             raise SpdyError(f"--seed {self.seed} must be >= 0")
         if self.random_candidates < 1:

@@ -389,8 +389,8 @@ def test_prune_takes_one_tensor_of_samples_and_returns_an_eval_model(tmp_path):
     model, example = build()
     samples = torch.cat(list(calibration(ModelSetting(batch_size=16), 96)))      # [96, 16]
     pruned, report = prune(model.train(), example, speedup=1.6, backend=FakeBackend(),
-                           calibration=samples, out_dir=tmp_path,
-                           measure_grid=tuple(option_grid("unstructured", 6)),
+                           calibration=samples, out_dir=tmp_path,   # option names are parsed
+                           measure_grid=[o.name for o in option_grid("unstructured", 6)],
                            search_samples=32,
                            search=SearchConfig(seed=0, random_candidates=8, patience=5))
     assert not pruned.training and report.stages["calibration"]["samples"] == \
@@ -402,6 +402,14 @@ def test_prune_takes_one_tensor_of_samples_and_returns_an_eval_model(tmp_path):
                                         "samples of shape \\[\\]"):
         prune(model, example, speedup=1.6, backend=FakeBackend(), calibration=list(samples),
               out_dir=tmp_path / "unbatched")                 # a list of single samples
+    with pytest.raises(SpdyError, match="timings= t.json does not exist"):
+        prune(model, example, speedup=1.6, backend=FakeBackend(), calibration=samples,
+              timings="t.json", out_dir=tmp_path / "missing")
+    with pytest.raises(SpdyError, match="--max-rounds must be an integer, not float 2.5"):
+        prune(model, example, speedup=1.6, backend=FakeBackend(), max_rounds=2.5,
+              out_dir=tmp_path / "rounds")
+    with pytest.raises(SpdyError, match="--seed must be an integer, not str"):
+        SearchConfig(seed="1")
     with pytest.raises(SpdyError, match="backend must be a backend name .* not NoneType"):
         prune(model, example, speedup=1.6, backend=None, out_dir=tmp_path / "c")
     with pytest.raises(SpdyError, match="prune\\(\\) has no setting 'speeed'; it takes .*"

@@ -7,11 +7,10 @@ import argparse
 from pathlib import Path
 
 from ..backends import LatencyBackend
-from ..errors import SpdyError
 from ..jsonio import check_output_dir
 from ..losses import LOSSES
 from ..models import ModelEntry
-from ..pipeline import GapSettings, RunReport, RunSettings, run
+from ..pipeline import GapSettings, RunReport, RunSettings, require_files, run
 from ..reconstruct import FastConfig
 from ..search import SearchConfig
 from .common import (
@@ -133,15 +132,9 @@ def run_settings_from_args(args: argparse.Namespace, entry: ModelEntry,
 
 
 def timing_tables(args: argparse.Namespace) -> tuple[Path, ...]:
-    """The --timings tables. Each must be a file: the run would otherwise measure the
-    table again, silently, when the path has a typo. (Checked here, not in RunSettings:
-    compare passes its shared DIR/timings.json there before it exists.)"""
+    """The --timings tables, each a file (require_files)."""
     paths = tuple(Path(t) for t in args.timings)
-    for path in paths:
-        if not path.is_file():
-            what = "is a directory" if path.is_dir() else "does not exist"
-            raise SpdyError(f"--timings {path} {what}; pass a timing table file (written by "
-                            "spdy-gpu timings --out), or leave --timings out to measure one")
+    require_files(paths, "--timings")
     return paths
 
 
