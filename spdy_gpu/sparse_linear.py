@@ -20,7 +20,7 @@ from spdy_kernels.layout import ACTIVATIONS, block_dense, input_problem, interpr
 from torch import nn
 from torch.autograd import forward_ad
 
-from .bsr import KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
+from .bsr import FLOAT_DTYPES, KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
 from .errors import SpdyError
 from .layers import gpu_swappable, is_pointwise, tied_weights
 from .masks import build_mask, gemm_view
@@ -104,6 +104,11 @@ class BlockSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features]. Traced (torch.compile / export), the
         # kernel is always the op: the graph holds what deploys.
+        if x.dtype != self.values.dtype and torch.is_autocast_enabled(x.device.type):
+            # under autocast the layer computes in its own dtype (that of its stored blocks;
+            # cast the model for 16-bit kernels), as the kernel needs one dtype for both
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.to(self.values.dtype))
         if x.is_cuda or interpret_requested() or torch.compiler.is_compiling():
             return self._kernel(x)
         _note_fallback()
@@ -130,6 +135,19 @@ class BlockSparseLinear(nn.Module):
     def density(self) -> float:
         """Fraction of blocks stored."""
         return self.weight.density
+
+    def _apply(self, fn: Any, recurse: bool = True) -> BlockSparseLinear:
+        # .double(), .to(torch.float64)...: refused here, naming the layer's choice, not at
+        # the first forward or repr with a BSR validation message
+        dtype = self.values.dtype
+        super()._apply(fn, recurse)
+        if self.values.dtype not in FLOAT_DTYPES:
+            wrong = self.values.dtype
+            super()._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse)
+            raise SpdyError(f"a BlockSparseLinear holds float32, float16 or bfloat16 blocks, not "
+                            f"{str(wrong).removeprefix('torch.')} (the kernel has no such "
+                            "path); convert the model to one of them")
+        return self
 
     def extra_repr(self) -> str:
         rows, cols = self.values.shape[1:]

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spdy_gpu import BlockSparseLinear, SparsityOption, SpdyError
@@ -115,6 +116,29 @@ def test_layers_that_cannot_run_sparse_are_refused_by_name(name, match):
     assert sparsify_(model, {name: "dense"}) == []          # dense: nothing to swap
     with pytest.raises(SpdyError, match="the model itself cannot be swapped"):
         sparsify_(nn.Linear(64, 64), {"": "block16x16@0.5"})
+
+
+def test_float64_is_refused_when_asked_for_and_the_layer_stays_usable():
+    layer = BlockSparseLinear.from_linear(nn.Linear(64, 32), option="block16x16@0.5")
+    model = nn.Sequential(layer)
+    with pytest.raises(SpdyError, match="holds float32, float16 or bfloat16 blocks, not "
+                                        "float64"):
+        model.double()
+    assert layer.values.dtype == torch.float32 and "density=0.500" in repr(model)
+    model(torch.randn(2, 64))
+
+
+def test_under_autocast_the_layer_takes_16_bit_inputs_in_its_own_dtype(kernel_path):
+    torch.manual_seed(0)
+    first = nn.Linear(64, 64)
+    sparse = BlockSparseLinear.from_linear(nn.Linear(64, 48), option="block16x16@0.5")
+    x = torch.randn(5, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = first(x)                                     # bf16, as autocast made it
+        y = sparse(hidden)
+    assert hidden.dtype == torch.bfloat16
+    expected = F.linear(hidden.float(), sparse.to_dense().weight, sparse.bias)
+    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
 
 
 def test_from_linear_with_a_mask_and_fused_activation(kernel_path):
