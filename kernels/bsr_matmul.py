@@ -490,6 +490,12 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor
     values, indices and bias must be contiguous; x may be strided. A CPU tensor runs under
     Triton's interpreter (slow; meant for tests).
     """
+    if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2):
+        raise KernelInputError(f"bsr_linear: shape must be the weight's (N, K), got {shape!r}")
+    for name, value in (("stream_k", stream_k), ("block_t", block_t)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise KernelInputError(f"bsr_linear: {name} must be an int or None, got "
+                                   f"{type(value).__name__} {value!r}")
     n, k = int(shape[0]), int(shape[1])
     checking = check_indices or (check_indices is None and isinstance(x, torch.Tensor)
                                  and x.device.type == "cpu")
@@ -619,10 +625,26 @@ def _check(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch
                               or out.device != x.device or not out.is_contiguous()):
         problem = (f"out must be a contiguous {x.dtype} tensor of shape {(*x.shape[:-1], n)} "
                    f"on {x.device}; got {out.dtype} {tuple(out.shape)}")
+    elif out is not None and _overlap(out, (x, values, *(() if bias is None else (bias,)))):
+        problem = "out shares memory with an input, which the kernel still reads; pass a new tensor"
     if problem is None and check_indices:
         problem = layout_problem(crow, col, values.shape[0], -(-k // values.shape[2]))
     if problem is not None:
         raise KernelInputError(f"bsr_linear: {problem}")
+
+
+def _overlap(out: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether `out`'s storage bytes overlap any of `inputs`'."""
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        start = t.data_ptr()
+        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return start, start + (extent + 1) * t.element_size()
+
+    if out.numel() == 0:
+        return False
+    lo, hi = span(out)
+    return any(t.numel() and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+               and span(t)[0] < hi and lo < span(t)[1] for t in inputs)
 
 
 def _indices_match(indices: LayoutIndices, crow: torch.Tensor) -> bool:

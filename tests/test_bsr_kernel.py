@@ -230,6 +230,11 @@ def test_bad_calls_raise_one_line_errors():
          "x must be a torch.Tensor, got list"),
         (lambda: bsr_matmul.bsr_linear(x[:, :0], values, crow, col, (32, 0)),
          "weight shape \\(32, 0\\) must be positive"),
+        (lambda: bsr_matmul.bsr_linear(x, values, crow, col, (32, 32, 7)),
+         "shape must be the weight's \\(N, K\\)"),
+        (lambda: bsr_linear(x, packed, stream_k=True), "stream_k must be an int or None"),
+        (lambda: bsr_linear(x, packed, block_t=32.0), "block_t must be an int or None"),
+        (lambda: bsr_linear(x, packed, out=x), "out shares memory with an input"),
     ]
     for call, match in cases:
         with pytest.raises(KernelInputError, match=match) as error:
