@@ -79,6 +79,10 @@ class BSRWeight:
         dtype: value dtype (default: the weight's; must be fp32, fp16 or bf16).
         """
         rows, cols = _pair(block)
+        if rows not in BLOCK_SIDES or cols not in BLOCK_SIDES:
+            raise SpdyError(f"block {rows}x{cols} is not a kernel block (sides in "
+                            f"{', '.join(map(str, BLOCK_SIDES))}); pack with one of them, e.g. "
+                            f"block={kernel_block((rows, cols))}")
         w = gemm_view(weight.detach())
         n, k = w.shape
         if n < 1 or k < 1:
