@@ -400,6 +400,9 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
     modules = dict(model.named_modules())
     for name, entry in layout.items():
         module = modules.get(name)
+        if isinstance(module, (BlockSparseLinear, BlockSparseConv1x1, SemiStructuredLinear)):
+            raise SpdyError(f"layer {name} is already a {type(module).__name__}: this model "
+                            "was deployed before; pass a freshly built dense model")
         if not gpu_swappable(module) or list(module.weight.shape) != entry["shape"]:
             raise SpdyError(f"{path} does not fit this model: its layer {name} is not an "
                             f"nn.Linear or 1x1 Conv2d of weight shape {entry['shape']} here; "

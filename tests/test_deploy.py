@@ -273,6 +273,10 @@ def test_block_sparse_loader_refuses_wrong_files_and_models(tmp_path):
     with pytest.raises(SpdyError, match=r"its 4\.(weight|bias) is not in the model"):
         load_block_sparse(shorter, tmp_path / "m.safetensors")
     assert type(shorter[0]) is nn.Linear, "a refused model gets its Linear back"
+    deployed = load_block_sparse(mlp(), tmp_path / "m.safetensors")
+    with pytest.raises(SpdyError, match="layer 0 is already a BlockSparseLinear: this model "
+                                        "was deployed before"):
+        load_block_sparse(deployed, tmp_path / "m.safetensors")
 
 
 def test_loaders_refuse_what_they_cannot_fill_in_one_line(tmp_path):
