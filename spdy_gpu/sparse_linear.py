@@ -210,13 +210,20 @@ class BlockSparseLinear(nn.Module):
         if shape is not None and tuple(shape.tolist()) != (self.out_features, self.in_features):
             raise SpdyError(f"{prefix}shape {tuple(shape.tolist())} does not match this layer's "
                             f"({self.out_features}, {self.in_features}); load into the right model")
-        for name in ("values", *_INDEX_BUFFERS):
-            incoming = state_dict.get(prefix + name)
+        incoming = {name: state_dict.get(prefix + name) for name in ("values", *_INDEX_BUFFERS)}
+        if all(isinstance(t, torch.Tensor) for t in incoming.values()):
+            try:                        # a bad layout is refused before anything changes
+                BSRWeight(incoming["values"], incoming["crow_indices"],
+                          incoming["col_indices"], incoming["row_order"],
+                          (self.out_features, self.in_features))
+            except SpdyError as e:
+                raise SpdyError(f"layer {prefix.rstrip('.') or '(root)'}: {e}") from None
+        for name, tensor in incoming.items():
             current = getattr(self, name)
-            if incoming is not None and incoming.shape != current.shape:
-                resized = current.new_empty(incoming.shape)
-                if name == "values":
-                    self.values = nn.Parameter(resized, requires_grad=False)
+            if tensor is not None and tensor.shape != current.shape:
+                resized = current.new_empty(tensor.shape)
+                if name == "values":        # (a layer set up for fine-tuning stays so)
+                    self.values = nn.Parameter(resized, requires_grad=current.requires_grad)
                 else:
                     setattr(self, name, resized)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -385,6 +385,16 @@ def test_state_dict_round_trip_adopts_the_saved_pattern():
     bad = {**state, "0.shape": torch.tensor([99, 70])}
     with pytest.raises(SpdyError, match="does not match"):
         other.load_state_dict(bad)
+    fresh = copy.deepcopy(model)
+    sparsify_(fresh, {"0": "block16x16@0.9", "2": "block32x32@0.2"})
+    fresh[0].values.requires_grad_()                    # set up for fine-tuning
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    broken = {**state, "0.col_indices": state["0.col_indices"] + 10}
+    with pytest.raises(SpdyError, match="layer 0: malformed BSR weight: col_indices must lie"):
+        fresh.load_state_dict(broken)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    fresh.load_state_dict(state)
+    assert fresh[0].values.requires_grad                 # still set up for fine-tuning
 
 
 def test_sparsify_rejects_unknown_names_and_non_linears():
