@@ -100,9 +100,11 @@ def load_plan(profile_or_choices: ProfileLike | Plan, exclude: Iterable[str] = (
     elif isinstance(profile_or_choices, (str, os.PathLike)):
         profile = Profile.load(profile_or_choices)
         plan = Plan(dict(profile.choices), profile, str(Path(profile_or_choices).resolve()))
+    elif isinstance(profile_or_choices, Mapping):
+        plan = Plan({str(name): _option(name, o) for name, o in profile_or_choices.items()})
     else:
-        plan = Plan({str(name): SparsityOption.parse(o) if isinstance(o, str) else o
-                     for name, o in profile_or_choices.items()})
+        raise SpdyError(f"a profile must be a Profile, its file or a {{layer: option}} mapping, "
+                        f"not {type(profile_or_choices).__name__}")
     patterns = list(exclude)
     kept = {name: o for name, o in plan.choices.items()
             if not any(fnmatchcase(name, p) for p in patterns)}
@@ -110,6 +112,15 @@ def load_plan(profile_or_choices: ProfileLike | Plan, exclude: Iterable[str] = (
         raise SpdyError("nothing to prune: the profile chooses no layer (or --exclude matches "
                         "them all); pass a profile made by spdy-gpu solve for this model")
     return Plan(kept, plan.profile, plan.source)
+
+
+def _option(layer: str, option: Any) -> SparsityOption:
+    if isinstance(option, SparsityOption):
+        return option
+    if isinstance(option, str):
+        return SparsityOption.parse(option)
+    raise SpdyError(f"the choice of layer {layer} is {option!r}, not an option such as "
+                    "'unstructured@0.5' or 'block32x32@0.7'")
 
 
 # ---- pruning --------------------------------------------------------------------------------
@@ -121,6 +132,8 @@ def prune_(model: nn.Module, profile_or_choices: ProfileLike | Plan,
     the current (dense) weights. Returns the choices applied. On error nothing changes.
     A profile of another model (its layers, or its recorded dense weights) or a database of
     other weights is refused (check_for_model)."""
+    if not isinstance(model, nn.Module):
+        raise SpdyError(f"prune_ takes the model (an nn.Module), not {type(model).__name__}")
     plan = load_plan(profile_or_choices)
     database = _open_database(database)
     check_for_model(model, None, plan.profile, database)

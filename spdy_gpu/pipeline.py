@@ -167,14 +167,20 @@ def measure_speedup(backend: LatencyBackend, dense: nn.Module, pruned: nn.Module
 
 
 def verify_profile(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
-                   profile: Profile, database: Database | None = None, *,
+                   profile: Profile | str | os.PathLike,
+                   database: Database | str | os.PathLike | None = None, *,
                    force: bool = False) -> dict[str, Any]:
     """Prune the model to `profile` (database weights, or magnitude masks without one),
     measure it against the dense model on `backend` and compare with the prediction.
 
     A profile of another model, or planned on timings from another setting (unless
     `force`), is refused. Returns the 'spdy-gpu/verify' record (time_error_pct =
-    (predicted - measured) / measured pruned time)."""
+    (predicted - measured) / measured pruned time). Profile and database may be given as
+    their paths."""
+    if isinstance(profile, (str, os.PathLike)):
+        profile = Profile.load(profile)
+    if isinstance(database, (str, os.PathLike)):
+        database = Database.open(database)
     if not any(o.pattern != "dense" for o in profile.choices.values()):
         raise SpdyError("the profile prunes no layer, so there is nothing to verify; pass a "
                         "profile made by spdy-gpu solve or run")

@@ -62,8 +62,13 @@ class Planner:
     time grid of each target is built once and reused for every error set.
     """
 
-    def __init__(self, table: TimingTable, exclude: str | Sequence[str] = (),
+    def __init__(self, table: TimingTable | str | os.PathLike, exclude: str | Sequence[str] = (),
                  buckets: int = 10_000):
+        if isinstance(table, (str, os.PathLike)):
+            table = TimingTable.load(table)
+        if not isinstance(table, TimingTable):
+            raise SpdyError(f"a Planner plans on a TimingTable (or its file), not "
+                            f"{type(table).__name__}")
         exclude = exclude_patterns(exclude)
         # A TimingTable always has layers and a positive dense total (TimingTable.validate).
         excluded = [name for name in table.layer_names

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import spdy_gpu
 from spdy_gpu import SpdyError
 from spdy_gpu.cli import main
 from spdy_gpu.data import Calibration, CalibrationSpec
@@ -345,3 +346,23 @@ def test_solve_refuses_a_target_below_one_as_run_does(tmp_path, capsys):
     assert code == 2 and "target speedup 0.5x is below 1x: the dense model already meets it" \
         in err and err.count("\n") == 1
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: spdy_gpu.Planner(5), "a Planner plans on a TimingTable \\(or its file\\), not int"),
+    (lambda m: spdy_gpu.prune_(m, {"0": 0.5}), "the choice of layer 0 is 0.5, not an option"),
+    (lambda m: spdy_gpu.prune_("model", {"0": "unstructured@0.5"}),
+     "prune_ takes the model \\(an nn.Module\\), not str"),
+    (lambda m: spdy_gpu.prune_(m, ["0"]), "a profile must be a Profile, its file or a"),
+])
+def test_notebook_calls_with_the_wrong_kind_of_argument_are_one_line(call, match):
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    with pytest.raises(SpdyError, match=match):
+        call(model)
+
+
+def test_build_database_takes_option_names_and_one_layer_name(tmp_path):
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    database = spdy_gpu.build_database(model, "0", ["dense", "unstructured@0.5"],
+                                       [torch.randn(16, 32)], tmp_path / "db", progress=False)
+    assert database.layers == ("0",)

@@ -507,7 +507,8 @@ def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[Sp
     adaprune_config = adaprune_config or AdaPruneConfig()
     if method not in METHODS:
         raise SpdyError(f"unknown reconstruction method {method!r}; use one of {METHODS}")
-    options = list(options)
+    options = [SparsityOption.parse(o) if isinstance(o, str) else o for o in options]
+    layers = [layers] if isinstance(layers, str) else list(layers)   # one name, not letters
     modules = _checked_modules(model, layers, options)
     chains = option_chains(options)
     _check_fit(modules, options)
