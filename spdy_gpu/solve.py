@@ -230,10 +230,15 @@ class Planner:
         best = self.max_speedup
         shown = math.floor(best * 1000) / 1000     # rounded down: asking for it must work
         if shown <= 1:
+            finite = np.where(np.isfinite(self.times), self.times, np.nan)
+            gain = float(np.nansum(self.times[:, 0]) - np.nansum(np.nanmin(finite, 1)))
+            cause = ("no sparse option is faster than dense on any layer" if gain <= 0 else
+                     f"the time pruning cannot touch, {self.fixed_ms:.4g} of "
+                     f"{self.table.dense_total_ms:.4g} ms, dominates")
             return InfeasibleTargetError(
                 f"target speedup {speedup:g}x is infeasible: pruning cannot make this model "
                 f"faster on this timing table (its fastest profile is {best:.3f}x of dense; "
-                "the fixed time dominates); exclude fewer layers, or time a larger batch",
+                f"{cause}); exclude fewer layers, or time a larger batch",
                 min_time=self.min_time_ms, max_speedup=best)
         return InfeasibleTargetError(
             f"target speedup {speedup:g}x is infeasible ({why}); the largest achievable "

@@ -60,6 +60,11 @@ def test_a_table_whose_parts_exceed_its_total_plans_dense_at_1x_and_says_why_not
                                                     r"profile is 0\.976x") as info:
         solve_profile(table, 1.2)
     assert info.value.max_speedup == pytest.approx(0.00994 / 0.01018)
+    assert "no sparse option is faster than dense on any layer" in str(info.value)
+    fixed = make_table([[0.01, 0.005]], dense_total=0.1, fixed=1.0)    # sparsity pays a bit
+    with pytest.raises(InfeasibleTargetError, match="the time pruning cannot touch, 1 of 0.1 "
+                                                    "ms, dominates"):
+        solve_profile(fixed, 1.2)
 
 
 def test_the_largest_speedup_named_is_rounded_down_so_asking_for_it_works(toy_table):
