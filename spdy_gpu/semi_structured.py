@@ -87,6 +87,10 @@ class SemiStructuredLinear(nn.Linear):
         self._sparse = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad and torch.is_grad_enabled():
+            # fine-tuning: the masked dense weight, so that the pruned weights get no
+            # gradient and the layer stays 2:4 (the semi-structured copy is for inference)
+            return F.linear(x, self.weight * (self.weight != 0), self.bias)
         if not x.is_cuda:
             return F.linear(x, self.weight, self.bias)
         return F.linear(x, self._semi_structured(), self.bias)

@@ -41,6 +41,17 @@ def test_layer_keeps_two_of_four_and_matches_the_masked_dense_layer():
                                                                   linear.bias))
 
 
+def test_fine_tuning_keeps_the_layer_two_of_four():
+    layer = SemiStructuredLinear.from_linear(_mlp()[0]).requires_grad_()
+    zeros = layer.weight == 0
+    before = layer.weight.detach().clone()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(8, 128)).square().sum().backward()
+    assert not layer.weight.grad[zeros].any()             # pruned weights get no gradient
+    optimizer.step()
+    assert torch.equal(layer.weight == 0, zeros) and not torch.equal(layer.weight, before)
+
+
 def test_a_mask_that_is_not_two_of_four_is_refused():
     linear = _mlp()[0]
     with pytest.raises(SpdyError, match="not 2:4"):
