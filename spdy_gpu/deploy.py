@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import SpdyError, first_line, user_code
 from .jsonio import check_output_file, replacing
-from .layers import gpu_swappable, require_prunable
+from .layers import gpu_swappable, require_prunable, require_real
 from .locks import exclusive_file
 from .options import SparsityOption
 from .profile import Profile, check_for_model
@@ -132,8 +132,7 @@ def prune_(model: nn.Module, profile_or_choices: ProfileLike | Plan,
     the current (dense) weights. Returns the choices applied. On error nothing changes.
     A profile of another model (its layers, or its recorded dense weights) or a database of
     other weights is refused (check_for_model)."""
-    if not isinstance(model, nn.Module):
-        raise SpdyError(f"prune_ takes the model (an nn.Module), not {type(model).__name__}")
+    require_real(model, "pruning")
     plan = load_plan(profile_or_choices)
     database = _open_database(database)
     check_for_model(model, None, plan.profile, database)
@@ -260,20 +259,10 @@ def load_pruned(model: nn.Module, path: PathLike) -> nn.Module:
         raise SpdyError(f"{path} is a {meta['format']!r} file, not pruned weights; pass "
                         "weights written by spdy-gpu apply, gap or run")
     _recorded_choices(meta, path)
-    _check_target(model, path)
+    require_real(model, f"loading {path}")
     _check_state(model, state, path)
     model.load_state_dict(state, strict=False)     # tied names are filled through their twin
     return model
-
-
-def _check_target(model: Any, path: PathLike) -> None:
-    """A model the weights of `path` can be loaded into: a module with real tensors."""
-    if not isinstance(model, nn.Module):
-        raise SpdyError(f"loading {path} needs the model (an nn.Module, or a function "
-                        f"returning one), got {type(model).__name__}")
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        raise SpdyError(f"the model has tensors on the meta device, which loading {path} "
-                        "cannot fill; build it on a real device (e.g. the CPU) first")
 
 
 def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -409,7 +398,7 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
             model = model()
         if isinstance(model, nn.Module):
             model.eval()
-    _check_target(model, path)
+    require_real(model, f"loading {path}")
     modules = dict(model.named_modules())
     for name, entry in layout.items():
         module = modules.get(name)

@@ -200,6 +200,17 @@ def prunable_modules(model: nn.Module, exclude: str | Iterable[str] = ()
             and not any(fnmatch.fnmatchcase(name, p) for p in patterns)}
 
 
+def require_real(model: Any, task: str) -> None:
+    """Refuse what `task` (e.g. "pruning") cannot work on: not a module, or a module with
+    tensors on the meta device (no values to read or write)."""
+    if not isinstance(model, nn.Module):
+        raise SpdyError(f"{task} needs the model (an nn.Module, or a function returning one), "
+                        f"got {type(model).__name__}")
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise SpdyError(f"the model has tensors on the meta device, which {task} cannot use; "
+                        "build it on a real device (e.g. the CPU) first")
+
+
 def require_prunable(model: nn.Module, names: Iterable[str]) -> None:
     """Refuse layer names (of a profile, a database, choices) that are not a Linear or
     Conv2d of `model`: they belong to another model (or name, say, a BatchNorm)."""
@@ -231,6 +242,7 @@ def discover_layers(model: nn.Module, example_inputs: Any = None,
     (module order otherwise), with the GEMM rows each sees for that input. Left out, with a
     log line: layers whose weight is tied to another module's (pruning one would prune
     both) and, given an input, layers its forward never calls."""
+    require_real(model, "finding its prunable layers")
     modules = prunable_modules(model, exclude)
     for name, other in tied_weights(model, modules).items():
         log.warning("%s shares its weight with %s (tied): kept dense, its time counts as "

@@ -352,7 +352,13 @@ def test_solve_refuses_a_target_below_one_as_run_does(tmp_path, capsys):
     (lambda m: spdy_gpu.Planner(5), "a Planner plans on a TimingTable \\(or its file\\), not int"),
     (lambda m: spdy_gpu.prune_(m, {"0": 0.5}), "the choice of layer 0 is 0.5, not an option"),
     (lambda m: spdy_gpu.prune_("model", {"0": "unstructured@0.5"}),
-     "prune_ takes the model \\(an nn.Module\\), not str"),
+     "pruning needs the model \\(an nn.Module, or a function returning one\\), got str"),
+    (lambda m: spdy_gpu.prune_(m.to("meta"), {"0": "unstructured@0.5"}),
+     "the model has tensors on the meta device, which pruning cannot use"),
+    (lambda m: spdy_gpu.discover_layers(m.to("meta")),
+     "which finding its prunable layers cannot use"),
+    (lambda m: spdy_gpu.build_database(m.to("meta"), ["0"], ["dense"], [], "unused"),
+     "which reconstruction cannot use"),
     (lambda m: spdy_gpu.prune_(m, ["0"]), "a profile must be a Profile, its file or a"),
 ])
 def test_notebook_calls_with_the_wrong_kind_of_argument_are_one_line(call, match):

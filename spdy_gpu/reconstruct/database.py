@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SpdyError, problem_of
 from ..jsonio import atomic_write_bytes, load_json, require, save_json
-from ..layers import on_gpu_else_cpu
+from ..layers import on_gpu_else_cpu, require_real
 from ..locks import LOCK_NAME, exclusive_directory, holder
 from ..masks import build_mask, unfit_reason
 from ..options import SparsityOption
@@ -577,6 +577,7 @@ def _checked_modules(model: nn.Module, layers: Sequence[str],
                      options: Sequence[SparsityOption]) -> dict[str, nn.Module]:
     """The named layers' modules, refusing an empty or dense-less job or a name that is not
     a Linear or Conv2d of the model."""
+    require_real(model, "reconstruction")
     if SparsityOption.dense() not in options:
         raise SpdyError("the option list must include dense (dense is always a choice)")
     if not layers:
