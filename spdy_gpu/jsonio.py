@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import shutil
@@ -20,11 +21,16 @@ TEMPORARY = ".tmp"      # replacing's files: .NAME.<12 hex digits>.tmp next to N
 
 def leftover_temporaries(directory: Path, name: str | None = None) -> list[Path]:
     """The files `replacing` writes before their rename, in `directory` (only those of the
-    file `name` when given): left there only by a killed writer when the caller holds the
-    lock on what they were written for."""
-    stem = re.escape(name) if name is not None else ".+"
+    file `name` and its side files, NAME.<suffix>, when given): left there only by a killed
+    writer when the caller holds the lock on what they were written for."""
+    stem = re.escape(name) + r"(\..+)?" if name is not None else ".+"
     return [p for p in directory.glob(f".*{TEMPORARY}")
             if re.fullmatch(rf"\.{stem}\.[0-9a-f]{{12}}{re.escape(TEMPORARY)}", p.name)]
+
+
+def written_for(temporary: Path) -> str:
+    """The name of the file (or side file) a `replacing` temporary was written for."""
+    return temporary.name[1:-len(TEMPORARY) - 13]
 
 
 @contextmanager
@@ -180,9 +186,20 @@ def require(document: dict[str, Any], key: str, types: type | tuple,
     return value
 
 
+def side_file(path: str | os.PathLike, suffix: str) -> Path | None:
+    """The file beside the output `path` that keeps a job's progress (PATH + suffix, next to
+    the real file a symlink names, where the output's lock is), or None for a device such
+    as /dev/null: no progress is kept there."""
+    real = Path(os.path.realpath(path))
+    if real.exists() and not real.is_file():
+        return None
+    return real.with_name(real.name + suffix)
+
+
 def is_number(value: Any) -> bool:
-    """An int or float, as a JSON number loads (a bool, though an int subclass, is not)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number: an int or float as a JSON number loads, or a NumPy scalar (a bool,
+    though an int subclass, is not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _as_tuple(types: type | tuple) -> tuple:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import SpdyError
-from .jsonio import leftover_temporaries
+from .jsonio import leftover_temporaries, written_for
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,18 @@ def _held(lock: Path, held: str, leftovers: Callable[[], Iterable[Path]]) -> Ite
 
 
 def _leftovers_below(directory: Path) -> Iterator[Path]:
-    """Temporaries in `directory` and its subdirectories, except those under a directory
-    with a lock of its own (a database inside a run directory): its writer, or its next one,
-    owns them."""
-    for root, subdirectories, _ in os.walk(directory):
+    """Temporaries in `directory` and its subdirectories, except those another lock owns: a
+    directory with a lock of its own (a database inside a run directory) and a file locked
+    by exclusive_file (a `timings --out DIR/t.json`), whose writer, or its next one, owns
+    them."""
+    for root, subdirectories, files in os.walk(directory):
         subdirectories[:] = [d for d in subdirectories
                              if not os.path.lexists(os.path.join(root, d, LOCK_NAME))]
-        yield from leftover_temporaries(Path(root))
+        locked = [f[1:-len(LOCK_NAME)] for f in files
+                  if f.startswith(".") and f.endswith(LOCK_NAME) and f != LOCK_NAME]
+        yield from (t for t in leftover_temporaries(Path(root))
+                    if not any(written_for(t) == name or written_for(t).startswith(name + ".")
+                               for name in locked))
 
 
 ABANDONED_AFTER_S = 60      # a scratch lock this old and unheld: its process is gone

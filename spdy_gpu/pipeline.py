@@ -32,7 +32,7 @@ from torch import nn
 from .backends import LatencyBackend, check_options_supported
 from .data import Calibration, CalibrationSpec, tensors_digest
 from .errors import SpdyError, check_types, problem_of
-from .jsonio import changed_fields, is_number, load_json, save_json
+from .jsonio import changed_fields, is_number, load_json, save_json, side_file
 from .layers import discover_layers, exclude_patterns, prunable_modules, warn_unmatched_excludes
 from .locks import LOCK_NAME, exclusive_directory, exclusive_file
 from .models import ModelEntry, ModelSetting
@@ -114,7 +114,7 @@ def global_adaprune_profile(entry: ModelEntry, setting: ModelSetting, database: 
         report = global_adaprune_(model, dense, masks_of(model, profile.choices), batches,
                                   lr=gap.lr, epochs=gap.epochs, only_pruned=gap.only_pruned,
                                   patience=gap.patience, progress=progress,
-                                  checkpoint=f"{out}.gap-checkpoint.pt")
+                                  checkpoint=side_file(out, ".gap-checkpoint.pt"))
         _check_finite_weights(model)
         save_pruned(model, out, profile=profile, metadata=metadata)
     return report

@@ -13,17 +13,17 @@ from typing import Any
 import numpy as np
 
 from .errors import SpdyError
-from .jsonio import is_number, load_json, located, require, save_json
+from .jsonio import is_number, load_json, located, require, save_json, side_file
 from .options import SparsityOption, parse_options
 
 TABLE_FORMAT, TABLE_VERSION = "spdy-gpu/timing-table", 1
 
 
-def checkpoint_path(table_path: str | os.PathLike) -> Path:
+def checkpoint_path(table_path: str | os.PathLike) -> Path | None:
     """Where the measurement of the table `table_path` keeps its progress until the table is
-    saved: TABLE.partial, next to it."""
-    table_path = Path(table_path)
-    return table_path.with_name(table_path.name + ".partial")
+    saved: TABLE.partial, next to it (None for a device such as /dev/null: no progress kept,
+    as there is no file to lock it by)."""
+    return side_file(table_path, ".partial")
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,9 @@ class TimingTable:
                         "median_ms": list(l.median_ms), "spread_ms": list(l.spread_ms),
                         "note": l.note} for l in self.layers],
         })
-        checkpoint_path(path).unlink(missing_ok=True)
+        partial = checkpoint_path(path)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TimingTable:

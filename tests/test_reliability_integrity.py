@@ -331,8 +331,12 @@ def test_the_temporaries_below_a_directory_go_too_but_not_inside_another_lock(tm
     (other / LOCK_NAME).write_text("pid 1\n")
     theirs = other / ".manifest.json.0123456789ab.tmp"
     theirs.write_bytes(b"")
+    held = tmp_path / ".extra.json.spdy-gpu.lock"       # a file lock: `timings --out DIR/...`
+    held.write_text("pid 1\n")
+    in_flight = tmp_path / ".extra.json.partial.0123456789ab.tmp"
+    in_flight.write_bytes(b"")
     with exclusive_directory(tmp_path):
-        assert not stale.exists() and theirs.exists()
+        assert not stale.exists() and theirs.exists() and in_flight.exists()
 
 
 def test_one_output_file_is_held_and_its_leftovers_removed(tmp_path):
@@ -343,8 +347,10 @@ def test_one_output_file_is_held_and_its_leftovers_removed(tmp_path):
     stale.write_bytes(b"half")
     other = tmp_path / ".u.json.0123456789ab.tmp"         # another output's: kept
     other.write_bytes(b"half")
+    side = tmp_path / ".t.json.partial.0123456789ab.tmp"   # its checkpoint's: removed
+    side.write_bytes(b"half")
     with exclusive_file(out, "timing table") as held:
-        assert held == out and not stale.exists() and other.exists()
+        assert held == out and not stale.exists() and not side.exists() and other.exists()
         with pytest.raises(SpdyError, match=rf"the timing table {out} is being written by "
                                             rf"another spdy-gpu process \(pid {os.getpid()}"):
             with exclusive_file(out, "timing table"):
@@ -352,3 +358,6 @@ def test_one_output_file_is_held_and_its_leftovers_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".u.json.0123456789ab.tmp"]
     with exclusive_file("/dev/null"):                     # written through, unlocked
         pass
+    from spdy_gpu.timing import checkpoint_path
+    assert checkpoint_path("/dev/null") is None            # so no shared /dev/null.partial
+    assert checkpoint_path(out) == tmp_path / "t.json.partial"
