@@ -67,13 +67,14 @@ def function_name(function: object) -> str:
 
 def check_types(values: dict[str, tuple[object, type | tuple[type, ...]]]) -> None:
     """Refuse the first value that is not of its type, in one line naming the option: int
-    takes any integer (NumPy's too), float any real number, and neither a bool;
+    takes any integer (NumPy's too), float any real number, and neither a bool (unless bool
+    is asked for);
     {"--max-rounds": (value, int)}."""
     abstract = {int: numbers.Integral, float: numbers.Real}
     for name, (value, kind) in values.items():
         kinds = kind if isinstance(kind, tuple) else (kind,)
         accepted = tuple(abstract.get(k, k) for k in kinds)
-        if isinstance(value, bool) or not isinstance(value, accepted):
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, accepted):
             wanted = " or ".join("None" if k is type(None) else "a number" if k is float
                                  else "an integer" if k is int else k.__name__ for k in kinds)
             raise SpdyError(f"{name} must be {wanted}, not {type(value).__name__} {value!r}")

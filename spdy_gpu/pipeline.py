@@ -241,16 +241,24 @@ class RunSettings:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        check_target(self.speedup)
+        object.__setattr__(self, "speedup", check_target(self.speedup))   # a float from here
         object.__setattr__(self, "exclude", exclude_patterns(self.exclude))
         for name in ("options", "measure_grid"):        # option names, as a notebook has them
             given = getattr(self, name)
+            if isinstance(given, (str, SparsityOption)):
+                given = (given,)
             if given is not None:
                 object.__setattr__(self, name, tuple(
                     SparsityOption.parse(o) if isinstance(o, str) else o for o in given))
         if isinstance(self.timings, (str, os.PathLike)):
             object.__setattr__(self, "timings", (self.timings,))
+        check_types({**{f"timings[{i}]": (t, (str, os.PathLike))
+                        for i, t in enumerate(self.timings)},
+                     "database": (self.database, (str, os.PathLike, type(None))),
+                     "overwrite": (self.overwrite, bool)})
         object.__setattr__(self, "timings", tuple(Path(t) for t in self.timings))
+        if self.database is not None:
+            object.__setattr__(self, "database", Path(self.database))
         kinds = {"search": SearchConfig, "fast": FastConfig, "calibration": CalibrationSpec,
                  "gap": (GapSettings, type(None))}
         wrong = next((name for name, kind in kinds.items()
@@ -272,6 +280,9 @@ class RunSettings:
             raise SpdyError(f"--max-rounds {self.max_rounds} must be >= 1")
         if not 0 <= self.tolerance < 1:
             raise SpdyError(f"--tolerance {self.tolerance} must be in [0, 1), e.g. 0.03")
+        for name in ("search_samples", "max_rounds"):      # NumPy scalars as Python numbers
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "tolerance", float(self.tolerance))
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (the reusable measurements aside)."""

@@ -146,7 +146,8 @@ class BlockSparseLinear(nn.Module):
             super()._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse)
             raise SpdyError(f"a BlockSparseLinear holds float32, float16 or bfloat16 blocks, not "
                             f"{str(wrong).removeprefix('torch.')} (the kernel has no such "
-                            "path); convert the model to one of them")
+                            "path); layers converted before it stay converted: convert the "
+                            "model to one of them (e.g. model.float())")
         return self
 
     def extra_repr(self) -> str:
@@ -394,8 +395,12 @@ def swap_module(model: nn.Module, name: str, layer: nn.Module) -> None:
         for child, current in list(module._modules.items()):    # every name, aliases too
             if current is old:
                 setattr(module, child, layer)
-                if isinstance(module, nn.TransformerEncoderLayer):
-                    module.activation_relu_or_gelu = 0     # the fast path's own off switch
+    for module in model.modules():          # the fused paths' own off switches
+        if any(m is layer for m in module.modules()):
+            if isinstance(module, nn.TransformerEncoderLayer):
+                module.activation_relu_or_gelu = 0
+            elif isinstance(module, nn.TransformerEncoder):
+                module.use_nested_tensor = False           # (it checks its first layer only)
 
 
 def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOption | str],

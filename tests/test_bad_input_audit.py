@@ -372,3 +372,15 @@ def test_build_database_takes_option_names_and_one_layer_name(tmp_path):
     database = spdy_gpu.build_database(model, "0", ["dense", "unstructured@0.5"],
                                        [torch.randn(16, 32)], tmp_path / "db", progress=False)
     assert database.layers == ("0",)
+
+
+def test_run_settings_take_a_notebooks_values_and_refuse_wrong_kinds():
+    import numpy as np
+    settings = RunSettings(speedup=np.float32(2), options="block32x32@0.5", max_rounds=np.int64(3))
+    assert settings.speedup == 2.0 and type(settings.speedup) is float
+    assert [o.name for o in settings.options] == ["block32x32@0.5"] and settings.max_rounds == 3
+    for changes, match in [({"timings": [5]}, "timings\\[0\\] must be str or PathLike, not int"),
+                           ({"overwrite": "no"}, "overwrite must be bool, not str"),
+                           ({"database": 5}, "database must be str or PathLike or None")]:
+        with pytest.raises(SpdyError, match=match):
+            RunSettings(speedup=2, **changes)
