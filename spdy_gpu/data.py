@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,7 +207,18 @@ def _count(data: Any, where: str) -> int:
 def _check_like_example(data: Any, example: Any, where: str) -> None:
     """Refuse a file whose samples cannot be the example input's: a tensor with another
     number of dimensions per sample (a [128, 384] file for a [1, 128, 384] example would
-    pass silently as 128 samples of [384]) or of another kind (floating or integer)."""
+    pass silently as 128 samples of [384]) or of another kind (floating or integer), and a
+    dict of other keys or a tuple of another length than the example's. (A model's own
+    calibration may give a richer form, e.g. keywords for a tensor example.)"""
+    if isinstance(data, Mapping) and isinstance(example, Mapping):
+        if set(data) != set(example):
+            raise SpdyError(f"{where}: its inputs {sorted(data)} are not the example input's "
+                            f"{sorted(example)}; give every input the model takes, by the same "
+                            "names")
+    elif isinstance(data, (tuple, list)) and isinstance(example, (tuple, list)):
+        if len(data) != len(example):
+            raise SpdyError(f"{where}: it holds {len(data)} inputs, the example input "
+                            f"{len(example)}; give every input the model takes, in order")
     given, expected = _tensors(data), _tensors(example)
     for key in given.keys() & expected.keys():
         got, want = given[key], expected[key]

@@ -87,3 +87,17 @@ def test_a_zero_sample_count_or_batch_size_is_named():
         CalibrationSpec(samples=0)
     with pytest.raises(SpdyError, match="^--calib-batch-size 0 must be >= 1$"):
         CalibrationSpec(batch_size=0)
+
+
+def test_batches_must_have_the_example_inputs_names_and_count(tmp_path):
+    example = {"x": torch.randn(1, 4), "scale": torch.ones(1, 1)}
+    entry_ = ModelEntry("m", "m", build=lambda s: (None, example),
+                        calibration=lambda s, n: iter([{"x": torch.randn(8, 4)}]))
+    with pytest.raises(SpdyError, match="\\(batch 0\\): its inputs \\['x'\\] are not the "
+                                        "example input's \\['scale', 'x'\\]"):
+        CalibrationSpec(samples=8).load(entry_, ModelSetting(), example)
+    pair = (torch.randn(1, 4), torch.randn(1, 4))
+    short = ModelEntry("m", "m", build=lambda s: (None, pair),
+                       calibration=lambda s, n: iter([(torch.randn(8, 4),)]))
+    with pytest.raises(SpdyError, match="it holds 1 inputs, the example input 2"):
+        CalibrationSpec(samples=8).load(short, ModelSetting(), pair)
