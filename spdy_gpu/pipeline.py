@@ -751,7 +751,7 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
                 and earlier.get("choices_sha256") == choices_digest(profile.choices)):
             measured = Measurement(**{f.name: earlier[f.name]
                                       for f in dataclasses.fields(Measurement)})
-            log.info("round %d: measured %.3fx before the interruption, kept", round_,
+            log.info("round %d: measured %.3fx before the interruption, reused", round_,
                      measured.speedup)
         else:                           # (the rounds after a different one are not replayed)
             replay.clear()
