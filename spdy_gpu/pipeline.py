@@ -153,8 +153,7 @@ class Measurement:
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and \
-        math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 def measure_speedup(backend: LatencyBackend, dense: nn.Module, pruned: nn.Module,
