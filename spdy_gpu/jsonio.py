@@ -40,7 +40,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     never half) and is removed whatever happens. A symlink's target is replaced (the link
     stays); a device or pipe (/dev/null) is written through, as it cannot be replaced."""
     path = Path(os.path.realpath(path))
-    if _is_special(path):
+    if is_special(path):
         with _writing_through(path) as tmp:
             yield tmp
         return
@@ -62,7 +62,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _is_special(path: Path) -> bool:
+def is_special(path: Path) -> bool:
     """An existing path that is neither a regular file nor a directory: a device, a pipe."""
     return path.exists() and not path.is_file() and not path.is_dir()
 
@@ -110,7 +110,7 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise SpdyError(f"{flag} {path} is a directory; give the path of a file to write")
-    if _is_special(path.resolve()):
+    if is_special(path.resolve()):
         if not os.access(path, os.W_OK):
             raise SpdyError(f"{flag} {path}: no permission to write it; choose another path")
         return path
@@ -191,7 +191,7 @@ def side_file(path: str | os.PathLike, suffix: str) -> Path | None:
     the real file a symlink names, where the output's lock is), or None for a device such
     as /dev/null: no progress is kept there."""
     real = Path(os.path.realpath(path))
-    if real.exists() and not real.is_file():
+    if is_special(real):
         return None
     return real.with_name(real.name + suffix)
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import SpdyError
-from .jsonio import leftover_temporaries, written_for
+from .jsonio import is_special, leftover_temporaries, written_for
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def exclusive_file(path: str | os.PathLike, what: str = "output file") -> Iterat
     second writer is refused with one line naming the holder. A device or pipe such as
     /dev/null is written through, unlocked."""
     path = Path(os.path.realpath(path))
-    if path.exists() and not path.is_file():
+    if is_special(path):
         yield path
         return
     try:
