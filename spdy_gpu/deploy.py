@@ -42,6 +42,7 @@ from .layers import gpu_swappable, require_prunable, require_real
 from .locks import exclusive_file
 from .options import SparsityOption
 from .profile import Profile, check_for_model
+from .reconstruct import Database, stitch_
 from .semi_structured import SEMI_STRUCTURED, SemiStructuredLinear
 
 log = logging.getLogger(__name__)
@@ -134,28 +135,17 @@ def prune_(model: nn.Module, profile_or_choices: ProfileLike | Plan,
     other weights is refused (check_for_model)."""
     require_real(model, "pruning")
     plan = load_plan(profile_or_choices)
-    database = _open_database(database)
+    database = Database.of(database)
     check_for_model(model, None, plan.profile, database)
     return _pruned_to(model, plan, database)
 
 
 def _pruned_to(model: nn.Module, plan: Plan, database: Any) -> dict[str, SparsityOption]:
     """prune_ once the caller has checked the model against the profile and database."""
-    from .reconstruct import stitch_
-
     if database is not None:
         database.check_options(list(plan.choices.values()))
     stitch_(model, plan.choices, database)   # the backup it returns holds the dense weights
     return plan.choices
-
-
-def _open_database(database: Any) -> Any:
-    """A Database from a Database or its directory (None stays None)."""
-    from .reconstruct import Database
-
-    if database is None or isinstance(database, Database):
-        return database
-    return Database.open(database)
 
 
 def _sparsity_of(model: nn.Module, layers: Iterable[str]) -> float:
@@ -521,7 +511,7 @@ def apply_profile(model: nn.Module, profile: ProfileLike, out: PathLike, *,
     and save its weights to `out`."""
     check_output_file(out)                      # fail before any work on an unwritable target
     plan = load_plan(profile, exclude)
-    database = _open_database(database)
+    database = Database.of(database)
     check_for_model(model, model_name, plan.profile, database)
     _pruned_to(model, plan, database)
     with exclusive_file(out, "weights file"):
@@ -547,7 +537,7 @@ def export_profile(model: nn.Module, example: Any, profile: ProfileLike, out: Pa
                         f"a GPU (they are {', '.join(kinds)}; the triton format runs block and "
                         "2:4 choices on Linear and 1x1 conv layers): plan the profile with "
                         "--backend triton, or export it with --format onnx")
-    database = _open_database(database)
+    database = Database.of(database)
     check_for_model(model, model_name, plan.profile, database)
     if weights is not None:
         load_pruned(model, weights)

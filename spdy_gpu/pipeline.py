@@ -178,8 +178,7 @@ def verify_profile(entry: ModelEntry, setting: ModelSetting, backend: LatencyBac
     their paths."""
     if isinstance(profile, (str, os.PathLike)):
         profile = Profile.load(profile)
-    if isinstance(database, (str, os.PathLike)):
-        database = Database.open(database)
+    database = Database.of(database)
     if not any(o.pattern != "dense" for o in profile.choices.values()):
         raise SpdyError("the profile prunes no layer, so there is nothing to verify; pass a "
                         "profile made by spdy-gpu solve or run")

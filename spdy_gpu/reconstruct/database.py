@@ -179,6 +179,13 @@ class Database:
         self._checked: dict[tuple[str, str], tuple[int, int, int]] = {}
 
     @classmethod
+    def of(cls, database: Database | str | os.PathLike | None) -> Database | None:
+        """A Database as given, or opened from its directory (None stays None)."""
+        if database is None or isinstance(database, Database):
+            return database
+        return cls.open(database)
+
+    @classmethod
     def open(cls, path: str | os.PathLike) -> Database:
         """Open and validate a complete database (every layer at every option it can take
         on disk)."""
