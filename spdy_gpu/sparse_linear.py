@@ -381,14 +381,17 @@ def sparsify_(model: nn.Module,
     return list(targets)
 
 
+ROOT_REFUSED = ("the model itself cannot be swapped for a sparse layer; wrap it (e.g. "
+                "nn.Sequential(layer)) and name the layer inside")
+
+
 def swap_module(model: nn.Module, name: str, layer: nn.Module) -> None:
     """Put `layer` in place of the module at `name` (under every name that module is
     registered as), in its mode. An nn.TransformerEncoderLayer holding it has its fused
     inference path turned off: that path reads linear1/linear2.weight as dense tensors,
     and tracers (torch.compile, torch.export) cannot follow it into a sparse layer."""
     if not name:
-        raise SpdyError("the model itself cannot be swapped for a sparse layer; wrap it "
-                        "(e.g. nn.Sequential(layer)) and name the layer inside")
+        raise SpdyError(ROOT_REFUSED)
     old = model.get_submodule(name)
     layer.train(old.training)
     for module in model.modules():
@@ -396,10 +399,11 @@ def swap_module(model: nn.Module, name: str, layer: nn.Module) -> None:
             if current is old:
                 setattr(module, child, layer)
     for module in model.modules():          # the fused paths' own off switches
-        if any(m is layer for m in module.modules()):
+        encoder = isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder))
+        if encoder and any(m is layer for m in module.modules()):
             if isinstance(module, nn.TransformerEncoderLayer):
                 module.activation_relu_or_gelu = 0
-            elif isinstance(module, nn.TransformerEncoder):
+            else:
                 module.use_nested_tensor = False           # (it checks its first layer only)
 
 
@@ -418,10 +422,11 @@ def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOptio
                                 if hasattr(modules[name], "weight")})
     targets = {}
     for name, spec in choices.items():
-        problem = _unswappable(name, modules[name], tied.get(name))
-        if problem is not None and not _dense(spec):
-            raise SpdyError(problem)
         option = SparsityOption.parse(spec) if isinstance(spec, str) else spec
+        dense = isinstance(option, SparsityOption) and option.pattern == "dense"
+        problem = _unswappable(name, modules[name], tied.get(name))
+        if problem is not None and not dense:
+            raise SpdyError(problem)
         if isinstance(option, SparsityOption):
             if option.pattern not in ("dense", "block") and option != SEMI_STRUCTURED:
                 raise SpdyError(f"layer {name}: {option.name} has no sparse GPU kernel (its "
@@ -435,16 +440,10 @@ def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOptio
     return targets
 
 
-def _dense(spec: Any) -> bool:
-    option = SparsityOption.parse(spec) if isinstance(spec, str) else spec
-    return isinstance(option, SparsityOption) and option.pattern == "dense"
-
-
 def _unswappable(name: str, module: nn.Module, tied_to: str | None) -> str | None:
     """Why `module` at `name` cannot run sparse (None: it can)."""
     if not name:
-        return ("the model itself cannot be swapped for a sparse layer; wrap it (e.g. "
-                "nn.Sequential(layer)) and name the layer inside")
+        return ROOT_REFUSED
     if tied_to is not None:
         return (f"layer {name} shares its weight with {tied_to} (tied): a sparse copy would "
                 "leave the other dense; keep it dense")
