@@ -370,12 +370,12 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
     # the searched costs: each layer's base errors times its coefficient
     costs = {name: result.coefficients[name] * base[name] for name in planner.layers}
     with _stage(report, "guarantee") as note:
+        saved = _saved_guarantee(planner, costs, settings, out / "guarantee.json")
         profile, pruned = _kept_guarantee(planner, database, costs, model, settings, report,
-                                          out / "guarantee.json", note)
+                                          saved, note)
         if profile is None:
             earlier_notes = len(report.notes)
-            measured_before, notes_before = _interrupted_guarantee(
-                planner, costs, settings, out / "guarantee.json")
+            measured_before, notes_before = _interrupted_guarantee(saved)
             report.notes.extend(notes_before)
 
             def save(complete: bool = False) -> None:     # after every round: resumable
@@ -747,8 +747,7 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
         earlier = replay.pop(0) if replay else None
         if (earlier is not None and earlier["solved_for"] == solve_for
                 and earlier.get("choices_sha256") == choices_digest(profile.choices)):
-            measured = Measurement(**{f.name: earlier[f.name]
-                                      for f in dataclasses.fields(Measurement)})
+            measured = _measurement_of(earlier)
             log.info("round %d: measured %.3fx before the interruption, reused", round_,
                      measured.speedup)
         else:                           # (the rounds after a different one are not replayed)
@@ -821,47 +820,48 @@ def _save_guarantee(planner: Planner, costs: Mapping[str, Any], settings: RunSet
             "notes": notes, "complete": complete})
 
 
-def _interrupted_guarantee(planner: Planner, costs: Mapping[str, Any], settings: RunSettings,
-                           path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """The rounds and notes of a guarantee of this very search that was interrupted
-    (complete: false), for `_guarantee` to replay instead of measuring them again."""
+def _saved_guarantee(planner: Planner, costs: Mapping[str, Any], settings: RunSettings,
+                     path: Path) -> dict[str, Any] | None:
+    """guarantee.json as written for this very search (same key), its rounds and notes
+    checked, with its `path`; None where there is none, it is of other work, or damaged
+    (with a warning)."""
     if not path.exists():
-        return [], []
+        return None
     try:
         doc = load_json(path, GUARANTEE_FORMAT, GUARANTEE_VERSION)
-        if doc.get("complete", True) or doc.get("key") != _guarantee_key(planner, costs,
-                                                                           settings):
-            return [], []
-        rounds = _checked_rounds(doc["rounds"], settings, planner.table.dense_total_ms)
-        notes = [str(n) for n in doc.get("notes", [])]
+        doc["rounds"] = _checked_rounds(doc["rounds"], settings, planner.table.dense_total_ms)
+        doc["notes"] = [str(n) for n in doc.get("notes", [])]
     except (SpdyError, KeyError, TypeError, AttributeError) as e:
-        log.warning("not reusing the rounds of %s: it is damaged (%s)", path, e)
+        log.warning("not reusing %s: it is damaged (%s)", path, e)
+        return None
+    if doc.get("key") != _guarantee_key(planner, costs, settings):
+        return None
+    return doc | {"path": path}
+
+
+def _interrupted_guarantee(saved: dict[str, Any] | None
+                           ) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rounds and notes of a saved guarantee that was interrupted (complete: false),
+    for `_guarantee` to replay instead of measuring them again."""
+    if saved is None or saved.get("complete", True):
         return [], []
-    log.info("resuming the guarantee after %d measured rounds (%s)", len(rounds), path)
-    return rounds, notes
+    log.info("resuming the guarantee after %d measured rounds (%s)", len(saved["rounds"]),
+             saved["path"])
+    return saved["rounds"], saved["notes"]
 
 
 def _kept_guarantee(planner: Planner, database: Database, costs: Mapping[str, Any],
-                    dense: nn.Module, settings: RunSettings, report: RunReport, path: Path,
+                    dense: nn.Module, settings: RunSettings, report: RunReport,
+                    saved: dict[str, Any] | None,
                     note: dict[str, Any]) -> tuple[Profile | None, nn.Module | None]:
-    """The profile and pruned model of a finished guarantee of this very search, re-solved
-    from its kept round (the DP is exact and deterministic), or (None, None)."""
-    if not path.exists():
+    """The profile and pruned model of a saved, finished guarantee, re-solved from its kept
+    round (the DP is exact and deterministic), or (None, None)."""
+    if saved is None or not saved.get("complete", True):   # interrupted: rounds replayed
         return None, None
-    try:
-        doc = load_json(path, GUARANTEE_FORMAT, GUARANTEE_VERSION)
-        if not doc.get("complete", True):               # interrupted: its rounds are replayed
-            return None, None
-        rounds = _checked_rounds(doc["rounds"], settings, planner.table.dense_total_ms)
-        kept = next((r for r in rounds if r.get("kept")), None)
-        if kept is None:
-            raise SpdyError("no round is marked kept")
-        measured = Measurement(**{f.name: kept[f.name]
-                                  for f in dataclasses.fields(Measurement)})
-    except (SpdyError, KeyError, TypeError, AttributeError) as e:
-        log.warning("not reusing %s: it is damaged (%s)", path, e)
-        return None, None
-    if doc.get("key") != _guarantee_key(planner, costs, settings):
+    path = saved["path"]
+    kept = next((r for r in saved["rounds"] if r.get("kept")), None)
+    if kept is None:
+        log.warning("not reusing %s: it is damaged (no round is marked kept)", path)
         return None, None
     profile = dataclasses.replace(planner.solve(kept["solved_for"], costs),
                                   target_speedup=settings.speedup)
@@ -875,12 +875,17 @@ def _kept_guarantee(planner: Planner, database: Database, costs: Mapping[str, An
         return None, None
     pruned = copy.deepcopy(dense)
     stitch_(pruned, profile.choices, database)
-    report.rounds, report.measured = rounds, measured
-    report.notes.extend(doc.get("notes", []))
+    report.rounds, report.measured = saved["rounds"], _measurement_of(kept)
+    report.notes.extend(saved["notes"])
     note["reused"] = str(path)
     log.info("keeping the measured guarantee of %s: %.3fx (spdy-gpu verify re-measures)",
-             path, measured.speedup)
+             path, report.measured.speedup)
     return profile, pruned
+
+
+def _measurement_of(round_: Mapping[str, Any]) -> Measurement:
+    """The Measurement a saved round records (checked by Measurement itself)."""
+    return Measurement(**{f.name: round_[f.name] for f in dataclasses.fields(Measurement)})
 
 
 def _checked_rounds(rounds: Any, settings: RunSettings,
@@ -896,6 +901,7 @@ def _checked_rounds(rounds: Any, settings: RunSettings,
             if not (_finite_number(r.get(key)) and r[key] > 0):
                 raise SpdyError(f"round {r.get('round')!r}: {key} {r.get(key)!r} is not a "
                                 "finite number > 0")
+        _measurement_of(r)              # its spreads and slow engines too
         if not math.isclose(r["measured_speedup"], r["dense_ms"] / r["pruned_ms"],
                             rel_tol=1e-9):
             raise SpdyError(f"round {r.get('round')!r}: measured_speedup is not dense_ms / "

@@ -144,6 +144,7 @@ def test_a_second_run_reuses_every_stage_and_ends_the_same(tmp_path):
     lambda kept: kept.update(met=not kept["met"]),
     lambda kept: kept.update(machine_slow=not kept["machine_slow"]),
     lambda kept: kept.update(kept=False),
+    lambda kept: kept.pop("dense_spread_ms"),
 ])
 def test_an_edited_guarantee_is_measured_again_not_reported(tmp_path, edit, caplog):
     first = run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
