@@ -122,7 +122,6 @@ class Profile:
                  self.target_speedup]
         return hashlib.sha256(f"{choices_digest(self.choices)} {times!r}".encode()).hexdigest()
 
-
     def check_model(self, model_name: str | None, model: nn.Module) -> None:
         """Refuse using this profile on another model: a chosen layer that is not a Linear
         or Conv2d of `model`, other dense weights (when recorded: then the name may differ,
