@@ -288,10 +288,13 @@ def _layer_info(name: str, module: nn.Module, rows: list[int] | None) -> LayerIn
 
 
 def is_pointwise(module: nn.Module) -> bool:
-    """A 1x1 Conv2d without groups and with zero padding: a GEMM over channels at every
-    pixel (BlockSparseConv1x1 runs it)."""
-    return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1
-            and module.padding_mode == "zeros")
+    """A 1x1 Conv2d without groups whose padding, if any, is zeros: a GEMM over channels at
+    every pixel (BlockSparseConv1x1 runs it). Without padding the padding mode is moot ("same"
+    and "valid" are no padding at kernel size 1)."""
+    if type(module) is not nn.Conv2d or module.kernel_size != (1, 1) or module.groups != 1:
+        return False
+    unpadded = isinstance(module.padding, str) or not any(module.padding)
+    return unpadded or module.padding_mode == "zeros"
 
 
 def gpu_swappable(module: nn.Module) -> bool:

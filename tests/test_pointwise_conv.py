@@ -56,6 +56,8 @@ def test_pointwise_convs_match_the_masked_dense_convs(kernel_path):
 def test_only_pointwise_convs_without_groups_run_block_sparse():
     assert is_pointwise(nn.Conv2d(8, 8, 1)) and not is_pointwise(nn.Conv2d(8, 8, 3))
     assert not is_pointwise(nn.Conv2d(8, 8, 1, groups=2)) and not is_pointwise(nn.Linear(4, 4))
+    assert not is_pointwise(nn.Conv2d(8, 8, 1, padding=1, padding_mode="reflect"))
+    assert is_pointwise(nn.Conv2d(8, 8, 1, padding_mode="reflect"))     # no padding to reflect
     with pytest.raises(SpdyError, match="only 1x1 Conv2d"):
         BlockSparseConv1x1.from_conv(nn.Conv2d(32, 32, 3), option=BLOCK)
     model = Bottleneck().eval()
