@@ -414,10 +414,12 @@ def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOptio
         raise SpdyError(f"choices must map layer names to masks or options, not "
                         f"{type(choices).__name__}; e.g. {{'fc1': 'block32x32@0.5'}}")
     modules = dict(model.named_modules())
-    missing = [name for name in choices if name not in modules]
+    first_names = _first_names(model)
+    missing = [name for name in choices if name not in first_names]
     if missing:
         raise SpdyError(f"model has no layer named {missing[0]!r}; use names from "
                         "model.named_modules() (e.g. from a SPDY profile of this model)")
+    choices = _by_first_name(choices, first_names)
     tied = tied_weights(model, {name: modules[name] for name in choices
                                 if hasattr(modules[name], "weight")})
     targets = {}
@@ -440,6 +442,26 @@ def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOptio
     return targets
 
 
+def _first_names(model: nn.Module) -> dict[str, str]:
+    """Every name a module is registered under (aliases too) -> its first name, the one
+    model.named_modules() gives and profiles use."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(module), name)
+            for name, module in model.named_modules(remove_duplicate=False)}
+
+
+def _by_first_name(choices: Mapping[str, Any], first_names: dict[str, str]) -> dict[str, Any]:
+    """`choices` keyed by first names; a module named twice is refused (which would win?)."""
+    chosen: dict[str, Any] = {}
+    for name, spec in choices.items():
+        first = first_names[name]
+        if first in chosen:
+            raise SpdyError(f"choices name one layer twice ({first!r} is also registered as "
+                            f"{name!r}); give one choice under one of its names")
+        chosen[first] = spec
+    return chosen
+
+
 def _unswappable(name: str, module: nn.Module, tied_to: str | None) -> str | None:
     """Why `module` at `name` cannot run sparse (None: it can)."""
     if not name:
@@ -450,8 +472,8 @@ def _unswappable(name: str, module: nn.Module, tied_to: str | None) -> str | Non
     if isinstance(module, (nn.Linear, nn.Conv2d)) and not gpu_swappable(module):
         return (f"layer {name} ({type(module).__name__}) cannot run sparse: a Linear subclass "
                 "may be read as a tensor by its owner (as attention reads out_proj), and only "
-                "1x1 convs without groups and with zero padding run block-sparse; keep it "
-                "dense")
+                "1x1 convs without groups and with zeros as padding run block-sparse; keep "
+                "it dense")
     return None
 
 

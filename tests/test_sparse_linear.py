@@ -106,6 +106,11 @@ def test_a_module_under_two_names_is_swapped_under_both():
     tokens = torch.randint(0, 10, (2, 6))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), masked(tokens), rtol=1e-5, atol=1e-5)
+    alias = Shared().eval()                                 # chosen by its second name
+    assert sparsify_(alias, {"b": "block16x16@0.5"}) == ["a"]
+    assert alias.a is alias.b and isinstance(alias.a, BlockSparseLinear)
+    with pytest.raises(SpdyError, match="choices name one layer twice"):
+        sparsify_(Shared().eval(), {"a": "block16x16@0.5", "b": "dense"})
 
 
 @pytest.mark.parametrize("name, match", [
