@@ -378,7 +378,8 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
     BlockSparseLinear, then the state dict loaded. Pass the dense model (freshly built, same
     architecture) or a function building it; a given model is converted in place and keeps
     its mode, one built here comes back in eval mode, ready to run."""
-    from .sparse_linear import BlockSparseConv1x1, BlockSparseLinear, swap_module
+    from .sparse_linear import (BlockSparseConv1x1, BlockSparseLinear, fused_path_switches,
+                                swap_module)
 
     state, meta = _read_safetensors(path)
     layout = _read_layout(meta, path)
@@ -399,7 +400,7 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
             raise SpdyError(f"{path} does not fit this model: its layer {name} is not an "
                             f"nn.Linear or 1x1 Conv2d of weight shape {entry['shape']} here; "
                             "pass the model the artifact was written for")
-    originals = {}
+    originals, switches = {}, fused_path_switches(model)
     try:
         for name, entry in layout.items():
             module = originals[name] = modules[name]
@@ -415,6 +416,8 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
     except BaseException:
         for name, module in originals.items():
             swap_module(model, name, module)
+        for module, switch, value in switches:
+            setattr(module, switch, value)
         raise
     return model
 

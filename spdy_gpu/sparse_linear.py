@@ -398,13 +398,24 @@ def swap_module(model: nn.Module, name: str, layer: nn.Module) -> None:
         for child, current in list(module._modules.items()):    # every name, aliases too
             if current is old:
                 setattr(module, child, layer)
-    for module in model.modules():          # the fused paths' own off switches
-        encoder = isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder))
-        if encoder and any(m is layer for m in module.modules()):
-            if isinstance(module, nn.TransformerEncoderLayer):
-                module.activation_relu_or_gelu = 0
-            else:
-                module.use_nested_tensor = False           # (it checks its first layer only)
+    for module, switch, _ in fused_path_switches(model):
+        if any(m is layer for m in module.modules()):
+            setattr(module, switch, FUSED_PATH_OFF[switch])
+
+
+FUSED_PATH_OFF = {"activation_relu_or_gelu": 0, "use_nested_tensor": False}
+
+
+def fused_path_switches(model: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+    """(module, attribute, value) of the off switches of PyTorch's fused encoder paths in
+    `model`; setting the attribute back to the value undoes swap_module's switching off."""
+    switches = []
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            switches.append((module, "activation_relu_or_gelu", module.activation_relu_or_gelu))
+        elif isinstance(module, nn.TransformerEncoder):   # (it checks its first layer only)
+            switches.append((module, "use_nested_tensor", module.use_nested_tensor))
+    return switches
 
 
 def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOption | str],

@@ -279,6 +279,21 @@ def test_block_sparse_loader_refuses_wrong_files_and_models(tmp_path):
         load_block_sparse(deployed, tmp_path / "m.safetensors")
 
 
+def test_a_refused_load_leaves_a_transformer_encoder_as_it_was(tmp_path):
+    def encoder(layers=1):
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True)
+        return nn.TransformerEncoder(layer, layers, enable_nested_tensor=True).eval()
+
+    save_block_sparse(encoder(2), {"layers.0.linear1": "block16x16@0.5"},
+                      tmp_path / "m.safetensors")
+    shorter = encoder(1)                                    # has layers.0, not layers.1
+    with pytest.raises(SpdyError, match=r"its layers\.1\..* is not in the model"):
+        load_block_sparse(shorter, tmp_path / "m.safetensors")
+    assert type(shorter.layers[0].linear1) is nn.Linear
+    assert shorter.layers[0].activation_relu_or_gelu == 1 and shorter.use_nested_tensor
+
+
 def test_loaders_refuse_what_they_cannot_fill_in_one_line(tmp_path):
     """A meta-device model was returned untouched (load_state_dict cannot fill it); a
     factory returning something else ended in AttributeError."""
