@@ -378,8 +378,12 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
     BlockSparseLinear, then the state dict loaded. Pass the dense model (freshly built, same
     architecture) or a function building it; a given model is converted in place and keeps
     its mode, one built here comes back in eval mode, ready to run."""
-    from .sparse_linear import (BlockSparseConv1x1, BlockSparseLinear, fused_path_switches,
-                                swap_module)
+    from .sparse_linear import (
+        BlockSparseConv1x1,
+        BlockSparseLinear,
+        fused_path_switches,
+        swap_module,
+    )
 
     state, meta = _read_safetensors(path)
     layout = _read_layout(meta, path)
