@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .backends import LatencyBackend, check_options_supported
-from .data import Calibration, CalibrationSpec, tensors_digest
+from .data import Calibration, CalibrationSpec, batch_samples, sample_batches, tensors_digest
 from .errors import SpdyError, check_types, problem_of
 from .jsonio import changed_fields, is_number, load_json, save_json, side_file
 from .layers import discover_layers, exclude_patterns, prunable_modules, warn_unmatched_excludes
@@ -423,18 +423,20 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
 def prune(model: nn.Module, example: Any, *, speedup: float,
           backend: LatencyBackend | str = "deepsparse",
           calibration: Sequence[Any] | str | os.PathLike | None = None,
+          calibration_samples: int | None = None, calibration_batch_size: int | None = None,
           out_dir: str | os.PathLike = "spdy-run", name: str = "model",
           loss: str | Any = None, **settings: Any) -> tuple[nn.Module, RunReport]:
     """The whole method from a notebook: (pruned copy of `model`, report).
 
     calibration: a list of input batches (the form `model` takes), one tensor (or dict of
-    tensors) whose first dimension is samples (cut into batches of 32), a file or directory
-    of saved tensors, or None (the example input, with a warning). `settings` are
+    tensors) whose first dimension is samples, a file or directory of saved tensors, or None
+    (the example input, with a warning). A tensor or file is cut into batches of
+    `calibration_batch_size` (default 32), `calibration_samples` of them in all (default:
+    every sample of a tensor, 1024 of a file); a list is used as it is. `settings` are
     RunSettings fields (search=SearchConfig(...), gap=GapSettings(), exclude=...,
     options=...). The pruned copy is returned in eval mode, as it was measured.
     """
     from .backends import get_backend
-    from .data import sample_batches
     from .deploy import load_pruned
 
     if not isinstance(model, nn.Module):
@@ -444,26 +446,48 @@ def prune(model: nn.Module, example: Any, *, speedup: float,
     unknown = sorted(set(settings) - set(fields))
     if unknown:
         raise SpdyError(f"prune() has no setting {', '.join(map(repr, unknown))}; it takes "
-                        f"speedup, backend, calibration, out_dir, name, loss and the "
+                        f"speedup, backend, calibration, calibration_samples, "
+                        f"calibration_batch_size, out_dir, name, loss and the "
                         f"RunSettings fields {', '.join(fields)}")
     if not isinstance(backend, str) and not callable(getattr(backend, "measure_table", None)):
         raise SpdyError(f"backend must be a backend name (e.g. 'deepsparse') or a "
                         f"LatencyBackend, not {type(backend).__name__}")
-    if isinstance(calibration, (torch.Tensor, Mapping)):
-        calibration = list(sample_batches(calibration, example, CalibrationSpec().batch_size))
-    given = isinstance(calibration, Sequence) and not isinstance(calibration, str)
-    batches = list(calibration) if given else None
+    batches, spec = _notebook_calibration(calibration, example, calibration_samples,
+                                          calibration_batch_size)
     entry = ModelEntry(name=name, description=f"notebook model {name}",
                        build=lambda _: (copy.deepcopy(model).eval(), example),
-                       calibration=(lambda _, samples: iter(batches)) if given else None,
+                       calibration=(lambda *_: iter(batches)) if batches is not None else None,
                        loss=loss)
-    spec = CalibrationSpec(calib=None if given else calibration)
     backend = get_backend(backend) if isinstance(backend, str) else backend
     run_settings = RunSettings(speedup=speedup, calibration=spec, **settings)
     require_files(run_settings.timings, "timings=")
     report = run(entry, ModelSetting(), backend, run_settings, out_dir)
     pruned = load_pruned(copy.deepcopy(model), Path(out_dir) / "pruned.safetensors")
     return pruned.eval(), report
+
+
+def _notebook_calibration(data: Any, example: Any, samples: int | None,
+                          batch_size: int | None) -> tuple[list[Any] | None, CalibrationSpec]:
+    """prune()'s calibration: (the batches it was given in memory, else None; the spec)."""
+    check_types({"calibration_samples": (samples, (int, type(None))),
+                 "calibration_batch_size": (batch_size, (int, type(None)))})
+    for argument, value in (("calibration_samples", samples),
+                            ("calibration_batch_size", batch_size)):
+        if value is not None and value < 1:
+            raise SpdyError(f"{argument}={value} must be >= 1")
+    is_list = isinstance(data, Sequence) and not isinstance(data, (str, bytes))
+    if is_list and (samples, batch_size) != (None, None):
+        raise SpdyError("calibration is a list of batches, used as it is: "
+                        "calibration_samples and calibration_batch_size apply to a tensor or "
+                        "a file; pass the batches you want (e.g. batches[:8])")
+    batch_size = batch_size or CalibrationSpec.batch_size
+    if isinstance(data, (torch.Tensor, Mapping)):
+        data, is_list = list(sample_batches(data, example, batch_size, samples)), True
+    if is_list:
+        found = sum(batch_samples(batch) for batch in data)
+        return list(data), CalibrationSpec(samples=max(found, 1), batch_size=batch_size)
+    return None, CalibrationSpec(calib=data, samples=samples or CalibrationSpec.samples,
+                                 batch_size=batch_size)
 
 
 def require_files(tables: Sequence[Path], flag: str) -> None:

@@ -396,6 +396,18 @@ def test_prune_takes_one_tensor_of_samples_and_returns_an_eval_model(tmp_path):
                            search=SearchConfig(seed=0, random_candidates=8, patience=5))
     assert not pruned.training and report.stages["calibration"]["samples"] == \
         {"database": 64, "search": 32}
+    _, report = prune(model, example, speedup=1.3, backend=FakeBackend(),
+                      calibration=samples, calibration_samples=80, calibration_batch_size=20,
+                      out_dir=tmp_path / "sized", measure_grid=["dense", "unstructured@0.5"],
+                      search_samples=20, search=SearchConfig(seed=0, random_candidates=4,
+                                                             patience=2))
+    assert report.stages["calibration"]["samples"] == {"database": 60, "search": 20}
+    with pytest.raises(SpdyError, match="calibration is a list of batches, used as it is"):
+        prune(model, example, speedup=1.6, backend=FakeBackend(), calibration=list(samples),
+              calibration_samples=8, out_dir=tmp_path / "list")
+    with pytest.raises(SpdyError, match="calibration_batch_size=0 must be >= 1"):
+        prune(model, example, speedup=1.6, backend=FakeBackend(), calibration=samples,
+              calibration_batch_size=0, out_dir=tmp_path / "zero")
     with pytest.raises(SpdyError, match="calibration: the tensor of shape \\[96\\] holds"):
         prune(model, example, speedup=1.6, backend=FakeBackend(), calibration=samples[:, 0],
               out_dir=tmp_path / "b")
