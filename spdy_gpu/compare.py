@@ -245,14 +245,13 @@ def global_magnitude_choices(planner: Planner, model: nn.Module,
     magnitudes = [np.sort(modules[planner.layers[i]].weight.detach().abs().flatten().numpy())
                   for i in prunable]
     pooled = np.sort(np.concatenate(magnitudes)) if magnitudes else np.zeros(0)
-    budget = planner.table.dense_total_ms / speedup
     for share in np.linspace(0.0, 0.995, 400):
         threshold = pooled[int(share * (len(pooled) - 1))] if len(pooled) else 0.0
         choices = {name: SparsityOption.dense() for name in planner.layers}
         for i, sorted_weights in zip(prunable, magnitudes):
             below = np.searchsorted(sorted_weights, threshold) / len(sorted_weights)
             choices[planner.layers[i]] = _nearest_level(planner, i, below)
-        if planner.profile(speedup, choices).predicted_ms <= budget:
+        if not planner.profile(speedup, choices).over_budget:
             return choices
     return None
 

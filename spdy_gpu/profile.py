@@ -49,6 +49,11 @@ class Profile:
     def predicted_speedup(self) -> float:
         return self.dense_total_ms / self.predicted_ms
 
+    @property
+    def over_budget(self) -> bool:
+        """Predicted slower than the target allows (choices made by hand, not by the DP)."""
+        return self.predicted_ms > self.budget_ms
+
     def save(self, path: str | os.PathLike) -> None:
         save_json(path, PROFILE_FORMAT, PROFILE_VERSION, {
             "model": self.model,

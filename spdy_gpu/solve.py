@@ -189,16 +189,19 @@ class Planner:
         """The least-error profile whose predicted time is guaranteed <= dense / speedup."""
         return self.profile(speedup, self.choose(speedup, errors))
 
-    def profile(self, speedup: float, choices: Mapping[str, SparsityOption]) -> Profile:
-        """A Profile for chosen options of the searched layers; excluded layers stay dense."""
+    def profile(self, speedup: float,
+                choices: Mapping[str, SparsityOption | str]) -> Profile:
+        """A Profile for chosen options (or their names) of searched layers: layers left out,
+        and excluded layers, stay dense. Choices need not fit the budget: a profile over it
+        says so (`over_budget`)."""
         table, index = self.table, {o: i for i, o in enumerate(self.options)}
-        row = {name: i for i, name in enumerate(self.layers)}
-        predicted = math.fsum([self.fixed_ms, *(self.times[row[name], index[option]]
-                                                for name, option in choices.items())])
+        chosen = self._checked_choices(choices)
+        predicted = math.fsum([self.fixed_ms, *(self.times[row, index[chosen[name]]]
+                                                for row, name in enumerate(self.layers))])
         dense = SparsityOption.dense()
         return Profile(
             model=table.model,
-            choices={name: choices.get(name, dense) for name in table.layer_names},
+            choices={name: chosen.get(name, dense) for name in table.layer_names},
             target_speedup=speedup,
             budget_ms=table.dense_total_ms / speedup,
             predicted_ms=predicted,
@@ -207,6 +210,28 @@ class Planner:
             fingerprint=table.fingerprint,
             excluded=self.excluded,
             estimated=table.estimated)
+
+    def _checked_choices(self, choices: Mapping[str, SparsityOption | str]
+                         ) -> dict[str, SparsityOption]:
+        """An option of the table for every searched layer (dense where none is given)."""
+        if not isinstance(choices, Mapping):
+            raise SpdyError(f"choices must map layer names to options, not "
+                            f"{type(choices).__name__}; e.g. {{'fc1': 'unstructured@0.5'}}")
+        dense, chosen = SparsityOption.dense(), {}
+        for name, option in choices.items():
+            option = SparsityOption.parse(option) if isinstance(option, str) else option
+            if name in self.excluded and option == dense:
+                continue
+            if name not in self.layers:
+                why = "is excluded (it stays dense)" if name in self.excluded else \
+                    "is not in the timing table"
+                raise SpdyError(f"choice for layer {name!r}, which {why}; choose among "
+                                "planner.layers")
+            if option not in self.options:
+                raise SpdyError(f"layer {name}: {option} is not an option of the timing "
+                                f"table ({', '.join(o.name for o in self.options)})")
+            chosen[name] = option
+        return {name: chosen.get(name, dense) for name in self.layers}
 
     def total_error(self, profile: Profile, errors: LayerErrors | None = None) -> float:
         """The DP's objective at `profile`: the summed errors of its searched layers' options

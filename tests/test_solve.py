@@ -184,3 +184,20 @@ def test_all_dense_at_1x_when_the_layers_and_fixed_time_add_up_to_the_dense_time
 
 def test_a_planner_takes_one_exclude_string_as_one_pattern(toy_table):
     assert Planner(toy_table, exclude="layer0").excluded == ("layer0",)
+
+
+def test_a_profile_of_chosen_options_counts_every_layer_and_says_when_over_budget(toy_table):
+    planner, times = Planner(toy_table), toy_table.times()
+    fast = toy_table.options[-1]
+    profile = planner.profile(2.0, {"layer1": fast.name})        # the others stay dense
+    assert profile.choices["layer0"].pattern == "dense" and profile.choices["layer1"] == fast
+    assert profile.predicted_ms == pytest.approx(1.0 + times[0, 0] + times[1, -1] + times[2, 0])
+    assert profile.over_budget and not planner.solve(2.0).over_budget
+    with pytest.raises(SpdyError, match="choice for layer 'layer9', which is not in the "
+                                        "timing table"):
+        planner.profile(2.0, {"layer9": fast})
+    with pytest.raises(SpdyError, match="layer layer0: block32x32@0.5 is not an option of "
+                                        "the timing table"):
+        planner.profile(2.0, {"layer0": "block32x32@0.5"})
+    with pytest.raises(SpdyError, match="choice for layer 'layer0', which is excluded"):
+        Planner(toy_table, exclude="layer0").profile(1.2, {"layer0": fast})
