@@ -273,7 +273,7 @@ def _check_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
                 resized: Iterable[str] = ()) -> None:
     """Refuse a state dict that does not fit the model, naming the first key that differs.
     Keys under the `resized` module prefixes may change shape (BlockSparseLinear patterns)."""
-    expected = model.state_dict()
+    expected = model.state_dict(keep_vars=True)     # tensors as held: shared ones are one
     saved_tensors = [expected[k] for k in state if k in expected]
     prefixes = tuple(f"{name}." for name in resized)
     problem = None
@@ -301,9 +301,10 @@ def _check_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """One tensor under two names (tied weights), which save_model stores once."""
-    return (a.device == b.device and a.data_ptr() == b.data_ptr() != 0
-            and a.shape == b.shape and a.stride() == b.stride())
+    """One tensor under two names (tied weights, a module registered twice), which
+    save_model stores once."""
+    return a is b or (a.device == b.device and a.data_ptr() == b.data_ptr() != 0
+                      and a.shape == b.shape and a.stride() == b.stride())
 
 
 # ---- ONNX -----------------------------------------------------------------------------------
@@ -415,7 +416,10 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
             convert = (BlockSparseConv1x1.from_conv if isinstance(module, nn.Conv2d)
                        else BlockSparseLinear.from_linear)
             swap_module(model, name, convert(module, mask=empty, block=tuple(entry["block"])))
-        _check_state(model, state, path, resized=layout)
+        swapped = [model.get_submodule(name) for name in layout]
+        resized = [name for name, module in model.named_modules(remove_duplicate=False)
+                   if any(module is layer for layer in swapped)]     # aliases too
+        _check_state(model, state, path, resized=resized)
         model.load_state_dict(state, strict=False)
     except BaseException:
         for name, module in originals.items():

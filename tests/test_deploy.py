@@ -250,6 +250,28 @@ def test_block_sparse_artifact_matches_the_masked_dense_model(tmp_path, kernel_p
     assert files(tmp_path) == ["m.safetensors"]
 
 
+class Aliased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared = nn.Linear(64, 64)
+        self.again = self.shared                             # one module, two names
+
+    def forward(self, x):
+        return self.again(torch.relu(self.shared(x)))
+
+
+@pytest.mark.parametrize("option", ["block32x32@0.5", "nm2:4"])
+def test_block_sparse_artifact_of_a_module_under_two_names_loads(tmp_path, option):
+    masked = Aliased().eval()
+    prune_(masked, {"shared": option})
+    save_block_sparse(Aliased(), {"shared": option}, tmp_path / "m.safetensors")
+    loaded = load_block_sparse(lambda: Aliased(), tmp_path / "m.safetensors")
+    assert loaded.shared is loaded.again and type(loaded.shared) is not nn.Linear
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(outputs(loaded, x), outputs(masked, x), rtol=1e-5, atol=1e-5)
+
+
 def test_block_sparse_artifact_keeps_database_weights(tmp_path, database):
     model = mlp()
     prune_(model, profile(), database)
