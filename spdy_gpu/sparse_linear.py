@@ -356,16 +356,7 @@ def sparsify_(model: nn.Module,
     block: packing block for every layer (default: the option's, the detected one, or 32).
     """
     if choices is None:
-        targets = {name: {"mask": module.weight != 0, "block": block or found}
-                   for name, module in model.named_modules()
-                   if gpu_swappable(module)
-                   and (found := detect_block(module.weight))}
-        targets |= {name: {"option": SEMI_STRUCTURED, "mask": module.weight != 0}
-                    for name, module in model.named_modules()
-                    if type(module) is nn.Linear and name not in targets
-                    # 16-bit constraints: the layer may be cast to half after the swap
-                    and semi_structured_fits(*module.weight.shape, torch.float16)
-                    and is_2_4(module.weight)}
+        targets = _found_pruned(model, block)
     else:
         targets = _chosen(model, choices, block)
     for name, kwargs in targets.items():
@@ -416,6 +407,29 @@ def fused_path_switches(model: nn.Module) -> list[tuple[nn.Module, str, Any]]:
         elif isinstance(module, nn.TransformerEncoder):   # (it checks its first layer only)
             switches.append((module, "use_nested_tensor", module.use_nested_tensor))
     return switches
+
+
+def _found_pruned(model: nn.Module,
+                  block: int | tuple[int, int] | None) -> dict[str, dict[str, Any]]:
+    """from_linear arguments per layer pruned in blocks or 2:4 (sparsify_ without choices).
+    A layer whose weight is tied to another module's stays dense, as a choice would be
+    refused: a sparse copy would leave the other module dense."""
+    swappable = {name: module for name, module in model.named_modules()
+                 if gpu_swappable(module)}
+    tied = tied_weights(model, swappable)
+    targets = {}
+    for name, module in swappable.items():
+        if name in tied:
+            log.info("sparsify_: %s shares its weight with %s (tied): kept dense", name,
+                     tied[name])
+        elif found := detect_block(module.weight):
+            targets[name] = {"mask": module.weight != 0, "block": block or found}
+        # 16-bit constraints: the layer may be cast to half after the swap
+        elif (type(module) is nn.Linear
+              and semi_structured_fits(*module.weight.shape, torch.float16)
+              and is_2_4(module.weight)):
+            targets[name] = {"option": SEMI_STRUCTURED, "mask": module.weight != 0}
+    return targets
 
 
 def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOption | str],

@@ -455,6 +455,22 @@ def test_sparsify_without_choices_swaps_the_block_pruned_linears(kernel_path):
         assert sparsify_(model) == []            # nothing left: BlockSparseLinear is kept
 
 
+def test_sparsify_without_choices_keeps_tied_layers_dense():
+    model = nn.ModuleDict({"emb": nn.Embedding(64, 32), "a": nn.Linear(32, 32),
+                           "head": nn.Linear(32, 64, bias=False)})
+    model.head.weight = model.emb.weight                    # tied, as an LM head
+    with torch.no_grad():
+        for layer in (model.head, model.a):
+            layer.weight.mul_(block_mask(layer.weight, (16, 16), 0.5))
+    assert sparsify_(model) == ["a"]
+    assert type(model.head) is nn.Linear and model.head.weight is model.emb.weight
+    twins = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    twins[1].weight = twins[0].weight                       # one weight, two Linears
+    with torch.no_grad():
+        twins[0].weight.mul_(block_mask(twins[0].weight, (16, 16), 0.5))
+    assert sparsify_(twins) == []
+
+
 def test_sparsify_without_choices_takes_block_and_dtype():
     model = _mlp()
     with torch.no_grad():
