@@ -104,9 +104,10 @@ class BlockSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features]. Traced (torch.compile / export), the
         # kernel is always the op: the graph holds what deploys.
-        if x.dtype != self.values.dtype and torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type):
             # under autocast the layer computes in its own dtype (that of its stored blocks;
-            # cast the model for 16-bit kernels), as the kernel needs one dtype for both
+            # cast the model for 16-bit kernels), as the kernel needs one dtype for both, and
+            # the CPU fallback's F.linear must not be autocast where the kernel is not
             with torch.autocast(x.device.type, enabled=False):
                 return self.forward(x.to(self.values.dtype))
         if x.is_cuda or interpret_requested() or torch.compiler.is_compiling():

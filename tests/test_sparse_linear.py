@@ -146,9 +146,12 @@ def test_under_autocast_the_layer_takes_16_bit_inputs_in_its_own_dtype(kernel_pa
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = first(x)                                     # bf16, as autocast made it
         y = sparse(hidden)
-    assert hidden.dtype == torch.bfloat16
+        from_float = sparse(x)              # in its own dtype, on the fallback and kernel alike
+    assert hidden.dtype == torch.bfloat16 and y.dtype == from_float.dtype == torch.float32
     expected = F.linear(hidden.float(), sparse.to_dense().weight, sparse.bias)
-    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y, expected, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(from_float, F.linear(x, sparse.to_dense().weight, sparse.bias),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_from_linear_with_a_mask_and_fused_activation(kernel_path):
