@@ -224,8 +224,8 @@ class BlockSparseLinear(nn.Module):
             current = getattr(self, name)
             if tensor is not None and tensor.shape != current.shape:
                 resized = current.new_empty(tensor.shape)
-                if name == "values":        # (a layer set up for fine-tuning stays so)
-                    self.values = nn.Parameter(resized, requires_grad=current.requires_grad)
+                if name == "values":        # the same Parameter: an optimizer holding it
+                    current.data = resized  # trains the loaded blocks, not a stale copy
                 else:
                     setattr(self, name, resized)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

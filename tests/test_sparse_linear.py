@@ -401,6 +401,7 @@ def test_state_dict_round_trip_adopts_the_saved_pattern():
     fresh = copy.deepcopy(model)
     sparsify_(fresh, {"0": "block16x16@0.9", "2": "block32x32@0.2"})
     fresh[0].values.requires_grad_()                    # set up for fine-tuning
+    optimizer = torch.optim.SGD([fresh[0].values], lr=1.0)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     broken = {**state, "0.col_indices": state["0.col_indices"] + 10}
     with pytest.raises(SpdyError, match="layer 0: malformed BSR weight: col_indices must lie"):
@@ -408,6 +409,10 @@ def test_state_dict_round_trip_adopts_the_saved_pattern():
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
     fresh.load_state_dict(state)
     assert fresh[0].values.requires_grad                 # still set up for fine-tuning
+    loaded = fresh[0].values.detach().clone()
+    fresh(x).sum().backward()
+    optimizer.step()                                     # trains the loaded blocks
+    assert not torch.equal(fresh[0].values.detach(), loaded)
 
 
 def test_sparsify_rejects_unknown_names_and_non_linears():
