@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from spdy_kernels.layout import activate
 
 from spdy_gpu import errors
 from spdy_gpu.cli.common import positive_seconds
@@ -69,7 +70,6 @@ from spdy_gpu.jsonio import slug
 from spdy_gpu.masks import build_mask
 from spdy_gpu.roofline import gemm_cost
 from spdy_gpu.semi_structured import SEMI_STRUCTURED
-from spdy_gpu.sparse_linear import activate
 
 SUITE_FORMAT, SUITE_VERSION = "spdy-gpu/kernel-suite", 2
 QUANTILES = (0.1, 0.5, 0.9)

@@ -1,11 +1,14 @@
 """Block-sparse layout facts the kernel relies on, in pure torch (importing this loads no
 Triton): the supported blocks, dtypes and activations, the per-weight index arrays, whether the
 interpreter is asked for, the error a call the kernel cannot run raises, the checks of an
-input and of an index layout that the kernel and its pure-torch callers share, and the
-conversions between stored blocks and the dense matrix."""
+input and of an index layout that the kernel and its pure-torch callers share, the
+conversions between stored blocks and the dense matrix, and the exact dense fallback that a
+CPU without the interpreter runs."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import NamedTuple
 
@@ -15,6 +18,8 @@ import torch.nn.functional as F
 BLOCK_SIDES = (16, 32, 64, 128)     # supported block sides (any pair: square or rectangular)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")    # the epilogue's, by name
+
+log = logging.getLogger(__name__)
 
 
 def interpret_requested() -> bool:
@@ -93,3 +98,32 @@ def stored_blocks(dense: torch.Tensor, shape: torch.Size, block_rows: torch.Tens
     padded = F.pad(dense, (0, cols * bk - dense.shape[1], 0, rows * bn - dense.shape[0]))
     tiles = padded.reshape(rows, bn, cols, bk).permute(0, 2, 1, 3)
     return tiles[block_rows.long(), col.long()]
+
+
+def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """The fused epilogue's activation by name (see ACTIVATIONS), in torch."""
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    return y
+
+
+def dense_linear(x: torch.Tensor, values: torch.Tensor, block_rows: torch.Tensor,
+                 col: torch.Tensor, n: int, k: int, bias: torch.Tensor | None,
+                 activation: str | None) -> torch.Tensor:
+    """What the kernel computes, exactly, in plain torch: act(x @ W^T + bias) with W [n, k]
+    the dense matrix of the stored blocks. Differentiable as the kernel's op is: zeros stored
+    inside blocks (an unstructured or 2:4 mask packed) get no gradient. The dense weight is
+    rebuilt per call: a write through values.data leaves no trace a cache could key on."""
+    weight = block_dense(values * (values != 0), block_rows, col, n, k)
+    return activate(F.linear(x, weight, None if bias is None else bias.to(x.dtype)), activation)
+
+
+@functools.cache
+def note_cpu_fallback() -> None:
+    """Say once that a CPU without TRITON_INTERPRET=1 runs dense_linear, not the kernel."""
+    log.info("block-sparse layers on a CPU without TRITON_INTERPRET=1 run the exact dense "
+             "fallback (masked weight, F.linear); set TRITON_INTERPRET=1 to run the kernel")

@@ -12,9 +12,16 @@ on CUDA, the interpreter on a CPU). Importing this module registers the op.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .layout import LayoutIndices, block_dense, stored_blocks
+from .layout import (
+    LayoutIndices,
+    activate,
+    block_dense,
+    dense_linear,
+    interpret_requested,
+    note_cpu_fallback,
+    stored_blocks,
+)
 
 __all__ = ["bsr_linear_op"]
 
@@ -24,9 +31,14 @@ def bsr_linear_op(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Ten
                   col_indices: torch.Tensor, row_order: torch.Tensor, block_rows: torch.Tensor,
                   empty_rows: torch.Tensor, out_features: int, in_features: int,
                   bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
-    """act(x @ W^T + bias), W [out_features, in_features] block-sparse (see bsr_linear)."""
+    """act(x @ W^T + bias), W [out_features, in_features] block-sparse (see bsr_linear); on a
+    CPU without TRITON_INTERPRET=1 the exact dense fallback (said once in the log)."""
     from .bsr_matmul import bsr_linear
 
+    if x.device.type != "cuda" and not interpret_requested():
+        note_cpu_fallback()
+        return dense_linear(x, values, block_rows, col_indices, out_features, in_features, bias,
+                            activation)
     return bsr_linear(x, values, crow_indices, col_indices, (out_features, in_features), bias,
                       activation, indices=LayoutIndices(row_order, block_rows, empty_rows))
 
@@ -42,11 +54,6 @@ def _(x, values, crow_indices, col_indices, row_order, block_rows, empty_rows, o
         f"bsr_linear: input dtype {x.dtype} differs from the weight's {values.dtype}; cast one "
         "of them"))
     return x.new_empty((*x.shape[:-1], out_features))
-
-
-# The epilogue's activations as torch functions (the backward differentiates these).
-_ACTIVATION_FNS = {"relu": torch.relu, "gelu": F.gelu,
-                   "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}
 
 
 def _setup_context(ctx, inputs, output):
@@ -88,7 +95,7 @@ def _through_activation(activation: str, grad: torch.Tensor, inputs: tuple) -> t
         z = bsr_linear_op(*inputs, None).float()
         if not (higher and z.requires_grad):
             z = z.detach().requires_grad_()
-        (grad,) = torch.autograd.grad(_ACTIVATION_FNS[activation](z), z, grad.float(),
+        (grad,) = torch.autograd.grad(activate(z, activation), z, grad.float(),
                                       create_graph=higher)
     return grad
 

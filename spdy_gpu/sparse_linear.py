@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from spdy_kernels.layout import ACTIVATIONS, block_dense, input_problem, interpret_requested
+from spdy_kernels.layout import (
+    ACTIVATIONS,
+    dense_linear,
+    input_problem,
+    interpret_requested,
+    note_cpu_fallback,
+)
 from torch import nn
 from torch.autograd import forward_ad
 
@@ -110,17 +116,13 @@ class BlockSparseLinear(nn.Module):
             # the CPU fallback's F.linear must not be autocast where the kernel is not
             with torch.autocast(x.device.type, enabled=False):
                 return self.forward(x.to(self.values.dtype))
-        if x.is_cuda or interpret_requested() or torch.compiler.is_compiling():
+        if (x.is_cuda or interpret_requested() or torch.compiler.is_compiling()
+                or torch.jit.is_tracing()):
             return self._kernel(x)
-        _note_fallback()
+        note_cpu_fallback()
         self._check_input(x)
-        # The dense weight is rebuilt per call: a write through .values.data leaves no trace
-        # (no version bump) that a cached copy could be keyed on. Differentiable in values as
-        # the kernel's op is: stored zeros (pruned inside a block) get no gradient.
-        values = self.values * (self.values != 0)
-        weight = block_dense(values, self.block_rows, self.col_indices, self.out_features,
-                             self.in_features)
-        return activate(F.linear(x, weight, self.bias), self.activation)
+        return dense_linear(x, self.values, self.block_rows, self.col_indices,
+                            self.out_features, self.in_features, self.bias, self.activation)
 
     def to_dense(self) -> nn.Linear:
         """The masked dense layer (nn.Linear in the value dtype); the activation is dropped."""
@@ -501,20 +503,3 @@ def _unswappable(name: str, module: nn.Module, tied_to: str | None) -> str | Non
                 "1x1 convs without groups and with zeros as padding run block-sparse; keep "
                 "it dense")
     return None
-
-
-def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """The fused epilogue's activation by name (None, "relu", "gelu", "gelu_tanh"), in torch."""
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    if activation == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    return y
-
-
-@functools.cache
-def _note_fallback() -> None:
-    log.info("BlockSparseLinear on a CPU without TRITON_INTERPRET=1: running the exact dense "
-             "fallback (masked weight, F.linear); set TRITON_INTERPRET=1 to run the kernel")

@@ -15,10 +15,9 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from spdy_kernels import bsr_matmul  # noqa: E402
-from spdy_kernels.layout import KernelInputError  # noqa: E402
+from spdy_kernels.layout import KernelInputError, activate  # noqa: E402
 
 from spdy_gpu.bsr import BSRWeight  # noqa: E402
-from spdy_gpu.sparse_linear import activate  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # Relative Frobenius error vs float64; bf16/fp16 are dominated by rounding the output.

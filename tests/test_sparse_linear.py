@@ -6,12 +6,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from spdy_kernels.layout import activate
 from torch import nn
 
 from spdy_gpu import BlockSparseLinear, SparsityOption, SpdyError
 from spdy_gpu.bsr import BSRWeight
 from spdy_gpu.masks import block_mask, build_mask
-from spdy_gpu.sparse_linear import BlockSparseConv1x1, activate, detect_block, sparsify_
+from spdy_gpu.sparse_linear import BlockSparseConv1x1, detect_block, sparsify_
 
 OPTIONS = {"0": SparsityOption.blocked(0.5, 16), "2": "block32x32@0.6", "4": "dense"}
 
@@ -507,14 +508,34 @@ def test_pruned_minilm_matches_the_masked_dense_model(minilm, kernel_path):
 
 
 def test_cpu_fallback_is_said_once_in_the_log(monkeypatch, caplog):
-    from spdy_gpu import sparse_linear
+    from spdy_kernels import layout
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    sparse_linear._note_fallback.cache_clear()
+    layout.note_cpu_fallback.cache_clear()
     layer = BlockSparseLinear.from_linear(_mlp()[0], option="block16x16@0.5")
-    with caplog.at_level("INFO", logger="spdy_gpu.sparse_linear"), torch.no_grad():
+    with caplog.at_level("INFO", logger="spdy_kernels.layout"), torch.no_grad():
         layer(torch.randn(2, 70))
         layer(torch.randn(2, 70))
     assert sum("exact dense fallback" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("tracer", ["compile", "export", "jit"])
+def test_traced_on_a_cpu_without_the_interpreter_the_op_runs_the_fallback(monkeypatch, tracer):
+    """The op is what a trace records (a trace made here deploys on a GPU as the kernel); on
+    this CPU it runs the exact fallback, not the slow interpreter."""
+    from spdy_kernels import bsr_matmul
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(bsr_matmul, "bsr_linear", None)            # never reached
+    layer = BlockSparseLinear.from_linear(_mlp()[0], option="block16x16@0.5", activation="gelu")
+    x = torch.randn(3, 70)
+    with torch.no_grad():
+        if tracer == "compile":
+            traced = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        elif tracer == "export":
+            traced = torch.export.export(layer, (x,)).module()
+        else:
+            traced = torch.jit.trace(layer, x)
+            assert "spdy_kernels::bsr_linear" in str(traced.graph)
+        torch.testing.assert_close(traced(2 * x), layer(2 * x), rtol=1e-6, atol=1e-6)
 
 
 def test_layer_level_bad_input_is_one_line():
