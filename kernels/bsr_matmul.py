@@ -39,6 +39,7 @@ under the interpreter when TRITON_INTERPRET was unset at import.
 from __future__ import annotations
 
 import functools
+import numbers
 import re
 
 import numpy as np
@@ -490,12 +491,17 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor
     values, indices and bias must be contiguous; x may be strided. A CPU tensor runs under
     Triton's interpreter (slow; meant for tests).
     """
-    if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2):
-        raise KernelInputError(f"bsr_linear: shape must be the weight's (N, K), got {shape!r}")
+    if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2 and all(
+            isinstance(side, numbers.Integral) and not isinstance(side, bool) for side in shape)):
+        raise KernelInputError(f"bsr_linear: shape must be the weight's (N, K) as two ints, "
+                               f"got {shape!r}")
     for name, value in (("stream_k", stream_k), ("block_t", block_t)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise KernelInputError(f"bsr_linear: {name} must be an int or None, got "
                                    f"{type(value).__name__} {value!r}")
+    if indices is not None and not isinstance(indices, LayoutIndices):
+        raise KernelInputError(f"bsr_linear: indices must be layout_indices(crow_indices), a "
+                               f"LayoutIndices, got {type(indices).__name__}")
     n, k = int(shape[0]), int(shape[1])
     checking = check_indices or (check_indices is None and isinstance(x, torch.Tensor)
                                  and x.device.type == "cpu")
@@ -581,11 +587,18 @@ def _check(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch
     problem = None
     tensors = {"x": x, "values": values, "crow_indices": crow, "col_indices": col,
                **({} if bias is None else {"bias": bias})}
-    not_tensor = next((name for name, t in tensors.items()
-                       if not isinstance(t, torch.Tensor)), None)
+    given = {**tensors, **({} if out is None else {"out": out})}
+    not_tensor = next((name for name, t in given.items() if not isinstance(t, torch.Tensor)),
+                      None)
     if not_tensor is not None:
         raise KernelInputError(f"bsr_linear: {not_tensor} must be a torch.Tensor, got "
-                               f"{type(tensors[not_tensor]).__name__}")
+                               f"{type(given[not_tensor]).__name__}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, values, bias)
+                                       if t is not None):
+        raise KernelInputError("bsr_linear: an input requires grad, and the raw kernel has no "
+                               "backward; call torch.ops.spdy_kernels.bsr_linear (registered "
+                               "by import spdy_kernels.ops), which has one, or run under "
+                               "torch.no_grad()")
     strided = next((name for name, t in tensors.items()
                     if name != "x" and not t.is_contiguous()), None)
     if n < 1 or k < 1:

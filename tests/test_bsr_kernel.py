@@ -234,6 +234,13 @@ def test_bad_calls_raise_one_line_errors():
         (lambda: bsr_linear(x, packed, stream_k=True), "stream_k must be an int or None"),
         (lambda: bsr_linear(x, packed, block_t=32.0), "block_t must be an int or None"),
         (lambda: bsr_linear(x, packed, out=x), "out shares memory with an input"),
+        (lambda: bsr_linear(x, packed, out=[0]), "out must be a torch.Tensor, got list"),
+        (lambda: bsr_matmul.bsr_linear(x, values, crow, col, packed.shape, indices=(1, 2, 3)),
+         r"indices must be layout_indices\(crow_indices\), a LayoutIndices, got tuple"),
+        (lambda: bsr_matmul.bsr_linear(x, values, crow, col, (32.7, 32.2)),
+         r"shape must be the weight's \(N, K\) as two ints"),
+        (lambda: bsr_linear(x.clone().requires_grad_(), packed),
+         "an input requires grad, and the raw kernel has no backward"),
     ]
     for call, match in cases:
         with pytest.raises(KernelInputError, match=match) as error:
