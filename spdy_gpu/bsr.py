@@ -10,6 +10,7 @@ facts come from spdy_kernels.layout, which is pure torch too).
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -83,11 +84,14 @@ class BSRWeight:
             raise SpdyError(f"block {rows}x{cols} is not a kernel block (sides in "
                             f"{', '.join(map(str, BLOCK_SIDES))}); pack with one of them, e.g. "
                             f"block={kernel_block((rows, cols))}")
-        w = gemm_view(weight.detach())
-        n, k = w.shape
-        if n < 1 or k < 1:
+        if weight.dim() < 2:
+            raise SpdyError(f"cannot pack a weight of shape {tuple(weight.shape)}: a layer "
+                            "weight is [out, in, ...]")
+        if weight.numel() == 0:
             raise SpdyError(f"cannot pack an empty weight of shape {tuple(weight.shape)}; "
                             "sparsify only layers with inputs and outputs")
+        w = gemm_view(weight.detach())
+        n, k = w.shape
         if mask is None:
             keep = w != 0
         else:
@@ -235,10 +239,14 @@ def _kernel_side(side: int) -> int:
 
 
 def _pair(block: int | tuple[int, int]) -> tuple[int, int]:
-    rows, cols = (block, block) if isinstance(block, int) else tuple(block)
-    if rows < 1 or cols < 1:
-        raise SpdyError(f"block {block} must have two positive sides")
-    return int(rows), int(cols)
+    """(rows, cols) of a block given as one side or two."""
+    sides = (block, block) if isinstance(block, numbers.Integral) else block
+    if not (isinstance(sides, (tuple, list)) and len(sides) == 2 and all(
+            isinstance(side, numbers.Integral) and not isinstance(side, bool) and side >= 1
+            for side in sides)):
+        raise SpdyError(f"block {block!r} must be a positive int or two of them, e.g. 32 or "
+                        "(64, 32)")
+    return int(sides[0]), int(sides[1])
 
 
 def _to_blocks(matrix: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -51,9 +51,12 @@ def _require(reason: str | None) -> None:
         raise SpdyError(f"{reason}; use another option for this layer")
 
 
-def build_mask(weight: torch.Tensor, option: SparsityOption,
+def build_mask(weight: torch.Tensor, option: SparsityOption | str,
                allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """The mask of `option` on `weight`, chosen by magnitude (or block norm) within `allowed`."""
+    """The mask of `option` (or its name, e.g. "nm2:4") on `weight`, chosen by magnitude (or
+    block norm) within `allowed`."""
+    if isinstance(option, str):
+        option = SparsityOption.parse(option)
     if option.pattern == "dense":
         return torch.ones_like(weight, dtype=torch.bool)
     if option.pattern == "unstructured":

@@ -66,7 +66,10 @@ class SemiStructuredLinear(nn.Linear):
                             f"{type(linear).__name__}; exclude this layer")
         weight = linear.weight.detach()
         mask = build_mask(weight, SEMI_STRUCTURED) if mask is None else mask.bool()
-        if mask.shape != weight.shape or not is_2_4(mask.float()):
+        if mask.shape != weight.shape:
+            raise SpdyError(f"mask shape {tuple(mask.shape)} does not match weight shape "
+                            f"{tuple(weight.shape)}; build the mask on this weight")
+        if not is_2_4(mask.float()):
             raise SpdyError("the mask is not 2:4 (at most two kept of every four inputs); "
                             "build it with spdy_gpu.masks.build_mask(weight, 'nm2:4')")
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,

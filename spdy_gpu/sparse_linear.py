@@ -136,8 +136,10 @@ class BlockSparseLinear(nn.Module):
 
     @property
     def density(self) -> float:
-        """Fraction of blocks stored."""
-        return self.weight.density
+        """Fraction of blocks stored (from shapes: readable on the meta device too)."""
+        rows, cols = self.values.shape[1:]
+        grid = -(-self.out_features // rows) * -(-self.in_features // cols)
+        return self.values.shape[0] / grid
 
     def _apply(self, fn: Any, recurse: bool = True) -> BlockSparseLinear:
         # .double(), .to(torch.float64)...: refused here, naming the layer's choice, not at

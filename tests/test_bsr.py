@@ -142,6 +142,13 @@ def test_bad_input_raises_one_line_spdy_errors():
         BSRWeight.from_dense(w, dtype=torch.int8)
     with pytest.raises(SpdyError, match="positive"):
         BSRWeight.from_dense(w, block=0)
+    for block in [(16,), "16", (16.0, 16), True]:
+        with pytest.raises(SpdyError, match="must be a positive int or two of them"):
+            BSRWeight.from_dense(w, block=block)
+    with pytest.raises(SpdyError, match="cannot pack an empty weight of shape \\(0, 32\\)"):
+        BSRWeight.from_dense(torch.randn(0, 32))
+    with pytest.raises(SpdyError, match="a layer weight is \\[out, in, ...\\]"):
+        BSRWeight.from_dense(torch.randn(64))
     good = BSRWeight.from_dense(w, block=32)
     with pytest.raises(SpdyError, match="malformed BSR weight: crow"):
         BSRWeight(good.values, good.crow_indices.flip(0), good.col_indices, good.row_order,

@@ -58,6 +58,11 @@ def test_a_mask_that_is_not_two_of_four_is_refused():
         SemiStructuredLinear.from_linear(linear, torch.ones_like(linear.weight, dtype=torch.bool))
     with pytest.raises(SpdyError, match="replaces nn.Linear"):
         SemiStructuredLinear.from_linear(nn.Conv2d(4, 4, 3))
+    with pytest.raises(SpdyError, match="mask shape \\(4, 128\\) does not match"):
+        SemiStructuredLinear.from_linear(linear, torch.ones(4, 128, dtype=torch.bool))
+    advised = build_mask(linear.weight, "nm2:4")          # what the message advises works
+    assert SemiStructuredLinear.from_linear(linear, advised).weight.count_nonzero() == \
+        linear.weight.numel() // 2
 
 
 def test_sparsify_routes_two_four_and_blocks_to_their_kernels():
