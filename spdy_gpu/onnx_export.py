@@ -135,8 +135,7 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
     """Export `model` (eval mode, fp32, CPU) to `path` and map its prunable layers.
 
     The example input may be a tensor, a tuple of tensors or a dict of keyword tensors; with
-    `dynamic`, dim 0 (batch) of every input and dim 1 (sequence) of 2-D integer inputs are
-    dynamic axes. Raises SpdyError if a prunable module the forward calls cannot be located
+    `dynamic`, dim 0 (batch) of every input is a dynamic axis, the others are the example's. Raises SpdyError if a prunable module the forward calls cannot be located
     in the graph (one it never calls on the example is left out, as discover_layers does).
     """
     _check_exportable(model, example)
@@ -188,13 +187,11 @@ def _check_exportable(model: nn.Module, example: Any) -> None:
 
 
 def _dynamic_axes(example: Any, names: tuple[str, ...]) -> dict[str, dict[int, str]]:
+    """Dim 0 (batch) of every input, the only dynamic axis: DeepSparse sets the batch when it
+    compiles an engine (batch_size=), but runs a graph with any other dynamic axis (e.g. a
+    sequence) without its optimised runtime unless every call names the shapes."""
     tensors = [value for _, value in named_inputs(example)]
-    axes = {}
-    for name, tensor in zip(names, tensors):
-        axes[name] = {0: "batch"}
-        if tensor.dim() == 2 and not tensor.is_floating_point():
-            axes[name][1] = "sequence"
-    return axes
+    return {name: {0: "batch"} for name, tensor in zip(names, tensors) if tensor.dim() >= 1}
 
 
 @contextlib.contextmanager
