@@ -44,6 +44,9 @@ class HeldOutScorer:
     def __init__(self, model: nn.Module, batches: Sequence[Any],
                  database: WeightSource | None = None, loss: str | Loss | None = None,
                  device: torch.device | str | None = None):
+        check_model = getattr(database, "check_model", None)    # a Database checks its own
+        if check_model is not None:
+            check_model(model)
         home = model_device(model)
         self.device = home if device is None else torch.device(device)
         self.model = model if self.device == home else copy.deepcopy(model).to(self.device)

@@ -128,6 +128,24 @@ def test_other_model_or_grid_is_refused(built, tmp_path):
                        model_name="toy", calibration={"source": "files"}, progress=False)
 
 
+def test_the_fingerprint_is_keyed_by_name_not_by_layer_order(built):
+    from spdy_gpu.reconstruct.database import model_fingerprint
+    model = toy_model()
+    assert model_fingerprint(model, LAYERS) == model_fingerprint(model, LAYERS[::-1])
+    reordered = build_database(toy_model(), LAYERS[::-1], OPTIONS, batches(), built.path,
+                               model_name="toy", calibration={"source": "random"},
+                               progress=False)             # the same database: reused
+    assert reordered.fingerprint == built.fingerprint
+
+
+def test_a_scorer_refuses_another_models_database(built):
+    from spdy_gpu.scoring import HeldOutScorer
+    other = toy_model(seed=5)
+    with pytest.raises(SpdyError, match="layer 0: its dense weights are not those"):
+        HeldOutScorer(other, batches(1), built)
+    assert HeldOutScorer(toy_model(), batches(1), built)(dict.fromkeys(LAYERS, OPTIONS[0])) == 0
+
+
 def test_other_layer_shapes_are_named_not_hashed(built, tmp_path):
     from spdy_gpu.reconstruct.database import other_model_in
     wider = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),

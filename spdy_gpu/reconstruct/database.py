@@ -71,7 +71,8 @@ def model_fingerprint(model: nn.Module, layers: Sequence[str]) -> str:
 
 
 def _combine(hashes: Mapping[str, str]) -> str:
-    return hashlib.sha256("".join(hashes.values()).encode()).hexdigest()
+    """One sha256 of layer hashes, in name order: the layers' order does not count."""
+    return hashlib.sha256("".join(hashes[name] for name in sorted(hashes)).encode()).hexdigest()
 
 
 def option_chains(options: Sequence[SparsityOption]) -> list[list[SparsityOption]]:
