@@ -135,8 +135,9 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
     """Export `model` (eval mode, fp32, CPU) to `path` and map its prunable layers.
 
     The example input may be a tensor, a tuple of tensors or a dict of keyword tensors; with
-    `dynamic`, dim 0 (batch) of every input is a dynamic axis, the others are the example's. Raises SpdyError if a prunable module the forward calls cannot be located
-    in the graph (one it never calls on the example is left out, as discover_layers does).
+    `dynamic`, dim 0 (batch) of every input is a dynamic axis, the others are the
+    example's. Raises SpdyError if a prunable module the forward calls cannot be located in
+    the graph (one it never calls on the example is left out, as discover_layers does).
     """
     _check_exportable(model, example)
     path = Path(path)
