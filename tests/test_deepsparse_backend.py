@@ -250,7 +250,8 @@ def test_adaptive_protocol_catches_a_slow_stretch_and_remeasures_only_it(adaptiv
         calls.append(option.name)
         # a stretch of consecutive calls in the first pass runs 50% slow, consistently
         slow = 1.5 if option.name in stretch and calls.count(option.name) == 1 else 1.0
-        times = {name: slow * (0.05 + option.density ** 0.7) for name in ("up", "down")}
+        # (ms scaled to stay below the real end-to-end time, as layer times add up to it)
+        times = {name: slow * 0.02 * (0.05 + option.density ** 0.7) for name in ("up", "down")}
         return {**times, TOTAL: sum(times.values())}
 
     monkeypatch.setattr(type(adaptive), "analyse", fake_analyse)
@@ -262,7 +263,7 @@ def test_adaptive_protocol_catches_a_slow_stretch_and_remeasures_only_it(adaptiv
     for name in stretch:
         density = 1 - float(name.split("@")[1])
         assert table.provenance["layer_sums_per_call_ms"][name] == \
-            [pytest.approx(2 * (0.05 + density ** 0.7))] * 2
+            [pytest.approx(2 * 0.02 * (0.05 + density ** 0.7))] * 2
     assert table.provenance["repeats"] is None and "adaptive" in table.provenance["protocol"]
     assert table.provenance["calibration_engines"] == {
         "dense": 3, "unstructured@0.5": 1, "unstructured@0.8": 1, "unstructured@0.95": 1}
@@ -272,7 +273,7 @@ def test_repeats_forces_that_many_calls_per_option(backend, monkeypatch):
     from spdy_gpu.backends.deepsparse import TOTAL
 
     def steady(self, path, inputs, batch, option, to_module):
-        return {"up": 1.0, "down": 1.0, TOTAL: 2.0}
+        return {"up": 0.01, "down": 0.01, TOTAL: 0.02}
 
     monkeypatch.setattr(type(backend), "analyse", steady)
     model, example = TokenMLP().eval(), torch.randn(1, 64, 128)
@@ -301,3 +302,21 @@ def test_a_compile_that_ends_the_process_is_a_one_line_error(backend, tmp_path, 
         backend._check_compiles(path, [], 1)
     monkeypatch.setattr(backend, "ds", SimpleNamespace(compile_model=lambda *a, **k: None))
     backend._check_compiles(path, [], 1)                   # a compile that returns is fine
+
+
+def test_layer_times_far_above_the_whole_are_refused_and_not_resumed(backend, monkeypatch,
+                                                                     tmp_path):
+    """A busy machine's outliers (layers adding up to 800x the model) planned 6.8x for a
+    model pruning cannot speed up, and a rerun resumed the same calls from the checkpoint."""
+    from spdy_gpu.backends.deepsparse import TOTAL
+
+    def stalled(self, path, inputs, batch, option, to_module):
+        return {"up": 20.0, "down": 20.0, TOTAL: 40.0}
+
+    monkeypatch.setattr(type(backend), "analyse", stalled)
+    model, example = TokenMLP().eval(), torch.randn(1, 64, 128)
+    checkpoint = tmp_path / "t.json.partial"
+    with pytest.raises(SpdyError, match="add up to \\d+x the measured model .* measure again"):
+        backend.measure_table(model, example, discover_layers(model, example), OPTIONS,
+                              model_name="toy", checkpoint=checkpoint)
+    assert not checkpoint.exists()

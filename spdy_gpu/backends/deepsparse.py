@@ -219,7 +219,13 @@ class DeepSparseBackend:
             # Default: fixed time is a median over the levels, so one engine each suffices.
             engines = {n: self.engines if n == "dense" or self.repeats else 1 for n in paths}
             measured = self._interleaved(paths, inputs, batch, engines)
-        table = self._table(store, layers, options, fingerprint, model_name, measured["dense"])
+        try:
+            table = self._table(store, layers, options, fingerprint, model_name,
+                                measured["dense"])
+            _refuse_outlier_layers(table)
+        except SpdyError:
+            store.discard()             # a rerun measures afresh rather than resume this
+            raise
         calibration = fixed_calibration(table, {n: m.median_ms for n, m in measured.items()})
         fixed = statistics.median(c["residual_ms"] for c in calibration)
         if fixed < 0:
@@ -676,6 +682,23 @@ def _quiet_fd() -> Iterator[None]:
                 log.debug("deepsparse: %s", text)
 
 
+# The dense layers' analysis times add up to 0.88-1.07x the end-to-end time on measured
+# tables; past this the layer times hold outliers (a busy machine) and plan nothing real.
+MAX_LAYERS_OVER_WHOLE = 10.0
+
+
+def _refuse_outlier_layers(table: TimingTable) -> None:
+    dense = table.dense_times()
+    ratio = float(dense.sum()) / table.dense_total_ms
+    if ratio > MAX_LAYERS_OVER_WHOLE:
+        slowest = table.layer_names[int(dense.argmax())]
+        raise SpdyError(f"the prunable layers' dense times add up to {ratio:.0f}x the measured "
+                        f"model ({dense.sum():.4g} of {table.dense_total_ms:.4g} ms; slowest "
+                        f"{slowest} at {dense.max():.4g} ms): outliers, the machine was likely "
+                        "busy; measure again with nothing else running (without --repeats "
+                        "the adaptive protocol re-measures outliers)")
+
+
 class _Checkpoint:
     """Analysis samples of an interrupted `measure_table`, in a JSON file next to the output.
 
@@ -732,6 +755,12 @@ class _Checkpoint:
             return None
         slowest = max(slots, key=slots.__getitem__)
         return slowest if slots[slowest] > (1 + tolerance) * min(slots.values()) else None
+
+    def discard(self) -> None:
+        """Forget the stored calls (a measurement the table refuses)."""
+        self.samples = {}
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
     def put(self, slot: str, sample: dict[str, float]) -> None:
         self.samples[slot] = sample
