@@ -806,6 +806,12 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
             report.notes.append(f"the table cannot plan beyond {planner.max_speedup:.3f}x, "
                                 "so the budget cannot be tightened further")
             break
+    else:                                       # the rounds ran out
+        if accepted is not None and accepted[2].speedup > target * (1 + OVERSHOOT):
+            report.notes.append(f"measured {accepted[2].speedup:.3f}x is above the target "
+                                f"{target:g}x by more than {OVERSHOOT:.0%} after "
+                                f"{len(report.rounds)} rounds (quality given away); more "
+                                "--max-rounds may loosen the budget")
     if accepted is None and report.rounds[-1]["machine_slow"]:
         report.notes.append("the backend ran in a slow state (dense far slower than the "
                             "table) in the last round; the budget was not tightened on it: "
@@ -853,7 +859,8 @@ def _saved_guarantee(planner: Planner, costs: Mapping[str, Any], settings: RunSe
         return None
     try:
         doc = load_json(path, GUARANTEE_FORMAT, GUARANTEE_VERSION)
-        doc["rounds"] = _checked_rounds(doc["rounds"], settings, planner.table.dense_total_ms)
+        doc["rounds"] = _checked_rounds(doc["rounds"], settings, planner.table.dense_total_ms,
+                                        complete=doc.get("complete", True))
         doc["notes"] = [str(n) for n in doc.get("notes", [])]
     except (SpdyError, KeyError, TypeError, AttributeError) as e:
         log.warning("not reusing %s: it is damaged (%s)", path, e)
@@ -883,10 +890,7 @@ def _kept_guarantee(planner: Planner, database: Database, costs: Mapping[str, An
     if saved is None or not saved.get("complete", True):   # interrupted: rounds replayed
         return None, None
     path = saved["path"]
-    kept = next((r for r in saved["rounds"] if r.get("kept")), None)
-    if kept is None:
-        log.warning("not reusing %s: it is damaged (no round is marked kept)", path)
-        return None, None
+    kept = next(r for r in saved["rounds"] if r.get("kept"))     # one (_checked_rounds)
     profile = dataclasses.replace(planner.solve(kept["solved_for"], costs),
                                   target_speedup=settings.speedup)
     if "choices_sha256" not in kept:
@@ -912,11 +916,13 @@ def _measurement_of(round_: Mapping[str, Any]) -> Measurement:
     return Measurement(**{f.name: round_[f.name] for f in dataclasses.fields(Measurement)})
 
 
-def _checked_rounds(rounds: Any, settings: RunSettings,
-                    table_dense_ms: float) -> list[dict[str, Any]]:
+def _checked_rounds(rounds: Any, settings: RunSettings, table_dense_ms: float,
+                    complete: bool) -> list[dict[str, Any]]:
     """A guarantee.json's rounds, refused (SpdyError) where a number the report prints is
     not a finite number > 0, or a measured speedup is not its dense / pruned time, or
-    'met' and 'machine_slow' are not what the rules make of the measurement."""
+    'met' and 'machine_slow' are not what the rules make of the measurement, or (complete)
+    the round marked kept is not the one _guarantee keeps: the last that met, else the
+    last."""
     if not isinstance(rounds, list) or not rounds:
         raise SpdyError("it holds no rounds")
     for r in rounds:
@@ -935,6 +941,10 @@ def _checked_rounds(rounds: Any, settings: RunSettings,
         if r.get("met") is not met or r.get("machine_slow") is not slow:
             raise SpdyError(f"round {r.get('round')!r}: its met / machine_slow flags are not "
                             "what its measurement gives")
+    marked = [r for r in rounds if r.get("kept")]
+    if complete and marked != [([r for r in rounds if r["met"]] or rounds)[-1]]:
+        raise SpdyError("the round marked kept is not the last one that met the target "
+                        "(else the last round)")
     return rounds
 
 

@@ -162,6 +162,31 @@ def test_an_edited_guarantee_is_measured_again_not_reported(tmp_path, edit, capl
     assert again.measured == first.measured
 
 
+def test_a_guarantee_whose_kept_mark_was_moved_is_measured_again(tmp_path, caplog):
+    """Round 1 fell short, round 2 met the target and was kept; marking round 1 kept made a
+    rerun report the shortfall as the result."""
+    run(ENTRY, ModelSetting(), FakeBackend(slowdown=1.3), settings(), tmp_path, progress=False)
+    path = tmp_path / "guarantee.json"
+    doc = json.loads(path.read_text())
+    assert [(r["met"], r.get("kept", False)) for r in doc["rounds"]] == [(False, False),
+                                                                          (True, True)]
+    doc["rounds"][0]["kept"], doc["rounds"][1]["kept"] = True, False
+    path.write_text(json.dumps(doc))
+    with caplog.at_level("WARNING"):
+        again = run(ENTRY, ModelSetting(), FakeBackend(slowdown=1.3), settings(), tmp_path,
+                    progress=False)
+    assert "the round marked kept is not the last one that met" in caplog.text
+    assert again.measured.speedup >= 1.6 * 0.97
+
+
+def test_the_rounds_running_out_above_the_target_is_noted(tmp_path):
+    report = run(ENTRY, ModelSetting(), FakeBackend(slowdown=0.5), settings(max_rounds=1),
+                 tmp_path, progress=False)
+    assert report.measured.speedup > 1.6 * 1.05
+    assert any("above the target 1.6x by more than 5% after 1 rounds" in n
+               for n in report.notes)
+
+
 def test_a_run_killed_in_gap_keeps_its_guarantee_and_resumes_gap(tmp_path, monkeypatch,
                                                                 caplog):
     from spdy_gpu.pipeline import GapSettings
