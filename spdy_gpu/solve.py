@@ -256,10 +256,17 @@ class Planner:
         shown = math.floor(best * 1000) / 1000     # rounded down: asking for it must work
         if shown <= 1:
             finite = np.where(np.isfinite(self.times), self.times, np.nan)
-            gain = float(np.nansum(self.times[:, 0]) - np.nansum(np.nanmin(finite, 1)))
-            cause = ("no sparse option is faster than dense on any layer" if gain <= 0 else
-                     f"the time pruning cannot touch, {self.fixed_ms:.4g} of "
-                     f"{self.table.dense_total_ms:.4g} ms, dominates")
+            dense_layers = float(np.nansum(self.times[:, 0]))
+            fastest_layers = float(np.nansum(np.nanmin(finite, 1)))
+            if dense_layers <= fastest_layers:
+                cause = "no sparse option is faster than dense on any layer"
+            elif self.fixed_ms >= fastest_layers:
+                cause = (f"the time pruning cannot touch, {self.fixed_ms:.4g} of "
+                         f"{self.table.dense_total_ms:.4g} ms, dominates")
+            else:
+                cause = (f"its layers alone, at their fastest, take {fastest_layers:.4g} ms, "
+                         f"more than the whole model's {self.table.dense_total_ms:.4g} ms: "
+                         "the layer times hold outliers; re-measure the table")
             return InfeasibleTargetError(
                 f"target speedup {speedup:g}x is infeasible: pruning cannot make this model "
                 f"faster on this timing table (its fastest profile is {best:.3f}x of dense; "

@@ -65,6 +65,11 @@ def test_a_table_whose_parts_exceed_its_total_plans_dense_at_1x_and_says_why_not
     with pytest.raises(InfeasibleTargetError, match="the time pruning cannot touch, 1 of 0.1 "
                                                     "ms, dominates"):
         solve_profile(fixed, 1.2)
+    outliers = make_table([[1.0, 0.5]], dense_total=0.3, fixed=0.0)     # layers > the whole
+    with pytest.raises(InfeasibleTargetError, match="its layers alone, at their fastest, take "
+                                                    "0.5 ms, more than the whole model's 0.3 "
+                                                    "ms: the layer times hold outliers"):
+        solve_profile(outliers, 1.2)
 
 
 def test_the_largest_speedup_named_is_rounded_down_so_asking_for_it_works(toy_table):
