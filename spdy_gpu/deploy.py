@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SpdyError, first_line, user_code
+from .errors import SpdyError, as_path, first_line, user_code
 from .jsonio import check_output_file, replacing
 from .layers import gpu_swappable, require_prunable, require_real
 from .locks import exclusive_file
@@ -224,7 +224,7 @@ def save_pruned(model: nn.Module, path: PathLike, *, profile: ProfileLike | Plan
         raise SpdyError(f"metadata {', '.join(map(repr, reserved))} is save_pruned's own "
                         "(the file's format and the profile's model and choices); pass "
                         "other keys")
-    path = check_output_file(path)
+    path = check_output_file(path, "the output path")
     meta = {"format": PRUNED_FORMAT, "version": ARTIFACT_VERSION}
     if profile is not None:
         plan = load_plan(profile)
@@ -259,7 +259,7 @@ def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str
     """The tensors and metadata of a safetensors file."""
     from safetensors import safe_open
 
-    if not Path(path).is_file():
+    if not as_path(path, "the weights file").is_file():
         raise SpdyError(f"{path}: no such file; check the path")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -315,7 +315,7 @@ def export_onnx_pruned(model: nn.Module, example: Any, path: PathLike, *,
     matching `exclude` must be found in the graph by its exact values: its zeros survived."""
     from .onnx_export import export_onnx
 
-    path = check_output_file(path)
+    path = check_output_file(path, "the output path")
     with replacing(path) as tmp:
         try:
             export_onnx(model, example, tmp, exclude=exclude)
@@ -352,7 +352,7 @@ def save_block_sparse(model: nn.Module, profile_or_choices: ProfileLike | Plan,
     from .sparse_linear import BlockSparseConv1x1, BlockSparseLinear, sparsify_
 
     plan = load_plan(profile_or_choices)
-    path = check_output_file(path)
+    path = check_output_file(path, "the output path")
     deployed = copy.deepcopy(model)
     _pruned_to(deployed, plan, None)     # magnitude masks keep pruned weights as they are
     swap = _block_layers(deployed, plan.choices)

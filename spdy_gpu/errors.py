@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class SpdyError(ValueError):
@@ -78,3 +80,12 @@ def check_types(values: dict[str, tuple[object, type | tuple[type, ...]]]) -> No
             wanted = " or ".join("None" if k is type(None) else "a number" if k is float
                                  else "an integer" if k is int else k.__name__ for k in kinds)
             raise SpdyError(f"{name} must be {wanted}, not {type(value).__name__} {value!r}")
+
+
+def as_path(value: object, what: str = "path") -> Path:
+    """`value` (a str or os.PathLike) as a Path; anything else is refused in one line naming
+    `what` (Path() would raise a TypeError deep inside the caller)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise SpdyError(f"{what} must be a path (str or os.PathLike), not "
+                        f"{type(value).__name__} {value!r}")
+    return Path(value)

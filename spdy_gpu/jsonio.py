@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import SpdyError
+from .errors import SpdyError, as_path
 
 TEMPORARY = ".tmp"      # replacing's files: .NAME.<12 hex digits>.tmp next to NAME
 
@@ -39,7 +39,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     `path` when the with-block succeeds (a reader sees the old file or the whole new one,
     never half) and is removed whatever happens. A symlink's target is replaced (the link
     stays); a device or pipe (/dev/null) is written through, as it cannot be replaced."""
-    path = Path(os.path.realpath(path))
+    path = Path(os.path.realpath(as_path(path)))
     if is_special(path):
         with _writing_through(path) as tmp:
             yield tmp
@@ -107,7 +107,7 @@ def _cannot_write(path: Path, error: OSError) -> SpdyError:
 def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     """`path` as a file this process can write, refused before any work: a directory, a
     location under a file or one with no write permission is a one-line error naming `flag`."""
-    path = Path(path)
+    path = as_path(path, flag)
     if path.is_dir():
         raise SpdyError(f"{flag} {path} is a directory; give the path of a file to write")
     if is_special(path.resolve()):
@@ -120,7 +120,7 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
 
 def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     """`path` as a directory this process can create or write into, checked before any work."""
-    path = Path(path)
+    path = as_path(path, flag)
     if path.exists() and not path.is_dir():
         raise SpdyError(f"{flag} {path} is a file, not a directory; give a directory path")
     _check_can_create_in(path, path, flag)
@@ -151,7 +151,7 @@ def save_json(path: str | os.PathLike, kind: str, version: int, body: dict[str, 
 
 def load_json(path: str | os.PathLike, kind: str, version: int) -> dict[str, Any]:
     """Load a file saved by `save_json`; refuse anything but a `kind` file of `version`."""
-    path = Path(path)
+    path = as_path(path, f"the {kind} file")
     try:
         document = json.loads(path.read_text())
     except FileNotFoundError:
@@ -190,7 +190,7 @@ def side_file(path: str | os.PathLike, suffix: str) -> Path | None:
     """The file beside the output `path` that keeps a job's progress (PATH + suffix, next to
     the real file a symlink names, where the output's lock is), or None for a device such
     as /dev/null: no progress is kept there."""
-    real = Path(os.path.realpath(path))
+    real = Path(os.path.realpath(as_path(path)))
     if is_special(real):
         return None
     return real.with_name(real.name + suffix)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .errors import SpdyError
+from .errors import SpdyError, as_path
 from .jsonio import is_special, leftover_temporaries, written_for
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def exclusive_directory(directory: str | os.PathLike, what: str = "directory") -
     """Hold `directory` (created if absent) for writing; a second writer is refused with
     one line naming the holder. On leaving, the lock file goes, and so does the directory
     when this lock created it and nothing else was written into it."""
-    directory = Path(directory)
+    directory = as_path(directory, f"the {what}")
     created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -58,7 +58,7 @@ def exclusive_file(path: str | os.PathLike, what: str = "output file") -> Iterat
     """Hold the file `path` and its side files (a checkpoint beside it) for writing; a
     second writer is refused with one line naming the holder. A device or pipe such as
     /dev/null is written through, unlocked."""
-    path = Path(os.path.realpath(path))
+    path = Path(os.path.realpath(as_path(path, f"the {what}")))
     if is_special(path):
         yield path
         return

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import SpdyError
+from .errors import SpdyError, check_types
 
 Pattern = Literal["dense", "unstructured", "block", "nm"]
 
@@ -121,6 +121,8 @@ def geometric_levels(count: int = 41, min_sparsity: float = 0.40,
 
     s_k = 1 - d0 * (d1 / d0) ** (k / (count - 1)) with d0 = 1 - min, d1 = 1 - max.
     """
+    check_types({"count": (count, int), "min_sparsity": (min_sparsity, float),
+                 "max_sparsity": (max_sparsity, float)})
     if count < 1 or not 0.0 < min_sparsity <= max_sparsity < 1.0:
         raise SpdyError(f"bad level grid (count={count}, {min_sparsity}..{max_sparsity}); "
                         "need count >= 1 and 0 < min <= max < 1")

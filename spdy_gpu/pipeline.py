@@ -31,7 +31,7 @@ from torch import nn
 
 from .backends import LatencyBackend, check_options_supported
 from .data import Calibration, CalibrationSpec, batch_samples, sample_batches, tensors_digest
-from .errors import SpdyError, check_types, problem_of
+from .errors import SpdyError, as_path, check_types, problem_of
 from .jsonio import changed_fields, is_number, load_json, save_json, side_file
 from .layers import discover_layers, exclude_patterns, prunable_modules, warn_unmatched_excludes
 from .locks import LOCK_NAME, exclusive_directory, exclusive_file
@@ -250,6 +250,9 @@ class RunSettings:
                     SparsityOption.parse(o) if isinstance(o, str) else o for o in given))
         if isinstance(self.timings, (str, os.PathLike)):
             object.__setattr__(self, "timings", (self.timings,))
+        if not isinstance(self.timings, (tuple, list)):
+            raise SpdyError(f"timings must be a timing table's path or a list of them, not "
+                            f"{type(self.timings).__name__} {self.timings!r}")
         check_types({**{f"timings[{i}]": (t, (str, os.PathLike))
                         for i, t in enumerate(self.timings)},
                      "database": (self.database, (str, os.PathLike, type(None))),
@@ -452,6 +455,7 @@ def prune(model: nn.Module, example: Any, *, speedup: float,
     if not isinstance(backend, str) and not callable(getattr(backend, "measure_table", None)):
         raise SpdyError(f"backend must be a backend name (e.g. 'deepsparse') or a "
                         f"LatencyBackend, not {type(backend).__name__}")
+    out_dir = as_path(out_dir, "out_dir")
     batches, spec = _notebook_calibration(calibration, example, calibration_samples,
                                           calibration_batch_size)
     entry = ModelEntry(name=name, description=f"notebook model {name}",
@@ -486,6 +490,9 @@ def _notebook_calibration(data: Any, example: Any, samples: int | None,
     if is_list:
         found = sum(batch_samples(batch) for batch in data)
         return list(data), CalibrationSpec(samples=max(found, 1), batch_size=batch_size)
+    if data is not None and not isinstance(data, (str, os.PathLike)):
+        raise SpdyError(f"calibration must be a list of batches, a tensor (or dict of tensors) "
+                        f"of samples or a path of saved tensors, not {type(data).__name__}")
     return None, CalibrationSpec(calib=data, samples=samples or CalibrationSpec.samples,
                                  batch_size=batch_size)
 

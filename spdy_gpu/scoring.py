@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .data import tensors_digest
-from .errors import user_code
+from .errors import SpdyError, user_code
 from .layers import call_model, inputs_to, model_device, named_inputs, on_gpu_else_cpu
 from .losses import LOSSES, Loss, get_loss, output_tensors
 from .options import SparsityOption
@@ -44,6 +44,9 @@ class HeldOutScorer:
     def __init__(self, model: nn.Module, batches: Sequence[Any],
                  database: WeightSource | None = None, loss: str | Loss | None = None,
                  device: torch.device | str | None = None):
+        if not batches:
+            raise SpdyError("no held-out batches to score on; pass at least one batch of "
+                            "inputs the model takes")
         check_model = getattr(database, "check_model", None)    # a Database checks its own
         if check_model is not None:
             check_model(model)

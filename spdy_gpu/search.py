@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import SpdyError, check_types
+from .errors import SpdyError, as_path, check_types
 from .jsonio import load_json, save_json
 from .options import SparsityOption
 from .solve import LayerErrors, Planner
@@ -173,6 +173,12 @@ def search(planner: Planner, speedup: float, score: Score, *,
     score's own `identity()`, e.g. a HeldOutScorer's); the state of another search there is
     an error, or (replace_other) started afresh.
     """
+    if isinstance(planner, (str, os.PathLike)):
+        planner = Planner(planner)                   # a timing table's file, as Planner takes
+    check_types({"planner": (planner, Planner), "config": (config, SearchConfig)})
+    if not callable(score):
+        raise SpdyError(f"score must be a function of the choices (e.g. a HeldOutScorer), not "
+                        f"{type(score).__name__}")
     if identity is None and callable(getattr(score, "identity", None)):
         identity = score.identity()
     base = planner.error_matrix(errors)                           # [layers, options]
@@ -220,7 +226,13 @@ def search(planner: Planner, speedup: float, score: Score, *,
 
 
 def _checked(value: float, choices: Choices) -> float:
-    value = float(value)
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        value = float(value)           # a number, or a one-element tensor or array
+    except (TypeError, ValueError, RuntimeError):
+        raise SpdyError(f"the score function returned {type(value).__name__} {value!r}, not "
+                        "a number; return the loss of the profile as a float") from None
     if not math.isfinite(value):
         sparsest = max(choices.values(), key=lambda o: o.sparsity)
         raise SpdyError(f"the search loss returned {value} for a profile (sparsest layer "
@@ -243,8 +255,11 @@ def _resume(checkpoint: str | os.PathLike | None, key: dict[str, Any],
             replace_other: bool, layers: int) -> _State | None:
     """The saved state of this search, or None (none saved; or, with `replace_other`, one of
     another search or a damaged one, with a log line: the caller owns the file)."""
-    if checkpoint is None or not Path(checkpoint).exists():
+    if checkpoint is None or not as_path(checkpoint, "checkpoint").exists():
         return None
+    if Path(checkpoint).is_dir():
+        raise SpdyError(f"checkpoint {checkpoint} is a directory; give the path of a file for "
+                        "the search state")
     try:
         saved_key, state = _read_state(checkpoint, layers)
     except (SpdyError, KeyError, TypeError, ValueError) as e:

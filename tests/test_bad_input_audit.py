@@ -384,3 +384,55 @@ def test_run_settings_take_a_notebooks_values_and_refuse_wrong_kinds():
                            ({"database": 5}, "database must be str or PathLike or None")]:
         with pytest.raises(SpdyError, match=match):
             RunSettings(speedup=2, **changes)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m, x: spdy_gpu.prune(m, x, speedup=1.5, out_dir=5), "out_dir must be a path"),
+    (lambda m, x: spdy_gpu.prune(m, x, speedup=1.5, calibration=5),
+     "calibration must be a list of batches, a tensor .* not int"),
+    (lambda m, x: spdy_gpu.prune(m, x, speedup=1.5, timings=5),
+     "timings must be a timing table's path or a list of them, not int 5"),
+    (lambda m, x: spdy_gpu.save_pruned(m, 5), "the output path must be a path .* not int 5"),
+    (lambda m, x: spdy_gpu.load_pruned(m, 5), "the weights file must be a path"),
+    (lambda m, x: spdy_gpu.prune_(m, {"0": "unstructured@0.5"}, 5),
+     "the database directory must be a path"),
+    (lambda m, x: spdy_gpu.build_database(m, ["0"], [spdy_gpu.SparsityOption.dense()], [x], 5),
+     "the database directory must be a path"),
+    (lambda m, x: spdy_gpu.Profile.load(5), "the spdy-gpu/profile file must be a path"),
+    (lambda m, x: spdy_gpu.option_grid("unstructured", 2.5), "count must be an integer"),
+    (lambda m, x: __import__("spdy_gpu.scoring").scoring.held_out_scorer(m, []),
+     "no held-out batches to score on"),
+])
+def test_notebook_calls_with_wrong_kinds_of_argument_are_one_line_errors(call, match):
+    """Each ended in a TypeError or IndexError from deep inside pathlib or the scorer."""
+    with pytest.raises(SpdyError, match=match):
+        call(*mlp())
+
+
+def test_search_and_measuring_refuse_wrong_kinds_of_argument(tmp_path):
+    table = make_table([[1.0, 0.5, 0.3], [2.0, 1.0, 0.5]], dense_total=4.0, fixed=0.5)
+    table.save(tmp_path / "t.json")
+    planner, config = Planner(table), SearchConfig(max_evaluations=2)
+    with pytest.raises(SpdyError, match="config must be SearchConfig, not dict"):
+        search(planner, 1.3, lambda choices: 0.0, config={"seed": 0})
+    with pytest.raises(SpdyError, match="the score function returned str 'bad', not a number"):
+        search(planner, 1.3, lambda choices: "bad", config=config, progress=False)
+    with pytest.raises(SpdyError, match="checkpoint .* is a directory"):
+        search(planner, 1.3, lambda choices: 0.0, checkpoint=tmp_path, progress=False)
+    found = search(tmp_path / "t.json", 1.3, lambda choices: torch.tensor(0.5), config=config,
+                   progress=False)                          # a table's path, a tensor score
+    assert found.choices
+    from spdy_gpu.layers import discover_layers
+    backend = spdy_gpu.get_backend("triton", estimate="h100-sxm")
+    model, x = mlp()
+    layers = discover_layers(model, x)
+    with pytest.raises(SpdyError, match="layers must be LayerInfos .* not str"):
+        backend.measure_table(model, x, [layer.name for layer in layers], ["dense"],
+                              model_name="m")
+    other = nn.Sequential(nn.Linear(8, 4)).eval()
+    with pytest.raises(SpdyError, match="layer 0 of weight shape \\[16, 8\\] is not in this "
+                                        "model"):
+        backend.measure_table(other, x, layers, ["dense"], model_name="m")
+    from spdy_gpu.backends import measuring_inputs
+    _, options = measuring_inputs(model, layers, ["dense", "nm2:4"])       # names parsed
+    assert options == [spdy_gpu.SparsityOption.dense(), spdy_gpu.SparsityOption.n_of_m(2, 4)]

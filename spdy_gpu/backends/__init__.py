@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 from ..errors import SpdyError
@@ -157,6 +158,34 @@ def _settings_of(factory: Callable[..., Any], cls: type) -> list[str]:
     if factory is not cls and any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         named += [n for n in _settings_of(cls, cls) if n not in named]
     return named
+
+
+def measuring_inputs(model: nn.Module, layers: Sequence[LayerInfo],
+                     options: Sequence[SparsityOption | str]
+                     ) -> tuple[list[LayerInfo], list[SparsityOption]]:
+    """measure_table's layers and options, checked (every backend's rules): layers of this
+    model (discover_layers(model, example)) with their weight shapes; options (or their
+    names) starting with dense."""
+    options = [SparsityOption.parse(o) if isinstance(o, str) else o for o in options]
+    if not options or options[0] != SparsityOption.dense():
+        raise SpdyError("the option list must start with dense; add 'dense' first")
+    odd = next((o for o in options if not isinstance(o, SparsityOption)), None)
+    if odd is not None:
+        raise SpdyError(f"options must be SparsityOptions or their names, not "
+                        f"{type(odd).__name__} {odd!r}")
+    if not layers:
+        raise SpdyError("no prunable layers to time; check the model and --exclude")
+    modules = dict(model.named_modules())
+    for layer in layers:
+        if not isinstance(layer, LayerInfo):
+            raise SpdyError(f"layers must be LayerInfos (from discover_layers(model, example)),"
+                            f" not {type(layer).__name__} {layer!r}")
+        weight = getattr(modules.get(layer.name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != layer.weight_shape:
+            raise SpdyError(f"layer {layer.name} of weight shape {list(layer.weight_shape)} is "
+                            "not in this model; discover the layers on this model "
+                            "(discover_layers(model, example))")
+    return list(layers), options
 
 
 def check_options_supported(backend: LatencyBackend, layers: Sequence[LayerInfo],

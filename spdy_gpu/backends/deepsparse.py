@@ -59,7 +59,7 @@ from ..onnx_export import (
 )
 from ..options import SparsityOption
 from ..timing import Fingerprint, LayerTiming, TimingTable
-from . import CliOption, Latency, example_shape, register_backend
+from . import CliOption, Latency, example_shape, measuring_inputs, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +184,7 @@ class DeepSparseBackend:
         times the dense model and the calibration levels of the fixed time. With
         `checkpoint`, every finished analysis call is saved there and a rerun with the same
         setting resumes after it."""
-        if not options or options[0].pattern != "dense":
-            raise SpdyError("the option list must start with dense; add 'dense' first")
-        if not layers:
-            raise SpdyError("no prunable layers to time; check the model and --exclude")
+        layers, options = measuring_inputs(model, layers, options)
         fingerprint = self.fingerprint(example)
         batch = fingerprint.batch_size
         names = [layer.name for layer in layers]

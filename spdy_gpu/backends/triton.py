@@ -50,7 +50,14 @@ from ..semi_structured import SEMI_STRUCTURED, SemiStructuredLinear
 from ..semi_structured import fits as semi_structured_fits
 from ..sparse_linear import BlockSparseConv1x1, BlockSparseLinear, sparsify_
 from ..timing import Fingerprint, LayerTiming, TimingTable
-from . import CliOption, Latency, NoDeviceError, example_shape, register_backend
+from . import (
+    CliOption,
+    Latency,
+    NoDeviceError,
+    example_shape,
+    measuring_inputs,
+    register_backend,
+)
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +203,7 @@ class TritonTables:
         """Per-layer times for every option, dense end-to-end time, fixed time. With
         `checkpoint`, every new time is also saved there (and in the cache) so an interrupted
         run resumes; it stays until the table is saved (TimingTable.save removes it)."""
-        if not options or options[0].pattern != "dense":
-            raise SpdyError("the option list must start with dense; add 'dense' first")
+        layers, options = measuring_inputs(model, layers, options)
         missing = [layer.name for layer in layers if layer.m is None]
         if missing:
             raise SpdyError(f"layers {missing[:3]} have no GEMM rows; discover them with the "

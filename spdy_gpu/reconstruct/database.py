@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import SpdyError, problem_of
+from ..errors import SpdyError, as_path, problem_of
 from ..jsonio import atomic_write_bytes, load_json, require, save_json
 from ..layers import on_gpu_else_cpu, require_real
 from ..locks import LOCK_NAME, exclusive_directory, holder
@@ -190,7 +190,7 @@ class Database:
     def open(cls, path: str | os.PathLike) -> Database:
         """Open and validate a complete database (every layer at every option it can take
         on disk)."""
-        path = Path(path)
+        path = as_path(path, "the database directory")
         if not (path / MANIFEST).is_file():
             raise SpdyError(f"{path}: not a reconstruction database (no {MANIFEST}); build one "
                             "with: spdy-gpu database --out DIR")
