@@ -263,6 +263,21 @@ def discover_layers(model: nn.Module, example_inputs: Any = None,
     return [_layer_info(name, modules[name], rows[name]) for name in rows]
 
 
+def other_weights_hint(model: nn.Module, layers: Iterable[str]) -> str:
+    """Why `model`'s weights at `layers` may differ from the ones a profile or database was
+    made from, when it shows: the weights were cast, or already pruned ("" when neither)."""
+    modules = dict(model.named_modules())
+    weights = [modules[name].weight for name in layers if hasattr(modules.get(name), "weight")]
+    dtypes = sorted({str(w.dtype).removeprefix("torch.") for w in weights})
+    if dtypes and dtypes != ["float32"]:
+        return (f" (its weights are {'/'.join(dtypes)} here: prune the model in the dtype it "
+                "was built in, then cast it)")
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    if zeros > 0.25 * sum(w.numel() for w in weights):
+        return " (it looks pruned already: a quarter of its weights are zeros)"
+    return ""
+
+
 def tied_weights(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, str]:
     """Layer name -> the other module's parameter its weight is (one tensor in two modules,
     e.g. an LM head tied to the embedding; one module registered twice is not tied)."""

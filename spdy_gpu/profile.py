@@ -132,15 +132,16 @@ class Profile:
         or Conv2d of `model`, other dense weights (when recorded: then the name may differ,
         e.g. a notebook's prune(name=...) used with --model module:function), or else
         another model name."""
-        from .layers import require_prunable
+        from .layers import other_weights_hint, require_prunable
         from .reconstruct.database import model_fingerprint
 
         require_prunable(model, self.choices)
         if self.model_fingerprint:
             if model_fingerprint(model, list(self.choices)) != self.model_fingerprint:
+                hint = other_weights_hint(model, self.choices)
                 raise SpdyError(f"the profile was made for other dense weights of "
-                                f"{self.model!r} (its model fingerprint differs); pass the "
-                                "model it was made for")
+                                f"{self.model!r} (its model fingerprint differs){hint}; pass "
+                                "the dense model it was made for")
         elif model_name and self.model and self.model != model_name:
             raise SpdyError(f"the profile is for model {self.model!r}, not {model_name!r}; "
                             f"pass --model {self.model}")

@@ -107,7 +107,12 @@ def test_prune_refuses_a_profile_made_for_other_dense_weights():
     with pytest.raises(SpdyError, match="the profile was made for other dense weights"):
         prune_(other, recorded)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(SpdyError, match="its weights are float16 here: prune the model in the "
+                                        "dtype it was built in, then cast it"):
+        prune_(copy.deepcopy(made_for).half(), recorded)
     prune_(made_for, recorded)
+    with pytest.raises(SpdyError, match="it looks pruned already"):
+        prune_(made_for, recorded)                      # a second time
 
 
 def test_save_pruned_refuses_another_models_profile_unpruned_or_converted_weights(tmp_path):

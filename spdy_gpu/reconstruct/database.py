@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SpdyError, as_path, problem_of
 from ..jsonio import atomic_write_bytes, load_json, require, save_json
-from ..layers import on_gpu_else_cpu, require_real
+from ..layers import on_gpu_else_cpu, other_weights_hint, require_real
 from ..locks import LOCK_NAME, exclusive_directory, holder
 from ..masks import build_mask, unfit_reason
 from ..options import SparsityOption
@@ -283,9 +283,10 @@ class Database:
         if _combine(hashes) != self.fingerprint:
             stored = self.layer_hashes
             changed = next((n for n in self.layers if stored.get(n) != hashes[n]), self.layers[0])
+            hint = other_weights_hint(model, self.layers)
             raise SpdyError(f"layer {changed}: its dense weights are not those {self.path} was "
-                            f"built from (another model than {self.model}?); rebuild the "
-                            "database for this model")
+                            f"built from (another model than {self.model}?){hint}; rebuild "
+                            "the database for this model")
 
     def check_options(self, options: Sequence[SparsityOption]) -> None:
         """Refuse options outside the grid the database was built for."""
