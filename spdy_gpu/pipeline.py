@@ -680,7 +680,9 @@ def _mismatch(table: TimingTable, model: str, fingerprint: Any,
     the layers this run prunes as {name: (N, K)} of their GEMMs; the table must time all of
     them, and may time more of the model's `prunable` layers (the run excludes those)."""
     if table.model != model:
-        return f"it is for model {table.model!r}"
+        return (f"it is for model {table.model!r}, not {model!r} (a table of the same model "
+                f"under that name is reused with --model {table.model}, or from a notebook "
+                f"prune(name={table.model!r}))")
     differences = table.fingerprint.mismatches(fingerprint)
     if differences:
         return "measured in another setting (" + "; ".join(differences) + ")"

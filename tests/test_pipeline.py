@@ -688,6 +688,18 @@ def test_the_runs_copy_of_a_table_passed_in_is_reused_whatever_grid_is_asked(tmp
             "measured")
 
 
+def test_a_table_of_another_model_name_is_not_reused_and_the_name_to_give_is_said(tmp_path,
+                                                                                   caplog):
+    run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path / "first", progress=False)
+    table = tmp_path / "first" / "timings.json"
+    with caplog.at_level("WARNING"):
+        report = run(dataclasses.replace(ENTRY, name="renamed"), ModelSetting(), FakeBackend(),
+                     settings(timings=(table,)), tmp_path / "second", progress=False)
+    assert report.stages["timings"].get("measured")
+    assert f"it is for model {ENTRY.name!r}, not 'renamed'" in caplog.text
+    assert f"prune(name={ENTRY.name!r})" in caplog.text
+
+
 class SlowStateBackend(FakeBackend):
     """Every model runs `factor` slower than the table says (a backend in a slow state)."""
 
