@@ -244,6 +244,15 @@ def discover_layers(model: nn.Module, example_inputs: Any = None,
     both) and, given an input, layers its forward never calls."""
     require_real(model, "finding its prunable layers")
     modules = prunable_modules(model, exclude)
+    other_kinds = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+                   if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.Conv2d)]
+    if other_kinds:
+        log.info("only Linear and Conv2d layers are pruned, not: %s", ", ".join(other_kinds))
+    broken = next((name for name, m in modules.items()
+                   if not torch.isfinite(m.weight.detach()).all()), None)
+    if broken is not None:
+        raise SpdyError(f"layer {broken}: its weight holds NaN or inf, a damaged model; fix "
+                        "the model (or its checkpoint)")
     for name, other in tied_weights(model, modules).items():
         log.warning("%s shares its weight with %s (tied): kept dense, its time counts as "
                     "fixed", name, other)

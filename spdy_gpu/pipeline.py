@@ -245,6 +245,9 @@ class RunSettings:
             given = getattr(self, name)
             if isinstance(given, (str, SparsityOption)):
                 given = (given,)
+            if given is not None and not given:
+                raise SpdyError(f"{name} is empty; name the options (e.g. ['dense', "
+                                "'unstructured@0.5']) or leave it out for the default grid")
             if given is not None:
                 object.__setattr__(self, name, tuple(
                     SparsityOption.parse(o) if isinstance(o, str) else o for o in given))

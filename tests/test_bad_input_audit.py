@@ -400,6 +400,7 @@ def test_run_settings_take_a_notebooks_values_and_refuse_wrong_kinds():
      "the database directory must be a path"),
     (lambda m, x: spdy_gpu.Profile.load(5), "the spdy-gpu/profile file must be a path"),
     (lambda m, x: spdy_gpu.option_grid("unstructured", 2.5), "count must be an integer"),
+    (lambda m, x: spdy_gpu.prune(m, x, speedup=1.5, options=[]), "options is empty"),
     (lambda m, x: __import__("spdy_gpu.scoring").scoring.held_out_scorer(m, []),
      "no held-out batches to score on"),
 ])

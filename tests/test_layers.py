@@ -125,3 +125,17 @@ def test_forwards_run_in_eval_mode_and_leave_a_training_model_as_it_was(tmp_path
     export_onnx_pruned(model, x, tmp_path / "m.onnx")
     assert all(m.training for m in model.modules())                     # as it was given
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_nan_weight_is_named_and_other_conv_kinds_are_logged(caplog):
+    """A NaN weight was blamed on the next layer's calibration inputs, and Conv1d or
+    ConvTranspose2d layers were left out without a word."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(SpdyError, match="layer 0: its weight holds NaN or inf"):
+        discover_layers(model, torch.randn(2, 8))
+    mixed = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Flatten(), nn.Linear(24, 2)).eval()
+    with caplog.at_level("INFO", logger="spdy_gpu.layers"):
+        assert [layer.name for layer in discover_layers(mixed, torch.randn(1, 3, 8))] == ["2"]
+    assert "only Linear and Conv2d layers are pruned, not: 0 (Conv1d)" in caplog.text
