@@ -447,6 +447,7 @@ def prune(model: nn.Module, example: Any, *, speedup: float,
 
     if not isinstance(model, nn.Module):
         raise SpdyError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    check_types({"name": (name, str)})
     fields = [f.name for f in dataclasses.fields(RunSettings)
               if f.name not in ("speedup", "calibration")]    # prune's own arguments
     unknown = sorted(set(settings) - set(fields))

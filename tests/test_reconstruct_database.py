@@ -103,6 +103,10 @@ def test_truncated_or_missing_entries_name_the_layer(built, tmp_path):
     file.write_bytes(file.read_bytes()[:100])
     with pytest.raises(SpdyError, match="layer 3: entry .* truncated"):
         Database.open(copy)
+    file.write_bytes(b"\0" * 10**6)                   # another file, larger: not "truncated"
+    with pytest.raises(SpdyError, match="layer 3: entry .* is not the file recorded "
+                                        "\\(1000000 bytes"):
+        Database.open(copy)
     file.unlink()
     with pytest.raises(SpdyError, match="layer 3: entry .* missing"):
         Database.open(copy)

@@ -44,7 +44,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import MissingDependencyError, SpdyError
+from ..errors import MissingDependencyError, SpdyError, check_types
 from ..jsonio import atomic_write_bytes
 from ..layers import LayerInfo, prunable_modules
 from ..locks import scratch_directory
@@ -126,6 +126,9 @@ class DeepSparseBackend:
                  warmup: int = 5, sparsity_source: str = "imposed",
                  optimization_level: int = 0, tolerance: float = 0.15,
                  engines: int = 3) -> None:
+        check_types({"--threads": (threads, (int, type(None))), "--repeats": (repeats, int),
+                     "iterations": (iterations, int), "warmup": (warmup, int),
+                     "engines": (engines, int), "tolerance": (tolerance, float)})
         self.ds = _deepsparse()
         require_onnx()
         available = int(self.ds.cpu.cpu_architecture().num_available_physical_cores)

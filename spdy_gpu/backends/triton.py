@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..bsr import kernel_block, packs_exactly
 from ..deploy import capture_cuda_graph
-from ..errors import MissingDependencyError, SpdyError
+from ..errors import MissingDependencyError, SpdyError, check_types
 from ..gpu_specs import GPU_SPECS, GpuSpec
 from ..jsonio import load_json, save_json
 from ..layers import LayerInfo, call_model, hooks_attached, inputs_to
@@ -263,6 +263,7 @@ class TritonBackend(TritonTables):
     def __init__(self, dtype: str = "bf16", repeats: int = 3, cache_dir: Path | None = None,
                  compile: bool = False):
         super().__init__(dtype)
+        check_types({"--repeats": (repeats, int)})
         if repeats < 1:
             raise SpdyError(f"--repeats must be >= 1, got {repeats}")
         self.repeats = repeats

@@ -75,6 +75,15 @@ def _combine(hashes: Mapping[str, str]) -> str:
     return hashlib.sha256("".join(hashes[name] for name in sorted(hashes)).encode()).hexdigest()
 
 
+def _size_mismatch(size: int, recorded: Any) -> str:
+    """What an entry file of `size` bytes (-1: none) is, where the manifest records another."""
+    if size < 0:
+        return "missing"
+    if isinstance(recorded, int) and size < recorded:
+        return f"truncated ({size} of {recorded} bytes)"
+    return f"not the file recorded ({size} bytes, {recorded} recorded)"
+
+
 def option_chains(options: Sequence[SparsityOption]) -> list[list[SparsityOption]]:
     """Options grouped into families whose masks nest (same pattern and block or M), each
     in increasing sparsity. Dense is in no chain: it is the start of every chain."""
@@ -134,8 +143,7 @@ def _read_entry(directory: Path, layer: str, option: SparsityOption,
     except OSError as e:
         raise SpdyError(f"{where} cannot be read ({e.strerror or e}); {fix}") from None
     if len(data) != entry.get("bytes"):
-        raise SpdyError(f"{where} is truncated ({len(data)} of {entry.get('bytes')} bytes); "
-                        f"{fix}")
+        raise SpdyError(f"{where} is {_size_mismatch(len(data), entry.get('bytes'))}; {fix}")
     if _digest(data) != entry.get("blake2b"):
         raise SpdyError(f"{where} is corrupted (its content hash differs from the manifest's); "
                         f"{fix}")
@@ -229,8 +237,8 @@ class Database:
         file = self.path / entry["file"]
         size = file.stat().st_size if file.is_file() else -1
         if size != entry["bytes"]:
-            what = "missing" if size < 0 else f"truncated ({size} of {entry['bytes']} bytes)"
-            raise SpdyError(f"layer {layer}: entry {option.name} is {what} ({file}); rerun "
+            raise SpdyError(f"layer {layer}: entry {option.name} is "
+                            f"{_size_mismatch(size, entry['bytes'])} ({file}); rerun "
                             "spdy-gpu database on this directory to rebuild it")
         return entry
 
