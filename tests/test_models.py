@@ -118,6 +118,22 @@ def test_a_function_must_return_model_and_example(function, got):
         load_model(f"tests.test_models:{function}").build(ModelSetting())
 
 
+def unbatched():
+    return nn.Linear(64, 8), torch.randn(64)
+
+
+def batch_of_ids():
+    return nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 2)), torch.randint(0, 10, (4,))
+
+
+def test_an_example_without_a_batch_dimension_is_refused_but_a_batch_of_ids_is_not():
+    with pytest.raises(SpdyError, match=r"returned an example input of shape \[64\], with no "
+                                        r"batch dimension; .* \(\[1, 64\]\)"):
+        load_model("tests.test_models:unbatched").build(ModelSetting())
+    _, ids = load_model("tests.test_models:batch_of_ids").build(ModelSetting())
+    assert ids.shape == (4,)
+
+
 def raising_model():
     raise RuntimeError("weights file not found\nsecond line")
 

@@ -14,10 +14,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import SpdyError, first_line, user_code
-from ..layers import example_shape
+from ..layers import example_shape, named_inputs
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +175,23 @@ def _user_entry(spec: str) -> ModelEntry:
             if isinstance(result, tuple):
                 got += f" ({', '.join(type(item).__name__ for item in result)})"
             raise SpdyError(f"{spec} must return (torch.nn.Module, example_input), got {got}")
+        _refuse_unbatched(spec, result[1])
         return result[0].eval(), result[1]
 
     # A user function names its own search loss with an attribute: `fn.spdy_loss = "kl"`.
     return ModelEntry(name=spec, description=f"user model {spec}", build=build,
                       loss=getattr(function, "spdy_loss", None),
                       defaults=_own_defaults(parameters, accepted))
+
+
+def _refuse_unbatched(spec: str, example: Any) -> None:
+    """An example of float tensors with fewer than 2 dimensions has no batch dimension (a
+    [64] vector would pass as 64 samples of a scalar); integer ones may be a batch of ids."""
+    tensors = [t for _, t in named_inputs(example) if isinstance(t, torch.Tensor)]
+    if tensors and all(t.is_floating_point() and t.dim() < 2 for t in tensors):
+        shape = list(tensors[0].shape)
+        raise SpdyError(f"{spec} returned an example input of shape {shape}, with no batch "
+                        f"dimension; return it batched, e.g. x.unsqueeze(0) ({[1, *shape]})")
 
 
 def _own_defaults(parameters: Mapping[str, inspect.Parameter],
