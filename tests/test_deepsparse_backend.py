@@ -320,3 +320,21 @@ def test_layer_times_far_above_the_whole_are_refused_and_not_resumed(backend, mo
         backend.measure_table(model, example, discover_layers(model, example), OPTIONS,
                               model_name="toy", checkpoint=checkpoint)
     assert not checkpoint.exists()
+
+
+def test_the_adaptive_protocol_on_a_grid_too_short_for_a_trend(adaptive, monkeypatch):
+    """Fewer than 3 unstructured levels: no chain to draw a trend on (was a ValueError
+    from stacking no arrays, an internal error of spdy-gpu timings --levels 2 --repeats 0)."""
+    from spdy_gpu.backends.deepsparse import TOTAL
+
+    def steady(self, path, inputs, batch, option, to_module):
+        times = {name: 0.01 * (0.05 + option.density) for name in ("up", "down")}
+        return {**times, TOTAL: sum(times.values())}
+
+    monkeypatch.setattr(type(adaptive), "analyse", steady)
+    model, example = TokenMLP().eval(), torch.randn(1, 64, 128)
+    options = [SparsityOption.dense(), SparsityOption.unstructured(0.5),
+               SparsityOption.unstructured(0.9)]
+    table = adaptive.measure_table(model, example, discover_layers(model, example), options,
+                                   model_name="toy")
+    assert [o.name for o in table.options] == [o.name for o in options]

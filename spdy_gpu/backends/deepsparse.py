@@ -297,9 +297,8 @@ class DeepSparseBackend:
             disturbed = self._rerun_disturbed(store, options, measure, bar)
             times = [np.array([statistics.median(store.values(o, n)) for n in names])
                      for o in chain]
-            suspects = [chain[i] for i in off_trend([o.density for o in chain], times,
-                                                    self.tolerance)
-                        if store.calls(chain[i]) == LEVEL_CALLS]
+            trend = off_trend([o.density for o in chain], times, self.tolerance) if chain else []
+            suspects = [chain[i] for i in trend if store.calls(chain[i]) == LEVEL_CALLS]
             if suspects:
                 log.info("%d levels off the trend of their neighbours: one more call each",
                          len(suspects))
