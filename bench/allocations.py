@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spdy_gpu.cli.common import run_script
 from spdy_gpu.plots import plot_profile_sparsity
 from spdy_gpu.reconstruct import Database
 from spdy_gpu.solve import Planner
@@ -78,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

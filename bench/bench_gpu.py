@@ -45,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from spdy_gpu.cli.common import positive_seconds
+from spdy_gpu.cli.common import positive_seconds, run_script
 
 REPO = Path(__file__).resolve().parent.parent
 FORMAT, VERSION = "spdy-gpu/bench-gpu", 1
@@ -352,4 +352,4 @@ def plan_without_gpu(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

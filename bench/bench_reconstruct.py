@@ -25,6 +25,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from spdy_gpu.cli.common import run_script
 from spdy_gpu.layers import prunable_modules  # noqa: E402
 from spdy_gpu.models import ModelSetting, load_model  # noqa: E402
 from spdy_gpu.options import option_grid  # noqa: E402
@@ -251,4 +252,4 @@ def write_solvers(report: dict, out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -20,8 +20,10 @@ from datetime import date
 from pathlib import Path
 
 from spdy_gpu.backends import get_backend
+from spdy_gpu.cli.common import run_script
+from spdy_gpu.errors import SpdyError
 from spdy_gpu.models import ModelSetting, load_model
-from spdy_gpu.pipeline import GapSettings, RunSettings, run
+from spdy_gpu.pipeline import GapSettings, RunSettings, require_files, run
 from spdy_gpu.search import SearchConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -43,6 +45,10 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
 
+    timings = tuple(Path(t) for t in args.timings)
+    require_files(timings, "--timings")
+    if any(not target > 1 for target in args.targets):
+        raise SpdyError(f"--targets {args.targets}: every target speedup must be > 1")
     entry, setting = load_model(args.model), ModelSetting()
     config = {} if args.threads is None else {"threads": args.threads}
     backend = get_backend(args.backend, **config)
@@ -50,7 +56,7 @@ def main() -> None:
     rows = []
     for target in args.targets:
         settings = RunSettings(
-            speedup=target, timings=tuple(Path(t) for t in args.timings),
+            speedup=target, timings=timings,
             database=work / "database",
             search=SearchConfig(max_evaluations=args.max_evaluations,
                                 max_minutes=args.max_minutes),
@@ -100,4 +106,4 @@ def write(args, rows) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -19,6 +19,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from spdy_gpu.cli.common import run_script
 from spdy_gpu.data import CalibrationSpec
 from spdy_gpu.models import ModelSetting, load_model
 from spdy_gpu.pipeline import GapSettings, masks_of, uniform_choices
@@ -146,4 +147,4 @@ def write(args, rows, database_s):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

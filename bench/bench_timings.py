@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 from spdy_gpu.backends.deepsparse import DeepSparseBackend, cpu_name  # noqa: E402
+from spdy_gpu.cli.common import run_script
 from spdy_gpu.errors import SpdyError  # noqa: E402
 from spdy_gpu.jsonio import atomic_write_bytes, save_json, slug  # noqa: E402
 from spdy_gpu.layers import discover_layers  # noqa: E402
@@ -158,4 +159,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -33,6 +33,7 @@ import torch
 
 from spdy_gpu.backends.triton import TritonBackend
 from spdy_gpu.backends.triton_estimate import TritonEstimateBackend
+from spdy_gpu.cli.common import run_script
 from spdy_gpu.errors import InfeasibleTargetError
 from spdy_gpu.gpu_specs import GPU_SPECS, GpuSpec, datasheet_for
 from spdy_gpu.jsonio import atomic_write_bytes, save_json, slug
@@ -275,4 +276,4 @@ def _triton_version() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -65,8 +65,8 @@ import torch.nn.functional as F
 from spdy_kernels.layout import activate
 
 from spdy_gpu import errors
-from spdy_gpu.cli.common import positive_seconds
-from spdy_gpu.jsonio import slug
+from spdy_gpu.cli.common import positive_seconds, run_script
+from spdy_gpu.jsonio import check_output_dir, slug
 from spdy_gpu.masks import build_mask
 from spdy_gpu.roofline import gemm_cost
 from spdy_gpu.semi_structured import SEMI_STRUCTURED
@@ -1155,6 +1155,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rep-ms", type=int, default=40, help="do_bench repetitions (40 ms)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.warmup_ms < 0 or args.rep_ms < 1:
+        parser.error(f"--warmup-ms {args.warmup_ms} must be >= 0 and --rep-ms {args.rep_ms} "
+                     ">= 1")
+    if not args.reevaluate:
+        check_output_dir(args.out)                      # before minutes of checks
     if args.budget_s is None:
         args.budget_s = 150.0 if args.quick else 420.0
     return args
@@ -1183,4 +1188,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

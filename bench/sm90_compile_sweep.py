@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -24,7 +23,8 @@ import torch
 from spdy_kernels import bsr_matmul
 from tqdm import tqdm
 
-from spdy_gpu.jsonio import atomic_write_bytes
+from spdy_gpu.cli.common import run_script
+from spdy_gpu.jsonio import atomic_write_bytes, check_output_dir
 
 H100_SHARED = 232448            # bytes per block, opt-in (sm_90)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -89,6 +89,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
+    check_output_dir(args.out)                          # before ten minutes of compiles
     started = time.perf_counter()
     rows = [compile_one(*job) for job in tqdm(jobs(), desc="sm_90 compiles", unit="config")]
     text = summary(rows, time.perf_counter() - started)
@@ -101,4 +102,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -1,9 +1,13 @@
-"""Arguments shared by several subcommands, parsed into the library's own types."""
+"""Arguments shared by several subcommands, parsed into the library's own types, and the
+error handling of the project's scripts (bench/)."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..backends import (
@@ -141,3 +145,17 @@ def backend_from_args(args: argparse.Namespace, *, for_latency: bool = False) ->
         if for_latency:
             raise SpdyError(e.latency) from None
         raise
+
+
+def run_script(main: Callable[[], int | None]) -> None:
+    """Run a script's `main` and exit with its status; bad input (SpdyError) ends in one line
+    `SCRIPT: error: ...` and status 2, as the CLI's commands do."""
+    try:
+        code = main()
+    except SpdyError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)
