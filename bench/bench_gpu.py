@@ -1,7 +1,7 @@
 """The GPU benchmarks in one command (`make bench-gpu`): the kernel suite, then SPDY end to end
 on the Triton backend, each run's measured speedup against its target.
 
-    python bench/bench_gpu.py [--parts suite llama bert] [--quick] [--budget-s S]
+    python bench/bench_gpu.py [--parts tests suite llama bert] [--quick] [--budget-s S]
                               [--out bench/results]
 
 Parts (default all four, in this order; split them over several calls where one call has a
@@ -25,10 +25,13 @@ Writes OUT/bench-gpu-<gpu>-<date>.{json,md} (format spdy-gpu/bench-gpu v1) after
 per run the command, exit status, seconds, target / predicted / measured speedup from its
 report.json and whether measured lies within 5% of the target; the suite's target lines.
 
-Without a CUDA device: one line saying so, then the plan from the H100 estimate:
-`spdy-gpu timings --model llama-decode --backend triton --estimate h100-sxm --compile` into
-runs/bench-gpu/llama-decode.estimate.timings.json and `spdy-gpu solve` on it at 1.5/2/3x,
-printing each profile's summary; exit status 0 unless the timing table cannot be built.
+Without a CUDA device: one line saying so, then (part llama) the plan from the H100
+estimate for each --batches B: `spdy-gpu timings --model llama-decode --backend triton
+--estimate h100-sxm --batch-size B --compile` into
+runs/bench-gpu/llama-decode-bB.estimate.timings.json and `spdy-gpu solve` on it at
+1.5/2/3x, recorded with predicted speedups only in OUT/bench-gpu-estimate-h100-sxm-<date>.
+{json,md}; exit status 0 unless a timing table cannot be built (an infeasible target is a
+row with its error).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from spdy_gpu.cli.common import positive_seconds, run_script
+from spdy_gpu.jsonio import check_output_dir
 
 REPO = Path(__file__).resolve().parent.parent
 FORMAT, VERSION = "spdy-gpu/bench-gpu", 1
@@ -97,6 +101,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=1.0, help="search minutes (1)")
     parser.add_argument("--estimate", default="h100-sxm", help="without a GPU: the spec")
     args = parser.parse_args(argv)
+    if min(args.batches) < 1 or args.levels < 1 or args.samples < 1:
+        parser.error("--batches, --levels and --samples must be >= 1")
+    check_output_dir(args.out)
     # Paths as given from here; the commands run in the repository root (bench.models).
     args.out, args.work = str(Path(args.out).resolve()), Path(args.work).resolve()
     args.deadline = time.monotonic() + (math.inf if args.budget_s is None else args.budget_s)
@@ -336,18 +343,39 @@ def _x(value: float | None) -> str:
 # ---- without a GPU ------------------------------------------------------------------------
 
 def plan_without_gpu(args: argparse.Namespace) -> int:
-    """The estimate's timing table and the DP's profiles at each target (no measurement)."""
+    """The estimate's timing table of each batch and the DP's profile at each target (no
+    measurement), recorded in OUT/bench-gpu-estimate-<spec>-<date>.{json,md}: predicted
+    speedups only, every row marked ESTIMATED."""
+    if "llama" not in args.parts:
+        print(f"parts {' '.join(args.parts)} need a GPU; only llama plans from the estimate")
+        return 0
     work = args.work
-    table = work / f"{args.model}.estimate.timings.json"
-    rc, _, _ = run_command(cli("timings", "--model", args.model, "--backend", "triton",
-                            "--estimate", args.estimate, "--compile", "--levels", args.levels,
-                            "--block", args.block, "--out", table))
-    if rc != 0:
-        return rc
-    for target in TARGETS:
-        stem = work / f"{args.model}.estimate.{target:g}x"
-        run_command(cli("solve", "--timings", table, "--speedup", target, "--quiet",
-                        "--out", f"{stem}.profile.json", "--plot", f"{stem}.profile.png"))
+    doc = load_or_new(results_stem(args.out, f"estimate {args.estimate}"),
+                      f"{args.estimate} (ESTIMATED: analytic roofline, nothing measured)")
+    for batch in args.batches:
+        name = f"{args.model}-b{batch}"
+        table = work / f"{name}.estimate.timings.json"
+        rc, seconds, last = run_command(cli(
+            "timings", "--model", args.model, "--backend", "triton", "--estimate",
+            args.estimate, "--batch-size", batch, "--compile", "--levels", args.levels,
+            "--block", args.block, "--out", table))
+        if rc != 0:
+            record(doc, {"name": f"{name} timings (estimated)", "rc": rc, "seconds": seconds,
+                         "error": last}, args)
+            return rc
+        for target in TARGETS:
+            stem = work / f"{name}.estimate.{target:g}x"
+            command = cli("solve", "--timings", table, "--speedup", target, "--quiet",
+                          "--out", f"{stem}.profile.json", "--plot", f"{stem}.profile.png")
+            rc, seconds, last = run_command(command)
+            profile = Path(f"{stem}.profile.json")
+            predicted = (json.loads(profile.read_text())["predicted_speedup"]
+                         if rc == 0 else None)
+            record(doc, {"name": f"{args.model} b{batch} {target:g}x (estimated)",
+                         "command": shown(command), "rc": rc, "seconds": seconds,
+                         "target": target, "predicted": predicted, "measured": None,
+                         "within_5pct": None, **({"error": last} if rc else {})}, args)
+    print(markdown(doc))
     return 0
 
 
