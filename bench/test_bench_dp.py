@@ -4,10 +4,12 @@ Run: pytest bench/test_bench_dp.py --benchmark-only
 """
 
 import numpy as np
+import pytest
 
 from spdy_gpu import solve_dp
 
 
+@pytest.mark.benchmark(group="DP 52 layers x 42 options x 10,000 buckets")
 def test_dp_resnet50_scale(benchmark):
     rng = np.random.default_rng(0)
     times = rng.uniform(0.05, 1.0, size=(52, 42))
