@@ -97,7 +97,7 @@ def plot_speedup_curves(table: TimingTable, path: str | os.PathLike,
     right.legend(fontsize=8)
 
     fp = table.fingerprint
-    tag = " [ESTIMATED]" if table.estimated else ""
+    tag = " [ESTIMATED]" if table.estimated and "ESTIMATED" not in fp.device else ""
     fig.suptitle(title or f"{table.model} on {fp.backend} {fp.backend_version}, {fp.device}, "
                  f"{fp.threads} threads, batch {fp.batch_size}, {fp.input_shape}{tag}")
     return _save(fig, path)
@@ -149,7 +149,7 @@ def plot_profile(table: TimingTable, profile: Profile, curve: tuple[np.ndarray, 
     right.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="upper center", ncol=3)
 
     fp = profile.fingerprint
-    tag = " [ESTIMATED]" if profile.estimated else ""
+    tag = " [ESTIMATED]" if profile.estimated and "ESTIMATED" not in fp.device else ""
     fig.suptitle(f"{profile.model}: {profile.predicted_ms:.4g} ms predicted vs "
                  f"{profile.dense_total_ms:.4g} ms dense on {fp.backend}, {fp.device}{tag}")
     return _save(fig, path)
