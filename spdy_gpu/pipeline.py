@@ -813,12 +813,16 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
             over = (solve_for, measured.speedup)
         else:
             short = (solve_for, measured.speedup)
+        tried = solve_for
         solve_for = _next_target(target, profile.predicted_speedup, measured.speedup, short,
                                  over)
-        if solve_for > planner.max_speedup:
-            report.notes.append(f"the table cannot plan beyond {planner.max_speedup:.3f}x, "
-                                "so the budget cannot be tightened further")
-            break
+        fastest = math.floor(planner.max_speedup * 1000) / 1000   # (as infeasible says)
+        if solve_for > fastest:
+            if tried >= fastest:
+                report.notes.append(f"the table cannot plan beyond {planner.max_speedup:.3f}x, "
+                                    "so the budget cannot be tightened further")
+                break
+            solve_for = fastest                 # the fastest profile the table plans, once
     else:                                       # the rounds ran out
         if accepted is not None and accepted[2].speedup > target * (1 + OVERSHOOT):
             report.notes.append(f"measured {accepted[2].speedup:.3f}x is above the target "
@@ -1091,8 +1095,10 @@ def format_report(report: RunReport) -> str:
                   f"{p.dense_total_ms:.4g} ms dense{', ESTIMATED' if p.estimated else ''}) |",
                   f"| layers pruned | {pruned} of {len(p.choices)} |"]
     m = report.measured
+    kept = next((r for r in report.rounds if r.get("kept")), None)
+    verdict = "" if kept is None else " (met)" if kept["met"] else " (**target not met**)"
     lines.append("| measured | " + ("not measured" if m is None else
-                 f"**{m.speedup:.3f}x** (dense {m.dense_ms:.4g} ms, spread "
+                 f"**{m.speedup:.3f}x**{verdict} (dense {m.dense_ms:.4g} ms, spread "
                  f"{m.dense_spread_ms:.2g}; pruned {m.pruned_ms:.4g} ms, spread "
                  f"{m.pruned_spread_ms:.2g})") + " |")
     if report.rounds:

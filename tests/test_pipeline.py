@@ -187,6 +187,20 @@ def test_the_rounds_running_out_above_the_target_is_noted(tmp_path):
                for n in report.notes)
 
 
+def test_a_shortfall_near_the_tables_limit_tries_its_fastest_profile(tmp_path):
+    """A tightened target above the table's largest speedup ended the guarantee; the
+    fastest profile the table plans may still meet the target, and is tried once."""
+    from spdy_gpu.solve import Planner
+    run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path / "a", progress=False)
+    table = tmp_path / "a" / "timings.json"
+    fastest = math.floor(Planner(table).max_speedup * 1000) / 1000
+    report = run(ENTRY, ModelSetting(), FakeBackend(slowdown=1.15),
+                 settings(speedup=round(0.95 * fastest, 3), timings=(table,)), tmp_path / "b",
+                 progress=False)
+    assert [r["met"] for r in report.rounds] == [False, True]
+    assert report.rounds[-1]["solved_for"] == fastest and report.rounds[-1]["kept"]
+
+
 def test_a_run_killed_in_gap_keeps_its_guarantee_and_resumes_gap(tmp_path, monkeypatch,
                                                                 caplog):
     from spdy_gpu.pipeline import GapSettings
