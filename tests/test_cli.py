@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -132,3 +133,25 @@ def test_an_interrupt_says_whether_a_rerun_resumes(command, says, tmp_path, toy_
                         "--out", str(tmp_path / "t2.json")]}[command]
     assert main(argv) == 130
     assert capsys.readouterr().err == f"spdy-gpu {command}: interrupted; {says}\n"
+
+
+def test_an_output_that_is_an_input_or_another_output_is_refused(tmp_path, toy_table, capsys):
+    """solve --out T.json replaced the timing table it read, --out P.png --plot P.png lost
+    the profile, run --database DIR (= --out) locked itself out after the search."""
+    table = tmp_path / "t.json"
+    toy_table.save(table)
+    before = table.read_bytes()
+    cases = [
+        (["solve", "--timings", str(table), "--speedup", "1.5", "--out", str(table)],
+         "--out .* is also the --timings input, which it would overwrite"),
+        (["solve", "--timings", str(table), "--speedup", "1.5", "--out",
+          str(tmp_path / "p.png"), "--plot", str(tmp_path / "p.png")],
+         "--plot .* is also the --out output"),
+        (["run", "--model", "x:y", "--backend", "deepsparse", "--speedup", "2", "--out",
+          str(tmp_path / "r"), "--database", str(tmp_path / "r")],
+         "--database .* is or lies inside the --out directory"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert table.read_bytes() == before and not (tmp_path / "p.png").exists()

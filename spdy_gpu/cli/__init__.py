@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from ..errors import SpdyError, first_line
+from .common import refuse_clobbering
 
 DEBUG_HELP = "on an error, also print the full traceback (with the original cause)"
 RESUMABLE = ("timings", "database", "gap", "run", "compare")   # keep their progress on disk
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("spdy_gpu").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        refuse_clobbering(args)
         code = args.run(args) or 0
         sys.stdout.flush()              # a closed pipe shows here, not at interpreter exit
         return code

@@ -159,3 +159,42 @@ def run_script(main: Callable[[], int | None]) -> None:
         print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
         code = 130
     sys.exit(code or 0)
+
+
+INPUT_FILES = ("profile", "timings", "weights", "errors", "calib")    # options naming inputs
+
+
+def refuse_clobbering(args: argparse.Namespace) -> None:
+    """An output (--out, --plot) may not be one of the command's input files nor the other
+    output, and a run's --database may not be its --out directory or lie inside it (but as
+    its default, OUT/database): each would be overwritten silently, or the command would
+    lock itself out."""
+    def real(path: Any) -> str:
+        return os.path.realpath(path)
+
+    outputs = {f"--{k}": getattr(args, k) for k in ("out", "plot") if getattr(args, k, None)}
+    inputs = {}
+    for key in INPUT_FILES:
+        given = getattr(args, key, None)
+        for path in given if isinstance(given, list) else [given]:
+            if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+                inputs.setdefault(real(path), (f"--{key}", path))
+    seen: dict[str, str] = {}
+    for flag, path in outputs.items():
+        if real(path) in inputs:
+            given, _ = inputs[real(path)]
+            raise SpdyError(f"{flag} {path} is also the {given} input, which it would "
+                            "overwrite; write to another path")
+        if real(path) in seen:
+            raise SpdyError(f"{flag} {path} is also the {seen[real(path)]} output; give each "
+                            "output its own path")
+        seen[real(path)] = flag
+    database, out = getattr(args, "database", None), getattr(args, "out", None)
+    if args.command in ("run", "compare") and database and out:
+        db, run_dir = real(database), real(out)
+        inside = db.startswith(run_dir + os.sep) and db != os.path.join(run_dir, "database")
+        if db == run_dir or inside:
+            raise SpdyError(f"--database {database} is or lies inside the --out directory "
+                            f"{out}, which the {args.command} writes; choose a "
+                            f"database directory outside it (or leave --database out: "
+                            f"{out}/database)")
