@@ -105,6 +105,9 @@ def global_adaprune_profile(entry: ModelEntry, setting: ModelSetting, database: 
     `out`.gap-checkpoint.pt, which is removed once gAP has finished."""
     from .deploy import save_pruned
 
+    if all(option.pattern == "dense" for option in profile.choices.values()):
+        raise SpdyError("the profile prunes no layer: gAP has nothing to fine-tune (the model "
+                        "is the dense one); give a profile of a target above 1x")
     model, example = entry.build(setting)
     dense, _ = entry.build(setting)
     check_for_model(model, entry.name, profile, database)
@@ -408,7 +411,9 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
                     "round": next((r["round"] for r in report.rounds if r.get("kept")), None)})
     report.profile, report.predicted_speedup = profile, profile.predicted_speedup
     report.held_out_loss = _baselines(planner, database, scorer, settings, profile)
-    if settings.gap is not None:
+    if settings.gap is not None and not masks_of(pruned, profile.choices):
+        report.notes.append("gAP skipped: the profile prunes no layer")
+    elif settings.gap is not None:
         with _stage(report, "gap") as note:
             gap = global_adaprune_(pruned, model, masks_of(pruned, profile.choices),
                                    fit.batches, lr=settings.gap.lr, epochs=settings.gap.epochs,

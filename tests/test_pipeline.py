@@ -201,6 +201,18 @@ def test_a_shortfall_near_the_tables_limit_tries_its_fastest_profile(tmp_path):
     assert report.rounds[-1]["solved_for"] == fastest and report.rounds[-1]["kept"]
 
 
+def test_gap_on_a_profile_that_prunes_nothing_is_skipped_or_refused_up_front(tmp_path):
+    """At 1x the profile is the dense model: gAP failed after the whole run with "gAP needs
+    calibration batches and at least one pruned layer"."""
+    from spdy_gpu.pipeline import GapSettings, global_adaprune_profile
+    report = run(ENTRY, ModelSetting(), FakeBackend(), settings(speedup=1.0,
+                 gap=GapSettings(epochs=1)), tmp_path / "r", progress=False)
+    assert "gAP skipped: the profile prunes no layer" in report.notes
+    with pytest.raises(SpdyError, match="the profile prunes no layer: gAP has nothing"):
+        global_adaprune_profile(ENTRY, ModelSetting(), None, report.profile,
+                                CalibrationSpec(), tmp_path / "w.safetensors")
+
+
 def test_a_run_killed_in_gap_keeps_its_guarantee_and_resumes_gap(tmp_path, monkeypatch,
                                                                 caplog):
     from spdy_gpu.pipeline import GapSettings

@@ -93,8 +93,11 @@ def global_adaprune_(model: nn.Module, dense_model_or_targets: nn.Module | Targe
     absent = [n for n in masks if n not in modules]
     if absent:
         raise SpdyError(f"layer {absent[0]} is not in the model; pass masks of this model")
-    if not batches or not masks:
-        raise SpdyError("gAP needs calibration batches and at least one pruned layer")
+    if not batches:
+        raise SpdyError("gAP needs calibration batches; pass some")
+    if not masks:
+        raise SpdyError("the profile prunes no layer: gAP has nothing to fine-tune (the "
+                        "model is the dense one)")
     pruned = {n: modules[n] for n in masks}
     targets = _target_source(dense_model_or_targets, pruned)
     # What the caller froze (requires_grad=False) stays as it is.
