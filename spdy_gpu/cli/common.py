@@ -31,7 +31,9 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, exclude: bool = True) -> None:
+    """--model and its setting; with `exclude`, --exclude too (not for a command that uses
+    a profile as it was planned: verify, gap)."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="minilm",
                        help="built-in name (minilm) or package.module:function returning "
@@ -45,9 +47,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-size", type=int, default=None,
                        help="CNN input side (default: the model's own; built-ins 224, a user "
                             "function its image_size parameter's default)")
-    group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                       help="layer name pattern to keep dense (shell-style, repeatable), "
-                            "e.g. 'conv1' or '*classifier*'")
+    if exclude:
+        group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                           help="layer name pattern to keep dense (shell-style, repeatable), "
+                                "e.g. 'conv1' or '*classifier*'")
 
 
 def model_from_args(args: argparse.Namespace) -> tuple[ModelEntry, ModelSetting]:

@@ -136,7 +136,7 @@ def add_gap_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Stitch PROFILE's choices from the database, fine-tune the stitched model "
                     "against the dense model's layer outputs (masks kept, early stopping) and "
                     "save its weights (safetensors state dict).")
-    add_model_args(parser)
+    add_model_args(parser, exclude=False)   # the profile as planned
     add_calibration_args(parser)
     parser.add_argument("--database", required=True, metavar="DIR")
     parser.add_argument("--profile", required=True, metavar="P.json")

@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "or magnitude masks), time it and the dense model end to end on the "
                     "backend, interleaved, and print the measured speedup next to the "
                     "predicted one.")
-    add_model_args(parser)
+    add_model_args(parser, exclude=False)   # it measures the profile as planned
     add_backend_args(parser)
     parser.add_argument("--profile", required=True, metavar="P.json", help="profile to verify")
     parser.add_argument("--database", metavar="DIR", default=None,
