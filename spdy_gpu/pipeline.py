@@ -507,14 +507,15 @@ def _notebook_calibration(data: Any, example: Any, samples: int | None,
 
 
 def require_files(tables: Sequence[Path], flag: str) -> None:
-    """Timing tables passed in must be files: the run would otherwise measure the table
-    again, silently, when a path has a typo. (Not a RunSettings rule: compare passes its
-    shared DIR/timings.json before it exists.)"""
+    """Timing tables passed in must be timing-table files: the run would otherwise measure
+    the table again, silently, when a path has a typo (or skip a damaged one unread). (Not a
+    RunSettings rule: compare passes its shared DIR/timings.json before it exists.)"""
     for path in tables:
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist"
             raise SpdyError(f"{flag} {path} {what}; pass a timing table file (written by "
                             "spdy-gpu timings --out), or leave it out to measure one")
+        TimingTable.load(path)          # every one readable, not only the first that matches
 
 
 # ---- stages --------------------------------------------------------------------------------
