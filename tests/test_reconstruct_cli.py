@@ -2,6 +2,7 @@
 
 import logging
 
+import pytest
 import torch
 from torch import nn
 
@@ -122,3 +123,16 @@ def test_a_layer_the_forward_never_calls_gets_no_entries(tmp_path, caplog):
                      "--out", str(out), "--levels", "2", "--quiet"]) == 0
     assert "never called on the example input, so not pruned: unused" in caplog.text
     assert Database.open(out).layers == ("body.0", "body.2")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "1e-3"], "--lr tunes the other --method, not fast"),
+    (["--method", "adaprune", "--solver", "cholesky"],
+     "--solver tunes the other --method, not adaprune"),
+    (["--method", "adaprune", "--max-iters", "5"], "--max-iters tunes the other --method"),
+])
+def test_a_solver_flag_of_the_other_method_is_refused(tmp_path, capsys, flags, message):
+    """database --method fast --lr 1e-3 built normally, ignoring --lr."""
+    assert main(["database", "--model", "resnet-fmnist", "--out", str(tmp_path / "db"),
+                 *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -43,18 +43,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="fast: exact masked least squares on the Gram matrix (default); "
                              "adaprune: faithful AdaPrune (Adam on stored inputs, much slower)")
     group = parser.add_argument_group("solvers")
-    group.add_argument("--solver", choices=["cg", "cholesky"], default="cg",
+    # Defaults None: a flag given for the other method is refused (it would be ignored).
+    group.add_argument("--solver", choices=["cg", "cholesky"], default=None,
                        help="fast: conjugate gradients on all rows (default) or one exact "
                             "Cholesky solve per row")
-    group.add_argument("--damp", type=float, default=0.01,
+    group.add_argument("--damp", type=float, default=None,
                        help="fast: damping, fraction of H's mean diagonal (0.01)")
-    group.add_argument("--max-iters", type=int, default=100,
+    group.add_argument("--max-iters", type=int, default=None,
                        help="fast: CG iterations per level at most (100)")
-    group.add_argument("--tol", type=float, default=1e-4,
+    group.add_argument("--tol", type=float, default=None,
                        help="fast: stop when an iteration gains < tol of the error (1e-4)")
-    group.add_argument("--lr", type=float, default=1e-3, help="adaprune: Adam lr (1e-3)")
-    group.add_argument("--passes", type=int, default=10, help="adaprune: passes (10)")
-    group.add_argument("--step-samples", type=int, default=32,
+    group.add_argument("--lr", type=float, default=None, help="adaprune: Adam lr (1e-3)")
+    group.add_argument("--passes", type=int, default=None, help="adaprune: passes (10)")
+    group.add_argument("--step-samples", type=int, default=None,
                        help="adaprune: samples per Adam step (32)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
@@ -81,10 +82,18 @@ def run(args: argparse.Namespace) -> int:
     from ..reconstruct import AdaPruneConfig, FastConfig, build_database
     check_output_dir(args.out)
     # the solvers' settings are checked before the model is built and the data loaded
-    fast = FastConfig(damp=args.damp, max_iters=args.max_iters, tol=args.tol,
-                      solver=args.solver)
-    adaprune_config = AdaPruneConfig(lr=args.lr, passes=args.passes,
-                                     batch_size=args.step_samples, samples=args.samples)
+    fast_flags = {"solver": args.solver, "damp": args.damp, "max_iters": args.max_iters,
+                  "tol": args.tol}
+    adaprune_flags = {"lr": args.lr, "passes": args.passes, "batch_size": args.step_samples}
+    ignored = fast_flags if args.method == "adaprune" else adaprune_flags
+    given = next((name for name, value in ignored.items() if value is not None), None)
+    if given is not None:
+        flag = "--" + {"batch_size": "step-samples"}.get(given, given).replace("_", "-")
+        raise SpdyError(f"{flag} tunes the other --method, not {args.method}, which would "
+                        "ignore it; drop it or change --method")
+    fast = FastConfig(**{k: v for k, v in fast_flags.items() if v is not None})
+    adaprune_config = AdaPruneConfig(samples=args.samples, **{
+        k: v for k, v in adaprune_flags.items() if v is not None})
     spec = calibration_from_args(args)
     entry, setting = model_from_args(args)
     model, example = entry.build(setting)
