@@ -130,6 +130,8 @@ def test_a_layer_the_forward_never_calls_gets_no_entries(tmp_path, caplog):
     (["--method", "adaprune", "--solver", "cholesky"],
      "--solver tunes the other --method, not adaprune"),
     (["--method", "adaprune", "--max-iters", "5"], "--max-iters tunes the other --method"),
+    (["--block", "32"], "--block sets the block family's blocks, and the grid is "
+                        "unstructured, which would ignore it"),
 ])
 def test_a_solver_flag_of_the_other_method_is_refused(tmp_path, capsys, flags, message):
     """database --method fast --lr 1e-3 built normally, ignoring --lr."""

@@ -137,8 +137,8 @@ class DeepSparseBackend:
             raise SpdyError(f"--threads {threads} is not possible here: this machine has "
                             f"{available} available cores; pass 1..{available}")
         if repeats < 0 or min(repeats or 1, iterations, engines) < 1 or warmup < 0:
-            raise SpdyError(f"--repeats {repeats} is not possible: repeats, iterations and "
-                            "engines must be >= 1, warmup >= 0")
+            raise SpdyError(f"--repeats {repeats} is not possible: repeats must be >= 1 (or 0, "
+                            "the adaptive protocol), iterations and engines >= 1, warmup >= 0")
         if sparsity_source not in ("imposed", "weights"):
             raise SpdyError(f"unknown sparsity source {sparsity_source!r}; "
                             "use 'imposed' or 'weights'")

@@ -98,7 +98,12 @@ def options_from_args(args: argparse.Namespace, default_pattern: str) -> list[Sp
                             "be ignored; drop one or the other")
         return parse_options(args.options)
     values = {key: GRID_DEFAULTS[key] if grid[key] is None else grid[key] for key in GRID_DEFAULTS}
-    return option_grid(args.pattern or default_pattern, values["levels"],
+    pattern = args.pattern or default_pattern
+    if args.block is not None and "block" not in pattern.split("+"):
+        raise SpdyError(f"--block sets the block family's blocks, and the grid is {pattern}, "
+                        "which would ignore it; add --pattern block (or block+nm), or drop "
+                        "--block")
+    return option_grid(pattern, values["levels"],
                        values["min_sparsity"], values["max_sparsity"], values["block"])
 
 
