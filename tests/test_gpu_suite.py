@@ -244,7 +244,7 @@ def test_bench_gpu_records_why_a_run_failed(tmp_path, capsys):
 
     fails = [sys.executable, "-c", "import sys; print('progress', file=sys.stderr); "
              "sys.exit('spdy-gpu run: error: target speedup 3x is infeasible')"]
-    args = argparse.Namespace(parts=["llama"], out=str(tmp_path))
+    args = argparse.Namespace(parts=["llama"], out=str(tmp_path), recorded=set())
     doc = {"device": "Test GPU", "date": "2026-01-01", "runs": [], "stem": str(tmp_path / "b")}
     bench_gpu.run_and_record(doc, "llama-decode b1 3x", fails, tmp_path / "run", args)
     run = doc["runs"][0]
