@@ -8,6 +8,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..backends import (
@@ -19,6 +20,7 @@ from ..backends import (
     get_backend,
 )
 from ..errors import SpdyError
+from ..jsonio import is_special
 from ..models import ModelEntry, ModelSetting, load_model
 from ..options import SparsityOption, option_grid, parse_options
 
@@ -180,7 +182,9 @@ def refuse_clobbering(args: argparse.Namespace) -> None:
     def real(path: Any) -> str:
         return os.path.realpath(path)
 
-    outputs = {f"--{k}": getattr(args, k) for k in ("out", "plot") if getattr(args, k, None)}
+    # A device such as /dev/null is written through, never replaced: any output may go there.
+    outputs = {f"--{k}": path for k in ("out", "plot")
+               if (path := getattr(args, k, None)) and not is_special(Path(real(path)))}
     inputs = {}
     for key in INPUT_FILES:
         given = getattr(args, key, None)
