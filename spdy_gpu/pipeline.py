@@ -662,7 +662,7 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname()})
     table.save(out / "timings.json")
-    note["measured"] = True
+    note["estimated" if table.estimated else "measured"] = True
     return table
 
 

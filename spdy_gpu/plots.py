@@ -98,8 +98,9 @@ def plot_speedup_curves(table: TimingTable, path: str | os.PathLike,
 
     fp = table.fingerprint
     tag = " [ESTIMATED]" if table.estimated and "ESTIMATED" not in fp.device else ""
+    threads = f"{fp.threads} thread{'s' if fp.threads != 1 else ''}"
     fig.suptitle(title or f"{table.model} on {fp.backend} {fp.backend_version}, {fp.device}, "
-                 f"{fp.threads} threads, batch {fp.batch_size}, {fp.input_shape}{tag}")
+                 f"{threads}, batch {fp.batch_size}, {fp.input_shape}{tag}")
     return _save(fig, path)
 
 
