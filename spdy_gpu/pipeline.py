@@ -489,6 +489,10 @@ def _notebook_calibration(data: Any, example: Any, samples: int | None,
         if value is not None and value < 1:
             raise SpdyError(f"{argument}={value} must be >= 1")
     is_list = isinstance(data, Sequence) and not isinstance(data, (str, bytes))
+    if data is None and (samples, batch_size) != (None, None):
+        raise SpdyError("calibration_samples and calibration_batch_size apply to calibration "
+                        "data (a tensor of samples or a file), and none was given; pass "
+                        "calibration=...")
     if is_list and (samples, batch_size) != (None, None):
         raise SpdyError("calibration is a list of batches, used as it is: "
                         "calibration_samples and calibration_batch_size apply to a tensor or "

@@ -34,6 +34,7 @@ from .errors import SpdyError, as_path, check_types
 from .jsonio import load_json, save_json
 from .options import SparsityOption
 from .solve import LayerErrors, Planner
+from .timing import TimingTable
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,8 @@ def search(planner: Planner, speedup: float, score: Score, *,
     score's own `identity()`, e.g. a HeldOutScorer's); the state of another search there is
     an error, or (replace_other) started afresh.
     """
-    if isinstance(planner, (str, os.PathLike)):
-        planner = Planner(planner)                   # a timing table's file, as Planner takes
+    if isinstance(planner, (str, os.PathLike, TimingTable)):
+        planner = Planner(planner)                   # a timing table (or its file), as Planner
     check_types({"planner": (planner, Planner), "config": (config, SearchConfig)})
     if not callable(score):
         raise SpdyError(f"score must be a function of the choices (e.g. a HeldOutScorer), not "

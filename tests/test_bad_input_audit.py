@@ -401,6 +401,8 @@ def test_run_settings_take_a_notebooks_values_and_refuse_wrong_kinds():
     (lambda m, x: spdy_gpu.Profile.load(5), "the spdy-gpu/profile file must be a path"),
     (lambda m, x: spdy_gpu.option_grid("unstructured", 2.5), "count must be an integer"),
     (lambda m, x: spdy_gpu.prune(m, x, speedup=1.5, options=[]), "options is empty"),
+    (lambda m, x: spdy_gpu.prune(m, x, speedup=1.5, calibration_samples=8),
+     "calibration_samples and calibration_batch_size apply to calibration data"),
     (lambda m, x: spdy_gpu.prune(m, x, speedup=1.5, name=5), "name must be str, not int"),
     (lambda m, x: spdy_gpu.get_backend("triton", estimate="h100-sxm", dtype="fp16")
      and spdy_gpu.get_backend("deepsparse", threads="2"), "--threads must be an integer"),

@@ -169,3 +169,24 @@ def test_every_timing_table_passed_to_run_is_read_up_front(tmp_path, toy_table, 
     with pytest.raises(SpdyError, match="expected a 'spdy-gpu/timing-table' file, found "
                                         "'spdy-gpu/profile'"):
         require_files([table, profile], "--timings")
+
+
+def test_an_output_inside_the_database_read_or_on_an_input_as_progress_file_is_refused(
+        tmp_path):
+    """apply --out DB/manifest.json replaced the database it read; gap's checkpoint beside
+    --out, named as the --calib input, overwrote and then deleted it."""
+    import argparse
+
+    from spdy_gpu.cli.common import refuse_clobbering
+    database, calib = tmp_path / "db", tmp_path / "w.safetensors.gap-checkpoint.pt"
+    database.mkdir()
+    calib.write_bytes(b"x")
+    with pytest.raises(SpdyError, match="--out .* lies inside the --database .* it reads"):
+        refuse_clobbering(argparse.Namespace(command="apply", database=str(database),
+                                             out=str(database / "manifest.json")))
+    with pytest.raises(SpdyError, match="--out's progress file .* is also the --calib input"):
+        refuse_clobbering(argparse.Namespace(command="gap", database=str(database),
+                                             out=str(tmp_path / "w.safetensors"),
+                                             calib=str(calib)))
+    refuse_clobbering(argparse.Namespace(command="apply", database=str(database),
+                                         out=str(tmp_path / "w.safetensors")))

@@ -130,6 +130,7 @@ def test_a_layer_the_forward_never_calls_gets_no_entries(tmp_path, caplog):
     (["--method", "adaprune", "--solver", "cholesky"],
      "--solver tunes the other --method, not adaprune"),
     (["--method", "adaprune", "--max-iters", "5"], "--max-iters tunes the other --method"),
+    (["--solver", "cholesky", "--tol", "0.5"], "--max-iters and --tol tune --solver cg"),
     (["--block", "32"], "--block sets the block family's blocks, and the grid is "
                         "unstructured, which would ignore it"),
 ])

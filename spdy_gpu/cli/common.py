@@ -172,6 +172,7 @@ def run_script(main: Callable[[], int | None]) -> None:
 
 
 INPUT_FILES = ("profile", "timings", "weights", "errors", "calib")    # options naming inputs
+SIDE_FILES = {"timings": ".partial", "gap": ".gap-checkpoint.pt"}     # written beside --out
 
 
 def refuse_clobbering(args: argparse.Namespace) -> None:
@@ -185,6 +186,8 @@ def refuse_clobbering(args: argparse.Namespace) -> None:
     # A device such as /dev/null is written through, never replaced: any output may go there.
     outputs = {f"--{k}": path for k in ("out", "plot")
                if (path := getattr(args, k, None)) and not is_special(Path(real(path)))}
+    if "--out" in outputs and args.command in SIDE_FILES:
+        outputs["--out's progress file"] = f"{outputs['--out']}{SIDE_FILES[args.command]}"
     inputs = {}
     for key in INPUT_FILES:
         given = getattr(args, key, None)
@@ -202,6 +205,12 @@ def refuse_clobbering(args: argparse.Namespace) -> None:
                             "output its own path")
         seen[real(path)] = flag
     database, out = getattr(args, "database", None), getattr(args, "out", None)
+    if database and args.command not in ("run", "compare", "database"):   # one it reads
+        inside = next((flag for flag, path in outputs.items()
+                       if real(path).startswith(real(database) + os.sep)), None)
+        if inside is not None:
+            raise SpdyError(f"{inside} {outputs[inside]} lies inside the --database "
+                            f"{database} it reads; write outside it")
     if args.command in ("run", "compare") and database and out:
         db, run_dir = real(database), real(out)
         inside = db.startswith(run_dir + os.sep) and db != os.path.join(run_dir, "database")

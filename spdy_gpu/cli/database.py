@@ -91,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         flag = "--" + {"batch_size": "step-samples"}.get(given, given).replace("_", "-")
         raise SpdyError(f"{flag} tunes the other --method, not {args.method}, which would "
                         "ignore it; drop it or change --method")
+    if args.solver == "cholesky" and (args.max_iters, args.tol) != (None, None):
+        raise SpdyError("--max-iters and --tol tune --solver cg; the Cholesky solve is exact "
+                        "and would ignore them: drop them or use --solver cg")
     fast = FastConfig(**{k: v for k, v in fast_flags.items() if v is not None})
     adaprune_config = AdaPruneConfig(samples=args.samples, **{
         k: v for k, v in adaprune_flags.items() if v is not None})
