@@ -180,6 +180,7 @@ def test_an_output_inside_the_database_read_or_on_an_input_as_progress_file_is_r
     from spdy_gpu.cli.common import refuse_clobbering
     database, calib = tmp_path / "db", tmp_path / "w.safetensors.gap-checkpoint.pt"
     database.mkdir()
+    (database / "manifest.json").write_text("{}")           # a database's directory
     calib.write_bytes(b"x")
     with pytest.raises(SpdyError, match="--out .* lies inside the --database .* it reads"):
         refuse_clobbering(argparse.Namespace(command="apply", database=str(database),

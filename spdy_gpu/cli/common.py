@@ -23,6 +23,7 @@ from ..errors import SpdyError
 from ..jsonio import is_special
 from ..models import ModelEntry, ModelSetting, load_model
 from ..options import SparsityOption, option_grid, parse_options
+from ..reconstruct.database import MANIFEST
 
 
 def positive_seconds(text: str) -> float:
@@ -205,7 +206,8 @@ def refuse_clobbering(args: argparse.Namespace) -> None:
                             "output its own path")
         seen[real(path)] = flag
     database, out = getattr(args, "database", None), getattr(args, "out", None)
-    if database and args.command not in ("run", "compare", "database"):   # one it reads
+    reads = args.command not in ("run", "compare", "database")
+    if database and reads and (Path(database) / MANIFEST).is_file():     # a database it reads
         inside = next((flag for flag, path in outputs.items()
                        if real(path).startswith(real(database) + os.sep)), None)
         if inside is not None:
