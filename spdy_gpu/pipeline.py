@@ -95,6 +95,9 @@ def masks_of(model: nn.Module, choices: Mapping[str, SparsityOption]) -> dict[st
             if option.pattern != "dense"}
 
 
+GAP_CHECKPOINT_SUFFIX = ".gap-checkpoint.pt"      # beside the gap command's --out
+
+
 def global_adaprune_profile(entry: ModelEntry, setting: ModelSetting, database: Database,
                             profile: Profile, calibration: CalibrationSpec,
                             out: str | os.PathLike, *, gap: GapSettings = GapSettings(),
@@ -117,7 +120,7 @@ def global_adaprune_profile(entry: ModelEntry, setting: ModelSetting, database: 
         report = global_adaprune_(model, dense, masks_of(model, profile.choices), batches,
                                   lr=gap.lr, epochs=gap.epochs, only_pruned=gap.only_pruned,
                                   patience=gap.patience, progress=progress,
-                                  checkpoint=side_file(out, ".gap-checkpoint.pt"))
+                                  checkpoint=side_file(out, GAP_CHECKPOINT_SUFFIX))
         _check_finite_weights(model)
         save_pruned(model, out, profile=profile, metadata=metadata)
     return report
@@ -826,7 +829,7 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
         tried = solve_for
         solve_for = _next_target(target, profile.predicted_speedup, measured.speedup, short,
                                  over)
-        fastest = math.floor(planner.max_speedup * 1000) / 1000   # (as infeasible says)
+        fastest = planner.largest_target
         if solve_for > fastest:
             if tried >= fastest:
                 report.notes.append(f"the table cannot plan beyond {planner.max_speedup:.3f}x, "

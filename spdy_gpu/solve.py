@@ -106,6 +106,12 @@ class Planner:
         """Speedup with every searched layer at its fastest option."""
         return self.table.dense_total_ms / self.min_time_ms
 
+    @property
+    def largest_target(self) -> float:
+        """max_speedup rounded down to 0.001: the largest target that asking for works (the
+        DP's buckets round each layer's time up, so the exact maximum may not fit them)."""
+        return math.floor(self.max_speedup * 1000) / 1000
+
     def prior(self) -> dict[str, np.ndarray]:
         """SPDY's shared prior for every searched layer."""
         row = prior_errors(self.options)
@@ -252,8 +258,7 @@ class Planner:
         return speedups[::-1], frontier.best_error[reachable][::-1]
 
     def _infeasible(self, speedup: float, why: str) -> InfeasibleTargetError:
-        best = self.max_speedup
-        shown = math.floor(best * 1000) / 1000     # rounded down: asking for it must work
+        best, shown = self.max_speedup, self.largest_target
         if shown <= 1:
             finite = np.where(np.isfinite(self.times), self.times, np.nan)
             dense_layers = float(np.nansum(self.times[:, 0]))

@@ -19,11 +19,14 @@ from .options import SparsityOption, parse_options
 TABLE_FORMAT, TABLE_VERSION = "spdy-gpu/timing-table", 1
 
 
+CHECKPOINT_SUFFIX = ".partial"
+
+
 def checkpoint_path(table_path: str | os.PathLike) -> Path | None:
     """Where the measurement of the table `table_path` keeps its progress until the table is
     saved: TABLE.partial, next to it (None for a device such as /dev/null: no progress kept,
     as there is no file to lock it by)."""
-    return side_file(table_path, ".partial")
+    return side_file(table_path, CHECKPOINT_SUFFIX)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ from ..errors import SpdyError
 from ..jsonio import is_special
 from ..models import ModelEntry, ModelSetting, load_model
 from ..options import SparsityOption, option_grid, parse_options
+from ..pipeline import GAP_CHECKPOINT_SUFFIX
 from ..reconstruct.database import MANIFEST
+from ..timing import CHECKPOINT_SUFFIX
 
 
 def positive_seconds(text: str) -> float:
@@ -173,7 +175,7 @@ def run_script(main: Callable[[], int | None]) -> None:
 
 
 INPUT_FILES = ("profile", "timings", "weights", "errors", "calib")    # options naming inputs
-SIDE_FILES = {"timings": ".partial", "gap": ".gap-checkpoint.pt"}     # written beside --out
+SIDE_FILES = {"timings": CHECKPOINT_SUFFIX, "gap": GAP_CHECKPOINT_SUFFIX}  # beside --out
 
 
 def refuse_clobbering(args: argparse.Namespace) -> None:
@@ -181,9 +183,7 @@ def refuse_clobbering(args: argparse.Namespace) -> None:
     output, and a run's --database may not be its --out directory or lie inside it (but as
     its default, OUT/database): each would be overwritten silently, or the command would
     lock itself out."""
-    def real(path: Any) -> str:
-        return os.path.realpath(path)
-
+    real = os.path.realpath
     # A device such as /dev/null is written through, never replaced: any output may go there.
     outputs = {f"--{k}": path for k in ("out", "plot")
                if (path := getattr(args, k, None)) and not is_special(Path(real(path)))}
