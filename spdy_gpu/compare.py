@@ -270,9 +270,10 @@ def _pruned(dense: nn.Module, choices: Choices, database: Database | None) -> nn
 def _with_gap(pruned: nn.Module, dense: nn.Module, choices: Choices, batches: Sequence[Any],
               gap: GapSettings, progress: bool) -> nn.Module:
     model = copy.deepcopy(pruned)
-    if not masks_of(model, choices):            # nothing pruned: gAP would change nothing
+    masks = masks_of(model, choices)
+    if not masks:                               # nothing pruned: gAP would change nothing
         return model
-    global_adaprune_(model, dense, masks_of(model, choices), batches, lr=gap.lr,
+    global_adaprune_(model, dense, masks, batches, lr=gap.lr,
                      epochs=gap.epochs, patience=gap.patience, only_pruned=gap.only_pruned,
                      progress=progress)
     return model

@@ -414,11 +414,12 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
                     "round": next((r["round"] for r in report.rounds if r.get("kept")), None)})
     report.profile, report.predicted_speedup = profile, profile.predicted_speedup
     report.held_out_loss = _baselines(planner, database, scorer, settings, profile)
-    if settings.gap is not None and not masks_of(pruned, profile.choices):
+    masks = masks_of(pruned, profile.choices) if settings.gap is not None else {}
+    if settings.gap is not None and not masks:
         report.notes.append("gAP skipped: the profile prunes no layer")
     elif settings.gap is not None:
         with _stage(report, "gap") as note:
-            gap = global_adaprune_(pruned, model, masks_of(pruned, profile.choices),
+            gap = global_adaprune_(pruned, model, masks,
                                    fit.batches, lr=settings.gap.lr, epochs=settings.gap.epochs,
                                    patience=settings.gap.patience,
                                    only_pruned=settings.gap.only_pruned, progress=progress,
