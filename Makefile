@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export NM_DISABLE_ANALYTICS := 1
+# A fresh machine's disk may be small: pip keeps no second copy of every wheel.
+export PIP_NO_CACHE_DIR := 1
 DEMO_EVALUATIONS ?= 200
 
 .PHONY: setup demo test lint bench bench-gpu clean resnet-fmnist
