@@ -106,6 +106,10 @@ def test_solve_lists_an_excluded_layer_once_and_its_rows_add_up(tmp_path, toy_ta
     (["timings", "--pattern", "foo"], "spdy-gpu timings: error: argument --pattern: invalid "
                                       "choice: 'foo'"),
     (["nocommand"], "spdy-gpu: error: argument COMMAND: invalid choice: 'nocommand'"),
+    (["solve", "--timings", "a.json", "--speedup", "2", "--timings", "b.json", "--out", "p"],
+     "spdy-gpu solve: error: --timings given twice; give it once"),
+    (["timings", "--model", "toy", "--levels", "3", "--levels", "5"],
+     "spdy-gpu timings: error: --levels given twice; give it once"),
 ])
 def test_usage_errors_are_one_line_naming_the_command(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

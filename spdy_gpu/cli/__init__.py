@@ -19,9 +19,26 @@ DEBUG_HELP = "on an error, also print the full traceback (with the original caus
 RESUMABLE = ("timings", "database", "gap", "run", "compare")   # keep their progress on disk
 
 
+class _StoreOnce(argparse._StoreAction):
+    """An option of one value (or one list) given twice is refused: argparse would keep
+    the last silently (`--timings a.json --timings b.json` solving b alone)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = vars(namespace).setdefault("_options_given", set())
+        if option_string is not None and self.dest in given:
+            parser.error(f"{'/'.join(self.option_strings)} given twice; give it once")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
 class _Parser(argparse.ArgumentParser):
     """A usage error is one line naming the command and --help, as every other error is
     (argparse prints the whole usage block first)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
