@@ -40,6 +40,7 @@ from torch import nn
 from .backends import Latency, LatencyBackend
 from .errors import InfeasibleTargetError, SpdyError
 from .evolution import EvolutionConfig, evolve
+from .guarantee import measured_near_table
 from .jsonio import atomic_write_bytes, changed_fields, load_json, save_json
 from .locks import exclusive_directory
 from .models import ModelEntry, ModelSetting
@@ -49,7 +50,6 @@ from .pipeline import (
     RunSettings,
     calibration_split,
     masks_of,
-    measured_near_table,
     run,
     uniform_choices,
 )
