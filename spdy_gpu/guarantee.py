@@ -64,6 +64,16 @@ class Measurement:
     def speedup(self) -> float:
         return self.dense_ms / self.pruned_ms
 
+    @property
+    def noisy(self) -> bool:
+        """Rounds spread wider than their median (one took over twice as long as the
+        median): something else ran on the machine meanwhile."""
+        return self.dense_spread_ms > self.dense_ms or self.pruned_spread_ms > self.pruned_ms
+
+    def describe(self) -> str:
+        return (f"dense {self.dense_ms:.4g} ms (spread {self.dense_spread_ms:.4g}), pruned "
+                f"{self.pruned_ms:.4g} ms (spread {self.pruned_spread_ms:.4g})")
+
 
 def _finite_number(value: Any) -> bool:
     return is_number(value) and math.isfinite(value)
@@ -130,6 +140,12 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
             report.notes.append(f"the profile measured {accepted[2].speedup:.3f}x, above the "
                                 f"target; a looser budget picks the same profile, so it stays")
             break
+        if accepted is not None and not profile.pruned_layers:
+            # dense against dense measures only noise: an overshoot so large that the
+            # loosened budget prunes nothing keeps the profile that overshot
+            report.notes.append(f"the profile measured {accepted[2].speedup:.3f}x, above the "
+                                "target; a looser budget prunes no layer, so it stays")
+            break
         pruned = copy.deepcopy(dense)
         stitch_(pruned, profile.choices, database)
         if planner.table.estimated:
@@ -194,6 +210,11 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
         accepted = (profile, pruned, measured, len(report.rounds) - 1)
     profile, pruned, report.measured, kept = accepted
     report.rounds[kept]["kept"] = True
+    if report.measured.noisy:
+        report.notes.append(f"the kept round's timings spread wider than their median "
+                            f"({report.measured.describe()}): the machine was busy, so its "
+                            "speedup is suspect; run spdy-gpu verify on this profile with "
+                            "nothing else running")
     return profile, pruned
 
 

@@ -153,7 +153,7 @@ def verify_profile(entry: ModelEntry, setting: ModelSetting, backend: LatencyBac
     if isinstance(profile, (str, os.PathLike)):
         profile = Profile.load(profile)
     database = Database.of(database)
-    if not any(o.pattern != "dense" for o in profile.choices.values()):
+    if not profile.pruned_layers:
         raise SpdyError("the profile prunes no layer, so there is nothing to verify; pass a "
                         "profile made by spdy-gpu solve or run")
     if profile.estimated:
@@ -177,6 +177,10 @@ def verify_profile(entry: ModelEntry, setting: ModelSetting, backend: LatencyBac
                     "is in a slow state or the machine is busy, so the measured speedup is "
                     "suspect; verify again with nothing else running", m.dense_ms,
                     profile.dense_total_ms, len(taken))
+    if m.noisy:
+        log.warning("the timings spread wider than their median (%s): the machine was busy, "
+                    "so the measured speedup is suspect; verify again with nothing else "
+                    "running", m.describe())
     return {"model": entry.name, "target_speedup": profile.target_speedup,
             "predicted_ms": profile.predicted_ms,
             "predicted_speedup": profile.predicted_speedup,
@@ -301,8 +305,7 @@ class RunReport:
         body = {k: v for k, v in dataclasses.asdict(self).items() if k != "profile"}
         body["measured_speedup"] = self.measured_speedup
         if self.profile is not None:
-            body["layers_pruned"] = sum(o.pattern != "dense"
-                                        for o in self.profile.choices.values())
+            body["layers_pruned"] = len(self.profile.pruned_layers)
             body["predicted_ms"] = self.profile.predicted_ms
             body["dense_total_ms"] = self.profile.dense_total_ms
         return _jsonable(body)
@@ -794,7 +797,7 @@ def format_report(report: RunReport) -> str:
              "| | |", "|---|---|",
              f"| target speedup | {report.target_speedup:g}x |"]
     if p is not None:
-        pruned = sum(o.pattern != "dense" for o in p.choices.values())
+        pruned = len(p.pruned_layers)
         lines += [f"| predicted | {p.predicted_speedup:.3f}x ({p.predicted_ms:.4g} ms vs "
                   f"{p.dense_total_ms:.4g} ms dense{', ESTIMATED' if p.estimated else ''}) |",
                   f"| layers pruned | {pruned} of {len(p.choices)} |"]

@@ -50,6 +50,11 @@ class Profile:
         return self.dense_total_ms / self.predicted_ms
 
     @property
+    def pruned_layers(self) -> tuple[str, ...]:
+        """The layers whose choice is not dense."""
+        return tuple(name for name, o in self.choices.items() if o.pattern != "dense")
+
+    @property
     def over_budget(self) -> bool:
         """Predicted slower than the target allows (choices made by hand, not by the DP)."""
         return self.predicted_ms > self.budget_ms

@@ -314,6 +314,29 @@ def test_an_overshoot_from_a_coarse_grid_is_kept_not_loosened_to_below_one(tmp_p
     assert "| yes |" in (tmp_path / "report.md").read_text()
 
 
+def test_a_noisy_overshoot_never_loosens_the_budget_to_an_all_dense_profile(tmp_path):
+    """A busy machine measured the pruned model 6x too fast: loosening by that solves for
+    < 1x, whose profile prunes nothing and would measure dense against dense (noise that
+    can read as 'met'). The profile that overshot stays, flagged as measured on a busy
+    machine."""
+    class NoisyOnce(FakeBackend):
+        def latency(self, models, example):
+            result = super().latency(models, example)
+            if self.latency_calls == 1:
+                pruned = result["pruned"]
+                result["pruned"] = SimpleNamespace(median_ms=pruned.median_ms / 6,
+                                                   spread_ms=pruned.median_ms * 3,
+                                                   slow_engines=0)
+            return result
+
+    report = run(ENTRY, ModelSetting(), NoisyOnce(), settings(max_rounds=4), tmp_path,
+                 progress=False)
+    assert len(report.rounds) == 1 and report.rounds[0]["kept"]
+    assert report.profile.pruned_layers
+    assert any("a looser budget prunes no layer" in n for n in report.notes)
+    assert any("the machine was busy" in n for n in report.notes)
+
+
 def test_a_dense_measurement_far_off_the_table_is_repeated(tmp_path):
     class SlowDenseOnce(FakeBackend):
         def latency(self, models, example):
