@@ -64,14 +64,24 @@ def input_problem(x: torch.Tensor, k: int, values: torch.Tensor) -> str | None:
 def layout_problem(crow: torch.Tensor, col: torch.Tensor, nnz: int, block_cols: int
                    ) -> str | None:
     """What is wrong with a BSR index layout, or None: crow starts at 0, never decreases and
-    ends at nnz; every column index lies in [0, block_cols). Reading them costs a device
-    sync on a GPU, which bsr_linear only pays when asked (check_indices=True)."""
+    ends at nnz; every column index lies in [0, block_cols) and increases within its
+    block-row (a block stored twice would be summed by the kernel, once by the fallback).
+    Reading them costs a device sync on a GPU, which bsr_linear only pays when asked
+    (check_indices=True)."""
     if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow.diff() < 0).any()):
         return (f"crow_indices must start at 0, never decrease and end at nnz={nnz}; repack "
                 "the weight")
     if col.numel() and (int(col.min()) < 0 or int(col.max()) >= block_cols):
         return (f"col_indices must lie in [0, {block_cols}) (a column index past K's block "
                 "columns); repack the weight")
+    if col.numel() > 1:
+        increasing = col.diff() > 0
+        row_starts = crow[1:-1].long()              # a row's first block may be any column
+        row_starts = row_starts[(row_starts > 0) & (row_starts < col.numel())]
+        increasing[row_starts - 1] = True
+        if not bool(increasing.all()):
+            return ("col_indices must increase within each block-row (a block column stored "
+                    "twice or out of order); repack the weight")
     return None
 
 

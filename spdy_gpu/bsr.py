@@ -212,7 +212,8 @@ class BSRWeight:
                              torch.arange(order.numel(), device=order.device)):
             problem = "row_order is not a permutation of the block-rows"
         if problem is not None:
-            raise SpdyError(f"malformed BSR weight: {problem}; repack it with BSRWeight.from_dense")
+            fix = "" if "repack" in problem else "; repack it with BSRWeight.from_dense"
+            raise SpdyError(f"malformed BSR weight: {problem}{fix}")
 
     def __repr__(self) -> str:
         return (f"BSRWeight(shape={self.shape}, block={self.block}, nnz_blocks={self.nnz_blocks}, "

@@ -148,6 +148,11 @@ def _pruned_to(model: nn.Module, plan: Plan, database: Any) -> dict[str, Sparsit
     return plan.choices
 
 
+def _layer_weights(model: nn.Module, layers: Iterable[str]) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    return {name: modules[name].weight for name in layers}
+
+
 def _sparsity_of(model: nn.Module, layers: Iterable[str]) -> float:
     """Zeros over weights of the named layers together (0 for no layer)."""
     modules = dict(model.named_modules())
@@ -184,15 +189,17 @@ def _recorded_choices(meta: Mapping[str, str], path: PathLike) -> dict[str, Any]
                     "written by spdy-gpu apply, gap or run")
 
 
-def _check_pruned(model: nn.Module, plan: Plan, source: PathLike) -> None:
-    """Refuse weights (read from `source`) that are not pruned to the plan: a chosen layer
-    with a nonzero outside its option's mask (a mask built on already pruned weights keeps
-    every nonzero when there are at least as many zeros as the option removes)."""
+def _check_pruned(weights: Mapping[str, torch.Tensor], plan: Plan, source: PathLike) -> None:
+    """Refuse weights (layer name -> weight, read from `source`) that are not pruned to the
+    plan: a chosen layer with a nonzero outside its option's mask (a mask built on already
+    pruned weights keeps every nonzero when there are at least as many zeros as the option
+    removes). Layers missing from `weights` are not checked."""
     from .masks import build_mask
 
-    modules = dict(model.named_modules())
     for name, option in plan.pruned.items():
-        weight = modules[name].weight.detach()
+        if name not in weights:
+            continue
+        weight = weights[name].detach()
         outside = int((weight[~build_mask(weight, option)] != 0).sum())
         if outside:
             raise SpdyError(f"layer {name}: {source} has {outside} nonzero weights outside the "
@@ -212,6 +219,7 @@ def save_pruned(model: nn.Module, path: PathLike, *, profile: ProfileLike | Plan
 
     from .sparse_linear import BlockSparseConv1x1, BlockSparseLinear
 
+    require_real(model, "save_pruned")
     # (a 2:4 SemiStructuredLinear keeps an nn.Linear's state: the masked weight)
     converted = next((name for name, m in model.named_modules()
                       if isinstance(m, (BlockSparseLinear, BlockSparseConv1x1))), None)
@@ -229,7 +237,7 @@ def save_pruned(model: nn.Module, path: PathLike, *, profile: ProfileLike | Plan
     if profile is not None:
         plan = load_plan(profile)
         require_prunable(model, plan.choices)
-        _check_pruned(model, plan, "the model")
+        _check_pruned(_layer_weights(model, plan.pruned), plan, "the model")
         meta |= plan.metadata()
     meta |= {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in
              (metadata or {}).items()}
@@ -248,9 +256,13 @@ def load_pruned(model: nn.Module, path: PathLike) -> nn.Module:
     if meta.get("format", PRUNED_FORMAT) != PRUNED_FORMAT:     # (plain safetensors: none)
         raise SpdyError(f"{path} is a {meta['format']!r} file, not pruned weights; pass "
                         "weights written by spdy-gpu apply, gap or run")
-    _recorded_choices(meta, path)
+    recorded = _recorded_choices(meta, path)
     require_real(model, f"loading {path}")
     _check_state(model, state, path)
+    if recorded:    # pruned as the file says (an edited file would deploy dense layers under
+        plan = load_plan(recorded)      # a sparse profile); a tied twin is checked by its name
+        _check_pruned({name: state[f"{name}.weight"] for name in plan.pruned
+                       if f"{name}.weight" in state}, plan, path)
     model.load_state_dict(state, strict=False)     # tied names are filled through their twin
     return model
 
@@ -351,6 +363,7 @@ def save_block_sparse(model: nn.Module, profile_or_choices: ProfileLike | Plan,
 
     from .sparse_linear import BlockSparseConv1x1, BlockSparseLinear, sparsify_
 
+    require_real(model, "save_block_sparse")
     plan = load_plan(profile_or_choices)
     path = check_output_file(path, "the output path")
     deployed = copy.deepcopy(model)
@@ -553,7 +566,7 @@ def export_profile(model: nn.Module, example: Any, profile: ProfileLike, out: Pa
     if weights is not None:
         load_pruned(model, weights)
         _check_made_for(plan, weights)
-        _check_pruned(model, plan, weights)
+        _check_pruned(_layer_weights(model, plan.pruned), plan, weights)
     else:
         _pruned_to(model, plan, database)
     sparsity = _sparsity_of(model, plan.pruned)

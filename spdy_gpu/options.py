@@ -96,6 +96,9 @@ class SparsityOption:
 
     @classmethod
     def parse(cls, text: str) -> SparsityOption:
+        if not isinstance(text, str):
+            raise SpdyError(f"a sparsity option's name is a string such as 'unstructured@0.5', "
+                            f"'block32x32@0.5' or 'nm2:4', not {type(text).__name__} {text!r}")
         match = _NAME_RE.match(text.strip())
         if match is None:
             raise SpdyError(f"cannot parse sparsity option {text!r}; expected 'dense', "

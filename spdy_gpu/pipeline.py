@@ -38,7 +38,13 @@ from .guarantee import (
     measured_near_table,
 )
 from .jsonio import changed_fields, is_number, load_json, save_json, side_file
-from .layers import discover_layers, exclude_patterns, prunable_modules, warn_unmatched_excludes
+from .layers import (
+    discover_layers,
+    exclude_patterns,
+    prunable_modules,
+    require_real,
+    warn_unmatched_excludes,
+)
 from .locks import LOCK_NAME, exclusive_directory, exclusive_file
 from .models import ModelEntry, ModelSetting
 from .options import SparsityOption, option_grid
@@ -223,6 +229,10 @@ class RunSettings:
             given = getattr(self, name)
             if isinstance(given, (str, SparsityOption)):
                 given = (given,)
+            if given is not None and (not isinstance(given, (tuple, list)) or not all(
+                    isinstance(o, (str, SparsityOption)) for o in given)):
+                raise SpdyError(f"{name} must be a list of options (names such as "
+                                f"'unstructured@0.5' or SparsityOptions), not {given!r}")
             if given is not None and not given:
                 raise SpdyError(f"{name} is empty; name the options (e.g. ['dense', "
                                 "'unstructured@0.5']) or leave it out for the default grid")
@@ -409,8 +419,7 @@ def prune(model: nn.Module, example: Any, *, speedup: float,
     from .backends import get_backend
     from .deploy import load_pruned
 
-    if not isinstance(model, nn.Module):
-        raise SpdyError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    require_real(model, "prune")
     check_types({"name": (name, str)})
     fields = [f.name for f in dataclasses.fields(RunSettings)
               if f.name not in ("speedup", "calibration")]    # prune's own arguments

@@ -28,7 +28,7 @@ from torch.autograd import forward_ad
 
 from .bsr import FLOAT_DTYPES, KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
 from .errors import SpdyError
-from .layers import gpu_swappable, is_pointwise, tied_weights
+from .layers import gpu_swappable, is_pointwise, require_real, tied_weights
 from .masks import build_mask, gemm_view
 from .options import SparsityOption
 from .semi_structured import SEMI_STRUCTURED, SemiStructuredLinear, is_2_4
@@ -360,21 +360,27 @@ def sparsify_(model: nn.Module,
     shape that suits it runs 2:4, as a model stitched from a profile is deployed.
     block: packing block for every layer (default: the option's, the detected one, or 32).
     """
+    require_real(model, "sparsify_")
     if choices is None:
         targets = _found_pruned(model, block)
     else:
         targets = _chosen(model, choices, block)
-    for name, kwargs in targets.items():
-        module = model.get_submodule(name)
-        if kwargs.get("option") == SEMI_STRUCTURED:
-            layer = SemiStructuredLinear.from_linear(module, kwargs.get("mask"), dtype=dtype)
-        elif isinstance(module, nn.Conv2d):
-            layer = BlockSparseConv1x1.from_conv(module, dtype=dtype, **kwargs)
-        else:
-            layer = BlockSparseLinear.from_linear(module, dtype=dtype, **kwargs)
+    # every layer is built before any is swapped: a choice that fails leaves the model as it was
+    layers = {name: _sparse_layer(model.get_submodule(name), kwargs, dtype)
+              for name, kwargs in targets.items()}
+    for name, layer in layers.items():
         swap_module(model, name, layer)
     log.info("sparsify_: %d layers now sparse (block-sparse or 2:4)", len(targets))
     return list(targets)
+
+
+def _sparse_layer(module: nn.Module, kwargs: dict[str, Any],
+                  dtype: torch.dtype | None) -> nn.Module:
+    if kwargs.get("option") == SEMI_STRUCTURED:
+        return SemiStructuredLinear.from_linear(module, kwargs.get("mask"), dtype=dtype)
+    if isinstance(module, nn.Conv2d):
+        return BlockSparseConv1x1.from_conv(module, dtype=dtype, **kwargs)
+    return BlockSparseLinear.from_linear(module, dtype=dtype, **kwargs)
 
 
 ROOT_REFUSED = ("the model itself cannot be swapped for a sparse layer; wrap it (e.g. "
@@ -455,6 +461,9 @@ def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOptio
     targets = {}
     for name, spec in choices.items():
         option = SparsityOption.parse(spec) if isinstance(spec, str) else spec
+        if not isinstance(option, (SparsityOption, torch.Tensor)):
+            raise SpdyError(f"layer {name}: choice {spec!r} is neither a mask (a bool tensor of "
+                            "the weight's shape) nor an option (e.g. 'block32x32@0.5')")
         dense = isinstance(option, SparsityOption) and option.pattern == "dense"
         problem = _unswappable(name, modules[name], tied.get(name))
         if problem is not None and not dense:

@@ -336,6 +336,13 @@ def test_loaders_refuse_what_they_cannot_fill_in_one_line(tmp_path):
     save_block_sparse(mlp(), CHOICES, tmp_path / "a.safetensors")
     with pytest.raises(SpdyError, match="needs the model .* got int"):
         load_block_sparse(lambda: 42, tmp_path / "a.safetensors")
+    with torch.device("meta"):
+        meta_mlp = mlp()
+    for save in (lambda: save_pruned(meta_mlp, tmp_path / "m.safetensors"),
+                 lambda: save_block_sparse(meta_mlp, CHOICES, tmp_path / "m.safetensors"),
+                 lambda: sparsify_(meta_mlp)):
+        with pytest.raises(SpdyError, match="tensors on the meta device"):
+            save()
 
 
 def test_a_profile_naming_a_batchnorm_is_refused_not_pruned():
@@ -369,6 +376,13 @@ def test_weights_holding_nan_or_unreadable_choices_are_refused(tmp_path):
             load_pruned(mlp(), edited("odd.safetensors", choices=choices))
     with pytest.raises(SpdyError, match="is a 'evil' file, not pruned weights"):
         load_pruned(mlp(), edited("evil.safetensors", format="evil"))
+    fresh = mlp(seed=3)
+    before = copy.deepcopy(fresh.state_dict())
+    dense_again = edited("dense.safetensors", lambda s: s["0.weight"].copy_(mlp()[0].weight))
+    with pytest.raises(SpdyError, match="layer 0: .* nonzero weights outside the "
+                                        "block16x16@0.5 pattern"):
+        load_pruned(fresh, dense_again)            # weights contradicting the file's choices
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
     with pytest.raises(SpdyError, match="metadata 'choices', 'format' is save_pruned's own"):
         save_pruned(model, tmp_path / "x.safetensors", metadata={"format": "e", "choices": "x"})
 

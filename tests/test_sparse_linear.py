@@ -408,6 +408,12 @@ def test_state_dict_round_trip_adopts_the_saved_pattern():
     with pytest.raises(SpdyError, match="layer 0: malformed BSR weight: col_indices must lie"):
         fresh.load_state_dict(broken)
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    # one block stored twice: the kernel would sum both, the fallback take one
+    twice = BlockSparseLinear.from_linear(nn.Linear(32, 16), mask=torch.ones(16, 32, dtype=bool),
+                                          block=16)
+    edited = {**twice.state_dict(), "col_indices": torch.tensor([0, 0], dtype=torch.int32)}
+    with pytest.raises(SpdyError, match="col_indices must increase within each block-row"):
+        twice.load_state_dict(edited)
     fresh.load_state_dict(state)
     assert fresh[0].values.requires_grad                 # still set up for fine-tuning
     loaded = fresh[0].values.detach().clone()
@@ -431,6 +437,11 @@ def test_sparsify_rejects_unknown_names_and_non_linears():
         with pytest.raises(SpdyError, match=f"layer 0: {option} has no sparse GPU kernel"):
             sparsify_(model, {"0": option})
     assert type(model[0]) is nn.Linear
+    with pytest.raises(SpdyError, match="layer 0: choice 5 is neither a mask"):
+        sparsify_(model, {"0": 5})
+    with pytest.raises(SpdyError, match="replaces nn.Linear"):       # a later choice fails:
+        sparsify_(model, {"0": "block16x16@0.5", "1": "block16x16@0.5"})
+    assert type(model[0]) is nn.Linear                               # nothing was swapped
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (16, 64), (64, 16), (128, 128)])
