@@ -100,6 +100,8 @@ def test_run_refuses_bad_gap_settings_before_any_work(tmp_path, capsys):
     line = error_line(capsys, run_args(tmp_path, "--gap", "--gap-lr", "-1"))
     assert "--gap-lr" in line and "-1" in line
     assert "epochs -1" in error_line(capsys, run_args(tmp_path, "--gap", "--gap-epochs", "-1"))
+    assert "--gap-epochs tunes gAP, which does not run without --gap" in error_line(
+        capsys, run_args(tmp_path, "--gap-epochs", "3"))             # it would be ignored
     assert not (tmp_path / "run" / "run.json").exists()
 
 

@@ -17,7 +17,7 @@ from ..compare import (
 )
 from ..pipeline import GapSettings
 from .common import backend_from_args, model_from_args
-from .run import add_method_args, check_method_outputs, run_settings_from_args
+from .run import add_method_args, check_method_outputs, gap_from_args, run_settings_from_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +46,8 @@ def run_command(args: argparse.Namespace) -> int:
     settings = CompareSettings(
         speedups=tuple(args.speedups),
         run=run_settings_from_args(args, entry, backend, args.speedups[0], None),
-        gap=GapSettings(lr=args.gap_lr, epochs=args.gap_epochs),
+        gap=gap_from_args(args, "spdy+gap" in args.methods,
+                          "without spdy+gap in --methods") or GapSettings(),
         methods=tuple(args.methods))
     report = compare(entry, setting, backend, settings, args.out, progress=not args.quiet)
     print(summary(report, args.out))

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..backends import LatencyBackend
+from ..errors import SpdyError
 from ..jsonio import check_output_dir
 from ..losses import LOSSES
 from ..models import ModelEntry
@@ -86,8 +87,9 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-rounds", type=int, default=5,
                        help="measure / tighten / re-solve rounds at most (5)")
     group = parser.add_argument_group("global AdaPrune")
-    group.add_argument("--gap-lr", type=float, default=1e-5, help="Adam lr (1e-5)")
-    group.add_argument("--gap-epochs", type=int, default=10, help="epochs at most (10)")
+    # Defaults None: given where gAP does not run, they are refused (they would be ignored).
+    group.add_argument("--gap-lr", type=float, default=None, help="Adam lr (1e-5)")
+    group.add_argument("--gap-epochs", type=int, default=None, help="epochs at most (10)")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -95,11 +97,22 @@ def run_command(args: argparse.Namespace) -> int:
     entry, setting = model_from_args(args)
     backend = backend_from_args(args)
     settings = run_settings_from_args(args, entry, backend, args.speedup,
-                                      GapSettings(lr=args.gap_lr, epochs=args.gap_epochs)
-                                      if args.gap else None)
+                                      gap_from_args(args, args.gap, "without --gap"))
     report = run(entry, setting, backend, settings, args.out, progress=not args.quiet)
     print(summary(report))
     return 0
+
+
+def gap_from_args(args: argparse.Namespace, runs_gap: bool, unless: str) -> GapSettings | None:
+    """The gAP settings of --gap-lr / --gap-epochs where gAP runs; given where it does not
+    (`unless` says why), they are refused."""
+    given = {name: value for name, value in (("lr", args.gap_lr), ("epochs", args.gap_epochs))
+             if value is not None}
+    if not runs_gap and given:
+        flag = f"--gap-{next(iter(given))}"
+        raise SpdyError(f"{flag} tunes gAP, which does not run {unless}, so it would be "
+                        "ignored; drop it")
+    return GapSettings(**given) if runs_gap else None
 
 
 def check_method_outputs(args: argparse.Namespace) -> None:
