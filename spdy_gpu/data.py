@@ -78,18 +78,9 @@ def tensors_digest(named: Iterable[tuple[str, Any]]) -> str:
 
 
 def batch_samples(batch: Any) -> int:
-    """Samples in a batch: the leading dimension of its (first) tensor."""
-    first = _first(batch)
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
-
-
-def _first(batch: Any) -> Any:
-    """The first value of a batch given as a tensor, a tuple/list or a dict (None: empty)."""
-    if isinstance(batch, dict):
-        return next(iter(batch.values()), None)
-    if isinstance(batch, (tuple, list)):
-        return batch[0] if batch else None
-    return batch
+    """Samples in a batch: the leading dimension of its first batched tensor (1: none)."""
+    first = next(iter(_tensors(batch).values()), None)
+    return 1 if first is None else int(first.shape[0])
 
 
 @dataclass(frozen=True)
@@ -192,16 +183,15 @@ def sample_batches(data: Any, example: Any, batch_size: int, samples: int | None
 
 def _count(data: Any, where: str) -> int:
     """The number of samples in `data`: the first dimension, the same for every tensor."""
-    first = _first(data)
-    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+    counts = {name: t.shape[0] for name, t in _tensors(data).items()}
+    if not counts:
         raise SpdyError(f"{where}: expected a tensor (or tuple/dict of tensors) whose "
                         "first dimension is samples")
-    counts = {name: t.shape[0] for name, t in _tensors(data).items()}
     if len(set(counts.values())) > 1:
         shown = ", ".join(f"{name!r}: {count}" for name, count in counts.items())
         raise SpdyError(f"{where}: its tensors hold different numbers of samples ({shown}); "
                         "save every input with the same first dimension")
-    return first.shape[0]
+    return next(iter(counts.values()))
 
 
 def _check_like_example(data: Any, example: Any, where: str) -> None:
@@ -243,8 +233,13 @@ def _tensors(value: Any) -> dict[str, torch.Tensor]:
 
 
 def _slice(data: Any, start: int, stop: int) -> Any:
+    """Samples start:stop of every batched tensor; other entries (a flag) as they are."""
+    def cut(value: Any) -> Any:
+        batched = isinstance(value, torch.Tensor) and value.dim() > 0
+        return value[start:stop] if batched else value
+
     if isinstance(data, dict):
-        return {k: v[start:stop] for k, v in data.items()}
+        return {k: cut(v) for k, v in data.items()}
     if isinstance(data, (tuple, list)):
-        return tuple(v[start:stop] for v in data)
-    return data[start:stop]
+        return tuple(cut(v) for v in data)
+    return cut(data)

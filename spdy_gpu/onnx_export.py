@@ -101,10 +101,12 @@ def require_onnx():
 
 
 def input_names_of(example: Any) -> tuple[str, ...]:
+    """The graph's inputs: one per tensor of the example (a dict's keys, else input_<i> by
+    position). Other entries, such as a flag True or a scale 2.0, are constants of the graph."""
     if isinstance(example, Mapping):
-        return tuple(example)
+        return tuple(k for k, v in example.items() if isinstance(v, torch.Tensor))
     if isinstance(example, (tuple, list)):
-        return tuple(f"input_{i}" for i in range(len(example)))
+        return tuple(f"input_{i}" for i, v in enumerate(example) if isinstance(v, torch.Tensor))
     return ("input_0",)
 
 
@@ -127,7 +129,8 @@ def example_arrays(example: Any, names: Iterable[str]) -> list[np.ndarray]:
     if isinstance(example, Mapping):
         return [np.ascontiguousarray(example[name].detach().numpy()) for name in names]
     tensors = example if isinstance(example, (tuple, list)) else [example]
-    return [np.ascontiguousarray(t.detach().numpy()) for t in tensors]
+    return [np.ascontiguousarray(t.detach().numpy()) for t in tensors
+            if isinstance(t, torch.Tensor)]
 
 
 def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
@@ -162,9 +165,12 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
         if not outputs:
             raise SpdyError(f"the model's forward returned {type(output).__name__}, no tensor "
                             "to export; make it return a tensor (or a tuple or dict of them)")
-        torch.onnx.export(model, args, str(path), kwargs=kwargs, input_names=list(names),
-                          output_names=outputs, opset_version=OPSET, dynamo=False,
-                          dynamic_axes=axes, do_constant_folding=True)
+        with _constants_bound(model, example) as tensors:
+            if tensors is not None:           # the graph's inputs are the tensors alone
+                args, kwargs = tensors, None
+            torch.onnx.export(model, args, str(path), kwargs=kwargs, input_names=list(names),
+                              output_names=outputs, opset_version=OPSET, dynamo=False,
+                              dynamic_axes=axes, do_constant_folding=True)
     onnx = require_onnx()
     layers = map_layers(onnx.load(str(path)),
                         {name: m for name, m in modules.items() if name in called})
@@ -187,11 +193,40 @@ def _check_exportable(model: nn.Module, example: Any) -> None:
                         "on another device; return it on the CPU from the model function")
 
 
+@contextlib.contextmanager
+def _constants_bound(model: nn.Module, example: Any) -> Iterator[tuple[torch.Tensor, ...] | None]:
+    """Where the example holds entries other than tensors (flags such as True or 2.0), the
+    model's forward for the with-block takes its tensors alone, in input_names_of order,
+    with those entries bound (the exporter would make them odd graph inputs); yields the
+    tensors, or None when every entry is a tensor (nothing bound)."""
+    named = named_inputs(example)
+    if all(isinstance(value, torch.Tensor) for _, value in named):
+        yield None
+        return
+    original, own = model.forward, model.__dict__.get("forward")
+
+    def forward(*tensors: torch.Tensor) -> Any:
+        given = iter(tensors)
+        values = [next(given) if isinstance(v, torch.Tensor) else v for _, v in named]
+        if isinstance(example, Mapping):
+            return original(**dict(zip(example, values)))
+        return original(*values)
+
+    model.forward = forward
+    try:
+        yield tuple(value for _, value in named if isinstance(value, torch.Tensor))
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
+
+
 def _dynamic_axes(example: Any, names: tuple[str, ...]) -> dict[str, dict[int, str]]:
     """Dim 0 (batch) of every input, the only dynamic axis: DeepSparse sets the batch when it
     compiles an engine (batch_size=), but runs a graph with any other dynamic axis (e.g. a
     sequence) without its optimised runtime unless every call names the shapes."""
-    tensors = [value for _, value in named_inputs(example)]
+    tensors = [value for _, value in named_inputs(example) if isinstance(value, torch.Tensor)]
     return {name: {0: "batch"} for name, tensor in zip(names, tensors) if tensor.dim() >= 1}
 
 

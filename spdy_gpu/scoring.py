@@ -91,7 +91,9 @@ class HeldOutScorer:
         own = self.loss_name in LOSSES and self.loss is LOSSES[self.loss_name]
         with torch.inference_mode(), user_code(
                 f"the loss {self.loss_name}",
-                "pick another --loss" if own else "fix the model's loss function"):
+                "pick another --loss" if own else
+                "fix the model's loss function, called as loss(pruned_output, dense_output, "
+                "batch) and returning a scalar, lower better"):
             return float(self.loss(pruned, dense, batch))
 
     def _forward(self, batch: Any, model: nn.Module | None = None) -> list[torch.Tensor]:

@@ -101,3 +101,14 @@ def test_batches_must_have_the_example_inputs_names_and_count(tmp_path):
                        calibration=lambda s, n: iter([(torch.randn(8, 4),)]))
     with pytest.raises(SpdyError, match="it holds 1 inputs, the example input 2"):
         CalibrationSpec(samples=8).load(short, ModelSetting(), pair)
+
+
+def test_flags_beside_the_samples_are_passed_to_every_batch_uncut():
+    """A file of (samples, True, 2.0) for a forward(x, flag, scale) ended in TypeError
+    ('bool' object is not subscriptable)."""
+    from spdy_gpu.data import batch_samples, sample_batches
+    x = torch.randn(40, 16)
+    batches = list(sample_batches((True, x, 2.0), (True, torch.randn(1, 16), 2.0), 16))
+    assert [batch_samples(b) for b in batches] == [16, 16, 8]
+    assert all(b[0] is True and b[2] == 2.0 for b in batches)
+    assert torch.equal(torch.cat([b[1] for b in batches]), x)

@@ -220,3 +220,37 @@ def test_deepsparse_runs_the_export_optimised_given_only_a_batch_size(tmp_path):
     export = export_onnx(Encoder().eval(), _encoder_example(), tmp_path / "e.onnx")
     engine = deepsparse.Engine(str(export.path), batch_size=2, num_cores=1)
     assert engine.fraction_of_supported_ops > 0.5
+
+
+class Flagged(nn.Module):
+    """A forward taking flags beside its tensor, as many user models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x, use_relu=True, scale=1.0):
+        h = self.up(x)
+        return self.down(torch.relu(h) if use_relu else h) * scale
+
+
+@pytest.mark.parametrize("example", [
+    (torch.randn(3, 16), False, 2.0),
+    {"x": torch.randn(3, 16), "use_relu": False, "scale": 2.0},
+])
+def test_flags_in_the_example_are_graph_constants_and_tensors_its_inputs(example, tmp_path):
+    """An example holding a bool and a float ended in AttributeError ('bool' object has no
+    attribute 'dim'): the graph's inputs are now its tensors alone, the flags constants."""
+    deepsparse = pytest.importorskip("deepsparse")
+    torch.manual_seed(0)
+    model = Flagged().eval()
+    export = export_onnx(model, example, tmp_path / "f.onnx")
+    graph = onnx.load(str(export.path)).graph
+    assert [i.name for i in graph.input] == list(export.input_names) == [
+        "x" if isinstance(example, dict) else "input_0"]
+    assert {layer.module for layer in export.layers} == {"up", "down"}
+    assert "forward" not in model.__dict__                       # the model is as it was
+    engine = deepsparse.Engine(str(export.path), batch_size=3, num_cores=1)
+    out = engine.run(export.inputs_numpy(example))[0]
+    expected = model(**example) if isinstance(example, dict) else model(*example)
+    torch.testing.assert_close(torch.from_numpy(out), expected.detach(), rtol=1e-4, atol=1e-4)
