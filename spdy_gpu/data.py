@@ -233,13 +233,11 @@ def _tensors(value: Any) -> dict[str, torch.Tensor]:
 
 
 def _slice(data: Any, start: int, stop: int) -> Any:
-    """Samples start:stop of every batched tensor; other entries (a flag) as they are."""
-    def cut(value: Any) -> Any:
-        batched = isinstance(value, torch.Tensor) and value.dim() > 0
-        return value[start:stop] if batched else value
-
-    if isinstance(data, dict):
-        return {k: cut(v) for k, v in data.items()}
+    """Samples start:stop of every batched tensor (in nested inputs too); other entries (a
+    flag) as they are."""
+    if isinstance(data, Mapping):
+        return {k: _slice(v, start, stop) for k, v in data.items()}
     if isinstance(data, (tuple, list)):
-        return tuple(cut(v) for v in data)
-    return cut(data)
+        return tuple(_slice(v, start, stop) for v in data)
+    batched = isinstance(data, torch.Tensor) and data.dim() > 0
+    return data[start:stop] if batched else data

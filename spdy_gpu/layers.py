@@ -140,14 +140,33 @@ def _describe(inputs: Any) -> str:
     return type(inputs).__name__
 
 
-def named_inputs(inputs: Any) -> list[tuple[str, Any]]:
+def named_inputs(inputs: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """A model input given as a dict, a tuple/list or one value, as (name, value) pairs in
-    its own order: the dict's keys, the positions, or "0"."""
+    its own order: the dict's keys, the positions, or "0"; a dict or tuple inside it is
+    flattened the same way, its names joined by dots (`({"ids": t},)` gives "0.ids")."""
     if isinstance(inputs, Mapping):
-        return [(str(k), v) for k, v in inputs.items()]
+        items = [(str(k), v) for k, v in inputs.items()]
+    elif isinstance(inputs, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(inputs)]
+    else:
+        return [(prefix or "0", inputs)]
+    named = []
+    for name, value in items:
+        name = f"{prefix}.{name}" if prefix else name
+        nested = isinstance(value, (Mapping, tuple, list))
+        named += named_inputs(value, name) if nested else [(name, value)]
+    return named
+
+
+def with_tensors(inputs: Any, tensors: Iterator[torch.Tensor]) -> Any:
+    """`inputs` with its tensors (in named_inputs order) replaced by the next of `tensors`."""
+    if isinstance(inputs, torch.Tensor):
+        return next(tensors)
+    if isinstance(inputs, Mapping):
+        return {key: with_tensors(value, tensors) for key, value in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return [(str(i), v) for i, v in enumerate(inputs)]
-    return [("0", inputs)]
+        return type(inputs)(with_tensors(value, tensors) for value in inputs)
+    return inputs
 
 
 def example_shape(example: Any) -> tuple[int, str]:

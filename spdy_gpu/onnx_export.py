@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import MissingDependencyError, SpdyError, user_code
-from .layers import evaluating, hooks_attached, named_inputs, prunable_modules
+from .layers import evaluating, hooks_attached, named_inputs, prunable_modules, with_tensors
 from .options import SparsityOption
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,12 @@ def require_onnx():
 
 
 def input_names_of(example: Any) -> tuple[str, ...]:
-    """The graph's inputs: one per tensor of the example (a dict's keys, else input_<i> by
-    position). Other entries, such as a flag True or a scale 2.0, are constants of the graph."""
-    if isinstance(example, Mapping):
-        return tuple(k for k, v in example.items() if isinstance(v, torch.Tensor))
-    if isinstance(example, (tuple, list)):
-        return tuple(f"input_{i}" for i, v in enumerate(example) if isinstance(v, torch.Tensor))
-    return ("input_0",)
+    """The graph's inputs: one per tensor of the example, named as named_inputs names it
+    (a dict's keys; positions as input_<i>; a nested entry's names joined by dots). Other
+    entries, such as a flag True or a scale 2.0, are constants of the graph."""
+    by_position = not isinstance(example, Mapping)
+    return tuple(f"input_{name}" if by_position else name
+                 for name, value in named_inputs(example) if isinstance(value, torch.Tensor))
 
 
 def output_names(output: Any, prefix: str | None = None) -> list[str]:
@@ -126,11 +125,10 @@ def output_names(output: Any, prefix: str | None = None) -> list[str]:
 
 
 def example_arrays(example: Any, names: Iterable[str]) -> list[np.ndarray]:
-    if isinstance(example, Mapping):
-        return [np.ascontiguousarray(example[name].detach().numpy()) for name in names]
-    tensors = example if isinstance(example, (tuple, list)) else [example]
-    return [np.ascontiguousarray(t.detach().numpy()) for t in tensors
-            if isinstance(t, torch.Tensor)]
+    """The example's tensors as arrays, in the graph's input order `names` (input_names_of)."""
+    tensors = dict(zip(input_names_of(example),
+                       (v for _, v in named_inputs(example) if isinstance(v, torch.Tensor))))
+    return [np.ascontiguousarray(tensors[name].detach().numpy()) for name in names]
 
 
 def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
@@ -195,26 +193,28 @@ def _check_exportable(model: nn.Module, example: Any) -> None:
 
 @contextlib.contextmanager
 def _constants_bound(model: nn.Module, example: Any) -> Iterator[tuple[torch.Tensor, ...] | None]:
-    """Where the example holds entries other than tensors (flags such as True or 2.0), the
-    model's forward for the with-block takes its tensors alone, in input_names_of order,
-    with those entries bound (the exporter would make them odd graph inputs); yields the
-    tensors, or None when every entry is a tensor (nothing bound)."""
-    named = named_inputs(example)
-    if all(isinstance(value, torch.Tensor) for _, value in named):
+    """Where the example's entries are not all tensors (flags such as True or 2.0, or a
+    dict or tuple of tensors), the model's forward for the with-block takes its tensors
+    alone, in input_names_of order, with the rest bound (the exporter would make flags odd
+    graph inputs, and a dict last in its args keywords); yields the tensors, or None where
+    every entry is a tensor (nothing bound)."""
+    entries = example.values() if isinstance(example, Mapping) else (
+        example if isinstance(example, (tuple, list)) else [example])
+    if all(isinstance(value, torch.Tensor) for value in entries):
         yield None
         return
     original, own = model.forward, model.__dict__.get("forward")
 
     def forward(*tensors: torch.Tensor) -> Any:
-        given = iter(tensors)
-        values = [next(given) if isinstance(v, torch.Tensor) else v for _, v in named]
+        rebuilt = with_tensors(example, iter(tensors))
         if isinstance(example, Mapping):
-            return original(**dict(zip(example, values)))
-        return original(*values)
+            return original(**rebuilt)
+        return original(*rebuilt)
 
     model.forward = forward
     try:
-        yield tuple(value for _, value in named if isinstance(value, torch.Tensor))
+        yield tuple(value for _, value in named_inputs(example)
+                    if isinstance(value, torch.Tensor))
     finally:
         if own is None:
             del model.forward

@@ -112,3 +112,14 @@ def test_flags_beside_the_samples_are_passed_to_every_batch_uncut():
     assert [batch_samples(b) for b in batches] == [16, 16, 8]
     assert all(b[0] is True and b[2] == 2.0 for b in batches)
     assert torch.equal(torch.cat([b[1] for b in batches]), x)
+
+
+def test_a_dict_inside_a_tuple_is_cut_into_batches_key_by_key():
+    from spdy_gpu.data import batch_samples, sample_batches
+    from spdy_gpu.layers import example_shape
+    data = ({"x": torch.randn(10, 16), "y": torch.randn(10, 4)},)
+    example = ({"x": torch.randn(1, 16), "y": torch.randn(1, 4)},)
+    batches = list(sample_batches(data, example, 4))
+    assert [batch_samples(b) for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([b[0]["y"] for b in batches]), data[0]["y"])
+    assert example_shape(example) == (1, "0.x=1x16,0.y=1x4")

@@ -254,3 +254,26 @@ def test_flags_in_the_example_are_graph_constants_and_tensors_its_inputs(example
     out = engine.run(export.inputs_numpy(example))[0]
     expected = model(**example) if isinstance(example, dict) else model(*example)
     torch.testing.assert_close(torch.from_numpy(out), expected.detach(), rtol=1e-4, atol=1e-4)
+
+
+class OneDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 8), nn.Linear(4, 8)
+
+    def forward(self, batch):
+        return self.a(batch["x"]) + self.b(batch["y"])
+
+
+def test_a_forward_taking_one_dict_exports_from_its_example_wrapped_in_a_tuple(tmp_path):
+    """(inputs,) as the README advises ended in 'the example input holds no tensor'."""
+    deepsparse = pytest.importorskip("deepsparse")
+    torch.manual_seed(0)
+    model, example = OneDict().eval(), ({"x": torch.randn(2, 16), "y": torch.randn(2, 4)},)
+    export = export_onnx(model, example, tmp_path / "d.onnx")
+    assert export.input_names == ("input_0.x", "input_0.y")
+    assert {layer.module for layer in export.layers} == {"a", "b"}
+    engine = deepsparse.Engine(str(export.path), batch_size=2, num_cores=1)
+    out = engine.run(export.inputs_numpy(example))[0]
+    torch.testing.assert_close(torch.from_numpy(out), model(*example).detach(), rtol=1e-4,
+                               atol=1e-4)
