@@ -620,6 +620,11 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
         why = _mismatch(table, entry.name, fingerprint, shapes, prunable, wanted)
         if why is None:
             note["reused"] = str(path)
+            if list(table.options) != options:
+                log.info("reusing %s with its own option grid (%d options), not the %d "
+                         "asked for: a grid (--levels, --pattern, --block) applies to a table "
+                         "measured here; leave out --timings to measure it", path,
+                         len(table.options), len(options))
             run_table = table.restricted_to(set(shapes))    # layers it times beyond: fixed
             if Path(path) != out / "timings.json" or run_table is not table:
                 run_table.save(out / "timings.json")
