@@ -322,6 +322,28 @@ def test_layer_times_far_above_the_whole_are_refused_and_not_resumed(backend, mo
     assert not checkpoint.exists()
 
 
+def test_layer_times_adding_up_to_twice_the_whole_are_warned_about(backend, monkeypatch,
+                                                                   caplog):
+    """Layers at 2x the model with a positive fixed time passed without a word (only a
+    negative median residual was warned about), and plans from such a table are off."""
+    from spdy_gpu.backends import Latency
+    from spdy_gpu.backends.deepsparse import TOTAL
+
+    def analysed(self, path, inputs, batch, option, to_module):
+        return {"up": 2.0 * option.density, "down": 2.0 * option.density, TOTAL: 1.0}
+
+    def whole(self, paths, inputs, batch, engines=None):   # residuals of the levels > 0
+        return {name: Latency(2.0 if name == "dense" else 3.0, 0.0) for name in paths}
+
+    monkeypatch.setattr(type(backend), "analyse", analysed)
+    monkeypatch.setattr(type(backend), "_interleaved", whole)
+    model, example = TokenMLP().eval(), torch.randn(1, 64, 128)
+    table = backend.measure_table(model, example, discover_layers(model, example), OPTIONS,
+                                  model_name="toy")
+    assert table.fixed_ms > 0
+    assert "the prunable layers alone take 2.00x the measured model" in caplog.text
+
+
 def test_the_adaptive_protocol_on_a_grid_too_short_for_a_trend(adaptive, monkeypatch):
     """Fewer than 3 unstructured levels: no chain to draw a trend on (was a ValueError
     from stacking no arrays, an internal error of spdy-gpu timings --levels 2 --repeats 0)."""

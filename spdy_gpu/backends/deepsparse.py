@@ -228,15 +228,17 @@ class DeepSparseBackend:
             raise
         calibration = fixed_calibration(table, {n: m.median_ms for n, m in measured.items()})
         fixed = statistics.median(c["residual_ms"] for c in calibration)
-        if fixed < 0:
-            dense = table.dense_times()
+        dense = table.dense_times()
+        over_whole = float(dense.sum()) / table.dense_total_ms
+        if fixed < 0 or over_whole > SUSPECT_LAYERS_OVER_WHOLE:
             slowest = table.layer_names[int(dense.argmax())]
             log.warning("the prunable layers alone take %.2fx the measured model (median "
-                        "residual %.3f ms; slowest layer %s at %.4g ms dense); fixed time "
-                        "clamped to 0. A layer time is likely an outlier: measure again with "
-                        "more --repeats, or without it (the adaptive protocol re-measures "
-                        "outliers)", dense.sum() / table.dense_total_ms, fixed, slowest,
-                        dense.max())
+                        "residual %.3f ms; slowest layer %s at %.4g ms dense)%s. A layer time "
+                        "is likely an outlier, and predictions from this table will be off: "
+                        "measure again with nothing else running, with more --repeats or "
+                        "without it (the adaptive protocol re-measures outliers)", over_whole,
+                        fixed, slowest, dense.max(),
+                        "; fixed time clamped to 0" if fixed < 0 else "")
         provenance = dict(table.provenance, fixed_calibration=calibration,
                           calibration_engines=engines,
                           collection_s=round(time.perf_counter() - started, 1)
@@ -684,6 +686,7 @@ def _quiet_fd() -> Iterator[None]:
 # The dense layers' analysis times add up to 0.88-1.07x the end-to-end time on measured
 # tables; past this the layer times hold outliers (a busy machine) and plan nothing real.
 MAX_LAYERS_OVER_WHOLE = 10.0
+SUSPECT_LAYERS_OVER_WHOLE = 1.5       # warned about
 
 
 def _refuse_outlier_layers(table: TimingTable) -> None:
