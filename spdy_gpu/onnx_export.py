@@ -124,6 +124,21 @@ def output_names(output: Any, prefix: str | None = None) -> list[str]:
     return []
 
 
+def _constant_output(output: Any, prefix: str | None = None) -> str | None:
+    """The first value of a forward's output that is neither a tensor nor None (a Python
+    number or string), described with its place in output_names' terms; None: there is none."""
+    if isinstance(output, Mapping):
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in output.items()]
+    elif isinstance(output, (tuple, list)):
+        items = [(f"{prefix or 'output'}.{i}", v) for i, v in enumerate(output)]
+    elif output is None or isinstance(output, torch.Tensor):
+        return None
+    else:
+        return f"{type(output).__name__} {output!r} as {prefix or 'output'}"
+    return next((found for name, value in items
+                 if (found := _constant_output(value, name)) is not None), None)
+
+
 def example_arrays(example: Any, names: Iterable[str]) -> list[np.ndarray]:
     """The example's tensors as arrays, in the graph's input order `names` (input_names_of)."""
     tensors = dict(zip(input_names_of(example),
@@ -163,6 +178,11 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike,
         if not outputs:
             raise SpdyError(f"the model's forward returned {type(output).__name__}, no tensor "
                             "to export; make it return a tensor (or a tuple or dict of them)")
+        constant = _constant_output(output)
+        if constant is not None:
+            raise SpdyError(f"the model's forward returns {constant} beside its tensors, which "
+                            "an ONNX graph cannot output; return it as a tensor, or leave it "
+                            "out of the forward's output")
         with _constants_bound(model, example) as tensors:
             if tensors is not None:           # the graph's inputs are the tensors alone
                 args, kwargs = tensors, None

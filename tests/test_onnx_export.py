@@ -277,3 +277,17 @@ def test_a_forward_taking_one_dict_exports_from_its_example_wrapped_in_a_tuple(t
     out = engine.run(export.inputs_numpy(example))[0]
     torch.testing.assert_close(torch.from_numpy(out), model(*example).detach(), rtol=1e-4,
                                atol=1e-4)
+
+
+def test_a_number_in_the_forwards_output_is_named_in_one_line(tmp_path):
+    """It ended in the exporter's multi-line error cut to 'output 1 (3'."""
+    class WithCount(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return {"logits": self.proj(x), "aux": (x, None, 3)}
+
+    with pytest.raises(SpdyError, match="returns int 3 as aux.2 beside its tensors"):
+        export_onnx(WithCount().eval(), torch.randn(2, 8), tmp_path / "m.onnx")
