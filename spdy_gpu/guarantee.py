@@ -40,6 +40,7 @@ OVERSHOOT = 0.05        # measured above target by more than this: the budget is
 DENSE_DRIFT = 0.15      # measured dense slower than the table by more than this: suspect
 T = TypeVar("T")
 
+
 @dataclass(frozen=True)
 class Measurement:
     """Dense against pruned, end to end, measured in one interleaved session."""
