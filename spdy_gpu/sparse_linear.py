@@ -490,15 +490,27 @@ def _first_names(model: nn.Module) -> dict[str, str]:
 
 
 def _by_first_name(choices: Mapping[str, Any], first_names: dict[str, str]) -> dict[str, Any]:
-    """`choices` keyed by first names; a module named twice is refused (which would win?)."""
+    """`choices` keyed by first names; a module named twice with two different choices is
+    refused (which would win?)."""
     chosen: dict[str, Any] = {}
     for name, spec in choices.items():
         first = first_names[name]
+        if first in chosen and _same_choice(chosen[first], spec):
+            continue
         if first in chosen:
             raise SpdyError(f"choices name one layer twice ({first!r} is also registered as "
                             f"{name!r}); give one choice under one of its names")
         chosen[first] = spec
     return chosen
+
+
+def _same_choice(a: Any, b: Any) -> bool:
+    """Whether two choices (masks, options or option names) are the same."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.shape == b.shape and bool(torch.equal(a, b)))
+    as_option = [SparsityOption.parse(c) if isinstance(c, str) else c for c in (a, b)]
+    return as_option[0] == as_option[1]
 
 
 def _unswappable(name: str, module: nn.Module, tied_to: str | None) -> str | None:

@@ -112,6 +112,8 @@ def test_a_module_under_two_names_is_swapped_under_both():
     assert alias.a is alias.b and isinstance(alias.a, BlockSparseLinear)
     with pytest.raises(SpdyError, match="choices name one layer twice"):
         sparsify_(Shared().eval(), {"a": "block16x16@0.5", "b": "dense"})
+    both = Shared().eval()                                  # the same choice twice is one
+    assert sparsify_(both, {"a": "block16x16@0.5", "b": "block16x16@0.50"}) == ["a"]
 
 
 @pytest.mark.parametrize("name, match", [
