@@ -37,9 +37,10 @@ def exclusive_directory(directory: str | os.PathLike, what: str = "directory") -
     one line naming the holder. On leaving, the lock file goes, and so does the directory
     when this lock created it and nothing else was written into it."""
     directory = as_path(directory, f"the {what}")
-    created = not directory.exists()
+    target = Path(os.path.realpath(directory))     # a symlink's target, made if missing
+    created = not target.exists()
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        target.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SpdyError(f"cannot create the {what} {directory} ({e.strerror or e}); choose a "
                         "writable path") from None
@@ -50,7 +51,7 @@ def exclusive_directory(directory: str | os.PathLike, what: str = "directory") -
     finally:
         if created:
             with contextlib.suppress(OSError):
-                directory.rmdir()             # only succeeds when empty
+                target.rmdir()                # only succeeds when empty
 
 
 @contextlib.contextmanager

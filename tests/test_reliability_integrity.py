@@ -207,6 +207,10 @@ def test_a_lock_is_released_and_a_failed_writer_leaves_no_directory(tmp_path):
     with exclusive_directory(tmp_path / "kept"):
         (tmp_path / "kept" / "result").write_text("x")
     assert os.listdir(tmp_path / "kept") == ["result"]
+    (tmp_path / "link").symlink_to(tmp_path / "made" / "here")     # dangling: "File exists"
+    with exclusive_directory(tmp_path / "link"):
+        (tmp_path / "link" / "result").write_text("x")
+    assert os.listdir(tmp_path / "made" / "here") == ["result"]
 
 
 # ---- belongs to this model: one rule for every command --------------------------------------
