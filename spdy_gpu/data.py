@@ -77,6 +77,13 @@ def tensors_digest(named: Iterable[tuple[str, Any]]) -> str:
     return digest.hexdigest()
 
 
+def batches_digest(batches: Iterable[Any]) -> str:
+    """tensors_digest of every input of every batch, in order: what calibration data is,
+    whatever file or function it came from."""
+    return tensors_digest((f"{i}.{name}", value) for i, batch in enumerate(batches)
+                          for name, value in named_inputs(batch))
+
+
 def batch_samples(batch: Any) -> int:
     """Samples in a batch: the leading dimension of its first batched tensor (1: none)."""
     first = next(iter(_tensors(batch).values()), None)

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import tensors_digest
+from .data import batches_digest
 from .errors import SpdyError, user_code
-from .layers import call_model, inputs_to, model_device, named_inputs, on_gpu_else_cpu
+from .layers import call_model, inputs_to, model_device, on_gpu_else_cpu
 from .losses import LOSSES, Loss, get_loss, output_tensors
 from .options import SparsityOption
 from .reconstruct.stitch import WeightSource, restore_, stitch_
@@ -63,9 +63,7 @@ class HeldOutScorer:
     def identity(self) -> dict[str, Any]:
         """What the scores depend on besides the choices (a search resumes only under the
         same): the loss, the weight source and a digest of the held-out batches."""
-        batches = [(f"{i}.{name}", value) for i, batch in enumerate(self.batches)
-                   for name, value in named_inputs(batch)]
-        return {"loss": self.loss_name, "data": tensors_digest(batches),
+        return {"loss": self.loss_name, "data": batches_digest(self.batches),
                 "database": ("magnitude" if self.database is None
                              else getattr(self.database, "fingerprint", repr(self.database)))}
 

@@ -130,6 +130,10 @@ def test_other_model_or_grid_is_refused(built, tmp_path):
                                         r"now\)"):
         build_database(toy_model(), LAYERS, OPTIONS, batches(), built.path,
                        model_name="toy", calibration={"source": "files"}, progress=False)
+    # the same file name holding other samples: a resumed build mixed the two
+    with pytest.raises(SpdyError, match=r"another calibration \(data_sha256: "):
+        build_database(toy_model(), LAYERS, OPTIONS, batches(seed=2), built.path,
+                       model_name="toy", calibration={"source": "random"}, progress=False)
 
 
 def test_the_fingerprint_is_keyed_by_name_not_by_layer_order(built):

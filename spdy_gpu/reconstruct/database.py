@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import batches_digest
 from ..errors import SpdyError, as_path, problem_of
 from ..jsonio import atomic_write_bytes, load_json, require, save_json
 from ..layers import on_gpu_else_cpu, other_weights_hint, require_real
@@ -518,7 +519,9 @@ def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[Sp
     family of options. method "fast": the Gram-matrix solver (one calibration pass);
     "adaprune": faithful AdaPrune on stored inputs (one pass per group of layers whose
     inputs fit in `max_input_bytes`). Resumes an interrupted build of the same work; a
-    database of other work in `out_dir` is refused, or replaced with `replace_other`.
+    database of other work in `out_dir` is refused, or replaced with `replace_other`; the
+    work includes the calibration batches' contents (`calibration` describes where they came
+    from), so new data in a file of the same name is other work.
     """
     fast = fast or FastConfig()
     adaprune_config = adaprune_config or AdaPruneConfig()
@@ -532,10 +535,11 @@ def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[Sp
     config = (dataclasses.asdict(fast) | {"dtype": str(fast.dtype)} if method == "fast"
               else dataclasses.asdict(adaprune_config))
     hashes = layer_hashes(model, list(layers))
+    batches = list(calibration_batches)
     header = {
         "model": model_name, "fingerprint": _combine(hashes), "layer_sha256": hashes,
         "options": [o.name for o in options], "method": method, "config": config,
-        "calibration": dict(calibration or {}),
+        "calibration": {**dict(calibration or {}), "data_sha256": batches_digest(batches)},
         "layers": {name: list(m.weight.shape) for name, m in modules.items()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -545,7 +549,7 @@ def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[Sp
                 if not all([build.done(name, o)
                             for o in fitting_options(m.weight.shape, options)])}
         if todo:
-            _reconstruct(build, model, todo, options, chains, calibration_batches, method,
+            _reconstruct(build, model, todo, options, chains, batches, method,
                          fast, adaprune_config, max_input_bytes, progress)
         return Database.open(out_dir)
 
