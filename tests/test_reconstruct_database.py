@@ -300,3 +300,10 @@ def test_a_build_killed_in_its_first_entry_starts_afresh(built, tmp_path, caplog
     with pytest.raises(SpdyError, match="exists, is not empty and holds no database"):
         build_database(toy_model(), LAYERS, OPTIONS, batches(), tmp_path / "other",
                        model_name="toy", progress=False)
+    photos = tmp_path / "user" / "entries" / "photos"          # a user's folder named entries
+    photos.mkdir(parents=True)
+    (photos / "a.txt").write_text("mine")
+    with pytest.raises(SpdyError, match="exists, is not empty and holds no database"):
+        build_database(toy_model(), LAYERS, OPTIONS, batches(), tmp_path / "user",
+                       model_name="toy", progress=False)
+    assert (photos / "a.txt").read_text() == "mine"                  # it was deleted

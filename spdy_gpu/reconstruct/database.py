@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..data import batches_digest
 from ..errors import SpdyError, as_path, problem_of
-from ..jsonio import atomic_write_bytes, load_json, require, save_json
+from ..jsonio import TEMPORARY, atomic_write_bytes, load_json, require, save_json
 from ..layers import on_gpu_else_cpu, other_weights_hint, require_real
 from ..locks import LOCK_NAME, exclusive_directory, holder
 from ..masks import build_mask, unfit_reason
@@ -378,7 +378,9 @@ def _start(out_dir: Path, header: dict[str, Any], replace_other: bool) -> _Build
         shutil.rmtree(out_dir / "entries", ignore_errors=True)
         manifest.unlink()
     leftover = {p.name for p in out_dir.iterdir()} - {LOCK_NAME}
-    if leftover == {"entries"}:         # a build killed in its first entry, before the manifest
+    # a build killed in its first entry, before the manifest (a user's folder named entries
+    # holding anything else is no such build)
+    if leftover == {"entries"} and _only_entry_files(out_dir / "entries"):
         log.warning("%s holds the entries of a build killed before its first entry was "
                     "recorded; starting it afresh", out_dir)
         shutil.rmtree(out_dir / "entries")
@@ -388,6 +390,17 @@ def _start(out_dir: Path, header: dict[str, Any], replace_other: bool) -> _Build
     # Nothing is written until the first entry: a failed capture leaves no directory.
     return _Build(out_dir, {"format": DB_FORMAT, "version": DB_VERSION, **header,
                             "entries": {}})
+
+
+def _only_entry_files(entries: Path) -> bool:
+    """Whether `entries` holds nothing but what a build writes there: a folder per layer of
+    entry files (.safetensors) and their temporaries."""
+    for path in entries.rglob("*"):
+        depth = len(path.relative_to(entries).parts)
+        entry = path.is_file() and path.name.endswith((".safetensors", TEMPORARY))
+        if not (depth == 1 and path.is_dir() or depth == 2 and entry):
+            return False
+    return True
 
 
 def other_work_error(path: Path, other: str) -> SpdyError:
