@@ -47,6 +47,9 @@ def exclusive_directory(directory: str | os.PathLike, what: str = "directory") -
     try:
         with _held(directory / LOCK_NAME, f"{what} {directory}",
                    lambda: _leftovers_below(directory)):
+            # a file in it locked by exclusive_file (`timings --out DIR/timings.json`) is
+            # being written by another process, which would write what this one does
+            _refuse_held(directory.glob(f".*{LOCK_NAME}"), f"{what} {directory}")
             yield directory
     finally:
         if created:
@@ -68,6 +71,8 @@ def exclusive_file(path: str | os.PathLike, what: str = "output file") -> Iterat
     except OSError as e:
         raise SpdyError(f"cannot create the directory of {path} ({e.strerror or e}); choose a "
                         "writable path") from None
+    # in a directory that exclusive_directory holds (a run's), its writer owns the file
+    _refuse_held([path.parent / LOCK_NAME], f"{what} {path}")
     with _held(path.parent / f".{path.name}{LOCK_NAME}", f"{what} {path}",
                lambda: leftover_temporaries(path.parent, path.name)):
         yield path
@@ -125,7 +130,21 @@ def scratch_directory(prefix: str) -> Iterator[Path]:
 
 def holder(directory: str | os.PathLike) -> str | None:
     """'pid N on host H' of the process writing `directory` now, or None when none is."""
-    lock = Path(directory) / LOCK_NAME
+    return _holder_of(Path(directory) / LOCK_NAME)
+
+
+def _refuse_held(locks: Iterable[Path], wanted: str) -> None:
+    """Refuse to write `wanted` while another process holds one of `locks`."""
+    for lock in locks:
+        writer = _holder_of(lock)
+        if writer is not None:
+            raise SpdyError(f"the {wanted} is being written by another spdy-gpu process "
+                            f"({writer}, lock file {lock}); wait for it to finish or choose "
+                            "another path")
+
+
+def _holder_of(lock: Path) -> str | None:
+    """'pid N on host H' of the process holding the flock on `lock`, or None."""
     try:
         fd = os.open(lock, os.O_RDONLY)
     except OSError:

@@ -188,6 +188,27 @@ def test_a_second_writer_is_refused_naming_the_holder(holder, tmp_path):
         run(ENTRY, ModelSetting(), FakeBackend(), settings(), directory, progress=False)
 
 
+def test_a_file_in_a_held_directory_and_a_directory_holding_a_held_file_are_refused(
+        holder, tmp_path):
+    """`timings --out DIR/timings.json` beside a run measuring into DIR threw away the run's
+    progress and wrote the same .partial."""
+    from spdy_gpu.locks import exclusive_file
+    with pytest.raises(SpdyError, match=rf"timing table .*\(pid {holder.pid}"):
+        with exclusive_file(tmp_path / "dir" / "timings.json", "timing table"):
+            pass
+    holds_file = HOLD.replace("exclusive_directory", "exclusive_file")
+    other = subprocess.Popen([sys.executable, "-c", holds_file, str(tmp_path / "d2" / "t.json")],
+                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(SpdyError, match=rf"run directory .*\(pid {other.pid}"):
+            with exclusive_directory(tmp_path / "d2", "run directory"):
+                pass
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_killed_holders_lock_is_taken_over(holder, tmp_path, caplog):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
