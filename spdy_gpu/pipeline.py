@@ -592,8 +592,9 @@ def calibration_split(entry: ModelEntry, setting: ModelSetting, example: Any,
 def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: LatencyBackend,
                   fingerprint: Any, settings: RunSettings, out: Path,
                   note: dict[str, Any], progress: bool) -> TimingTable:
-    """A table measured for this model on this backend setting: out/timings.json or one of
-    settings.timings when one matches, else measured now (resumable) and saved there."""
+    """A table measured for this model on this backend setting: the first of
+    settings.timings that matches, else out/timings.json when it does, else measured now
+    (resumable) and saved there."""
     prunable = set(prunable_modules(model))
     warn_unmatched_excludes(settings.exclude, prunable)
     layers = discover_layers(model, example, (*entry.exclude, *settings.exclude))
@@ -603,7 +604,8 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
     options = list(settings.options or settings.measure_grid
                    or option_grid(backend.default_pattern))
     options = check_options_supported(backend, layers, options, grid=not settings.options)
-    for path in (out / "timings.json", *settings.timings):
+    # the tables given first: a matching one is used as asked, even over the run's own copy
+    for path in (*settings.timings, out / "timings.json"):
         if not Path(path).exists():
             continue
         try:
@@ -621,9 +623,9 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
         if why is None:
             note["reused"] = str(path)
             if list(table.options) != options:
-                log.info("reusing %s with its own option grid (%d options), not the %d "
-                         "asked for: a grid (--levels, --pattern, --block) applies to a table "
-                         "measured here; leave out --timings to measure it", path,
+                log.info("reusing %s with its own option grid (%d options; the grid of "
+                         "--levels, --pattern and --block, %d options, applies to a table "
+                         "measured here: leave out --timings to measure it)", path,
                          len(table.options), len(options))
             run_table = table.restricted_to(set(shapes))    # layers it times beyond: fixed
             if Path(path) != out / "timings.json" or run_table is not table:
