@@ -294,6 +294,10 @@ def _kept_guarantee(planner: Planner, database: Database, costs: Mapping[str, An
         log.warning("not reusing %s: its kept round measured another profile than the one "
                     "it re-solves to (edited?); measuring again", path)
         return None, None
+    if not profile.pruned_layers:       # kept by an older spdy-gpu: dense against dense
+        log.warning("not reusing %s: its kept round prunes no layer, so its speedup is "
+                    "noise; measuring again", path)
+        return None, None
     pruned = copy.deepcopy(dense)
     stitch_(pruned, profile.choices, database)
     report.rounds, report.measured = saved["rounds"], _measurement_of(kept)

@@ -365,11 +365,18 @@ def sparsify_(model: nn.Module,
         targets = _found_pruned(model, block)
     else:
         targets = _chosen(model, choices, block)
-    # every layer is built before any is swapped: a choice that fails leaves the model as it was
-    layers = {name: _sparse_layer(model.get_submodule(name), kwargs, dtype)
-              for name, kwargs in targets.items()}
-    for name, layer in layers.items():
-        swap_module(model, name, layer)
+    switches, swapped = fused_path_switches(model), []
+    try:                    # one layer packed at a time: the memory of one more, not all
+        for name, kwargs in targets.items():
+            dense = model.get_submodule(name)
+            swap_module(model, name, _sparse_layer(dense, kwargs, dtype))
+            swapped.append((name, dense))
+    except BaseException:   # a choice that fails leaves the model as it was
+        for name, dense in reversed(swapped):
+            swap_module(model, name, dense)
+        for module, switch, value in switches:
+            setattr(module, switch, value)
+        raise
     log.info("sparsify_: %d layers now sparse (block-sparse or 2:4)", len(targets))
     return list(targets)
 

@@ -162,6 +162,25 @@ def test_an_edited_guarantee_is_measured_again_not_reported(tmp_path, edit, capl
     assert again.measured == first.measured
 
 
+def test_a_kept_round_that_prunes_nothing_is_measured_again(tmp_path, caplog):
+    """An older spdy-gpu could keep a loosened, all-dense round as 'met' (dense against
+    dense: noise); a rerun reported it again."""
+    from spdy_gpu.options import SparsityOption
+    from spdy_gpu.profile import choices_digest
+    first = run(ENTRY, ModelSetting(), FakeBackend(), settings(), tmp_path, progress=False)
+    path = tmp_path / "guarantee.json"
+    doc = json.loads(path.read_text())
+    dense = {name: SparsityOption.dense() for name in first.profile.choices}
+    next(r for r in doc["rounds"] if r.get("kept")).update(
+        solved_for=0.5, choices_sha256=choices_digest(dense))
+    path.write_text(json.dumps(doc))
+    backend = FakeBackend()
+    with caplog.at_level("WARNING"):
+        again = run(ENTRY, ModelSetting(), backend, settings(), tmp_path, progress=False)
+    assert "its kept round prunes no layer" in caplog.text and backend.latency_calls > 0
+    assert again.profile.pruned_layers
+
+
 def test_a_guarantee_whose_kept_mark_was_moved_is_measured_again(tmp_path, caplog):
     """Round 1 fell short, round 2 met the target and was kept; marking round 1 kept made a
     rerun report the shortfall as the result."""
