@@ -260,11 +260,28 @@ def load_pruned(model: nn.Module, path: PathLike) -> nn.Module:
     require_real(model, f"loading {path}")
     _check_state(model, state, path)
     if recorded:    # pruned as the file says (an edited file would deploy dense layers under
-        plan = load_plan(recorded)      # a sparse profile); a tied twin is checked by its name
-        _check_pruned({name: state[f"{name}.weight"] for name in plan.pruned
-                       if f"{name}.weight" in state}, plan, path)
+        plan = load_plan(recorded)      # a sparse profile)
+        _check_pruned(_stored_weights(model, state, plan.pruned), plan, path)
     model.load_state_dict(state, strict=False)     # tied names are filled through their twin
     return model
+
+
+def _stored_weights(model: nn.Module, state: Mapping[str, torch.Tensor],
+                    layers: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Each layer's weight as `state` stores it, under any of the names its module is
+    registered as (a file keeps a shared tensor once, under one of them); a layer stored
+    only as a tied twin's tensor is left out."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    modules = dict(model.named_modules())
+    stored = {}
+    for layer in layers:
+        key = next((f"{alias}.weight" for alias in names.get(id(modules.get(layer)), [layer])
+                    if f"{alias}.weight" in state), None)
+        if key is not None:
+            stored[layer] = state[key]
+    return stored
 
 
 def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -398,3 +398,22 @@ def test_a_nan_running_statistic_is_refused_but_a_masking_inf_buffer_loads(tmp_p
     save_file(state, str(tmp_path / "nan.safetensors"))
     with pytest.raises(SpdyError, match="1.running_var holds NaN or inf"):
         load_pruned(copy.deepcopy(model), tmp_path / "nan.safetensors")
+
+
+def test_an_edited_weight_stored_under_a_layers_second_name_is_refused(tmp_path):
+    """The file keeps a shared tensor under one name, here the alias 'again': the check of
+    the recorded choices looked for 'shared.weight' only, and passed dense weights."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    model = Aliased().eval()
+    prune_(model, {"shared": "block32x32@0.5"})
+    path = save_pruned(model, tmp_path / "w.safetensors", profile={"shared": "block32x32@0.5"})
+    state = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    key = next(k for k in state if k.endswith(".weight"))
+    state[key] = Aliased().shared.weight.detach().clone()            # dense again
+    save_file(state, str(tmp_path / "e.safetensors"), metadata=meta)
+    assert load_pruned(Aliased(), path).shared.weight.eq(0).any()
+    with pytest.raises(SpdyError, match="layer shared: .* nonzero weights outside"):
+        load_pruned(Aliased(), tmp_path / "e.safetensors")
