@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import SpdyError, first_line, function_name, user_code
-from .layers import named_inputs
+from .layers import named_inputs, rebuilt
 from .models import ModelEntry, ModelSetting
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,15 @@ def _check_like_example(data: Any, example: Any, where: str) -> None:
     number of dimensions per sample (a [128, 384] file for a [1, 128, 384] example would
     pass silently as 128 samples of [384]) or of another kind (floating or integer), and a
     dict of other keys or a tuple of another length than the example's. (A model's own
-    calibration may give a richer form, e.g. keywords for a tensor example.)"""
+    calibration may give a richer form, e.g. keywords for a tensor example.) An example
+    holding flags beside its tensors needs data of its own form, or they would be lost."""
+    flags = [f"{name}={value!r}" for name, value in named_inputs(example)
+             if not isinstance(value, torch.Tensor)]
+    if flags and _form(data) != _form(example):
+        raise SpdyError(f"{where}: it holds a {type(data).__name__}, but the example input is "
+                        f"a {type(example).__name__} with {', '.join(flags)} beside its "
+                        "tensors, which the model would not get; save the whole input, those "
+                        "entries included")
     if isinstance(data, Mapping) and isinstance(example, Mapping):
         if set(data) != set(example):
             raise SpdyError(f"{where}: its inputs {sorted(data)} are not the example input's "
@@ -234,6 +242,11 @@ def _check_like_example(data: Any, example: Any, where: str) -> None:
                             f"input is {dtype}; save it as {dtype}")
 
 
+def _form(value: Any) -> str:
+    return ("dict" if isinstance(value, Mapping) else
+            "sequence" if isinstance(value, (tuple, list)) else "one value")
+
+
 def _tensors(value: Any) -> dict[str, torch.Tensor]:
     """The tensors of an input with a batch dimension, by name (see named_inputs)."""
     return {k: v for k, v in named_inputs(value) if isinstance(v, torch.Tensor) and v.dim() > 0}
@@ -245,6 +258,6 @@ def _slice(data: Any, start: int, stop: int) -> Any:
     if isinstance(data, Mapping):
         return {k: _slice(v, start, stop) for k, v in data.items()}
     if isinstance(data, (tuple, list)):
-        return tuple(_slice(v, start, stop) for v in data)
+        return rebuilt(data, [_slice(v, start, stop) for v in data])
     batched = isinstance(data, torch.Tensor) and data.dim() > 0
     return data[start:stop] if batched else data

@@ -126,8 +126,15 @@ def inputs_to(inputs: Any, device: torch.device | str,
     if isinstance(inputs, dict):
         return {key: inputs_to(value, device, dtype) for key, value in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(inputs_to(value, device, dtype) for value in inputs)
+        return rebuilt(inputs, [inputs_to(value, device, dtype) for value in inputs])
     return inputs
+
+
+def rebuilt(sequence: tuple | list, values: list[Any]) -> tuple | list:
+    """A tuple or list of `sequence`'s own type (a named tuple too) holding `values`."""
+    if hasattr(sequence, "_fields"):              # a named tuple takes its fields as arguments
+        return type(sequence)(*values)
+    return type(sequence)(values)
 
 
 def _describe(inputs: Any) -> str:
@@ -165,7 +172,7 @@ def with_tensors(inputs: Any, tensors: Iterator[torch.Tensor]) -> Any:
     if isinstance(inputs, Mapping):
         return {key: with_tensors(value, tensors) for key, value in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(with_tensors(value, tensors) for value in inputs)
+        return rebuilt(inputs, [with_tensors(value, tensors) for value in inputs])
     return inputs
 
 

@@ -123,3 +123,24 @@ def test_a_dict_inside_a_tuple_is_cut_into_batches_key_by_key():
     assert [batch_samples(b) for b in batches] == [4, 4, 2]
     assert torch.equal(torch.cat([b[0]["y"] for b in batches]), data[0]["y"])
     assert example_shape(example) == (1, "0.x=1x16,0.y=1x4")
+
+
+def test_data_without_the_flags_of_its_example_is_refused():
+    """A file of bare samples for an example (x, False, 2.0) ran the forward with its
+    default flags: a database of another model."""
+    from spdy_gpu.data import sample_batches
+    with pytest.raises(SpdyError, match=r"holds a Tensor, but the example input is a tuple "
+                                        r"with 1=False, 2=2.0 beside its tensors"):
+        list(sample_batches(torch.randn(8, 16), (torch.randn(1, 16), False, 2.0), 4))
+
+
+def test_named_tuples_keep_their_type_through_batches():
+    import collections
+
+    from spdy_gpu.data import sample_batches
+    from spdy_gpu.layers import inputs_to
+    extra = collections.namedtuple("Extra", "m")
+    example = (torch.randn(1, 8), extra(m=torch.ones(1, 1)))
+    batch = next(sample_batches((torch.randn(6, 8), extra(m=torch.ones(6, 1))), example, 4))
+    assert type(batch[1]) is extra and batch[1].m.shape == (4, 1)
+    assert type(inputs_to(example, "cpu")[1]) is extra
