@@ -39,6 +39,7 @@ from .guarantee import (
 )
 from .jsonio import changed_fields, is_number, load_json, save_json, side_file
 from .layers import (
+    LayerInfo,
     discover_layers,
     exclude_patterns,
     prunable_modules,
@@ -338,16 +339,19 @@ def _run(entry: ModelEntry, setting: ModelSetting, backend: LatencyBackend,
          settings: RunSettings, out: Path, progress: bool) -> RunReport:
     model, example = entry.build(setting)
     fingerprint = backend.fingerprint(example)
-    _claim(out, entry.name, fingerprint, settings)
     report = RunReport(entry.name, backend.name, settings.speedup)
     with _stage(report, "calibration") as note:
         fit, held_out = calibration_split(entry, setting, example, settings)
         note["samples"] = {"database": fit.samples, "search": held_out.samples}
         # scores the dense outputs now: an output no loss can compare fails before any work
         scorer = held_out_scorer(model, held_out.batches, None, settings.loss or entry.loss)
+    layers = discover_layers(model, example, (*entry.exclude, *settings.exclude))
+    # before the directory is claimed (an --overwrite clears it): nothing is lost to a refusal
+    _refuse_a_database_of_other_work(entry, model, layers, fit, settings, out)
+    _claim(out, entry.name, fingerprint, settings)
     with _stage(report, "timings") as note:
-        table = _timing_table(entry, model, example, backend, fingerprint, settings, out,
-                              note, progress)
+        table = _timing_table(entry, model, example, layers, backend, fingerprint, settings,
+                              out, note, progress)
     planner = Planner(table, (*entry.exclude, *settings.exclude))
     planner.grid(settings.speedup)                     # an unreachable target fails here
     with _stage(report, "database") as note:
@@ -589,17 +593,15 @@ def calibration_split(entry: ModelEntry, setting: ModelSetting, example: Any,
     return calibration.split(settings.search_samples)
 
 
-def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: LatencyBackend,
-                  fingerprint: Any, settings: RunSettings, out: Path,
-                  note: dict[str, Any], progress: bool) -> TimingTable:
+def _timing_table(entry: ModelEntry, model: nn.Module, example: Any,
+                  layers: Sequence[LayerInfo], backend: LatencyBackend, fingerprint: Any,
+                  settings: RunSettings, out: Path, note: dict[str, Any],
+                  progress: bool) -> TimingTable:
     """A table measured for this model on this backend setting: the first of
     settings.timings that matches, else out/timings.json when it does, else measured now
     (resumable) and saved there."""
     prunable = set(prunable_modules(model))
     warn_unmatched_excludes(settings.exclude, prunable)
-    layers = discover_layers(model, example, (*entry.exclude, *settings.exclude))
-    _refuse_a_database_of_another_model(entry, model, [layer.name for layer in layers],
-                                        settings, out)
     shapes = {layer.name: (layer.n, layer.k) for layer in layers}   # excluded: not timed
     options = list(settings.options or settings.measure_grid
                    or option_grid(backend.default_pattern))
@@ -645,19 +647,21 @@ def _timing_table(entry: ModelEntry, model: nn.Module, example: Any, backend: La
     return table
 
 
-def _refuse_a_database_of_another_model(entry: ModelEntry, model: nn.Module,
-                                        layers: Sequence[str], settings: RunSettings,
-                                        out: Path) -> None:
-    """Before anything is measured: a database of another model, other layers or shapes is
-    refused now, not after the timing table (minutes on a CPU) is measured and saved over
-    the directory's own (other weights of the same shapes: when the database is built).
-    --overwrite replaces the run's own database later instead."""
-    from .reconstruct.database import other_model_in, other_work_error
+def _refuse_a_database_of_other_work(entry: ModelEntry, model: nn.Module,
+                                     layers: Sequence[LayerInfo], fit: Calibration,
+                                     settings: RunSettings, out: Path) -> None:
+    """Before anything is measured or cleared: a database of another model, other layers or
+    shapes, or other calibration data is refused now, not after the timing table (minutes
+    on a CPU) is measured and saved over the directory's own (other weights of the same
+    shapes: when the database is built). --overwrite replaces the run's own database later
+    instead."""
+    from .reconstruct.database import calibration_record, other_model_in, other_work_error
 
     path = settings.database or out / "database"
     if settings.overwrite and settings.database is None:
         return
-    other = other_model_in(path, entry.name, model, layers)
+    other = other_model_in(path, entry.name, model, [layer.name for layer in layers],
+                           calibration_record(fit.description, fit.batches))
     if other is not None:
         raise other_work_error(path, other)
 

@@ -594,7 +594,7 @@ def test_a_run_stopped_before_its_search_is_replaced_and_a_finished_one_names_th
         run(ENTRY, ModelSetting(), FakeBackend(),
             settings(calibration=CalibrationSpec(samples=40, batch_size=40)), out,
             progress=False)
-    assert (out / "run.json").exists()
+    assert not out.exists()                 # refused before the directory was claimed
     run(ENTRY, ModelSetting(), FakeBackend(), settings(), out, progress=False)  # no --overwrite
     with pytest.raises(SpdyError, match=r"differs in speedup\); pass --overwrite"):
         run(ENTRY, ModelSetting(), FakeBackend(), settings(speedup=1.5), out, progress=False)
@@ -640,6 +640,19 @@ def test_a_database_of_a_reshaped_model_is_refused_before_anything_is_measured(t
                                         r"now; 2: \[32, 32\] stored, \[32, 64\] now\); delete"):
         run(changed, ModelSetting(), Counting(), settings(), tmp_path, progress=False)
     assert not measured and (tmp_path / "timings.json").read_bytes() == table
+
+
+def test_a_shared_database_of_other_data_is_refused_before_overwrite_clears_the_run(tmp_path):
+    """run --overwrite with more samples and a shared --database: the refusal came at the
+    database stage, after the finished run's profile, report and weights were deleted."""
+    shared = settings(database=tmp_path / "db")
+    run(ENTRY, ModelSetting(), FakeBackend(), shared, tmp_path / "run", progress=False)
+    kept = sorted(p.name for p in (tmp_path / "run").iterdir())
+    more = dataclasses.replace(shared, overwrite=True,
+                               calibration=CalibrationSpec(samples=128, batch_size=16))
+    with pytest.raises(SpdyError, match="holds a database of another calibration"):
+        run(ENTRY, ModelSetting(), FakeBackend(), more, tmp_path / "run", progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == kept
 
 
 def test_another_grid_is_refused_and_with_overwrite_measured_anew(tmp_path):

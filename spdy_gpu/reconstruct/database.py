@@ -409,22 +409,30 @@ def other_work_error(path: Path, other: str) -> SpdyError:
 
 
 def other_model_in(path: str | os.PathLike, model_name: str, model: nn.Module,
-                   layers: Sequence[str]) -> str | None:
-    """What the database in `path` was built for, where its model, layers or their shapes
-    differ from these (None: no database there, or one that may fit): checked before a run
-    measures anything. The dense weights (hashed, seconds for a large model), options and
-    calibration are checked once, when the database is built; a timing table measured
-    before that refusal is of the same shapes, so a rerun reuses it."""
+                   layers: Sequence[str],
+                   calibration: Mapping[str, Any] | None = None) -> str | None:
+    """What the database in `path` was built for, where its model, layers or their shapes,
+    or (given) its calibration record differ from these (None: no database there, or one
+    that may fit): checked before a run measures anything. The dense weights (hashed,
+    seconds for a large model) and options are checked once, when the database is built; a
+    timing table measured before that refusal is of the same shapes, so a rerun reuses it."""
     if not (Path(path) / MANIFEST).exists():
         return None
     modules = dict(model.named_modules())
     header = {"model": model_name,
-              "layers": {name: list(modules[name].weight.shape) for name in layers}}
+              "layers": {name: list(modules[name].weight.shape) for name in layers},
+              "calibration": calibration}
+    keys = ("model", "layers") if calibration is None else ("model", "layers", "calibration")
     try:
         document = _load_manifest(Path(path))
     except SpdyError as e:
         return f"an unreadable manifest ({problem_of(e)})"
-    return _other_work(document, header, ("model", "layers"), weights=False)
+    return _other_work(document, header, keys, weights=False)
+
+
+def calibration_record(description: Mapping[str, Any], batches: Sequence[Any]) -> dict[str, Any]:
+    """A database's record of its calibration: where it came from, and its contents' digest."""
+    return {**dict(description), "data_sha256": batches_digest(batches)}
 
 
 def stored_entries(path: str | os.PathLike) -> set[tuple[str, str, str]]:
@@ -552,7 +560,7 @@ def build_database(model: nn.Module, layers: Sequence[str], options: Sequence[Sp
     header = {
         "model": model_name, "fingerprint": _combine(hashes), "layer_sha256": hashes,
         "options": [o.name for o in options], "method": method, "config": config,
-        "calibration": {**dict(calibration or {}), "data_sha256": batches_digest(batches)},
+        "calibration": calibration_record(calibration or {}, batches),
         "layers": {name: list(m.weight.shape) for name, m in modules.items()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
