@@ -216,6 +216,12 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
                             f"({report.measured.describe()}): the machine was busy, so its "
                             "speedup is suspect; run spdy-gpu verify on this profile with "
                             "nothing else running")
+    table_ms = planner.table.dense_total_ms
+    if report.measured.dense_ms * (1 + DENSE_DRIFT) < table_ms:
+        report.notes.append(f"dense ran {report.measured.dense_ms:.4g} ms in the kept round, "
+                            f"far faster than the table's {table_ms:.4g} ms: the table or "
+                            "this round was timed on a busy machine; measure the table again "
+                            "with nothing else running")
     return profile, pruned
 
 

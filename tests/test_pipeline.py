@@ -356,6 +356,18 @@ def test_a_noisy_overshoot_never_loosens_the_budget_to_an_all_dense_profile(tmp_
     assert any("the machine was busy" in n for n in report.notes)
 
 
+def test_a_kept_round_whose_dense_ran_far_faster_than_the_table_is_flagged(tmp_path):
+    class FastDense(FakeBackend):
+        def latency(self, models, example):
+            result = super().latency(models, example)
+            for name in result:                     # the table was timed on a busy machine
+                result[name].median_ms *= 0.5
+            return result
+
+    report = run(ENTRY, ModelSetting(), FastDense(), settings(), tmp_path, progress=False)
+    assert any("far faster than the table's" in n for n in report.notes)
+
+
 def test_a_dense_measurement_far_off_the_table_is_repeated(tmp_path):
     class SlowDenseOnce(FakeBackend):
         def latency(self, models, example):
