@@ -211,18 +211,23 @@ def _guarantee(backend: LatencyBackend, planner: Planner, database: Database,
         accepted = (profile, pruned, measured, len(report.rounds) - 1)
     profile, pruned, report.measured, kept = accepted
     report.rounds[kept]["kept"] = True
-    if report.measured.noisy:
-        report.notes.append(f"the kept round's timings spread wider than their median "
-                            f"({report.measured.describe()}): the machine was busy, so its "
-                            "speedup is suspect; run spdy-gpu verify on this profile with "
-                            "nothing else running")
-    table_ms = planner.table.dense_total_ms
-    if report.measured.dense_ms * (1 + DENSE_DRIFT) < table_ms:
-        report.notes.append(f"dense ran {report.measured.dense_ms:.4g} ms in the kept round, "
-                            f"far faster than the table's {table_ms:.4g} ms: the table or "
-                            "this round was timed on a busy machine; measure the table again "
-                            "with nothing else running")
+    report.notes.extend(_suspicions(report.measured, planner.table.dense_total_ms))
     return profile, pruned
+
+
+def _suspicions(measured: Measurement, table_dense_ms: float) -> list[str]:
+    """Notes on a kept measurement that a busy machine may have skewed."""
+    notes = []
+    if measured.noisy:
+        notes.append(f"the kept round's timings spread wider than their median "
+                     f"({measured.describe()}): the machine was busy, so its speedup is "
+                     "suspect; run spdy-gpu verify on this profile with nothing else running")
+    if measured.dense_ms * (1 + DENSE_DRIFT) < table_dense_ms:
+        notes.append(f"dense ran {measured.dense_ms:.4g} ms in the kept round, far faster "
+                     f"than the table's {table_dense_ms:.4g} ms: the table or this round was "
+                     "timed on a busy machine; measure the table again with nothing else "
+                     "running")
+    return notes
 
 
 def _guarantee_key(planner: Planner, costs: Mapping[str, Any],
