@@ -307,3 +307,17 @@ def test_a_build_killed_in_its_first_entry_starts_afresh(built, tmp_path, caplog
         build_database(toy_model(), LAYERS, OPTIONS, batches(), tmp_path / "user",
                        model_name="toy", progress=False)
     assert (photos / "a.txt").read_text() == "mine"                  # it was deleted
+
+
+def test_a_database_without_a_calibration_digest_names_its_age(built, tmp_path):
+    import json
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(built.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["calibration"]["data_sha256"]                   # as an older spdy-gpu wrote it
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SpdyError, match=r"calibration data of unknown contents \(an older "
+                                        r"spdy-gpu recorded no digest"):
+        build_database(toy_model(), LAYERS, OPTIONS, batches(), old, model_name="toy",
+                       calibration={"source": "random"}, progress=False)

@@ -457,6 +457,10 @@ def _other_work(document: Mapping[str, Any], header: Mapping[str, Any],
     same work); the dense weights are compared too unless `weights` is False."""
     for key in keys:
         before, now = document.get(key), header[key]
+        if key == "calibration" and isinstance(before, Mapping) and isinstance(now, Mapping) \
+                and "data_sha256" not in before and "data_sha256" in now:
+            return ("calibration data of unknown contents (an older spdy-gpu recorded no "
+                    "digest of them)")
         if before != now:
             return _difference(key, before, now)
     if not weights:
