@@ -222,23 +222,19 @@ class DeepSparseBackend:
         try:
             table = self._table(store, layers, options, fingerprint, model_name,
                                 measured["dense"])
-            _refuse_outlier_layers(table)
+            over_whole, slowest = _checked_layer_sum(table)
         except SpdyError:
             store.discard()             # a rerun measures afresh rather than resume this
             raise
         calibration = fixed_calibration(table, {n: m.median_ms for n, m in measured.items()})
         fixed = statistics.median(c["residual_ms"] for c in calibration)
-        dense = table.dense_times()
-        over_whole = float(dense.sum()) / table.dense_total_ms
         if fixed < 0 or over_whole > SUSPECT_LAYERS_OVER_WHOLE:
-            slowest = table.layer_names[int(dense.argmax())]
             log.warning("the prunable layers alone take %.2fx the measured model (median "
-                        "residual %.3f ms; slowest layer %s at %.4g ms dense)%s. A layer time "
-                        "is likely an outlier, and predictions from this table will be off: "
-                        "measure again with nothing else running, with more --repeats or "
-                        "without it (the adaptive protocol re-measures outliers)", over_whole,
-                        fixed, slowest, dense.max(),
-                        "; fixed time clamped to 0" if fixed < 0 else "")
+                        "residual %.3f ms; slowest layer %s dense)%s. A layer time is likely "
+                        "an outlier, and predictions from this table will be off: measure "
+                        "again with nothing else running, with more --repeats or without it "
+                        "(the adaptive protocol re-measures outliers)", over_whole, fixed,
+                        slowest, "; fixed time clamped to 0" if fixed < 0 else "")
         provenance = dict(table.provenance, fixed_calibration=calibration,
                           calibration_engines=engines,
                           collection_s=round(time.perf_counter() - started, 1)
@@ -689,16 +685,19 @@ MAX_LAYERS_OVER_WHOLE = 10.0
 SUSPECT_LAYERS_OVER_WHOLE = 1.5       # warned about
 
 
-def _refuse_outlier_layers(table: TimingTable) -> None:
+def _checked_layer_sum(table: TimingTable) -> tuple[float, str]:
+    """(the dense layers' times added up over the measured model's, the slowest layer as
+    'NAME at T ms'); past MAX_LAYERS_OVER_WHOLE the table is refused."""
     dense = table.dense_times()
     ratio = float(dense.sum()) / table.dense_total_ms
+    slowest = f"{table.layer_names[int(dense.argmax())]} at {dense.max():.4g} ms"
     if ratio > MAX_LAYERS_OVER_WHOLE:
-        slowest = table.layer_names[int(dense.argmax())]
         raise SpdyError(f"the prunable layers' dense times add up to {ratio:.0f}x the measured "
                         f"model ({dense.sum():.4g} of {table.dense_total_ms:.4g} ms; slowest "
-                        f"{slowest} at {dense.max():.4g} ms): outliers, the machine was likely "
-                        "busy; measure again with nothing else running (without --repeats "
-                        "the adaptive protocol re-measures outliers)")
+                        f"{slowest}): outliers, the machine was likely busy; measure again "
+                        "with nothing else running (without --repeats the adaptive protocol "
+                        "re-measures outliers)")
+    return ratio, slowest
 
 
 class _Checkpoint:
