@@ -119,7 +119,7 @@ def global_adaprune_profile(entry: ModelEntry, setting: ModelSetting, database: 
     `out`.gap-checkpoint.pt, which is removed once gAP has finished."""
     from .deploy import save_pruned
 
-    if all(option.pattern == "dense" for option in profile.choices.values()):
+    if not profile.pruned_layers:
         raise SpdyError("the profile prunes no layer: gAP has nothing to fine-tune (the model "
                         "is the dense one); give a profile of a target above 1x")
     model, example = entry.build(setting)
