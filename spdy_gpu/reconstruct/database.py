@@ -457,10 +457,6 @@ def _other_work(document: Mapping[str, Any], header: Mapping[str, Any],
     same work); the dense weights are compared too unless `weights` is False."""
     for key in keys:
         before, now = document.get(key), header[key]
-        if key == "calibration" and isinstance(before, Mapping) and isinstance(now, Mapping) \
-                and "data_sha256" not in before and "data_sha256" in now:
-            return ("calibration data of unknown contents (an older spdy-gpu recorded no "
-                    "digest of them)")
         if before != now:
             return _difference(key, before, now)
     if not weights:
@@ -482,6 +478,9 @@ _WORK_NAMES = {"model": "another model", "layers": "other layer shapes",
 def _difference(key: str, before: Any, now: Any) -> str:
     name = _WORK_NAMES.get(key, f"another {key}")
     if isinstance(before, Mapping) and isinstance(now, Mapping):
+        if key == "calibration" and "data_sha256" not in before and "data_sha256" in now:
+            return ("calibration data of unknown contents (an older spdy-gpu recorded no "
+                    "digest of them)")
         fields = [f"{k}: {before.get(k, 'absent')} stored, {now.get(k, 'absent')} now"
                   for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
         more = f"; {len(fields) - 3} more" if len(fields) > 3 else ""
