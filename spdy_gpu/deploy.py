@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import SpdyError, as_path, first_line, user_code
 from .jsonio import check_output_file, replacing
-from .layers import gpu_swappable, require_prunable, require_real
+from .layers import first_name_of, gpu_swappable, require_prunable, require_real
 from .locks import exclusive_file
 from .options import SparsityOption
 from .profile import Profile, check_for_model
@@ -271,13 +271,12 @@ def _stored_weights(model: nn.Module, state: Mapping[str, torch.Tensor],
     """Each layer's weight as `state` stores it, under any of the names its module is
     registered as (a file keeps a shared tensor once, under one of them); a layer stored
     only as a tied twin's tensor is left out."""
-    names: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-    modules = dict(model.named_modules())
+    aliases: dict[str, list[str]] = {}
+    for name, first in first_name_of(model).items():
+        aliases.setdefault(first, []).append(name)
     stored = {}
     for layer in layers:
-        key = next((f"{alias}.weight" for alias in names.get(id(modules.get(layer)), [layer])
+        key = next((f"{alias}.weight" for alias in aliases.get(layer, [layer])
                     if f"{alias}.weight" in state), None)
         if key is not None:
             stored[layer] = state[key]

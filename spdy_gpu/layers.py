@@ -147,6 +147,14 @@ def _describe(inputs: Any) -> str:
     return type(inputs).__name__
 
 
+def first_name_of(model: nn.Module) -> dict[str, str]:
+    """Every name a module is registered under (aliases too) -> its first name, the one
+    model.named_modules() gives and profiles use."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(module), name)
+            for name, module in model.named_modules(remove_duplicate=False)}
+
+
 def named_inputs(inputs: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """A model input given as a dict, a tuple/list or one value, as (name, value) pairs in
     its own order: the dict's keys, the positions, or "0"; a dict or tuple inside it is

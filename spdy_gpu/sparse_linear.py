@@ -28,7 +28,7 @@ from torch.autograd import forward_ad
 
 from .bsr import FLOAT_DTYPES, KERNEL_BLOCK_SIDES, BSRWeight, kernel_block
 from .errors import SpdyError
-from .layers import gpu_swappable, is_pointwise, require_real, tied_weights
+from .layers import first_name_of, gpu_swappable, is_pointwise, require_real, tied_weights
 from .masks import build_mask, gemm_view
 from .options import SparsityOption
 from .semi_structured import SEMI_STRUCTURED, SemiStructuredLinear, is_2_4
@@ -457,7 +457,7 @@ def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOptio
         raise SpdyError(f"choices must map layer names to masks or options, not "
                         f"{type(choices).__name__}; e.g. {{'fc1': 'block32x32@0.5'}}")
     modules = dict(model.named_modules())
-    first_names = _first_names(model)
+    first_names = first_name_of(model)
     missing = [name for name in choices if name not in first_names]
     if missing:
         raise SpdyError(f"model has no layer named {missing[0]!r}; use names from "
@@ -486,14 +486,6 @@ def _chosen(model: nn.Module, choices: Mapping[str, torch.Tensor | SparsityOptio
         else:
             targets[name] = {"mask": option, "block": block}
     return targets
-
-
-def _first_names(model: nn.Module) -> dict[str, str]:
-    """Every name a module is registered under (aliases too) -> its first name, the one
-    model.named_modules() gives and profiles use."""
-    first: dict[int, str] = {}
-    return {name: first.setdefault(id(module), name)
-            for name, module in model.named_modules(remove_duplicate=False)}
 
 
 def _by_first_name(choices: Mapping[str, Any], first_names: dict[str, str]) -> dict[str, Any]:
