@@ -408,12 +408,7 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
     BlockSparseLinear, then the state dict loaded. Pass the dense model (freshly built, same
     architecture) or a function building it; a given model is converted in place and keeps
     its mode, one built here comes back in eval mode, ready to run."""
-    from .sparse_linear import (
-        BlockSparseConv1x1,
-        BlockSparseLinear,
-        fused_path_switches,
-        swap_module,
-    )
+    from .sparse_linear import BlockSparseConv1x1, BlockSparseLinear, swaps_undone_on_error
 
     state, meta = _read_safetensors(path)
     layout = _read_layout(meta, path)
@@ -434,28 +429,21 @@ def load_block_sparse(model_factory_or_model: nn.Module | Callable[[], nn.Module
             raise SpdyError(f"{path} does not fit this model: its layer {name} is not an "
                             f"nn.Linear or 1x1 Conv2d of weight shape {entry['shape']} here; "
                             "pass the model the artifact was written for")
-    originals, switches = {}, fused_path_switches(model)
-    try:
+    with swaps_undone_on_error(model) as swap:   # a refused file leaves the model as it was
         for name, entry in layout.items():
-            module = originals[name] = modules[name]
+            module = modules[name]
             if "block" not in entry:        # 2:4: the file brings the masked weight
-                swap_module(model, name, SemiStructuredLinear.from_linear(module))
+                swap(name, SemiStructuredLinear.from_linear(module))
                 continue
             empty = torch.zeros_like(module.weight, dtype=torch.bool)  # the file brings blocks
             convert = (BlockSparseConv1x1.from_conv if isinstance(module, nn.Conv2d)
                        else BlockSparseLinear.from_linear)
-            swap_module(model, name, convert(module, mask=empty, block=tuple(entry["block"])))
+            swap(name, convert(module, mask=empty, block=tuple(entry["block"])))
         swapped = [model.get_submodule(name) for name in layout]
         resized = [name for name, module in model.named_modules(remove_duplicate=False)
                    if any(module is layer for layer in swapped)]     # aliases too
         _check_state(model, state, path, resized=resized)
         model.load_state_dict(state, strict=False)
-    except BaseException:
-        for name, module in originals.items():
-            swap_module(model, name, module)
-        for module, switch, value in switches:
-            setattr(module, switch, value)
-        raise
     return model
 
 

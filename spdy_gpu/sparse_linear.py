@@ -9,9 +9,10 @@ gradients of the input, the stored values and the bias; pruned weights stay zero
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -365,18 +366,11 @@ def sparsify_(model: nn.Module,
         targets = _found_pruned(model, block)
     else:
         targets = _chosen(model, choices, block)
-    switches, swapped = fused_path_switches(model), []
-    try:                    # one layer packed at a time: the memory of one more, not all
+    # one layer packed at a time (the memory of one more, not all); a choice that fails
+    # leaves the model as it was
+    with swaps_undone_on_error(model) as swap:
         for name, kwargs in targets.items():
-            dense = model.get_submodule(name)
-            swap_module(model, name, _sparse_layer(dense, kwargs, dtype))
-            swapped.append((name, dense))
-    except BaseException:   # a choice that fails leaves the model as it was
-        for name, dense in reversed(swapped):
-            swap_module(model, name, dense)
-        for module, switch, value in switches:
-            setattr(module, switch, value)
-        raise
+            swap(name, _sparse_layer(model.get_submodule(name), kwargs, dtype))
     log.info("sparsify_: %d layers now sparse (block-sparse or 2:4)", len(targets))
     return list(targets)
 
@@ -410,6 +404,27 @@ def swap_module(model: nn.Module, name: str, layer: nn.Module) -> None:
     for module, switch, _ in fused_path_switches(model):
         if any(m is layer for m in module.modules()):
             setattr(module, switch, FUSED_PATH_OFF[switch])
+
+
+@contextlib.contextmanager
+def swaps_undone_on_error(model: nn.Module) -> Iterator[Callable[[str, nn.Module], None]]:
+    """`swap(name, layer)` (swap_module) for the with-block; if the block raises, every layer
+    it swapped goes back, and so do the fused encoder paths the swaps turned off."""
+    originals: dict[str, nn.Module] = {}
+    switches = fused_path_switches(model)
+
+    def swap(name: str, layer: nn.Module) -> None:
+        originals.setdefault(name, model.get_submodule(name))
+        swap_module(model, name, layer)
+
+    try:
+        yield swap
+    except BaseException:
+        for name, module in reversed(originals.items()):
+            swap_module(model, name, module)
+        for module, switch, value in switches:
+            setattr(module, switch, value)
+        raise
 
 
 FUSED_PATH_OFF = {"activation_relu_or_gelu": 0, "use_nested_tensor": False}
